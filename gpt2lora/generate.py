@@ -1,0 +1,102 @@
+"""Autoregressive sampling with a preallocated KV cache: greedy, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .model import KVCache
+
+if TYPE_CHECKING:
+    from .model import GPT2
+
+
+def _check_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k: expected a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+
+
+def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Move every row's padding to the left, keeping its real tokens in order.
+
+    Generation appends after the last column, so real tokens must end there whatever padding
+    side the caller used.
+    """
+    order = torch.argsort(attention_mask.long(), dim=1, stable=True)  # padding (0) first
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> Tensor:
+    """Choose one token per row from last-position logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best always stays).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model: "GPT2", input_ids: Tensor, attention_mask: Tensor | None = None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | None = 50256,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Prompt + continuation (B, T + new) for a batch of prompts.
+
+    Prompts of different lengths are passed padded with an ``attention_mask`` (either side; they
+    are left-aligned here). A row that produced ``eos_token_id`` is filled with it from then on,
+    and generation stops early once every row has. ``temperature=0`` is greedy decoding.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    batch, prompt_len = input_ids.shape
+    limit = model.config.n_positions
+    if prompt_len + max_new_tokens > limit:
+        raise ConfigError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                          f"model's n_positions={limit}; shorten the prompt or ask for fewer tokens")
+    if max_new_tokens == 0:
+        return input_ids
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                              f"{tuple(input_ids.shape)} like input_ids")
+        input_ids, attention_mask = left_align(input_ids, attention_mask)
+    weight = model.lm_head.weight
+    cache = KVCache(model.config, batch, prompt_len + max_new_tokens, weight.dtype, weight.device)
+    hidden = model.transformer(input_ids, attention_mask, kv_cache=cache)
+    logits = model.lm_head(hidden[:, -1])
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = next_token(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        new_tokens.append(token)
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        hidden = model.transformer(token.unsqueeze(1), attention_mask, kv_cache=cache)
+        logits = model.lm_head(hidden[:, -1])
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,268 @@
+"""GPT-2 in plain PyTorch. Module names mirror the Hugging Face checkpoint; no I/O and no LoRA here."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPT2Config
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for the longest sequence a generation needs."""
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+        """Number of positions already stored."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's ``k``/``v`` (B, nh, T, hs) and return every position so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, keep: Tensor) -> None:
+        """Keep only the batch rows in ``keep`` (used when finished sequences leave a batch)."""
+        self.keys = self.keys[:, keep]
+        self.values = self.values[:, keep]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP activation named in a GPT-2 ``config.json``."""
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return nn.GELU(approximate="tanh")
+    return {"gelu": nn.GELU(), "relu": nn.ReLU(), "silu": nn.SiLU()}[name]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.act = activation(config.activation_function)
+        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def position_ids_from_mask(attention_mask: Tensor, length: int) -> Tensor:
+    """Positions counted over real tokens only, so a left-padded row starts at 0 like an unpadded one.
+
+    ``attention_mask`` covers every position so far (cache + new); the last ``length`` are returned.
+    """
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, -length:]
+
+
+def attention_bias(attention_mask: Tensor, query_length: int) -> Tensor:
+    """Boolean mask (B, 1, T, S): causal, padding keys hidden, and each query always sees itself.
+
+    Letting a padding query see itself keeps every row of the softmax non-empty (no NaN); real
+    queries never see padding keys, so their outputs are unaffected.
+    """
+    B, S = attention_mask.shape
+    past = S - query_length
+    device = attention_mask.device
+    query_pos = torch.arange(past, S, device=device).view(query_length, 1)
+    key_pos = torch.arange(S, device=device).view(1, S)
+    causal = key_pos <= query_pos  # (T, S)
+    visible = causal & attention_mask.bool().view(B, 1, 1, S)
+    return visible | (key_pos == query_pos)
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks and final LayerNorm: everything of GPT-2 but its output head."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, n_embd) after ``ln_f``.
+
+        ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0; with a cache it covers
+        the cached positions too (S = cached + T). ``inputs_embeds`` replaces the token lookup.
+        """
+        past = kv_cache.length if kv_cache is not None else 0
+        if inputs_embeds is None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.wte(input_ids)
+        B, T, _ = inputs_embeds.shape
+        if past + T > self.config.n_positions:
+            raise ConfigError(
+                f"sequence of {past + T} tokens is longer than the model's n_positions="
+                f"{self.config.n_positions}; truncate the input (e.g. max_length) or use fewer new tokens")
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                  f"{(B, past + T)} (batch, cached + new tokens)")
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
+            else:
+                position_ids = position_ids_from_mask(attention_mask, T)
+        x = self.drop(inputs_embeds + self.wpe(position_ids))
+        if attention_mask is None:
+            mask, is_causal = None, T > 1 and past == 0
+            if T > 1 and past > 0:
+                mask = attention_bias(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T)
+        else:
+            mask, is_causal = attention_bias(attention_mask, T), False
+        for layer, block in enumerate(self.h):
+            x = block(x, mask, is_causal, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ConfigError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = high if high >= self.config.vocab_size else low
+                raise ConfigError(f"input_ids contains token id {bad}, outside the vocabulary "
+                                  f"[0, {self.config.vocab_size - 1}] (vocab_size={self.config.vocab_size})")
+
+
+def init_weights(module: nn.Module, n_layer: int, generator: torch.Generator | None = None) -> None:
+    """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj") else 0.02
+            nn.init.normal_(sub.weight, mean=0.0, std=std, generator=generator)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, mean=0.0, std=0.02, generator=generator)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model: ``forward(input_ids, attention_mask=None) -> logits (B, T, vocab)``."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":
+            init_weights(self, config.n_layer)
+        self.name_or_path: str | None = None
+        """Where the weights came from (set by ``from_pretrained``)."""
+        self.checkpoint_dir: Path | None = None
+        """Local folder of the checkpoint, used to copy tokenizer files on export."""
+
+    def tie_weights(self) -> None:
+        """Share the LM head's weight with the token embedding, as every released GPT-2 does."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
+        """Next-token logits (B, T, vocab_size)."""
+        return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, kv_cache))
+
+    def hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` this model is saved with."""
+        return self.config.to_hf_config()
+
+    @classmethod
+    def from_config(cls, config: GPT2Config | str, seed: int | None = None) -> "GPT2":
+        """A randomly initialised model of the given shape (or preset name)."""
+        if isinstance(config, str):
+            config = GPT2Config.from_preset(config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
+                        cache_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> "GPT2":
+        """Load a hub id (``gpt2``, ``openai-community/gpt2-medium``, ...) or a local HF-layout folder."""
+        from .hub import load_pretrained
+
+        return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
+                               dtype=dtype, device=device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = 50256,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue each prompt; see :func:`gpt2lora.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, generator=generator)
