@@ -12,6 +12,7 @@ from .errors import (
 )
 from .generate import generate
 from .hub import save_pretrained
+from .lora import LoRALinear, ParameterCount, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .model import GPT2, KVCache
 from .tokenizer import load_tokenizer
 
@@ -27,9 +28,15 @@ __all__ = [
     "GPT2Config",
     "GPT2LoRAError",
     "KVCache",
+    "LoRALinear",
+    "ParameterCount",
     "TrainingError",
     "UnsafeCheckpointError",
+    "apply_lora",
+    "count_parameters",
     "generate",
     "load_tokenizer",
+    "merge_lora",
     "save_pretrained",
+    "unmerge_lora",
 ]

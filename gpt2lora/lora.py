@@ -1,0 +1,249 @@
+"""LoRA: a wrapper around ``nn.Linear``, injection by module name, merge / unmerge, parameter counts.
+
+``apply_lora(model, config)`` replaces the chosen layers of the chosen blocks with :class:`LoRALinear`
+after the weights are loaded, freezes the base model and leaves the classification head trainable.
+A wrapped layer keeps its base tensors under the keys of a plain linear layer (``<name>.weight``,
+``<name>.bias``) and adds ``<name>.lora_A`` and ``<name>.lora_B``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LoRAConfig
+from .errors import ConfigError
+
+#: Name of the classification head; LoRA never wraps or freezes it.
+HEAD_NAME = "score"
+
+
+class LoRALinear(nn.Module):
+    """``y = x W^T + b + scaling * B A dropout(x)`` around an already-loaded ``nn.Linear``.
+
+    ``weight`` and ``bias`` are the base layer's own Parameters (same objects, same keys), so a
+    state dict of a wrapped model still holds ``<name>.weight`` / ``<name>.bias``. ``lora_A`` is
+    (rank, in_features), ``lora_B`` (out_features, rank) and starts at zero, so a fresh wrapper
+    computes exactly what the base layer computes.
+
+    ``style="peft"``: A is Kaiming-uniform (a=√5) over (rank, in), i.e. within ±1/√in, and
+    ``scaling = alpha / rank`` (``alpha / √rank`` with rsLoRA). ``style="from_scratch"``: A is
+    Kaiming-uniform over an (in, rank) matrix, i.e. within ±1/√rank, and ``scaling = alpha``.
+
+    When the base weight is fp16/bf16 the adapter tensors are kept in fp32 (as peft does by default)
+    so that small optimizer updates are not rounded away; the forward casts between the two.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, style: str = "peft",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, style=style)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.style = style
+        self.use_rslora = use_rslora
+        self.scaling = config.scaling
+        self.weight = base.weight
+        self.bias = base.bias
+        weight = base.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=weight.device))
+        # No module (and no call) when dropout is 0: the forward stays two small matmuls.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.merged = False
+        """Whether ``scaling * B @ A`` is currently added into ``weight``."""
+        self.reset_lora_parameters(generator)
+
+    @staticmethod
+    def adapter_params() -> tuple[str, ...]:
+        """Names of this module's own trainable tensors: they drive the trainable set, the file and merge."""
+        return ("lora_A", "lora_B")
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise A as the style says and set B to zero (so the update starts at zero)."""
+        if self.merged:
+            raise ConfigError("reset_lora_parameters on a merged LoRALinear; call unmerge() first")
+        # Drawn on the CPU in fp32 so a (CPU) generator gives the same A on every device and dtype.
+        if self.style == "from_scratch":
+            a_t = torch.empty(self.in_features, self.rank)
+            nn.init.kaiming_uniform_(a_t, a=math.sqrt(5), generator=generator)  # bound 1/sqrt(rank)
+            a = a_t.t()
+        else:
+            a = torch.empty(self.rank, self.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # bound 1/sqrt(in)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        h = self.lora_dropout(x) if self.lora_dropout is not None else x
+        if h.dtype != self.lora_A.dtype:
+            h = h.to(self.lora_A.dtype)  # under autocast F.linear casts again to the autocast dtype
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return out + update.to(out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B @ A`` in fp32, shaped like ``weight`` (out, in)."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into ``weight`` (in fp32, cast back); a no-op when already merged."""
+        if self.merged:
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from ``weight`` again; a no-op when not merged.
+
+        In fp32 this restores the base weight to rounding (~1e-7 relative); with bf16/fp16 base
+        weights merge + unmerge rounds twice, so keep an unmerged copy if you need bit-exact weights.
+        """
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scaling={self.scaling:g}, style={self.style}, merged={self.merged}")
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every :class:`LoRALinear` of ``model`` with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Qualified names of the layers ``config`` selects (``transformer.h.{i}.<target>``)."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ConfigError(f"apply_lora expects a gpt2lora model with transformer.h blocks, got "
+                          f"{type(model).__name__}")
+    return [f"transformer.h.{i}.{target}" for i in config.blocks(len(blocks)) for target in config.targets]
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) -> nn.Module:
+    """Wrap the layers ``config`` names with :class:`LoRALinear`, freeze the rest, return ``model``.
+
+    Trainable afterwards: every ``lora_A`` / ``lora_B``, the classification head ``score`` (when the
+    model has one; never wrapped) and the biases ``config.train_bias`` names (``all``: every
+    parameter named ``*.bias`` as in peft, ``lora_only``: biases of wrapped layers). ``seed`` makes
+    the initialisation of A reproducible. The config is kept as ``model.lora_config``.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise ConfigError(f"apply_lora: config must be a LoRAConfig, got {type(config).__name__}")
+    existing = [name for name, _ in lora_modules(model)]
+    if existing or getattr(model, "lora_config", None) is not None:
+        where = existing[0] if existing else "model.lora_config"
+        raise ConfigError(f"apply_lora: LoRA is already applied to this model ({where}); applying it twice "
+                          "would wrap LoRALinear layers again. Load a fresh model, or use load_adapter to "
+                          "replace the adapter weights.")
+    names = target_names(model, config)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"apply_lora: {name} is a {type(base).__name__}, expected nn.Linear")
+        wrapped = LoRALinear(base, config.rank, config.alpha, config.dropout, config.use_rslora,
+                             config.style, generator=generator)
+        wrapped.train(base.training)  # a new module starts in training mode; keep the model's mode
+        setattr(parent, child, wrapped)
+    model.lora_config = config
+    set_lora_trainable(model, config.train_bias)
+    return model
+
+
+def set_lora_trainable(model: nn.Module, train_bias: str = "none") -> None:
+    """Freeze everything, then unfreeze adapter tensors, the ``score`` head and the chosen biases."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, module in lora_modules(model):
+        for pname in module.adapter_params():
+            getattr(module, pname).requires_grad_(True)
+        if train_bias == "lora_only" and module.bias is not None:
+            module.bias.requires_grad_(True)
+    if train_bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.requires_grad_(True)
+    head = getattr(model, HEAD_NAME, None)
+    if isinstance(head, nn.Module):
+        for param in head.parameters():
+            param.requires_grad_(True)
+
+
+def _require_lora(model: nn.Module, verb: str) -> list[LoRALinear]:
+    modules = [m for _, m in lora_modules(model)]
+    if not modules:
+        raise ConfigError(f"{verb}: the model has no LoRA layers; call apply_lora (or load_adapter) first")
+    return modules
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Add every LoRA update into its base weight (idempotent); the forward becomes the plain model's."""
+    for module in _require_lora(model, "merge_lora"):
+        module.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take every LoRA update out of its base weight again (idempotent)."""
+    for module in _require_lora(model, "unmerge_lora"):
+        module.unmerge()
+    return model
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.3g}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Trainable and total parameters of a model (tied tensors counted once)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        """Trainable share of the total in percent."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        share = f"{self.share:.2g}" if self.share < 1 else f"{self.share:.3g}"
+        return f"{_human(self.trainable)} trainable of {_human(self.total)} ({share}%)"
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable / total parameter counts; ``str()`` reads like ``148K trainable of 124M (0.12%)``."""
+    trainable = total = 0
+    for param in model.parameters():  # parameters() yields a tied tensor once
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return ParameterCount(trainable=trainable, total=total)
