@@ -1,0 +1,258 @@
+"""Examples to batches: prompt masking for LM rows, dynamic padding, length-bucketed shuffling.
+
+An *example* is a dict with ``"input_ids": list[int]`` and either ``"label": int`` (classification)
+or ``"labels": list[int]`` (language modelling: as long as ``input_ids``, ``-100`` = not a target).
+Labels stay aligned with ``input_ids`` as in Hugging Face; the loss shifts them by one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, DataError
+
+#: Label value the loss skips.
+IGNORE_INDEX = -100
+
+Example = dict[str, Any]
+
+
+def _token_list(value: Any, what: str) -> list[int]:
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise DataError(f"{what}: expected a list of non-negative integer token ids, got {_short(value)}")
+    return list(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def lm_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_token_id: int = 50256,
+               max_length: int | None = None, min_prompt_tokens: int = 1) -> Example:
+    """A language-modelling example: ``prompt + response + EOS``, with the loss on ``response + EOS`` only.
+
+    ``labels`` is ``-100`` over the prompt and equals ``input_ids`` over the response and the EOS.
+
+    Truncation, when the row is longer than ``max_length``: the response and its EOS keep priority.
+    The prompt loses tokens from its *start* (its end, usually the "### Response:" marker next to the
+    answer, is kept) down to ``min_prompt_tokens`` tokens (at least one, so the first response token
+    is still predicted from something). If that is still too long, the response is cut at its end
+    and the EOS is dropped too, since the response did not end there.
+    """
+    prompt = _token_list(prompt_ids, "lm_example prompt_ids")
+    response = _token_list(response_ids, "lm_example response_ids")
+    if not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool) or eos_token_id < 0:
+        raise ConfigError(f"lm_example eos_token_id: expected a non-negative integer, got {eos_token_id!r}")
+    if not isinstance(min_prompt_tokens, int) or min_prompt_tokens < 1:
+        raise ConfigError(f"lm_example min_prompt_tokens: expected an integer >= 1, got {min_prompt_tokens!r}")
+    if not prompt and not response:
+        raise DataError("lm_example: prompt_ids and response_ids are both empty")
+    tail = response + [eos_token_id]
+    if max_length is not None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= min_prompt_tokens:
+            raise ConfigError(f"lm_example max_length: expected an integer > min_prompt_tokens="
+                              f"{min_prompt_tokens}, got {max_length!r}")
+        if len(prompt) + len(tail) > max_length:
+            keep = max(min(len(prompt), min_prompt_tokens), max_length - len(tail))
+            prompt = prompt[len(prompt) - keep:]
+            room = max_length - len(prompt)
+            if len(tail) > room:
+                tail = response[:room]
+    return {"input_ids": prompt + tail, "labels": [IGNORE_INDEX] * len(prompt) + tail}
+
+
+def example_kind(example: Mapping[str, Any], index: int = 0) -> str:
+    """``"classification"`` or ``"lm"``; checks the example's keys and values."""
+    where = f"example {index}"
+    if not isinstance(example, Mapping):
+        raise DataError(f"{where}: expected a dict with input_ids and label/labels, got {type(example).__name__}")
+    if "input_ids" not in example:
+        raise DataError(f"{where}: missing key 'input_ids'")
+    ids = _token_list(example["input_ids"], f"{where} input_ids")
+    if not ids:
+        raise DataError(f"{where}: input_ids is empty")
+    if "label" in example:
+        label = example["label"]
+        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            raise DataError(f"{where}: label must be a non-negative integer class id, got {label!r}")
+        return "classification"
+    if "labels" in example:
+        labels = example["labels"]
+        if isinstance(labels, Tensor):
+            labels = labels.tolist()
+        if not isinstance(labels, (list, tuple)) or len(labels) != len(ids):
+            raise DataError(f"{where}: labels must be a list as long as input_ids ({len(ids)}), "
+                            f"got {_short(labels)}")
+        if not all(isinstance(t, int) and (t >= 0 or t == IGNORE_INDEX) for t in labels):
+            raise DataError(f"{where}: labels must hold token ids or {IGNORE_INDEX}, got {_short(labels)}")
+        return "lm"
+    raise DataError(f"{where}: missing key 'label' (class id) or 'labels' (token targets)")
+
+
+def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 50256, padding_side: str = "right",
+            pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """Pad a list of examples to the longest row of the batch (dynamic padding).
+
+    Returns ``input_ids`` (B, T), ``attention_mask`` (B, T) with 1 on real tokens, and ``labels``:
+    class ids (B,) for classification, token targets (B, T) padded with ``-100`` for LM examples.
+    ``pad_to_multiple_of`` rounds T up (tensor-core friendly shapes).
+    """
+    if padding_side not in ("right", "left"):
+        raise ConfigError(f"collate padding_side: expected 'right' or 'left', got {padding_side!r}")
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ConfigError(f"collate pad_to_multiple_of: expected a positive integer, got {pad_to_multiple_of!r}")
+    if len(examples) == 0:
+        raise DataError("collate: got no examples; a batch needs at least one")
+    kinds = [example_kind(ex, i) for i, ex in enumerate(examples)]
+    if len(set(kinds)) > 1:
+        other = kinds.index("lm" if kinds[0] == "classification" else "classification")
+        raise DataError(f"collate: example 0 is {kinds[0]} but example {other} is {kinds[other]}; "
+                        "a batch mixes 'label' and 'labels'")
+    lm = kinds[0] == "lm"
+    width = max(len(ex["input_ids"]) for ex in examples)
+    if pad_to_multiple_of:
+        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    B = len(examples)
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long) if lm else torch.empty(B, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        ids = torch.as_tensor(list(ex["input_ids"]), dtype=torch.long)
+        n = ids.numel()
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        input_ids[row, span] = ids
+        attention_mask[row, span] = 1
+        if lm:
+            labels[row, span] = torch.as_tensor(list(ex["labels"]), dtype=torch.long)
+        else:
+            labels[row] = int(ex["label"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass(frozen=True)
+class PaddingStats:
+    """Token slots of one epoch of batches: real tokens, dynamic padding, and fixed-length padding."""
+
+    rows: int
+    real_tokens: int
+    """Tokens that are not padding."""
+    batch_tokens: int
+    """Slots of the dynamically padded batches (real + padding)."""
+    fixed_tokens: int | None
+    """Slots if every row were padded to ``max_length`` (None when no max_length was given)."""
+
+    @property
+    def padding_share(self) -> float:
+        """Share of the dynamically padded slots that are padding."""
+        return 1.0 - self.real_tokens / self.batch_tokens if self.batch_tokens else 0.0
+
+    @property
+    def saving(self) -> float | None:
+        """Share of the fixed-length slots that dynamic padding does not compute."""
+        if not self.fixed_tokens:
+            return None
+        return 1.0 - self.batch_tokens / self.fixed_tokens
+
+
+class BucketedBatches:
+    """Re-iterable, length-bucketed batches of collated examples.
+
+    Per epoch (seeded by ``(seed, epoch)``, see :meth:`set_epoch`): shuffle the rows, cut them into
+    mega-batches of ``batch_size * mega_batch_factor`` rows, sort each mega-batch by length, chunk it
+    into batches, and shuffle the batch order. Rows of similar length share a batch, so little padding
+    is computed, while batches stay random. ``shuffle=False`` keeps row and batch order (rows are
+    still sorted inside each mega-batch when ``sort_by_length``).
+    """
+
+    def __init__(self, examples: Sequence[Mapping[str, Any]], batch_size: int, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, pad_token_id: int = 50256,
+                 mega_batch_factor: int = 50, padding_side: str = "right",
+                 pad_to_multiple_of: int | None = None, sort_by_length: bool = True) -> None:
+        for name, value in (("batch_size", batch_size), ("mega_batch_factor", mega_batch_factor)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"BucketedBatches {name}: expected a positive integer, got {value!r}")
+        if not isinstance(seed, int):
+            raise ConfigError(f"BucketedBatches seed: expected an integer, got {seed!r}")
+        self.examples = list(examples)
+        if not self.examples:
+            raise DataError("BucketedBatches: got no examples")
+        kinds = {example_kind(ex, i) for i, ex in enumerate(self.examples)}
+        if len(kinds) > 1:
+            raise DataError("BucketedBatches: examples mix 'label' (classification) and 'labels' (LM)")
+        self.kind = kinds.pop()
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.pad_token_id = pad_token_id
+        self.mega_batch_factor = mega_batch_factor
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.sort_by_length = sort_by_length
+        self.epoch = 0
+        self.lengths = [len(ex["input_ids"]) for ex in self.examples]
+        if drop_last and len(self.examples) < batch_size:
+            raise DataError(f"BucketedBatches: {len(self.examples)} examples make no full batch of "
+                            f"batch_size={batch_size} with drop_last=True")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration follows (deterministic in seed and epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.examples)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batch_indices(self, epoch: int | None = None) -> list[list[int]]:
+        """Row indices of every batch of an epoch (the current one by default), in yield order."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            rng.shuffle(order)
+        mega = self.batch_size * self.mega_batch_factor
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = order[start:start + mega]
+            if self.sort_by_length:
+                chunk.sort(key=lambda i: self.lengths[i], reverse=True)
+            batches.extend(chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def iter_from(self, start: int) -> Iterator[dict[str, Tensor]]:
+        """The current epoch's batches from batch ``start`` on, without collating the skipped ones."""
+        for rows in self.batch_indices()[start:]:
+            yield collate([self.examples[i] for i in rows], self.pad_token_id, self.padding_side,
+                          self.pad_to_multiple_of)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self.iter_from(0)
+
+    def padding_stats(self, max_length: int | None = None) -> PaddingStats:
+        """Real vs padded token slots over the current epoch's batches (and vs padding to ``max_length``)."""
+        real = batch_slots = rows_used = 0
+        for rows in self.batch_indices():
+            lengths = [self.lengths[i] for i in rows]
+            width = max(lengths)
+            if self.pad_to_multiple_of:
+                width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+            real += sum(lengths)
+            batch_slots += width * len(rows)
+            rows_used += len(rows)
+        fixed = rows_used * max_length if max_length is not None else None
+        return PaddingStats(rows=rows_used, real_tokens=real, batch_tokens=batch_slots, fixed_tokens=fixed)
