@@ -1,0 +1,216 @@
+"""Results tables (markdown / CSV / JSON) and plots (PNG, with the optional ``matplotlib`` extra).
+
+A result is a flat dict; the columns below are shown when at least one row has them, in the shape
+of the published reports: method, eval loss, accuracy, F1, precision, recall (or EM / F1, or
+perplexity), trainable parameters and share, training time, throughput and peak memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+Row = Mapping[str, Any]
+
+
+def _num(digits: int) -> Callable[[Any], str]:
+    return lambda v: f"{v:.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}"
+
+
+def _count(v: Any) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if v >= size:
+            return f"{v / size:.3g}{unit}"
+    return str(int(v))
+
+
+def _share(v: Any) -> str:
+    return f"{v:.3g}%" if v < 1 else f"{v:.2f}%"
+
+
+def _memory(v: Any) -> str:
+    return f"{v / 1024:.2f} GB" if v >= 1024 else f"{v:.0f} MB"
+
+
+#: (key, header, formatter) of every column a table can show, in order.
+COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("method", "Method", str),
+    ("eval_loss", "Eval loss", _num(4)),
+    ("accuracy", "Accuracy (%)", _pct),
+    ("f1", "F1", _num(4)),
+    ("precision", "Precision", _num(4)),
+    ("recall", "Recall", _num(4)),
+    ("exact_match", "EM (%)", _num(2)),
+    ("squad_f1", "F1 (%)", _num(2)),
+    ("perplexity", "Perplexity", _num(2)),
+    ("trainable_params", "Trainable params", _count),
+    ("trainable_pct", "% of total", _share),
+    ("train_time_s", "Training time (s)", _num(1)),
+    ("eval_time_s", "Eval runtime (s)", _num(2)),
+    ("samples_per_s", "Samples/s", _num(1)),
+    ("steps_per_s", "Steps/s", _num(2)),
+    ("peak_memory_mb", "Peak memory", _memory),
+]
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(value: Any, fmt: Callable[[Any], str]) -> str:
+    if not _present(value):
+        return "–"
+    try:
+        return fmt(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def table_columns(rows: Sequence[Row], extra: Sequence[str] = ()) -> list[tuple[str, str, Callable]]:
+    """The known columns that some row fills, then ``extra`` keys (e.g. sweep parameters) after method."""
+    known = [c for c in COLUMNS if any(_present(r.get(c[0])) for r in rows)]
+    added = [(k, k, str) for k in extra if k not in {c[0] for c in COLUMNS}]
+    return known[:1] + added + known[1:]
+
+
+def markdown_table(rows: Sequence[Row], extra: Sequence[str] = ()) -> str:
+    """A GitHub markdown table of ``rows``; empty cells show "–"."""
+    columns = table_columns(rows, extra)
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k), f) for k, _, f in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Row], path: str | os.PathLike) -> Path:
+    """Every key of every row as CSV columns (raw numbers, not formatted)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in keys})
+    return path
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def write_summary(folder: str | os.PathLike, rows: Sequence[Row], title: str, notes: Iterable[str] = (),
+                  extra: Sequence[str] = (), plots: Sequence[Path] = ()) -> Path:
+    """``summary.md``: a title, the comparison table, notes and links to the plots."""
+    folder = Path(folder)
+    parts = [f"# {title}\n", markdown_table(rows, extra)]
+    notes = [n for n in notes if n]
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes) + "\n")
+    for plot in plots:
+        parts.append(f"![{plot.stem}]({plot.name})\n")
+    path = folder / "summary.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+_warned = False
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` with a file-only backend, or None (said once) when it is not installed."""
+    global _warned
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned:
+            print("matplotlib is not installed, so no plots are drawn (pip install 'gpt2lora[plots]'); "
+                  "the tables are written as usual.", file=sys.stderr)
+            _warned = True
+        return None
+    return plt
+
+
+def plot_losses(steps: Sequence[Row], evals: Sequence[Row], path: str | os.PathLike,
+                title: str = "Loss") -> Path | None:
+    """Training loss per step (and its running mean) with validation loss at each evaluation."""
+    plt = pyplot()
+    if plt is None or not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    x = [s["step"] for s in steps]
+    y = [s["loss"] for s in steps]
+    ax.plot(x, y, color="#9ecae1", linewidth=1, label="train loss (per step)")
+    window = max(1, len(y) // 20)
+    if window > 1:
+        smooth = [sum(y[max(0, i - window + 1):i + 1]) / len(y[max(0, i - window + 1):i + 1])
+                  for i in range(len(y))]
+        ax.plot(x, smooth, color="#2171b5", linewidth=2, label=f"train loss (mean of {window})")
+    points = [(e["step"], e["loss"]) for e in evals if _present(e.get("loss"))]
+    if points:
+        ax.plot(*zip(*points), marker="o", color="#d94801", linewidth=2, label="validation loss")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_lr(steps: Sequence[Row], path: str | os.PathLike) -> Path | None:
+    """The learning rate of every optimizer step (warmup, then decay)."""
+    plt = pyplot()
+    if plt is None or not steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
+    ax.plot([s["step"] for s in steps], [s["lr"] for s in steps], color="#238b45", linewidth=2)
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(rows: Sequence[Row], x: str, metric: str, path: str | os.PathLike,
+               group: str = "method") -> Path | None:
+    """``metric`` against the sweep parameter ``x`` (e.g. rank, last_n_blocks), one line per ``group``."""
+    plt = pyplot()
+    usable = [r for r in rows if _present(r.get(x)) and _present(r.get(metric))]
+    if plt is None or len({r[x] for r in usable}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name in dict.fromkeys(r.get(group, "") for r in usable):
+        points = sorted((r[x], r[metric]) for r in usable if r.get(group, "") == name)
+        ax.plot(*zip(*points), marker="o", linewidth=2, label=str(name))
+    ax.set(xlabel=x, ylabel=metric, title=f"{metric} vs {x}")
+    if all(isinstance(r[x], int) for r in usable):
+        ax.set_xticks(sorted({r[x] for r in usable}))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
