@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -102,8 +103,9 @@ def read_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
     """Every tensor of one safetensors file; a corrupt or truncated file is named in the error."""
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises SafetensorError and OSError variants
+            names = list(f.keys())
+            return {key: f.get_tensor(key) for key in names}
+    except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 

@@ -237,7 +237,7 @@ class GPT2(nn.Module):
         return self.config.to_hf_config()
 
     @classmethod
-    def from_config(cls, config: GPT2Config | str, seed: int | None = None) -> "GPT2":
+    def from_config(cls, config: GPT2Config | str, seed: int | None = None) -> GPT2:
         """A randomly initialised model of the given shape (or preset name)."""
         if isinstance(config, str):
             config = GPT2Config.from_preset(config)
@@ -248,7 +248,7 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
                         cache_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> "GPT2":
+                        device: torch.device | str | None = None) -> GPT2:
         """Load a hub id (``gpt2``, ``openai-community/gpt2-medium``, ...) or a local HF-layout folder."""
         from .hub import load_pretrained
 
