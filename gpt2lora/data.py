@@ -491,8 +491,8 @@ def prompt_ids(tok: Tokenizer, record: Mapping[str, Any], kind: str, max_length:
         return tok.encode_ordinary(record["text"])[:max_length]
     if kind == "nli":
         return nli_ids(tok, record["premise"], record["hypothesis"], max_length)
-    if kind == "instruction":
-        return tok.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))[:max_length]
+    if kind == "instruction":  # keep the end: "### Response:" must stay next to the answer
+        return tok.encode_ordinary(alpaca_prompt(record["instruction"], record["input"]))[-max_length:]
     if kind == "qa":
         return qa_prompt_ids(tok, record["context"], record["question"], max_length)
     raise ConfigError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
