@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,11 +18,12 @@ if TYPE_CHECKING:
 def _check_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
         raise ConfigError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ConfigError(f"top_k: expected a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
         raise ConfigError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
 
 
@@ -35,12 +37,11 @@ def left_align(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
-def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None) -> Tensor:
-    """Choose one token per row from last-position logits (B, vocab)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Set to -inf every logit outside the ``top_k`` best and outside the top-``p`` nucleus.
+
+    The nucleus is the smallest set of best tokens whose probabilities sum to at least ``top_p``.
+    """
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -51,12 +52,20 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> Tensor:
+    """Choose one token per row from last-position logits (B, vocab); ``temperature=0`` is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.inference_mode()
-def generate(model: "GPT2", input_ids: Tensor, attention_mask: Tensor | None = None,
+def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = 50256,
              generator: torch.Generator | None = None) -> Tensor:
@@ -67,8 +76,18 @@ def generate(model: "GPT2", input_ids: Tensor, attention_mask: Tensor | None = N
     and generation stops early once every row has. ``temperature=0`` is greedy decoding.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    # An id past the vocabulary is accepted (it never comes up): the default 50256 must work for
+    # small test vocabularies too.
+    if eos_token_id is not None and (not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool)
+                                     or eos_token_id < 0):
+        raise ConfigError(f"eos_token_id: expected None or a non-negative token id, got {eos_token_id!r}")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.size(1) == 0:
+        raise ConfigError(f"input_ids: expected a (batch, tokens) tensor with at least one token, got shape "
+                          f"{tuple(input_ids.shape)}")
     batch, prompt_len = input_ids.shape
     limit = model.config.n_positions
     if prompt_len + max_new_tokens > limit:
@@ -80,6 +99,10 @@ def generate(model: "GPT2", input_ids: Tensor, attention_mask: Tensor | None = N
         if attention_mask.shape != input_ids.shape:
             raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                               f"{tuple(input_ids.shape)} like input_ids")
+        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ConfigError(f"attention_mask rows {empty} have no real token; every prompt needs at "
+                              "least one token")
         input_ids, attention_mask = left_align(input_ids, attention_mask)
     weight = model.lm_head.weight
     cache = KVCache(model.config, batch, prompt_len + max_new_tokens, weight.dtype, weight.device)
