@@ -1,5 +1,6 @@
 """gpt2lora: GPT-2 in plain PyTorch with LoRA, matching transformers + peft numerically."""
 
+from .adapters import load_adapter, save_adapter
 from .config import PRESETS, GPT2Config, LoRAConfig
 from .errors import (
     CheckpointError,
@@ -40,9 +41,11 @@ __all__ = [
     "apply_lora",
     "count_parameters",
     "generate",
+    "load_adapter",
     "load_tokenizer",
     "merge_lora",
     "prepare_model",
+    "save_adapter",
     "save_pretrained",
     "unmerge_lora",
 ]

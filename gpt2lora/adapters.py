@@ -1,0 +1,375 @@
+"""Save and load adapters: ``adapter_config.json`` + ``adapter_model.safetensors``, peft's layout.
+
+A LoRA model is saved exactly as peft saves LoRA on transformers' GPT-2, so
+``peft.PeftModel.from_pretrained`` loads it, and :func:`load_adapter` loads adapters peft wrote:
+
+* ``base_model.model.transformer.h.{i}.<target>.lora_A.weight`` (rank, in) and ``.lora_B.weight``
+  (out, rank): the same orientation as gpt2lora's ``lora_A`` / ``lora_B`` (peft keeps it for
+  GPT-2's fan-in-fan-out Conv1D layers too and transposes only when merging);
+* trained biases: ``<wrapped layer>.base_layer.bias`` and ``<other>.bias`` (peft's ``bias`` option);
+* the classification head (``modules_to_save: ["score"]``) as ``base_model.model.score.weight``
+  (older peft wrote ``...score.modules_to_save.weight``; both are read).
+
+``style="from_scratch"`` (scaling = alpha, not alpha / rank) has no peft field, so it is written as
+``lora_alpha = alpha * rank`` — peft then computes the same scaling — and the style itself goes into
+the safetensors metadata (``gpt2lora_style``, ``gpt2lora_alpha``), which peft ignores and gpt2lora
+reads back. The JSON keeps only classic peft keys.
+
+A model trained without LoRA (methods ``full``, ``last_n_full``, ``embeddings``, ``head``) saves its
+trainable tensors under gpt2lora's own names, with ``{"format": "gpt2lora", "method": ...}`` and no
+``peft_type`` in the JSON. Only safetensors are read or written; pickle files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import LORA_TARGETS, LoRAConfig
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
+from .hub import PICKLE_SUFFIXES, check_state, read_safetensors
+from .lora import HEAD_NAME, LoRALinear, apply_lora, lora_modules, set_lora_trainable
+from .methods import METHODS, prepare_model, trainable_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+#: peft adds "classifier" to modules_to_save of every SEQ_CLS model; GPT-2 has none, so it is harmless.
+HEAD_MODULES = (HEAD_NAME, "classifier")
+#: peft features gpt2lora does not implement: a config that turns one on is refused, not misread.
+UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+               "exclude_modules", "trainable_token_indices", "target_parameters", "use_qalora")
+
+
+# --- names -------------------------------------------------------------------------------------------
+
+def _task_type(model: nn.Module) -> str:
+    return "SEQ_CLS" if isinstance(getattr(model, HEAD_NAME, None), nn.Module) else "CAUSAL_LM"
+
+
+def _bias_owners(model: nn.Module, layers: list[str], train_bias: str) -> list[str]:
+    """Modules whose bias the adapter holds for peft's ``bias`` option."""
+    if train_bias == "lora_only":
+        return layers
+    if train_bias == "all":
+        return [name.removesuffix(".bias") for name, _ in model.named_parameters() if name.endswith(".bias")]
+    return []
+
+
+def _adapter_layout(model: nn.Module, config: LoRAConfig, layers: list[str], with_head: bool
+                    ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """peft key -> (gpt2lora parameter name, shape) of every tensor a LoRA adapter file holds."""
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name in layers:
+        module = model.get_submodule(name)
+        layout[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (config.rank, module.in_features))
+        layout[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (module.out_features, config.rank))
+    params = dict(model.named_parameters())
+    for owner in _bias_owners(model, layers, config.train_bias):
+        peft_owner = f"{owner}.base_layer" if owner in layers else owner
+        bias = params.get(f"{owner}.bias")
+        if bias is not None:
+            layout[f"{PREFIX}{peft_owner}.bias"] = (f"{owner}.bias", tuple(bias.shape))
+    if with_head:
+        for name, param in model.get_submodule(HEAD_NAME).named_parameters():
+            layout[f"{PREFIX}{HEAD_NAME}.{name}"] = (f"{HEAD_NAME}.{name}", tuple(param.shape))
+    return layout
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
+    """The ``adapter_config.json`` peft reads for ``config`` on this model (classic keys only)."""
+    n_layer = len(model.transformer.h)
+    from_scratch = config.style == "from_scratch"
+    task = _task_type(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "revision": None,
+        "inference_mode": True,
+        "r": config.rank,
+        # peft scales by lora_alpha / r: alpha * r gives from_scratch's "alpha" scaling
+        "lora_alpha": config.alpha * config.rank if from_scratch else config.alpha,
+        "lora_dropout": config.dropout,
+        "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
+        "target_modules": list(config.targets),
+        "layers_to_transform": config.blocks(n_layer) if config.last_n_blocks is not None else None,
+        "layers_pattern": "h" if config.last_n_blocks is not None else None,
+        "use_rslora": config.use_rslora and not from_scratch,
+        "bias": config.train_bias,
+        "modules_to_save": [HEAD_NAME] if task == "SEQ_CLS" else None,
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write the adapter (LoRA, peft layout) or the trained tensors (other methods) to ``folder``."""
+    out = Path(folder)
+    config = getattr(model, "lora_config", None)
+    if config is not None:
+        layers = [name for name, _ in lora_modules(model)]
+        layout = _adapter_layout(model, config, layers, with_head=_task_type(model) == "SEQ_CLS")
+        params = dict(model.named_parameters())
+        tensors = {key: params[name] for key, (name, _) in layout.items()}
+        meta = {"format": "pt", "gpt2lora_style": config.style, "gpt2lora_alpha": repr(float(config.alpha)),
+                "gpt2lora_use_rslora": str(config.use_rslora).lower()}
+        json_config = peft_config(model, config)
+    else:
+        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not tensors:
+            raise ConfigError("save_adapter: the model has no LoRA and no trainable tensors; call apply_lora "
+                              "or prepare_model first, or use save_pretrained for the whole model")
+        meta = {"format": "pt"}
+        json_config = {"format": "gpt2lora", "method": getattr(model, "training_method", None) or "custom",
+                       "last_n": getattr(model, "training_last_n", None), "task_type": _task_type(model),
+                       "base_model_name_or_path": getattr(model, "name_or_path", None),
+                       "tensors": sorted(tensors)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_NAME),
+              metadata=meta)
+    (out / CONFIG_NAME).write_text(json.dumps(json_config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"adapter folder {folder} does not exist")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UnsafeCheckpointError(
+                f"{folder} holds only pickle adapter weights ({', '.join(pickles)}); gpt2lora reads "
+                f"{WEIGHTS_NAME} only because unpickling can run code. Re-save the adapter with "
+                "safe_serialization (peft's default) or convert it with a tool you trust.")
+        raise CheckpointNotFoundError(f"{weights_path} not found: an adapter folder needs {WEIGHTS_NAME}")
+    if not config_path.is_file():
+        raise CheckpointNotFoundError(f"{config_path} not found: an adapter folder needs {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    tensors = read_safetensors(weights_path)
+    with safe_open(str(weights_path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return config, tensors, metadata
+
+
+def _field(config: dict[str, Any], key: str, source: Path, kinds: tuple[type, ...], default: Any = None,
+           required: bool = False) -> Any:
+    """``config[key]`` checked against ``kinds`` (a bool is accepted only where bool is listed)."""
+    if key not in config or config[key] is None:
+        if required:
+            raise CheckpointError(f"{source}: field {key!r} is missing")
+        return default
+    value = config[key]
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise CheckpointError(f"{source}: field {key!r} is {value!r}, expected {expected}")
+    return value
+
+
+def _layer_names(n_layer: int) -> list[tuple[int, str]]:
+    return [(i, t) for i in range(n_layer) for t in LORA_TARGETS]
+
+
+def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple[tuple[str, ...], int | None]:
+    """Targets and last_n_blocks from peft's target_modules / layers_to_transform / layers_pattern."""
+    targets_field = _field(config, "target_modules", source, (list, str), required=True)
+    if targets_field == "all-linear":
+        targets_field = list(LORA_TARGETS)
+    if isinstance(targets_field, str):
+        try:
+            pattern = re.compile(targets_field)
+        except re.error as err:
+            raise CheckpointError(f"{source}: target_modules {targets_field!r} is not a valid regex: {err}") from None
+        chosen = {(i, t) for i, t in _layer_names(n_layer) if pattern.fullmatch(f"transformer.h.{i}.{t}")}
+    else:
+        chosen = set()
+        for entry in targets_field:
+            hits = {(i, t) for i, t in _layer_names(n_layer)
+                    if t == entry or f"transformer.h.{i}.{t}".endswith("." + str(entry))}
+            if not hits:
+                raise CheckpointError(f"{source}: target_modules entry {entry!r} names no layer gpt2lora can "
+                                      f"wrap (it wraps {', '.join(LORA_TARGETS)} inside transformer.h blocks)")
+            chosen |= hits
+    layers_field = _field(config, "layers_to_transform", source, (list, int))
+    if layers_field is not None:
+        wanted = {layers_field} if isinstance(layers_field, int) else set(layers_field)
+        bad = sorted(i for i in wanted if not isinstance(i, int) or not 0 <= i < n_layer)
+        if bad:
+            raise CheckpointError(f"{source}: layers_to_transform names blocks {bad}, but the model has "
+                                  f"{n_layer} blocks (0..{n_layer - 1})")
+        pattern_field = config.get("layers_pattern")
+        if pattern_field not in (None, "h", ["h"]):
+            raise CheckpointError(f"{source}: layers_pattern {pattern_field!r} is not GPT-2's; expected 'h'")
+        chosen = {(i, t) for i, t in chosen if i in wanted}
+    if not chosen:
+        raise CheckpointError(f"{source}: target_modules / layers_to_transform select no layer of this model")
+    blocks = sorted({i for i, _ in chosen})
+    targets = tuple(t for t in LORA_TARGETS if any(c == t for _, c in chosen))
+    if chosen != {(i, t) for i in blocks for t in targets} or blocks != list(range(n_layer - len(blocks), n_layer)):
+        raise CheckpointError(f"{source}: the adapter wraps blocks {blocks} with targets {list(targets)} in a "
+                              "pattern gpt2lora cannot express; it applies the same targets to the last N blocks")
+    return targets, (len(blocks) if len(blocks) < n_layer else None)
+
+
+def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], source: Path,
+                          n_layer: int) -> LoRAConfig:
+    """The :class:`LoRAConfig` an ``adapter_config.json`` (written by peft or gpt2lora) describes."""
+    for key in UNSUPPORTED:
+        if config.get(key):
+            raise CheckpointError(f"{source}: field {key!r} = {config[key]!r} is a peft feature gpt2lora does "
+                                  "not implement; only plain LoRA adapters can be loaded")
+    rank = _field(config, "r", source, (int,), required=True)
+    lora_alpha = _field(config, "lora_alpha", source, (int, float), default=8)
+    targets, last_n = _peft_selection(config, source, n_layer)
+    style = metadata.get("gpt2lora_style", "peft")
+    use_rslora = bool(_field(config, "use_rslora", source, (bool,), default=False))
+    alpha = lora_alpha
+    if style == "from_scratch":
+        try:
+            alpha = float(metadata["gpt2lora_alpha"])
+        except (KeyError, ValueError):
+            raise CheckpointError(f"{source}: metadata gpt2lora_style='from_scratch' needs a numeric "
+                                  "gpt2lora_alpha") from None
+        if use_rslora or not math.isclose(alpha * rank, lora_alpha, rel_tol=1e-6):
+            raise CheckpointError(f"{source}: from_scratch adapter must have lora_alpha = alpha * r = "
+                                  f"{alpha * rank:g} and use_rslora false, got lora_alpha={lora_alpha!r}, "
+                                  f"use_rslora={use_rslora}")
+        use_rslora = metadata.get("gpt2lora_use_rslora") == "true"
+    try:
+        return LoRAConfig(rank=rank, alpha=alpha, dropout=_field(config, "lora_dropout", source, (int, float),
+                                                                  default=0.0),
+                          targets=targets, last_n_blocks=last_n, use_rslora=use_rslora,
+                          train_bias=_field(config, "bias", source, (str,), default="none"), style=style)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Load an adapter folder onto ``model`` (a fresh model, or one with the same LoRA layout) and return it.
+
+    A peft ``LORA`` adapter (written by gpt2lora or by peft) applies LoRA when the model has none yet,
+    then copies the tensors; gpt2lora's own format copies the trained tensors and sets the method's
+    trainable set. Keys, shapes and the config are checked before anything in the model changes.
+    """
+    path = Path(folder)
+    config, tensors, metadata = _read_folder(path)
+    source = path / CONFIG_NAME
+    peft_type = config.get("peft_type")
+    if peft_type == "LORA":
+        return _load_lora(model, config, tensors, metadata, path)
+    if peft_type is None and config.get("format") == "gpt2lora":
+        return _load_trained(model, config, tensors, path)
+    raise CheckpointError(f"{source}: unknown peft_type {peft_type!r}; gpt2lora loads 'LORA' adapters and its "
+                          "own format (no peft_type, \"format\": \"gpt2lora\")")
+
+
+def _check_task(model: nn.Module, task: Any, source: Path) -> None:
+    mine = _task_type(model)
+    if task is not None and task != mine:
+        kind = "a classifier (score head)" if mine == "SEQ_CLS" else "a language model (no score head)"
+        raise CheckpointError(f"{source}: task_type is {task!r} but the model is {kind}; load it onto "
+                              f"a model of task {task!r}")
+
+
+def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str],
+               folder: Path) -> nn.Module:
+    source = folder / CONFIG_NAME
+    n_layer = len(model.transformer.h)
+    config = lora_config_from_peft(raw, metadata, source, n_layer)
+    _check_task(model, raw.get("task_type"), source)
+    head_modules = raw.get("modules_to_save") or []
+    if not isinstance(head_modules, list) or any(m not in HEAD_MODULES for m in head_modules):
+        raise CheckpointError(f"{source}: modules_to_save {head_modules!r} is not supported; gpt2lora saves "
+                              f"only the classification head {HEAD_NAME!r}")
+    with_head = HEAD_NAME in head_modules
+    if with_head and _task_type(model) != "SEQ_CLS":
+        raise CheckpointError(f"{source}: modules_to_save names {HEAD_NAME!r} but the model has no score head")
+    current = getattr(model, "lora_config", None)
+    if current is not None:
+        _check_same_layout(model, current, config, source)
+    layers = [f"transformer.h.{i}.{t}" for i in config.blocks(n_layer) for t in config.targets]
+    layout = _adapter_layout(model, config, layers, with_head)
+    alias = f"{PREFIX}{HEAD_NAME}.modules_to_save.weight"  # how older peft versions named the head
+    if alias in tensors and f"{PREFIX}{HEAD_NAME}.weight" not in tensors:
+        tensors = dict(tensors)
+        tensors[f"{PREFIX}{HEAD_NAME}.weight"] = tensors.pop(alias)
+    expected = {key: torch.empty(shape, device="meta") for key, (_, shape) in layout.items()}
+    check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
+    if current is None:
+        apply_lora(model, config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, (name, _) in layout.items():
+            params[name].copy_(tensors[key].to(params[name].dtype))
+    set_lora_trainable(model, model.lora_config.train_bias)
+    return model
+
+
+def _check_same_layout(model: nn.Module, current: LoRAConfig, wanted: LoRAConfig, source: Path) -> None:
+    merged = [name for name, m in lora_modules(model) if m.merged]
+    if merged:
+        raise CheckpointError(f"cannot load {source} into a model whose LoRA is merged ({merged[0]} ...); "
+                              "call unmerge_lora(model) first")
+    n_layer = len(model.transformer.h)
+    pairs = {"rank": (wanted.rank, current.rank), "targets": (wanted.targets, current.targets),
+             "blocks": (wanted.blocks(n_layer), current.blocks(n_layer)),
+             "scaling": (round(wanted.scaling, 9), round(current.scaling, 9)), "style": (wanted.style, current.style)}
+    for field, (theirs, ours) in pairs.items():
+        if theirs != ours:
+            raise CheckpointError(f"{source}: the adapter's LoRA {field} is {theirs!r} but the model already "
+                                  f"has LoRA with {field} {ours!r}; load it onto a fresh model instead")
+
+
+def _load_trained(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:
+    source = folder / CONFIG_NAME
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise CheckpointError(f"{source} holds tensors of method {raw.get('method')!r} (no LoRA) but the model "
+                              "has LoRA layers; load it onto a model without adapters")
+    _check_task(model, raw.get("task_type"), source)
+    method = raw.get("method", "custom")
+    last_n = raw.get("last_n")
+    params = dict(model.named_parameters())
+    if method in METHODS and method != "lora":
+        try:
+            names = trainable_names(model, method, last_n)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+    elif method == "custom":
+        names = set(tensors)
+    else:
+        raise CheckpointError(f"{source}: field 'method' is {method!r}; expected one of "
+                              f"{', '.join(m for m in METHODS if m != 'lora')} or 'custom'")
+    expected = {name: params[name] for name in names if name in params}
+    check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name].to(params[name].dtype))
+    if method == "custom":
+        for name, param in params.items():
+            param.requires_grad_(name in names)
+        model.training_method, model.training_last_n = "custom", None
+    else:
+        prepare_model(model, method, last_n=last_n)
+    return model
