@@ -102,7 +102,11 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the update into ``weight`` (in fp32, cast back); a no-op when already merged."""
+        """Add the update into ``weight`` (in fp32, cast back); a no-op when already merged.
+
+        While merged the forward is the base linear alone, so ``lora_A`` / ``lora_B`` get no gradients:
+        unmerge before training on.
+        """
         if self.merged:
             return
         self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
