@@ -1,0 +1,248 @@
+"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``sweep``, ``quickstart``.
+
+The argument groups defined here are shared with ``examples/*.py``, so every script accepts the
+same knobs with the same names and checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import LORA_TARGETS, OPTIMIZERS
+from .data import TASKS
+from .errors import GPT2LoRAError
+from .methods import METHODS
+
+# ---------------------------------------------------------------------------------------------- value types
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def column_mapping(text: str) -> tuple[str, str]:
+    field, sep, column = text.partition("=")
+    if not sep or not field or not column:
+        raise argparse.ArgumentTypeError(f"expected FIELD=COLUMN (e.g. text=sentence), got {text!r}")
+    return field, column
+
+
+# ---------------------------------------------------------------------------------------------- argument groups
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="gpt2",
+                       help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name) or a local "
+                            "checkpoint folder (default: gpt2)")
+    group.add_argument("--smoke", action="store_true",
+                       help="tiny random GPT-2 (2 blocks, width 32) with the real vocabulary and a few hundred "
+                            "rows: runs in seconds on a CPU, for checking the pipeline")
+    group.add_argument("--vocab", default=None,
+                       help="folder with vocab.json + merges.txt for --smoke (default: $GPT2LORA_VOCAB, or "
+                            "gpt2-tokenizer next to the data root)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on "
+                            "a busy machine)")
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method")
+    group.add_argument("--method", default="lora", choices=METHODS, help="what trains (default: lora)")
+    group.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default: 8)")
+    group.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (default: 16)")
+    group.add_argument("--dropout", type=probability, default=0.05, help="LoRA dropout (default: 0.05)")
+    group.add_argument("--targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS),
+                       help="layers LoRA wraps (default: all four)")
+    group.add_argument("--last-n-blocks", type=positive_int, default=None,
+                       help="lora: only the last N blocks get LoRA; last_n_full: train the last N blocks")
+    group.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r)")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="peak learning rate (default: 2e-4 for lora/head/embeddings, 5e-5 otherwise)")
+    group.add_argument("--min-lr", type=non_negative_float, default=0.0, help="final learning rate")
+    group.add_argument("--warmup-ratio", type=probability, default=0.05, help="share of steps warming up")
+    group.add_argument("--epochs", type=positive_int, default=1)
+    group.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
+    group.add_argument("--batch-size", type=positive_int, default=16)
+    group.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
+    group.add_argument("--max-length", type=positive_int, default=128, help="tokens per row after truncation")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    group.add_argument("--grad-clip", type=positive_float, default=1.0)
+    group.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--eval-every", type=positive_int, default=None,
+                       help="evaluate every N optimizer steps (always at the end of each epoch)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_task: str | None = None,
+                  tasks: Sequence[str] | None = None) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--task", default=default_task, choices=list(tasks) if tasks else None,
+                       help=f"task preset ({', '.join(tasks or TASKS)}) or a data path")
+    group.add_argument("--data", default=None,
+                       help="local data: a file, or a folder with train/validation/test .jsonl/.csv/.tsv/.parquet")
+    group.add_argument("--data-root", default=None,
+                       help="folder holding the benchmark folders (sst2/, sms_spam/, ...); default $GPT2LORA_DATA")
+    group.add_argument("--source", choices=("auto", "local", "hub"), default="auto",
+                       help="read a preset from the local data root or the hub (default: local when present)")
+    group.add_argument("--revision", default=None, help="hub revision of the dataset")
+    group.add_argument("--column", dest="columns", action="append", type=column_mapping, default=[],
+                       metavar="FIELD=COLUMN", help="map a record field to a column name (repeatable)")
+    group.add_argument("--train-rows", type=positive_int, default=None, help="use only the first N train rows")
+    group.add_argument("--eval-rows", type=positive_int, default=None, help="use only the first N eval rows")
+    group.add_argument("--eval-split", default="validation", help="split to evaluate on (falls back to test)")
+    group.add_argument("--gen-rows", type=positive_int, default=None,
+                       help="qa/instruction: rows answered by generation for EM/F1 and samples (default 200)")
+    group.add_argument("--max-new-tokens", type=positive_int, default=None,
+                       help="qa/instruction: generated tokens per answer (default: 32 qa, 128 instruction)")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
+    group.add_argument("--run-name", default=None, help="run folder name (default: task-method-time)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def example_parser(description: str, tasks: Sequence[str], default_task: str) -> argparse.ArgumentParser:
+    """The argument parser of an ``examples/*.py`` script: the ``train`` knobs, limited to ``tasks``."""
+    parser = argparse.ArgumentParser(description=description)
+    add_data_args(parser, default_task, tasks)
+    add_model_args(parser)
+    add_method_args(parser)
+    add_train_args(parser)
+    add_output_args(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2lora", description="Fine-tune GPT-2 with LoRA (or fully) and "
+                                     "compare honestly: accuracy/F1, trainable parameters, time, memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune on a task and write a run folder")
+    add_data_args(train, "sst2")
+    add_model_args(train)
+    add_method_args(train)
+    add_train_args(train)
+    add_output_args(train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
+    evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")
+    add_data_args(evaluate, None)
+    add_model_args(evaluate)
+    evaluate.add_argument("--split", default=None, help="split to evaluate (default: the eval split)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=32)
+    evaluate.add_argument("--max-length", type=positive_int, default=None,
+                          help="tokens per row (default: the run's, else 128)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    add_output_args(evaluate)
+
+    generate = sub.add_parser("generate", help="continue a prompt with a base model or a run's adapter")
+    generate.add_argument("prompt", nargs="+", help="prompt text (several prompts are generated as a batch)")
+    generate.add_argument("--run", default=None, help="run folder whose adapter to use")
+    add_model_args(generate)
+    add_data_args(generate, None)
+    generate.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca template")
+    generate.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=positive_int, default=None)
+    generate.add_argument("--top-p", type=positive_float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+
+    merge = sub.add_parser("merge", help="merge a run's LoRA adapter into a Hugging Face checkpoint")
+    merge.add_argument("--run", required=True, help="run folder written by train")
+    merge.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    add_model_args(merge)
+    add_data_args(merge, None)
+
+    sweep = sub.add_parser("sweep", help="train a grid of methods/ranks/lrs into one comparison table")
+    add_data_args(sweep, "sst2")
+    add_model_args(sweep)
+    add_method_args(sweep)
+    add_train_args(sweep)
+    add_output_args(sweep)
+    sweep.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="methods to compare")
+    sweep.add_argument("--ranks", nargs="+", type=positive_int, default=None, help="LoRA ranks")
+    sweep.add_argument("--alphas", nargs="+", type=positive_float, default=None, help="LoRA alphas")
+    sweep.add_argument("--lrs", nargs="+", type=positive_float, default=None, help="learning rates")
+    sweep.add_argument("--last-n-blocks-grid", nargs="+", type=positive_int, default=None,
+                       help="values of --last-n-blocks")
+    sweep.add_argument("--foundation", action="store_true", help="add the untrained base model as a row")
+
+    quick = sub.add_parser("quickstart", help="offline demo: tiny GPT-2, synthetic task, lora vs full vs head")
+    quick.add_argument("--out", default="runs/quickstart", help="folder for the run folders")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gpt2lora`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import tasks
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    handlers = {"train": tasks.train_command, "eval": tasks.eval_command, "generate": tasks.generate_command,
+                "merge": tasks.merge_command, "sweep": tasks.sweep_command}
+    try:
+        if args.command == "quickstart":
+            from .quickstart import run_quickstart
+
+            run_quickstart(args.out, seed=args.seed, progress=not args.quiet)
+        else:
+            handlers[args.command](args)
+    except GPT2LoRAError as err:
+        print(f"gpt2lora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
