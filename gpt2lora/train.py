@@ -597,13 +597,14 @@ class Trainer:
             where = f"batch {pos.batch + k} of epoch {pos.epoch}"
             batch = self._prepare(raw, where)
             loss, _ = self._loss(batch, where)
-            if not torch.isfinite(loss):
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 saved = self._last_checkpoint or "none (set TrainConfig.out_dir to keep checkpoints)"
-                raise TrainingError(f"non-finite loss ({float(loss)}) at step {pos.step + 1} ({where}); training "
+                raise TrainingError(f"non-finite loss ({value}) at step {pos.step + 1} ({where}); training "
                                     f"stopped, the last good checkpoint is {saved}. Lower TrainConfig.lr, "
                                     "set grad_clip, or use precision='fp32'.")
             self.scaler.scale(loss / len(group)).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += value
             counts["samples"] += batch["input_ids"].size(0)
             counts["tokens"] += int(batch["attention_mask"].sum())
         self.scaler.unscale_(self.optimizer)
