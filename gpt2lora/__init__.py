@@ -1,7 +1,8 @@
 """gpt2lora: GPT-2 in plain PyTorch with LoRA, matching transformers + peft numerically."""
 
 from .adapters import load_adapter, save_adapter
-from .config import PRESETS, GPT2Config, LoRAConfig
+from .batching import BucketedBatches, PaddingStats, collate, lm_example
+from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -16,8 +17,19 @@ from .heads import GPT2ForSequenceClassification
 from .hub import save_pretrained
 from .lora import LoRALinear, ParameterCount, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .methods import METHODS, prepare_model
+from .metrics import (
+    accuracy,
+    classification_metrics,
+    confusion_matrix,
+    exact_match,
+    perplexity,
+    precision_recall_f1,
+    squad_f1,
+    squad_metrics,
+)
 from .model import GPT2, KVCache
 from .tokenizer import load_tokenizer
+from .train import History, Trainer, lr_at_step
 
 __version__ = "0.1.0"
 
@@ -25,6 +37,7 @@ __all__ = [
     "GPT2",
     "METHODS",
     "PRESETS",
+    "BucketedBatches",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
@@ -32,20 +45,35 @@ __all__ = [
     "GPT2Config",
     "GPT2ForSequenceClassification",
     "GPT2LoRAError",
+    "History",
     "KVCache",
     "LoRAConfig",
     "LoRALinear",
+    "PaddingStats",
     "ParameterCount",
+    "TrainConfig",
+    "Trainer",
     "TrainingError",
     "UnsafeCheckpointError",
+    "accuracy",
     "apply_lora",
+    "classification_metrics",
+    "collate",
+    "confusion_matrix",
     "count_parameters",
+    "exact_match",
     "generate",
+    "lm_example",
     "load_adapter",
     "load_tokenizer",
+    "lr_at_step",
     "merge_lora",
+    "perplexity",
+    "precision_recall_f1",
     "prepare_model",
     "save_adapter",
     "save_pretrained",
+    "squad_f1",
+    "squad_metrics",
     "unmerge_lora",
 ]
