@@ -273,7 +273,8 @@ class Trainer:
         self.classification = is_classifier(model)
         self.model.to(self.device)
         self.params = trainable_parameters(model)
-        self.optimizer = build_optimizer(model, config)
+        # None when nothing trains: such a Trainer can still evaluate(), fit() refuses.
+        self.optimizer = build_optimizer(model, config) if self.params else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         self.history = History()
@@ -522,6 +523,8 @@ class Trainer:
             eval_data: Iterable[Mapping[str, Any]] | None = None) -> History:
         """Train on ``train_data`` (batches, in the order given; ``set_epoch(e)`` is called if it exists)."""
         cfg = self.config
+        if self.optimizer is None:
+            raise ConfigError("Trainer.fit: the model has no trainable parameters (every requires_grad is False)")
         self._check_eval_config(eval_data)
         self._n_batches = self._count_batches(train_data)
         per_epoch = math.ceil(self._n_batches / cfg.grad_accum_steps)

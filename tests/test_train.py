@@ -461,6 +461,22 @@ def test_fit_reports_speed_and_memory():
     assert set(history.summary()) >= {"runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_mb", "best"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision runs on CUDA only")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cuda_tracks_fp32(precision, tmp_path):
+    batches = fixed_batches("cls")
+    reference = Trainer(tiny_classifier(), cfg(device="cuda", precision="fp32")).fit(batches)
+    out = tmp_path / "run"
+    half = Trainer(tiny_classifier(), cfg(device="cuda", precision=precision, out_dir=str(out))).fit(batches)
+    assert half.losses[0] == pytest.approx(reference.losses[0], abs=5e-2)  # same forward, lower precision
+    if not any(s["skipped"] for s in half.steps):  # fp16 may skip early steps while its scale settles
+        assert half.losses == pytest.approx(reference.losses, abs=5e-2)
+    assert sum(s["skipped"] for s in half.steps) < len(half.steps)
+    state = json.loads((find_checkpoint(out) / "trainer_state.json").read_text())
+    assert bool(state["scaler"]) == (precision == "fp16")  # the GradScaler state is checkpointed
+    assert half.peak_memory_mb > 0
+
+
 # --- bad input ---
 
 @pytest.mark.parametrize("field, value", [
@@ -507,8 +523,10 @@ def test_bad_trainer_setup_is_named():
     frozen = tiny_classifier()
     for p in frozen.parameters():
         p.requires_grad_(False)
+    trainer = Trainer(frozen, cfg())
+    assert set(trainer.evaluate(fixed_batches("cls"))) >= {"loss", "accuracy"}  # evaluation needs no optimizer
     with pytest.raises(ConfigError, match="no trainable parameters"):
-        Trainer(frozen, cfg())
+        trainer.fit(fixed_batches("cls"))
 
 
 # --- real data ---
