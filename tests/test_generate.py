@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ODD, TINY
+from conftest import ODD, REPO, TINY
 
 from gpt2lora import GPT2, ConfigError, generate
 from gpt2lora.generate import filter_logits, next_token
@@ -200,3 +200,20 @@ def test_bad_generate_arguments(kwargs, message, tiny_checkpoint):
     kwargs = {"input_ids": torch.tensor([[1, 2, 3]]), "max_new_tokens": 5, **kwargs}
     with pytest.raises(ConfigError, match=message):
         generate(model, **kwargs)
+
+
+def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_generate
+    import common
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Training\n\nkeep me\n\n## Generation\n\nold figures\n")
+    monkeypatch.setattr(common, "RESULTS", results)
+    monkeypatch.setattr(bench_generate, "write_section",
+                        lambda title, body: common.write_section(title, body, results))
+    body = bench_generate.main(["--shape", "tiny", "--batches", "1", "3", "--new", "6", "--repeats", "1"])
+    text = results.read_text()
+    assert "keep me" in text and "old figures" not in text
+    assert text.count("## Generation") == 1 and body.strip() in text
+    assert "| greedy, batch 3 |" in body and "| load checkpoint |" in body

@@ -1,0 +1,132 @@
+"""Greedy generation speed and checkpoint load time: gpt2lora against transformers, in the same run.
+
+    python benchmarks/bench_generate.py                 # GPT-2 124M shape, writes RESULTS.md "Generation"
+    python benchmarks/bench_generate.py --shape tiny --no-write   # seconds-long smoke run
+
+Weights are random (saved by transformers to a temporary folder): speed does not depend on their
+values. Every timed pair is also checked token for token, so a speed-up can never hide a change
+of output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import interleaved, machine_line, write_section
+
+from gpt2lora import GPT2, generate
+
+SHAPES = {
+    "gpt2": {},  # transformers' defaults are the 124M shape
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 256, "vocab_size": 512},
+}
+
+
+def make_checkpoint(folder: Path, shape: str) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPES[shape]))
+    model.save_pretrained(folder)
+
+
+def prompts(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` prompts; from batch 2 on their lengths differ (left padding + attention mask)."""
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        pad = row % (length // 2)
+        mask[row, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+    ids, mask = prompts(batch, prompt_len, ours.config.vocab_size)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def run_ours():
+        outputs["ours"] = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
+
+    def run_ref():
+        with torch.inference_mode():
+            outputs["ref"] = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                          pad_token_id=0)
+
+    timings = interleaved({"gpt2lora": run_ours, "transformers": run_ref}, repeats=repeats)
+    if outputs["ours"].shape != (batch, prompt_len + new) or not torch.equal(outputs["ours"], outputs["ref"]):
+        raise SystemExit(f"batch {batch}: gpt2lora and transformers generated different tokens")
+    tokens = batch * new
+    return {name: (t, tokens / t.median) for name, t in timings.items()}
+
+
+def bench_load(folder: Path, repeats: int) -> dict:
+    import transformers
+
+    return interleaved({
+        "gpt2lora": lambda: GPT2.from_pretrained(folder),
+        "transformers": lambda: transformers.GPT2LMHeadModel.from_pretrained(folder),
+    }, repeats=repeats)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per prompt")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender (median)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ckpt"
+        make_checkpoint(folder, args.shape)
+        ref = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+        ref.generation_config.eos_token_id = None  # both sides produce exactly --new tokens
+        ours = GPT2.from_pretrained(folder).eval()
+        rows = []
+        for batch in args.batches:
+            result = bench_generation(ours, ref, batch, args.prompt, args.new, args.repeats)
+            (t_ours, tps_ours), (t_ref, tps_ref) = result["gpt2lora"], result["transformers"]
+            rows.append(f"| greedy, batch {batch} | {tps_ours:.1f} tok/s ({t_ours.median:.2f} s) "
+                        f"| {tps_ref:.1f} tok/s ({t_ref.median:.2f} s) | {tps_ours / tps_ref:.2f}× |")
+            print(rows[-1], flush=True)
+        load = bench_load(folder, args.repeats)
+        ratio = load["transformers"].median / load["gpt2lora"].median
+        rows.append(f"| load checkpoint | {load['gpt2lora'].median:.3f} s | {load['transformers'].median:.3f} s "
+                    f"| {ratio:.2f}× |")
+        print(rows[-1], flush=True)
+
+    command = "python benchmarks/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n".join([
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {machine_line()}  ",
+        (f"Shape: {args.shape} (random weights saved by transformers {transformers.__version__}); prompt "
+        f"{args.prompt} tokens (batches > 1: left-padded, lengths differ), {args.new} new tokens, greedy; "
+        f"median of {args.repeats} interleaved runs after one warm-up. Outputs checked token-identical."),
+        "",
+        "| measurement | gpt2lora | transformers | speed-up |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+    if not args.no_write:
+        write_section("Generation", body)
+    print(body)
+    return body
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared benchmark helpers: interleaved A/B timing with warm-up and medians, machine description, RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+@dataclass
+class Timing:
+    """Seconds per repeat of one contender."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def spread(self) -> str:
+        return f"{min(self.seconds):.3f}–{max(self.seconds):.3f} s"
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 3,
+                warmup: int = 1) -> dict[str, Timing]:
+    """Time each contender ``repeats`` times, alternating A, B, A, B ... after ``warmup`` untimed rounds.
+
+    Alternating spreads slow phases of a shared machine over every contender instead of one.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for run in contenders.values():
+            run()
+    timings = {name: Timing(name) for name in contenders}
+    for i in range(repeats):
+        order = list(contenders.items())
+        if i % 2:  # also alternate who goes first
+            order.reverse()
+        for name, run in order:
+            start = time.perf_counter()
+            run()
+            timings[name].seconds.append(time.perf_counter() - start)
+    return timings
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        match = re.search(r"Model name:\s*(.+)", out)
+        if match:
+            return match.group(1).strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    """One line naming the CPU, core count, torch version and threads the figures were taken with."""
+    return (f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}")
+
+
+HEADER = """# Benchmark results
+
+Figures written by the scripts in `benchmarks/`; each section names the command that produced it.
+Machine of the first figures: {machine}.
+"""
+
+
+def write_section(title: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the ``## title`` section of RESULTS.md, leaving other sections alone."""
+    text = path.read_text(encoding="utf-8") if path.exists() else HEADER.format(machine=machine_line())
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
