@@ -420,6 +420,10 @@ class Trainer:
             raise CheckpointNotFoundError(f"checkpoint {folder}: {err}") from None
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as err:
             raise CheckpointError(f"checkpoint {folder} is unreadable: {err}") from None
+        missing_keys = [k for k in ("step", "epoch", "batch", "trainable", "optimizer_scalars", "python_rng")
+                        if k not in state]
+        if missing_keys:
+            raise CheckpointError(f"{folder / STATE_NAME}: missing keys {', '.join(missing_keys)}")
         if state.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{folder / STATE_NAME}: format_version {state.get('format_version')!r}, "
                                   f"expected {FORMAT_VERSION}")
@@ -431,8 +435,8 @@ class Trainer:
                                   f"{missing[:5]}, unexpected {extra[:5]} (same model and LoRA config needed)")
         for key, expected in (("total_steps", self.history.total_steps),
                               ("batches_per_epoch", self._n_batches), ("optimizer", self.config.optimizer)):
-            if state[key] != expected:
-                raise ConfigError(f"TrainConfig.resume_from: {folder} has {key}={state[key]!r} but this run has "
+            if state.get(key) != expected:
+                raise ConfigError(f"TrainConfig.resume_from: {folder} has {key}={state.get(key)!r} but this run has "
                                   f"{expected!r}; resume with the same data and TrainConfig")
         with torch.no_grad():
             for name, param in self.params:
