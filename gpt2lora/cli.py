@@ -7,8 +7,10 @@ same knobs with the same names and checks.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import LORA_TARGETS, OPTIMIZERS
 from .data import TASKS
@@ -155,6 +157,32 @@ def example_parser(description: str, tasks: Sequence[str], default_task: str) ->
     add_train_args(parser)
     add_output_args(parser)
     return parser
+
+
+def example_main(description: str, tasks: Sequence[str], default_task: str,
+                 argv: Sequence[str] | None = None) -> int:
+    """Body of an ``examples/*.py`` script: parse the shared flags, train, print the table and samples."""
+    args = example_parser(description, tasks, default_task).parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from . import report
+    from . import tasks as run_tasks
+
+    try:
+        row = run_tasks.train_run(args)
+    except GPT2LoRAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.markdown_table([row]))
+    details = json.loads((Path(row["run_dir"]) / "metrics.json").read_text(encoding="utf-8"))
+    for sample in details.get("samples", []):
+        print(f"Q: {sample['question']}\n   predicted: {sample['prediction']!r}   gold: {sample['answers'][0]!r}")
+    for g in details.get("generations", []):
+        print(f"### {g['instruction']}\n--- before: {g['before']!r}\n--- after:  {g['after']!r}")
+    print(f"run folder: {row['run_dir']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,16 @@
+"""Sentiment classification (SST-2, Rotten Tomatoes, IMDB) with LoRA or full fine-tuning.
+
+Runs `gpt2lora.tasks.train_run` with the shared `gpt2lora train` flags and prints the result table.
+Try `python examples/sentiment.py --smoke --data-root ../shared/data` for a seconds-long check on a CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from gpt2lora.cli import example_main
+
+TASKS = ("sst2", "rotten_tomatoes", "imdb")
+
+if __name__ == "__main__":
+    sys.exit(example_main(__doc__.splitlines()[0], TASKS, default_task="sst2"))
