@@ -64,6 +64,9 @@ def smoke_checkpoint(out: str | os.PathLike, vocab: str | os.PathLike | None, se
     folder = Path(out) / f".smoke-base-{seed}"
     if (folder / "model.safetensors").is_file():
         return folder
+    if vocab is not None and not (Path(vocab) / "vocab.json").is_file():
+        raise ConfigError(f"--vocab {vocab}: no vocab.json there; --smoke needs the GPT-2 vocabulary "
+                          "(a folder with vocab.json and merges.txt)")
     candidates = [vocab, os.environ.get(VOCAB_ENV)]
     if data_root(root) is not None:
         candidates.append(data_root(root).parent / "gpt2-tokenizer")
