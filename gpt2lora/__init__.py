@@ -3,6 +3,7 @@
 from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches, PaddingStats, collate, lm_example
 from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
+from .data import TASKS, Dataset, alpaca_prompt, load_split
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -28,6 +29,7 @@ from .metrics import (
     squad_metrics,
 )
 from .model import GPT2, KVCache
+from .report import markdown_table
 from .tokenizer import load_tokenizer
 from .train import History, Trainer, lr_at_step
 
@@ -37,11 +39,13 @@ __all__ = [
     "GPT2",
     "METHODS",
     "PRESETS",
+    "TASKS",
     "BucketedBatches",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
     "DataError",
+    "Dataset",
     "GPT2Config",
     "GPT2ForSequenceClassification",
     "GPT2LoRAError",
@@ -56,6 +60,7 @@ __all__ = [
     "TrainingError",
     "UnsafeCheckpointError",
     "accuracy",
+    "alpaca_prompt",
     "apply_lora",
     "classification_metrics",
     "collate",
@@ -65,8 +70,10 @@ __all__ = [
     "generate",
     "lm_example",
     "load_adapter",
+    "load_split",
     "load_tokenizer",
     "lr_at_step",
+    "markdown_table",
     "merge_lora",
     "perplexity",
     "precision_recall_f1",
