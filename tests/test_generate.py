@@ -7,7 +7,7 @@ import torch
 from conftest import ODD, REPO, TINY
 
 from gpt2lora import GPT2, ConfigError, generate
-from gpt2lora.generate import filter_logits, next_token
+from gpt2lora.generate import decoding_head, filter_logits, next_token, transposed_copy
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,6 +75,33 @@ def test_generation_stops_when_every_row_has_finished(odd_models):
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos)
     assert got.size(1) == ids.size(1) + first + 1 < free.size(1)
     assert torch.equal(got, hf_greedy(ref, ids, mask, 10, eos=eos))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_long_greedy_runs_at_small_batch_match_transformers(batch, tiny_checkpoint):
+    # batch <= 2 with >= 32 new tokens takes the transposed-head decoding path
+    ours = GPT2.from_pretrained(tiny_checkpoint).eval()
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    ref.generation_config.eos_token_id = None  # run the full length on both sides
+    ids, mask = left_padded([9, 4][:batch], TINY["vocab_size"], pad=0, seed=6)
+    new = TINY["n_positions"] - ids.size(1)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
+    with torch.no_grad():
+        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert got.shape == (batch, TINY["n_positions"])
+    assert torch.equal(got, expected)
+
+
+def test_decoding_head_equals_lm_head(tiny_checkpoint):
+    model = GPT2.from_pretrained(tiny_checkpoint)
+    weight = model.lm_head.weight
+    assert torch.equal(transposed_copy(weight, rows_per_chunk=100), weight.t())
+    hidden = torch.randn(2, TINY["n_embd"], generator=torch.Generator().manual_seed(0))
+    fast = decoding_head(model.lm_head, batch=2, steps=64)
+    assert fast is not model.lm_head
+    torch.testing.assert_close(fast(hidden), model.lm_head(hidden), atol=1e-5, rtol=0)
+    assert decoding_head(model.lm_head, batch=8, steps=64) is model.lm_head
+    assert decoding_head(model.lm_head, batch=1, steps=8) is model.lm_head
 
 
 def test_right_padding_is_left_aligned(odd_models):
