@@ -11,6 +11,7 @@ of output.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -68,6 +69,30 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
     return {name: (t, tokens / t.median) for name, t in timings.items()}
 
 
+def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
+    """Batch 1 with and without the transposed LM-head copy that generate uses at small batch."""
+    module = sys.modules["gpt2lora.generate"]  # the package's `generate` attribute is the function
+    fast_head = module.decoding_head
+    ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
+    outputs = {}
+
+    def run(name: str, head) -> None:
+        module.decoding_head = head
+        try:
+            outputs[name] = generate(ours, ids, max_new_tokens=new, eos_token_id=None)
+        finally:
+            module.decoding_head = fast_head
+
+    timings = interleaved({"with": lambda: run("with", fast_head),
+                           "without": lambda: run("without", lambda head, batch, steps: head)},
+                          repeats=repeats)
+    if not torch.equal(outputs["with"], outputs["without"]):
+        raise SystemExit("the transposed LM head changed the generated tokens")
+    with_, without = (new / timings[k].median for k in ("with", "without"))
+    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the transposed LM-head copy, "
+            f"{without:.1f} tok/s without it ({with_ / without:.2f}×); tokens identical.")
+
+
 def bench_load(folder: Path, repeats: int) -> dict:
     import transformers
 
@@ -85,7 +110,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender (median)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="skip the with/without transposed LM head comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     import transformers
     transformers.logging.set_verbosity_error()
@@ -98,6 +128,11 @@ def main(argv: list[str] | None = None) -> str:
         ref.generation_config.eos_token_id = None  # both sides produce exactly --new tokens
         ours = GPT2.from_pretrained(folder).eval()
         rows = []
+        load_before = os.getloadavg()[0]
+        notes = []
+        if args.ablation and 1 in args.batches:
+            notes.append(ablation_note(ours, args.prompt, args.new, args.repeats))
+            print(notes[-1], flush=True)
         for batch in args.batches:
             result = bench_generation(ours, ref, batch, args.prompt, args.new, args.repeats)
             (t_ours, tps_ours), (t_ref, tps_ref) = result["gpt2lora"], result["transformers"]
@@ -105,6 +140,7 @@ def main(argv: list[str] | None = None) -> str:
                         f"| {tps_ref:.1f} tok/s ({t_ref.median:.2f} s) | {tps_ours / tps_ref:.2f}× |")
             print(rows[-1], flush=True)
         load = bench_load(folder, args.repeats)
+        load_after = os.getloadavg()[0]
         ratio = load["transformers"].median / load["gpt2lora"].median
         rows.append(f"| load checkpoint | {load['gpt2lora'].median:.3f} s | {load['transformers'].median:.3f} s "
                     f"| {ratio:.2f}× |")
@@ -115,12 +151,15 @@ def main(argv: list[str] | None = None) -> str:
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine_line()}  ",
         (f"Shape: {args.shape} (random weights saved by transformers {transformers.__version__}); prompt "
-        f"{args.prompt} tokens (batches > 1: left-padded, lengths differ), {args.new} new tokens, greedy; "
-        f"median of {args.repeats} interleaved runs after one warm-up. Outputs checked token-identical."),
+         f"{args.prompt} tokens (batches > 1: left-padded, lengths differ), {args.new} new tokens, greedy; "
+         f"median of {args.repeats} interleaved runs after one warm-up. Outputs checked token-identical. "
+         f"1-minute load average {load_before:.2f} before, {load_after:.2f} after (the CPU is shared)."),
         "",
         "| measurement | gpt2lora | transformers | speed-up |",
         "|---|---|---|---|",
         *rows,
+        "",
+        *notes,
     ])
     if not args.no_write:
         write_section("Generation", body)
