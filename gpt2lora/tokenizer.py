@@ -67,7 +67,8 @@ def ranks_from_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, i
 
 
 @functools.lru_cache(maxsize=8)
-def _encoding_from_folder(folder: str) -> tiktoken.Encoding:
+def _encoding_from_folder(folder: str, stamp: tuple[int, ...]) -> tiktoken.Encoding:
+    # ``stamp`` (file sizes and mtimes) is part of the cache key so edited files are read again.
     ranks, eot = ranks_from_files(Path(folder) / "vocab.json", Path(folder) / "merges.txt")
     return tiktoken.Encoding(name=f"gpt2lora:{folder}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: eot})
@@ -81,4 +82,6 @@ def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None,
     """
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
                                 patterns=TOKENIZER_FILES)
-    return _encoding_from_folder(str(folder.resolve()))
+    files = [folder / name for name in TOKENIZER_FILES]
+    stamp = tuple(n for f in files if f.is_file() for n in (f.stat().st_size, f.stat().st_mtime_ns))
+    return _encoding_from_folder(str(folder.resolve()), stamp)

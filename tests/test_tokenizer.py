@@ -159,3 +159,12 @@ def test_token_outside_byte_alphabet_is_refused(tmp_path):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(CheckpointError, match=r"vocab\.json: token ' b' has a character outside"):
         load_tokenizer(folder)
+
+
+def test_edited_files_are_read_again(tmp_path, gpt2_vocab):
+    folder = tmp_path / "tok"
+    shutil.copytree(gpt2_vocab, folder)
+    assert load_tokenizer(folder).encode_ordinary("Hello") == [15496]
+    (folder / "vocab.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"vocab\.json: expected a JSON object"):
+        load_tokenizer(folder)
