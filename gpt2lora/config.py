@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -96,14 +97,14 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "GPT2Config":
+    def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
         """The shape of a released checkpoint by short name (``gpt2``, ``gpt2-medium``, ...)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "GPT2Config":
+    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> GPT2Config:
         """Read the fields gpt2lora needs from a Hugging Face ``config.json`` dictionary."""
         if not isinstance(hf, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +81,7 @@ class GPT2ForSequenceClassification(nn.Module):
 
     @classmethod
     def from_config(cls, config: GPT2Config | str, num_labels: int = 2, pad_token_id: int = 50256,
-                    seed: int = 0) -> "GPT2ForSequenceClassification":
+                    seed: int = 0) -> GPT2ForSequenceClassification:
         """A randomly initialised classifier of the given shape (or preset name)."""
         if isinstance(config, str):
             config = GPT2Config.from_preset(config)
@@ -91,7 +92,7 @@ class GPT2ForSequenceClassification(nn.Module):
                         pad_token_id: int = 50256, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None,
-                        seed: int = 0) -> "GPT2ForSequenceClassification":
+                        seed: int = 0) -> GPT2ForSequenceClassification:
         """Load a plain GPT-2 checkpoint (new head, seeded init) or a classification checkpoint.
 
         ``num_labels=None`` takes the count from the checkpoint's ``id2label`` (2 if it has none).

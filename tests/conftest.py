@@ -14,9 +14,15 @@ SHARED = Path(os.environ.get("GPT2LORA_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 VOCAB = SHARED / "gpt2-tokenizer"
 
+# Tiny test models are dominated by per-op overhead, which extra threads only add to (and several test
+# processes on a small machine oversubscribe the cores). Subprocesses started by tests inherit the variable.
+TEST_THREADS = int(os.environ.get("GPT2LORA_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+torch.set_num_threads(TEST_THREADS)
+
 #: Small shapes used across the suite. "odd" has 3 heads of 32, a short context and eps 1e-6.
-TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512)
-ODD = dict(n_layer=3, n_head=3, n_embd=96, n_positions=40, vocab_size=300, layer_norm_epsilon=1e-6)
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 512}
+ODD = {"n_layer": 3, "n_head": 3, "n_embd": 96, "n_positions": 40, "vocab_size": 300, "layer_norm_epsilon": 1e-6}
 
 
 def require_shared(path: Path) -> Path:
