@@ -270,6 +270,12 @@ class TrainConfig:
     """Seed for dropout and anything else random inside the loop."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them (non-reentrant
+    ``torch.utils.checkpoint``): less activation memory for about one extra forward pass per step."""
+    compile: bool = False
+    """Run the training forward through ``torch.compile`` (off by default: on CPU the first step pays a
+    long compile and the speed-up is small; see benchmarks/RESULTS.md, "Scale levers")."""
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -303,3 +309,5 @@ class TrainConfig:
         _require(self.precision in PRECISIONS, owner, "precision", f"one of {', '.join(PRECISIONS)}",
                  self.precision)
         _require(isinstance(self.seed, int), owner, "seed", "an integer", self.seed)
+        for name in ("gradient_checkpointing", "compile"):
+            _require(isinstance(getattr(self, name), bool), owner, name, "True or False", getattr(self, name))
