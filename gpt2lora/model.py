@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .errors import ConfigError
@@ -136,6 +137,8 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        """Recompute block activations in backward (training with grad enabled only, never with a cache)."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
@@ -172,8 +175,14 @@ class Transformer(nn.Module):
                 mask = attention_bias(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T)
         else:
             mask, is_causal = attention_bias(attention_mask, T), False
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for layer, block in enumerate(self.h):
-            x = block(x, mask, is_causal, kv_cache, layer)
+            if recompute:
+                # Non-reentrant: works when the input needs no grad (frozen base + LoRA) and replays
+                # dropout with the saved RNG state, so losses and gradients equal the plain pass.
+                x = checkpoint(block, x, mask, is_causal, None, layer, use_reentrant=False)
+            else:
+                x = block(x, mask, is_causal, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
