@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ STATE_NAME = "trainer_state.json"
 WEIGHTS_NAME = "trainable.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 CLASSIFICATION_METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro",
                           "precision_weighted", "recall_weighted", "f1_weighted")
@@ -525,7 +530,12 @@ class Trainer:
 
     def fit(self, train_data: Iterable[Mapping[str, Any]],
             eval_data: Iterable[Mapping[str, Any]] | None = None) -> History:
-        """Train on ``train_data`` (batches, in the order given; ``set_epoch(e)`` is called if it exists)."""
+        """Train on ``train_data`` (batches, in the order given; ``set_epoch(e)`` is called if it exists).
+
+        Ctrl-C (SIGINT, main thread only) finishes the current optimizer step, writes a checkpoint there
+        when ``out_dir`` is set, logs where, and re-raises :class:`KeyboardInterrupt` (``self.history``
+        holds the steps done); resuming from that checkpoint continues exactly. A second Ctrl-C stops at once.
+        """
         cfg = self.config
         if self.optimizer is None:
             raise ConfigError("Trainer.fit: the model has no trainable parameters (every requires_grad is False)")
@@ -549,7 +559,8 @@ class Trainer:
         start = time.perf_counter()
         bar = self._progress_bar()
         try:
-            self._run(train_data, eval_data, counts, bar)
+            with self._sigint_stops_at_step_end():
+                self._run(train_data, eval_data, counts, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -562,6 +573,43 @@ class Trainer:
             self.history.peak_memory_mb = peak_memory_mb(self.device)
         self._log({"type": "summary", **self.history.summary()})
         return self.history
+
+    @contextmanager
+    def _sigint_stops_at_step_end(self) -> Iterator[None]:
+        """While fitting, SIGINT only sets a flag that the loop checks between optimizer steps.
+
+        Interrupting inside ``optimizer.step()`` could leave half the tensors updated; a step boundary
+        is a state that a checkpoint describes exactly (weights, optimizer, RNG, data position).
+        """
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_if_interrupted(self) -> None:
+        if not getattr(self, "_stop_requested", False):
+            return
+        step = self._position.step
+        where = "no checkpoint (TrainConfig.out_dir is not set)"
+        if self.out_dir is not None:
+            latest = self._last_checkpoint
+            if latest is None or latest.name != f"{CHECKPOINT_PREFIX}{step:07d}":
+                self._save_step_checkpoint()
+            where = f"checkpoint {self._last_checkpoint}"
+        message = f"training interrupted after step {step}; saved {where}"
+        logger.warning(message)
+        raise KeyboardInterrupt(message)
 
     def _progress_bar(self) -> Any:
         if not self.config.progress:
@@ -594,6 +642,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 self._after_step(eval_data, epoch_done)
+                self._stop_if_interrupted()
                 if epoch_done or self.history.stopped_early:
                     break
 
@@ -622,6 +671,11 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         skipped = not math.isfinite(norm)
+        if math.isnan(norm) and not self.scaler.is_enabled():
+            # inf norms are skipped below (and fp16's scaler skips its own overflows); NaN means broken values
+            saved = self._last_checkpoint or "none (set TrainConfig.out_dir to keep checkpoints)"
+            raise TrainingError(f"non-finite gradients (norm {norm}) at step {pos.step + 1}; training stopped, "
+                                f"the last good checkpoint is {saved}. Lower TrainConfig.lr or check the data.")
         if self.scaler.is_enabled():
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skips the update itself on inf/nan gradients
