@@ -1,4 +1,4 @@
-"""Evaluation metrics: classification scores, perplexity, SQuAD EM/F1, throughput and peak memory.
+"""Evaluation metrics: classification scores, perplexity, SQuAD EM/F1, ROUGE-L, throughput and peak memory.
 
 Scores are fractions in [0, 1] (multiply by 100 for the percentages papers print).
 """
@@ -170,6 +170,55 @@ def squad_metrics(predictions: Sequence[str], references: Sequence[str | Sequenc
     f1 = sum(squad_f1(p, r) for p, r in zip(predictions, references)) / len(predictions)
     return {"exact_match": em, "f1": f1}
 
+
+
+# --- instruction following: reference metrics used when no LLM judge is at hand ---
+
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """ROUGE's tokens: lower-cased runs of ASCII letters and digits (everything else separates)."""
+    return _ROUGE_TOKEN.findall(text.lower())
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-L precision, recall and F1 (beta = 1) of one prediction against one reference.
+
+    Two empty texts score 1.0 (nothing to say, nothing said); one empty side scores 0.0.
+    """
+    if not isinstance(prediction, str) or not isinstance(reference, str):
+        raise DataError(f"rouge_l: expected two strings, got {type(prediction).__name__} and "
+                        f"{type(reference).__name__}")
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    if not pred and not ref:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    common = lcs_length(pred, ref)
+    if common == 0:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    precision, recall = common / len(pred), common / len(ref)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall)}
+
+
+def instruction_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean exact match (SQuAD normalisation) and mean ROUGE-L F1 of generated responses."""
+    if len(predictions) != len(references) or not predictions:
+        raise DataError(f"instruction_metrics: {len(predictions)} responses for {len(references)} references; "
+                        "expected the same non-zero number")
+    em = sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
+    rouge = sum(rouge_l(p, r)["f1"] for p, r in zip(predictions, references)) / len(predictions)
+    return {"exact_match": em, "rouge_l_f1": rouge}
 
 # --- speed and memory ---
 
