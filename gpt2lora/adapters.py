@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import LORA_TARGETS, LoRAConfig
+from .config import BLOCK_TARGETS, LoRAConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from .hub import PICKLE_SUFFIXES, check_state, read_safetensors
 from .lora import HEAD_NAME, LoRALinear, apply_lora, lora_modules, set_lora_trainable
@@ -187,14 +187,14 @@ def _field(config: dict[str, Any], key: str, source: Path, kinds: tuple[type, ..
 
 
 def _layer_names(n_layer: int) -> list[tuple[int, str]]:
-    return [(i, t) for i in range(n_layer) for t in LORA_TARGETS]
+    return [(i, t) for i in range(n_layer) for t in BLOCK_TARGETS]
 
 
 def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple[tuple[str, ...], int | None]:
     """Targets and last_n_blocks from peft's target_modules / layers_to_transform / layers_pattern."""
     targets_field = _field(config, "target_modules", source, (list, str), required=True)
     if targets_field == "all-linear":
-        targets_field = list(LORA_TARGETS)
+        targets_field = list(BLOCK_TARGETS)
     if isinstance(targets_field, str):
         try:
             pattern = re.compile(targets_field)
@@ -208,7 +208,7 @@ def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple
                     if t == entry or f"transformer.h.{i}.{t}".endswith("." + str(entry))}
             if not hits:
                 raise CheckpointError(f"{source}: target_modules entry {entry!r} names no layer gpt2lora can "
-                                      f"wrap (it wraps {', '.join(LORA_TARGETS)} inside transformer.h blocks)")
+                                      f"wrap (it wraps {', '.join(BLOCK_TARGETS)} inside transformer.h blocks)")
             chosen |= hits
     layers_field = _field(config, "layers_to_transform", source, (list, int))
     if layers_field is not None:
@@ -224,7 +224,7 @@ def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple
     if not chosen:
         raise CheckpointError(f"{source}: target_modules / layers_to_transform select no layer of this model")
     blocks = sorted({i for i, _ in chosen})
-    targets = tuple(t for t in LORA_TARGETS if any(c == t for _, c in chosen))
+    targets = tuple(t for t in BLOCK_TARGETS if any(c == t for _, c in chosen))
     if chosen != {(i, t) for i in blocks for t in targets} or blocks != list(range(n_layer - len(blocks), n_layer)):
         raise CheckpointError(f"{source}: the adapter wraps blocks {blocks} with targets {list(targets)} in a "
                               "pattern gpt2lora cannot express; it applies the same targets to the last N blocks")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import LORA_TARGETS, OPTIMIZERS
+from .config import BLOCK_TARGETS, LORA_TARGETS, OPTIMIZERS
 from .data import TASKS
 from .errors import GPT2LoRAError
 from .methods import METHODS
@@ -92,8 +92,9 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default: 8)")
     group.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (default: 16)")
     group.add_argument("--dropout", type=probability, default=0.05, help="LoRA dropout (default: 0.05)")
-    group.add_argument("--targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS),
-                       help="layers LoRA wraps (default: all four)")
+    group.add_argument("--targets", nargs="+", choices=LORA_TARGETS, default=list(BLOCK_TARGETS),
+                       help="layers LoRA wraps (default: the four block layers; attn.q/k/v split c_attn, "
+                            "lm_head adds the output head)")
     group.add_argument("--last-n-blocks", type=positive_int, default=None,
                        help="lora: only the last N blocks get LoRA; last_n_full: train the last N blocks")
     group.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r)")

@@ -143,8 +143,14 @@ PRESETS: dict[str, GPT2Config] = {
 }
 
 
-#: Layers LoRA can wrap, by their name inside a block.
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: The four linear layers of a block, as peft names them: the default LoRA targets.
+BLOCK_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: Query, key and value slices of the fused ``attn.c_attn``, each with its own LoRA pair.
+QKV_TARGETS = ("attn.q", "attn.k", "attn.v")
+#: The output head: ``lm_head`` of a language model, ``score`` of a classifier.
+HEAD_TARGET = "lm_head"
+#: Every name ``LoRAConfig.targets`` accepts.
+LORA_TARGETS = (*BLOCK_TARGETS, *QKV_TARGETS, HEAD_TARGET)
 LORA_STYLES = ("peft", "from_scratch")
 LORA_BIAS = ("none", "all", "lora_only")
 
@@ -159,10 +165,13 @@ class LoRAConfig:
     """Scale numerator: the update is multiplied by alpha / rank (peft style)."""
     dropout: float = 0.05
     """Dropout on the LoRA branch's input only; the frozen path never sees it."""
-    targets: tuple[str, ...] = LORA_TARGETS
-    """Block layers to wrap: any of ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``."""
+    targets: tuple[str, ...] = BLOCK_TARGETS
+    """Layers to wrap: block layers ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``; or
+    ``attn.q`` / ``attn.k`` / ``attn.v`` (separate pairs on the slices of the fused ``c_attn``, as in code
+    with separate query/key/value layers; not together with ``attn.c_attn``); and ``lm_head``, the output
+    head (on a classifier: LoRA on ``score``, whose base is then frozen instead of trained in full)."""
     last_n_blocks: int | None = None
-    """Only the last N blocks get LoRA (None = every block)."""
+    """Only the last N blocks get LoRA (None = every block); ``lm_head`` is not in a block."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(rank) instead of alpha / rank (rank-stabilised LoRA)."""
     train_bias: str = "none"
@@ -184,6 +193,11 @@ class LoRAConfig:
                  "a non-empty list of layer names", self.targets)
         unknown = [t for t in targets if t not in LORA_TARGETS]
         _require(not unknown, owner, "targets", f"names among {', '.join(LORA_TARGETS)}", unknown)
+        split = [t for t in targets if t in QKV_TARGETS]
+        _require("attn.c_attn" not in targets or not split, owner, "targets",
+                 "either attn.c_attn (one LoRA pair on the fused query/key/value layer) or attn.q/attn.k/"
+                 "attn.v (a pair per slice), not both: they would adapt the same weights twice",
+                 list(targets))
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
         if self.last_n_blocks is not None:
             _positive_int(owner, "last_n_blocks", self.last_n_blocks)
