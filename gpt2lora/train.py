@@ -479,8 +479,13 @@ class Trainer:
         folder = self.out_dir / f"{CHECKPOINT_PREFIX}{self._position.step:07d}"
         self._last_checkpoint = self.save_checkpoint(folder)
         steps = sorted(p for p in self.out_dir.iterdir() if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", p.name))
+        for stale in self.out_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # temp folders of a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         for old in steps[:-self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            # rename first: a kill during rmtree must not leave a half-deleted folder under a checkpoint name
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     # --- history file ---
 
