@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(train)
     add_train_args(train)
     add_output_args(train)
+    train.add_argument("--save-every", type=positive_int, default=None, metavar="N",
+                       help="also write a checkpoint every N optimizer steps into RUN/checkpoints (one is always "
+                            "written at each epoch end)")
+    train.add_argument("--resume", default=None, metavar="PATH|auto",
+                       help="continue a killed or interrupted run: 'auto' = the latest checkpoint of --out/--run-name, "
+                            "or a run folder, or one RUN/checkpoints/checkpoint-N folder")
 
     evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
     evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")
@@ -270,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GPT2LoRAError as err:
         print(f"gpt2lora {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        hint = " (continue with --resume)" if args.command == "train" else ""
+        print(f"gpt2lora {args.command}: interrupted{': ' + str(err) if str(err) else ''}{hint}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -28,7 +28,7 @@ from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches, collate
 from .config import GPT2Config, LoRAConfig, TrainConfig
 from .data import TASKS, Dataset, Tokenizer, alpaca_prompt, data_root, encode, load_split, prompt_ids
-from .errors import ConfigError, DataError
+from .errors import CheckpointNotFoundError, ConfigError, DataError
 from .heads import GPT2ForSequenceClassification
 from .hub import save_pretrained
 from .lora import count_parameters, lora_modules, merge_lora, unmerge_lora
@@ -45,6 +45,8 @@ SMOKE_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 512}
 SMOKE = {"classification": {"train": 300, "eval": 100, "gen": 8, "new_tokens": 8, "max_length": 128},
          "lm": {"train": 64, "eval": 16, "gen": 4, "new_tokens": 8, "max_length": 64}}
 VOCAB_ENV = "GPT2LORA_VOCAB"
+#: Sub-folder of a run folder where training checkpoints go (what ``--resume`` continues from).
+CHECKPOINTS_DIR = "checkpoints"
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -227,6 +229,31 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, progress=not args.quiet)
 
 
+def resume_target(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """``(run folder, checkpoint or checkpoints folder)`` of ``--resume auto|PATH``; None without it.
+
+    ``auto`` continues ``--out/--run-name`` from its latest checkpoint; PATH is a run folder (its latest
+    checkpoint) or one ``RUN/checkpoints/checkpoint-N`` folder.
+    """
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        return None
+    if resume == "auto":
+        if not args.run_name:
+            raise ConfigError("--resume auto needs --run-name: the run folder (under --out) to continue")
+        folder, checkpoint = Path(args.out) / args.run_name, Path(args.out) / args.run_name / CHECKPOINTS_DIR
+    else:
+        checkpoint = Path(resume)
+        if checkpoint.parent.name == CHECKPOINTS_DIR:
+            folder = checkpoint.parent.parent
+        else:
+            folder, checkpoint = checkpoint, checkpoint / CHECKPOINTS_DIR
+    if not checkpoint.is_dir():
+        raise CheckpointNotFoundError(f"--resume {resume}: {checkpoint} not found; expected a run folder written "
+                                      f"by 'gpt2lora train' (with {CHECKPOINTS_DIR}/) or one of its checkpoints")
+    return folder, checkpoint
+
+
 def run_folder(args: argparse.Namespace, task: str, method: str) -> Path:
     name = args.run_name or f"{Path(task).name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(args.out) / name
@@ -248,6 +275,7 @@ def method_label(method: str, lora: LoRAConfig | None, last_n: int | None) -> st
 def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str, Any]:
     """Train one configuration and write its run folder; returns the result row (with ``run_dir``)."""
     torch.manual_seed(args.seed)
+    resume = resume_target(args) if folder is None else None  # checked first: a bad path fails before any download
     task = task_name(args)
     kind = TASKS[args.task].kind if args.task in TASKS else None
     limits = row_limits(args, kind)
@@ -267,7 +295,7 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
     device = resolve_device(args.device)
     lora = lora_config(args)
     last_n = args.last_n_blocks if args.method == "last_n_full" else None
-    folder = folder or run_folder(args, task, args.method)
+    folder = folder or (resume[0] if resume else run_folder(args, task, args.method))
 
     samples_before = None
     if kind == "instruction":
@@ -276,7 +304,10 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
         samples_before = instruction_samples(model, tok, fixed, limits["new_tokens"] or 128, max_length, device)
     apply_method(model, args.method, lora, last_n, args.seed)
     params = count_parameters(model)
-    config = train_config(args)
+    # checkpoints go into the run folder (each epoch end, and every --save-every steps) so a killed run resumes
+    config = dataclasses.replace(train_config(args), out_dir=str(folder / CHECKPOINTS_DIR),
+                                 save_every_steps=getattr(args, "save_every", None),
+                                 resume_from=str(resume[1]) if resume else None)
     train_examples = encode(train_set, tok, max_length)
     train_data = batches(train_examples, args.batch_size, True, args.seed, tok.eot_token)
     eval_data = batches(encode(eval_set, tok, max_length), args.batch_size, False, 0, tok.eot_token)
