@@ -33,7 +33,7 @@ from .heads import GPT2ForSequenceClassification
 from .hub import save_pretrained
 from .lora import count_parameters, lora_modules, merge_lora, unmerge_lora
 from .methods import prepare_model
-from .metrics import squad_metrics
+from .metrics import instruction_metrics, squad_metrics
 from .model import GPT2
 from .tokenizer import load_tokenizer
 from .train import Trainer
@@ -45,6 +45,10 @@ SMOKE_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 512}
 SMOKE = {"classification": {"train": 300, "eval": 100, "gen": 8, "new_tokens": 8, "max_length": 128},
          "lm": {"train": 64, "eval": 16, "gen": 4, "new_tokens": 8, "max_length": 64}}
 VOCAB_ENV = "GPT2LORA_VOCAB"
+#: Per-row details of :func:`evaluate` kept out of result rows (QA samples, instruction responses).
+DETAIL_KEYS = ("samples", "responses")
+#: File of a run folder with every generated instruction response (what ``gpt2lora judge`` scores).
+RESPONSES_NAME = "responses.jsonl"
 #: Sub-folder of a run folder where training checkpoints go (what ``--resume`` continues from).
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -102,8 +106,10 @@ def load_base(checkpoint: str, kind: str, num_labels: int | None, seed: int = 0)
 def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
     if args.method != "lora":
         return None
+    # style / train_bias have no flags; recipes (gpt2lora.recipes) set them on the namespace
     return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
-                      last_n_blocks=args.last_n_blocks, use_rslora=args.rslora)
+                      last_n_blocks=args.last_n_blocks, use_rslora=args.rslora,
+                      style=getattr(args, "lora_style", "peft"), train_bias=getattr(args, "lora_train_bias", "none"))
 
 
 def apply_method(model: nn.Module, method: str, lora: LoRAConfig | None, last_n: int | None,
@@ -205,6 +211,14 @@ def evaluate(model: nn.Module, kind: str, tok: Tokenizer, eval_set: Dataset, lim
         metrics.update(exact_match=scores["exact_match"], squad_f1=scores["f1"], generated_rows=len(rows),
                        samples=[{"question": r["question"], "answers": r["answers"], "prediction": a}
                                 for r, a in list(zip(rows, answers))[:5]])
+    if kind == "instruction":
+        # offline reference metrics; the responses are kept for `gpt2lora judge`
+        rows = eval_set.records[:limits["gen"]]
+        responses = generate_texts(model, tok, [prompt_ids(tok, r, "instruction", max_length) for r in rows],
+                                   limits["new_tokens"] or 128, device)
+        metrics.update(instruction_metrics(responses, [r["output"] for r in rows]), generated_rows=len(rows),
+                       responses=[{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
+                                   "response": text} for r, text in zip(rows, responses)])
     return metrics
 
 
@@ -226,7 +240,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
                        grad_clip=args.grad_clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
                        precision=args.precision, device=args.device, eval_every_steps=args.eval_every,
-                       seed=args.seed, progress=not args.quiet)
+                       seed=args.seed, progress=not args.quiet, schedule=getattr(args, "schedule", "cosine"))
 
 
 def resume_target(args: argparse.Namespace) -> tuple[Path, Path] | None:
@@ -318,7 +332,7 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
     steps = history.steps
     row: dict[str, Any] = {
         "method": method_label(args.method, lora, last_n), "task": train_set.name, "kind": kind,
-        **{k: v for k, v in metrics.items() if k != "samples"},
+        **{k: v for k, v in metrics.items() if k not in DETAIL_KEYS},
         "trainable_params": params.trainable, "total_params": params.total, "trainable_pct": params.share,
         "train_time_s": history.runtime_s, "train_rows": len(train_set), "optimizer_steps": len(steps),
         "samples_per_s": history.samples_per_s, "steps_per_s": history.steps_per_s,
@@ -329,6 +343,8 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
 
     save_adapter(model, folder / "adapter")
     write_history(folder / "history.jsonl", history)
+    if "responses" in metrics:
+        write_responses(folder / RESPONSES_NAME, metrics["responses"])
     run_config = {
         "gpt2lora_version": __version__, "task": task, "data": args.data, "data_root": args.data_root,
         "source": args.source, "columns": dict(args.columns), "kind": kind, "num_labels": num_labels,
@@ -362,6 +378,12 @@ def write_history(path: Path, history: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"type": "step", **step}) + "\n" for step in history.steps)
         f.writelines(json.dumps({"type": "eval", **ev}, default=float) + "\n" for ev in history.evals)
+
+
+def write_responses(path: Path, responses: list[dict[str, str]]) -> None:
+    """One JSON line per generated instruction response: instruction, input, reference, response."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in responses)
 
 
 def write_generations(path: Path, generations: list[dict[str, str]]) -> None:
@@ -438,7 +460,7 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
                        args.precision)
     params = count_parameters(model)
     row = {"method": label, "task": eval_set.name, "split": eval_set.split,
-           **{k: v for k, v in metrics.items() if k != "samples"}, "total_params": params.total}
+           **{k: v for k, v in metrics.items() if k not in DETAIL_KEYS}, "total_params": params.total}
     print(report.markdown_table([row]))
     if args.run_name or args.run:
         folder = Path(args.run) if args.run and not args.run_name else Path(args.out) / args.run_name

@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .batching import IGNORE_INDEX
 from .config import TrainConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError, TrainingError
 from .metrics import classification_metrics, mean_loss, peak_memory_mb, perplexity, throughput
+from .model import Transformer
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_NAME = "best"
@@ -109,6 +113,34 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 def is_classifier(model: nn.Module) -> bool:
     """Classification when the model has a ``score`` head or ``num_labels``; else a language model."""
     return hasattr(model, "score") or hasattr(model, "num_labels")
+
+
+def enable_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Switch block recomputation on (or off) in every gpt2lora ``Transformer`` inside ``model``; returns how many."""
+    found = [m for m in model.modules() if isinstance(m, Transformer)]
+    if not found:
+        raise ConfigError(f"TrainConfig.gradient_checkpointing: {type(model).__name__} holds no gpt2lora Transformer "
+                          "(GPT2 or GPT2ForSequenceClassification) whose blocks could be checkpointed")
+    for module in found:
+        module.gradient_checkpointing = enabled
+    return len(found)
+
+
+def compile_module(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)``; a :class:`ConfigError` when this torch build cannot compile at all."""
+    if not hasattr(torch, "compile"):
+        raise ConfigError(f"TrainConfig.compile=True but torch {torch.__version__} has no torch.compile; "
+                          "set compile=False")
+    try:
+        return torch.compile(module)
+    except RuntimeError as err:  # e.g. a Python version dynamo does not support yet
+        raise ConfigError(f"TrainConfig.compile=True but torch.compile is unavailable here ({err}); "
+                          "set compile=False") from None
+
+
+def _is_compiler_failure(err: BaseException) -> bool:
+    """Errors raised by dynamo / inductor themselves (no C++ compiler, unsupported op), not by the model."""
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
@@ -263,6 +295,13 @@ class Trainer:
     logits against class ids (B,); language models use the shifted token cross-entropy of
     :func:`lm_loss`. With gradient accumulation each batch's mean loss is divided by the number of
     batches in the step, so a step's gradient is the mean of its batches' gradients.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, or an already initialised ``torch.distributed`` group) the
+    model is wrapped in ``DistributedDataParallel`` and each rank trains on its contiguous slice of
+    every batch: ``batch_size`` and the batches given to :meth:`fit` are the *global* batch (give every
+    rank the same batches), and losses, gradients and history equal one process on those batches
+    (dropout aside: every rank draws masks from the same seed for its own rows). Evaluation is sharded
+    by batch across ranks and reduced. Only rank 0 writes checkpoints and history and shows progress.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
@@ -274,9 +313,15 @@ class Trainer:
         self.model = model
         self.config = config
         self.device = resolve_device(config.device)
+        self.dist = distributed.setup(self.device.type)
+        """This process's place in a torchrun group (rank 0 of 1 when training alone)."""
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.classification = is_classifier(model)
         self.model.to(self.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.params = trainable_parameters(model)
         # None when nothing trains: such a Trainer can still evaluate(), fit() refuses.
         self.optimizer = build_optimizer(model, config) if self.params else None
@@ -286,6 +331,10 @@ class Trainer:
         self._position = _Position()
         self._n_batches = 0
         self._last_checkpoint: Path | None = None
+        # what the training forward runs through: the model, its DDP wrapper, or a compiled one (set by fit)
+        self._train_module: nn.Module | None = None
+        self._eager_module: nn.Module = model
+        self._ddp: DistributedDataParallel | None = None
 
     # --- batches ---
 
@@ -333,10 +382,68 @@ class Trainer:
         return {"input_ids": ids.long().to(self.device), "attention_mask": mask.long().to(self.device),
                 "labels": labels.to(self.device)}
 
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The training forward: compiled when asked (falling back to eager if compiling fails), DDP-wrapped."""
+        module = self._train_module or self.model
+        if module is not self._eager_module:
+            try:
+                return module(input_ids, attention_mask)
+            except Exception as err:
+                if not _is_compiler_failure(err):
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                warnings.warn(f"TrainConfig.compile: torch.compile failed ({type(err).__name__}: {first[:200]}); "
+                              "training continues without compiling", RuntimeWarning, stacklevel=2)
+                self._train_module = self._eager_module
+        return self._eager_module(input_ids, attention_mask)
+
+    def _prepare_train_module(self) -> None:
+        if self._train_module is not None:
+            return
+        module: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
+            module = self._ddp
+        self._eager_module = module
+        self._train_module = compile_module(module) if self.config.compile else module
+
+    def _step_loss(self, batch: dict[str, Tensor], where: str) -> tuple[Tensor, float]:
+        """(loss to backpropagate, mean loss of the whole batch) of one training batch.
+
+        Alone, both are the batch's mean loss. Under DDP each rank runs its slice of the rows and scales
+        its *summed* loss by ``world_size / N`` (N = rows, or target tokens for a language model, of the
+        global batch), so DDP's gradient average equals the gradient of the global mean even when the
+        slices hold different numbers of tokens; the logged value is all-reduced (same on every rank).
+        """
+        if not self.dist.enabled:
+            loss, _ = self._loss(batch, where)
+            return loss, float(loss.detach())
+        labels = batch["labels"]
+        total = labels.size(0) if self.classification else int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if total == 0:
+            raise DataError(f"{where}: no target tokens (every label after the first position is -100)")
+        start, stop = distributed.shard_bounds(labels.size(0), self.dist)
+        weight = 1.0
+        if stop == start:  # fewer rows than ranks: run one row with weight 0 so this rank joins the all-reduce
+            start, stop, weight = 0, 1, 0.0
+        part = {key: value[start:stop] for key, value in batch.items()}
+        with self._autocast():
+            logits = self._forward(part["input_ids"], part["attention_mask"])
+        if self.classification:
+            summed = F.cross_entropy(logits.float(), part["labels"], reduction="sum")
+        else:
+            flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+            summed = F.cross_entropy(flat, part["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+        loss = summed * (weight * self.dist.world_size / total)
+        value = distributed.all_reduce_sum([float(summed.detach()) * weight], self.device)[0] / total
+        return loss, value
+
     def _loss(self, batch: dict[str, Tensor], where: str) -> tuple[Tensor, Tensor]:
         """(mean loss, logits) of one prepared batch."""
         with self._autocast():
-            logits = self.model(batch["input_ids"], batch["attention_mask"])
+            logits = self._forward(batch["input_ids"], batch["attention_mask"])
         if self.classification:
             return F.cross_entropy(logits.float(), batch["labels"]), logits
         loss, count = lm_loss(logits, batch["labels"])
@@ -355,6 +462,8 @@ class Trainer:
         try:
             for i, raw in enumerate(eval_data):
                 batch = self._prepare(raw, f"eval batch {i}")
+                if self.dist.enabled and i % self.dist.world_size != self.dist.rank:
+                    continue  # sharded: batch i is evaluated by rank i mod world_size, then reduced below
                 with self._autocast():
                     logits = self.model(batch["input_ids"], batch["attention_mask"])
                 if self.classification:
@@ -368,6 +477,8 @@ class Trainer:
                     count += n
         finally:
             self.model.train(was_training)
+        if self.dist.enabled:
+            total, count, preds, golds = self._reduce_eval(total, count, preds, golds)
         if count == 0:
             raise DataError("eval_data: no batches (or no target tokens) to evaluate")
         loss = mean_loss(total, count)
@@ -375,13 +486,34 @@ class Trainer:
             return {"loss": loss, **classification_metrics(preds, golds)}
         return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}
 
+    def _reduce_eval(self, total: float, count: int, preds: list[int],
+                     golds: list[int]) -> tuple[float, int, list[int], list[int]]:
+        """Every rank's eval sums, and its predictions as a summed confusion matrix (metrics need no order)."""
+        total, count = distributed.all_reduce_sum([total, count], self.device)
+        if not self.classification:
+            return total, int(count), preds, golds
+        n = int(getattr(self.model, "num_labels", 0) or self.model.score.out_features)
+        confusion = torch.zeros(n * n, dtype=torch.int64, device=self.device)
+        if golds:
+            cells = torch.tensor(golds, device=self.device) * n + torch.tensor(preds, device=self.device)
+            confusion += torch.bincount(cells, minlength=n * n)
+        confusion = distributed.all_reduce_tensor(confusion).tolist()
+        golds = [cell // n for cell, c in enumerate(confusion) for _ in range(c)]
+        preds = [cell % n for cell, c in enumerate(confusion) for _ in range(c)]
+        return total, int(count), preds, golds
+
     # --- checkpoints ---
 
     def _optimizer_names(self) -> list[str]:
         return [n for g in self.optimizer.param_groups for n in g["names"]]
 
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
-        """Write trainable tensors, optimizer, scaler, RNG, step and data position atomically."""
+        """Write trainable tensors, optimizer, scaler, RNG, step and data position atomically.
+
+        In a distributed run only rank 0 writes; the other ranks return the folder's path.
+        """
+        if not self.dist.is_main:
+            return Path(folder)
         pos = self._position
         weights = {name: p.detach().to("cpu").clone().contiguous() for name, p in self.params}
         opt = self.optimizer.state_dict()
@@ -477,6 +609,9 @@ class Trainer:
     def _save_step_checkpoint(self) -> None:
         assert self.out_dir is not None
         folder = self.out_dir / f"{CHECKPOINT_PREFIX}{self._position.step:07d}"
+        if not self.dist.is_main:
+            self._last_checkpoint = folder
+            return
         self._last_checkpoint = self.save_checkpoint(folder)
         steps = sorted(p for p in self.out_dir.iterdir() if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", p.name))
         for stale in self.out_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # temp folders of a process killed mid-write
@@ -490,14 +625,14 @@ class Trainer:
     # --- history file ---
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / HISTORY_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps(_json_safe(record)) + "\n")
 
     def _rewrite_log(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / HISTORY_NAME).unlink(missing_ok=True)
@@ -555,9 +690,10 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.dist.is_main:
                 (self.out_dir / HISTORY_NAME).unlink(missing_ok=True)
         self.model.train()
+        self._prepare_train_module()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         counts = {"samples": 0, "tokens": 0, "steps": 0}
@@ -617,7 +753,7 @@ class Trainer:
         raise KeyboardInterrupt(message)
 
     def _progress_bar(self) -> Any:
-        if not self.config.progress:
+        if not self.config.progress or not self.dist.is_main:
             return None
         from tqdm.auto import tqdm
 
@@ -657,14 +793,16 @@ class Trainer:
         for k, raw in enumerate(group):
             where = f"batch {pos.batch + k} of epoch {pos.epoch}"
             batch = self._prepare(raw, where)
-            loss, _ = self._loss(batch, where)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                saved = self._last_checkpoint or "none (set TrainConfig.out_dir to keep checkpoints)"
-                raise TrainingError(f"non-finite loss ({value}) at step {pos.step + 1} ({where}); training "
-                                    f"stopped, the last good checkpoint is {saved}. Lower TrainConfig.lr, "
-                                    "set grad_clip, or use precision='fp32'.")
-            self.scaler.scale(loss / len(group)).backward()
+            # DDP all-reduces gradients only after the step's last batch (forward and backward inside no_sync)
+            last = k == len(group) - 1 or self._ddp is None
+            with nullcontext() if last else self._ddp.no_sync():
+                loss, value = self._step_loss(batch, where)
+                if not math.isfinite(value):
+                    saved = self._last_checkpoint or "none (set TrainConfig.out_dir to keep checkpoints)"
+                    raise TrainingError(f"non-finite loss ({value}) at step {pos.step + 1} ({where}); training "
+                                        f"stopped, the last good checkpoint is {saved}. Lower TrainConfig.lr, "
+                                        "set grad_clip, or use precision='fp32'.")
+                self.scaler.scale(loss / len(group)).backward()
             loss_sum += value
             counts["samples"] += batch["input_ids"].size(0)
             counts["tokens"] += int(batch["attention_mask"].sum())
