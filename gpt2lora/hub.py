@@ -155,10 +155,12 @@ def check_state(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], sou
 
 
 def expected_state(model: nn.Module) -> dict[str, Tensor]:
-    """The model's tensors by name, without the LM head when it is tied to ``wte``."""
+    """The model's tensors by name, without the LM head when it is (still) tied to ``wte``."""
     state = model.state_dict(keep_vars=True)
     config = getattr(model, "config", None)
-    if config is not None and config.tie_word_embeddings:
+    head, wte = state.get("lm_head.weight"), state.get("transformer.wte.weight")
+    # a merged LoRA on the head unties it: then the head is a tensor of its own and is kept
+    if config is not None and config.tie_word_embeddings and (head is None or head is wte):
         state.pop("lm_head.weight", None)
     return state
 
@@ -199,7 +201,7 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
 
 def exportable_state(model: nn.Module) -> dict[str, Tensor]:
     """The model's weights as a plain checkpoint holds them: no LoRA tensors, tied head dropped."""
-    lora_modules = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
+    lora_modules = [name for name, m in model.named_modules() if hasattr(m, "adapter_params")]
     unmerged = [name for name in lora_modules if not getattr(model.get_submodule(name), "merged", False)]
     if unmerged:
         raise CheckpointError(f"LoRA is not merged in {', '.join(unmerged[:3])}"
@@ -223,7 +225,10 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_names({k: v.to("cpu") for k, v in exportable_state(model).items()})
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(model.hf_config(), indent=2) + "\n", encoding="utf-8")
+    hf_config = model.hf_config()
+    if "lm_head.weight" in tensors:  # untied (e.g. by merging a LoRA on the head): say so to transformers
+        hf_config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     source = getattr(model, "checkpoint_dir", None)
     for name in TOKENIZER_FILES:
         if source is not None and (Path(source) / name).is_file() and Path(source) != out:

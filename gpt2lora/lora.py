@@ -16,11 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LoRAConfig
+from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig
 from .errors import ConfigError
 
 #: Name of the classification head; LoRA never wraps or freezes it.
 HEAD_NAME = "score"
+
+
+def init_lora_A(rank: int, in_features: int, style: str, generator: torch.Generator | None = None) -> Tensor:
+    """A fresh (rank, in_features) ``lora_A``: within ±1/sqrt(in) for ``peft``, ±1/sqrt(rank) for ``from_scratch``.
+
+    Drawn on the CPU in fp32 so a (CPU) generator gives the same A on every device and dtype.
+    """
+    if style == "from_scratch":
+        a_t = torch.empty(in_features, rank)  # from-scratch code stores A as (in, rank)
+        nn.init.kaiming_uniform_(a_t, a=math.sqrt(5), generator=generator)  # bound 1/sqrt(rank)
+        return a_t.t()
+    a = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # bound 1/sqrt(in)
+    return a
 
 
 class LoRALinear(nn.Module):
@@ -75,15 +89,7 @@ class LoRALinear(nn.Module):
         """Initialise A as the style says and set B to zero (so the update starts at zero)."""
         if self.merged:
             raise ConfigError("reset_lora_parameters on a merged LoRALinear; call unmerge() first")
-        # Drawn on the CPU in fp32 so a (CPU) generator gives the same A on every device and dtype.
-        if self.style == "from_scratch":
-            a_t = torch.empty(self.in_features, self.rank)
-            nn.init.kaiming_uniform_(a_t, a=math.sqrt(5), generator=generator)  # bound 1/sqrt(rank)
-            a = a_t.t()
-        else:
-            a = torch.empty(self.rank, self.in_features)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # bound 1/sqrt(in)
-        self.lora_A.copy_(a)
+        self.lora_A.copy_(init_lora_A(self.rank, self.in_features, self.style, generator))
         self.lora_B.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,28 +135,218 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}, style={self.style}, merged={self.merged}")
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """Every :class:`LoRALinear` of ``model`` with its qualified name."""
+class TiedLoRALinear(LoRALinear):
+    """LoRA on an LM head that shares its weight with ``transformer.wte``.
+
+    Unmerged, the forward reads the shared weight and adds the LoRA update, so the input embeddings never
+    change. Merging unties the head: it gets a weight of its own (shared + update) and ``wte`` stays as it
+    was; unmerging ties it to the very same shared tensor again (exactly, no subtraction).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, style: str = "peft",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(base, rank, alpha, dropout, use_rslora, style, generator)
+        self._shared: tuple[nn.Parameter, ...] = ()  # a tuple, so the tied tensor is not registered twice
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        shared = self.weight
+        self._shared = (shared,)
+        merged = (shared.float() + self.delta_weight().to(shared.device)).to(shared.dtype)
+        self.weight = nn.Parameter(merged, requires_grad=False)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight = self._shared[0]
+        self._shared = ()
+        self.merged = False
+
+
+#: Parts of the fused ``c_attn`` output, in order, and the config target that names each.
+QKV_PARTS = {"attn.q": "q", "attn.k": "k", "attn.v": "v"}
+
+
+class QKVLoRALinear(nn.Module):
+    """The fused query/key/value layer ``c_attn`` with a separate LoRA pair on each chosen slice.
+
+    ``y = x W^T + b`` plus, on output slice ``q`` (``k``, ``v``), ``scaling * B_q A_q dropout(x)`` — exactly
+    the parametrisation of code with separate query, key and value layers, while the base keeps the fused
+    keys ``weight`` / ``bias``. Adapter tensors are ``lora_q_A`` (rank, in) and ``lora_q_B`` (out/3, rank),
+    likewise for k and v; scaling and initialisation follow ``style`` as in :class:`LoRALinear`.
+    """
+
+    PARTS = ("q", "k", "v")
+
+    def __init__(self, base: nn.Linear, parts: tuple[str, ...], rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, style: str = "peft",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"QKVLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if base.out_features % 3:
+            raise ConfigError(f"QKVLoRALinear wraps a fused query/key/value layer, whose out_features is "
+                              f"divisible by 3; got {base.out_features}")
+        unknown = [p for p in parts if p not in self.PARTS]
+        if unknown or not parts:
+            raise ConfigError(f"QKVLoRALinear parts: expected a non-empty subset of q, k, v, got {list(parts)}")
+        config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, style=style)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.width = base.out_features // 3
+        self.parts = tuple(p for p in self.PARTS if p in parts)
+        self.rank, self.alpha, self.style, self.use_rslora = rank, float(alpha), style, use_rslora
+        self.scaling = config.scaling
+        self.weight, self.bias = base.weight, base.bias
+        weight = base.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        for part in self.parts:
+            setattr(self, f"lora_{part}_A", nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype,
+                                                                     device=weight.device)))
+            setattr(self, f"lora_{part}_B", nn.Parameter(torch.zeros(self.width, rank, dtype=dtype,
+                                                                     device=weight.device)))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.merged = False
+        """Whether the three slices' updates are currently added into ``weight``."""
+        self.reset_lora_parameters(generator)
+
+    def adapter_params(self) -> tuple[str, ...]:
+        """Names of this module's own trainable tensors (``lora_q_A``, ``lora_q_B``, ...)."""
+        return tuple(f"lora_{part}_{m}" for part in self.parts for m in "AB")
+
+    def pair(self, part: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(A, B)`` of slice ``part``."""
+        return getattr(self, f"lora_{part}_A"), getattr(self, f"lora_{part}_B")
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every A as the style says and every B to zero."""
+        if self.merged:
+            raise ConfigError("reset_lora_parameters on a merged QKVLoRALinear; call unmerge() first")
+        for part in self.parts:
+            a, b = self.pair(part)
+            a.copy_(init_lora_A(self.rank, self.in_features, self.style, generator))
+            b.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        dtype = self.pair(self.parts[0])[0].dtype
+        updates = []
+        for part in self.PARTS:
+            if part not in self.parts:
+                updates.append(x.new_zeros((*x.shape[:-1], self.width), dtype=dtype))
+                continue
+            a, b = self.pair(part)
+            h = self.lora_dropout(x) if self.lora_dropout is not None else x  # own mask, as separate layers
+            updates.append(F.linear(F.linear(h.to(a.dtype), a), b) * self.scaling)
+        return out + torch.cat(updates, dim=-1).to(out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """The three slices' ``scaling * B @ A`` stacked in fp32, shaped like ``weight`` (out, in)."""
+        rows = []
+        for part in self.PARTS:
+            if part in self.parts:
+                a, b = self.pair(part)
+                rows.append((b.detach().float() @ a.detach().float()) * self.scaling)
+            else:
+                rows.append(torch.zeros(self.width, self.in_features, device=self.weight.device))
+        return torch.cat(rows, dim=0)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add every slice's update into ``weight``; a no-op when already merged."""
+        if self.merged:
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the updates again; a no-op when not merged."""
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, parts={','.join(self.parts)}, "
+                f"rank={self.rank}, scaling={self.scaling:g}, style={self.style}, merged={self.merged}")
+
+
+#: Module types that carry LoRA tensors.
+LoRALayer = LoRALinear | QKVLoRALinear
+LORA_LAYERS = (LoRALinear, QKVLoRALinear)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """Every LoRA layer (:class:`LoRALinear`, :class:`QKVLoRALinear`) of ``model`` with its qualified name."""
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_LAYERS):
             yield name, module
 
 
-def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Qualified names of the layers ``config`` selects (``transformer.h.{i}.<target>``)."""
+def head_module_name(model: nn.Module) -> str:
+    """The output head the ``lm_head`` target wraps: ``score`` on a classifier, else ``lm_head``."""
+    for name in (HEAD_NAME, "lm_head"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ConfigError(f"LoRA target 'lm_head': {type(model).__name__} has neither a score nor an lm_head module")
+
+
+def lora_layers(model: nn.Module, config: LoRAConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """``(qualified name, q/k/v parts)`` of every module ``config`` wraps; parts are empty but for c_attn
+    split into ``attn.q`` / ``attn.k`` / ``attn.v``."""
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ConfigError(f"apply_lora expects a gpt2lora model with transformer.h blocks, got "
                           f"{type(model).__name__}")
-    return [f"transformer.h.{i}.{target}" for i in config.blocks(len(blocks)) for target in config.targets]
+    split = [t for t in config.targets if t in QKV_TARGETS]
+    parts = tuple(QKV_PARTS[t] for t in split)
+    layers: list[tuple[str, tuple[str, ...]]] = []
+    for i in config.blocks(len(blocks)):
+        for target in config.targets:
+            if target in BLOCK_TARGETS:
+                layers.append((f"transformer.h.{i}.{target}", ()))
+            elif target == split[0]:  # one wrapper on c_attn, where the first of q/k/v is listed
+                layers.append((f"transformer.h.{i}.attn.c_attn", parts))
+    if HEAD_TARGET in config.targets:
+        layers.append((head_module_name(model), ()))
+    return layers
+
+
+def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Qualified names of the modules ``config`` wraps (``transformer.h.{i}.<target>``, ``lm_head``/``score``)."""
+    return [name for name, _ in lora_layers(model, config)]
+
+
+def _wrap(model: nn.Module, name: str, base: nn.Module, parts: tuple[str, ...], config: LoRAConfig,
+          generator: torch.Generator | None) -> nn.Module:
+    if not isinstance(base, nn.Linear):
+        raise ConfigError(f"apply_lora: {name} is a {type(base).__name__}, expected nn.Linear")
+    args = (config.rank, config.alpha, config.dropout, config.use_rslora, config.style)
+    if parts:
+        return QKVLoRALinear(base, parts, *args, generator=generator)
+    wte = getattr(getattr(model, "transformer", None), "wte", None)
+    if name == "lm_head" and wte is not None and base.weight is wte.weight:
+        return TiedLoRALinear(base, *args, generator=generator)
+    return LoRALinear(base, *args, generator=generator)
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) -> nn.Module:
-    """Wrap the layers ``config`` names with :class:`LoRALinear`, freeze the rest, return ``model``.
+    """Wrap the layers ``config`` names with LoRA layers, freeze the rest, return ``model``.
 
-    Trainable afterwards: every ``lora_A`` / ``lora_B``, the classification head ``score`` (when the
-    model has one; never wrapped) and the biases ``config.train_bias`` names (``all``: every
-    parameter named ``*.bias`` as in peft, ``lora_only``: biases of wrapped layers). ``seed`` makes
+    Block targets get a :class:`LoRALinear`; ``attn.q`` / ``attn.k`` / ``attn.v`` one
+    :class:`QKVLoRALinear` on ``c_attn``; ``lm_head`` a :class:`TiedLoRALinear` on a tied LM head (which
+    never changes ``wte``), a :class:`LoRALinear` on an untied head or on a classifier's ``score``.
+    Trainable afterwards: every adapter tensor, the classification head ``score`` unless LoRA wraps it
+    (target ``lm_head``: then its base is frozen) and the biases ``config.train_bias`` names (``all``:
+    every parameter named ``*.bias`` as in peft, ``lora_only``: biases of wrapped layers). ``seed`` makes
     the initialisation of A reproducible. The config is kept as ``model.lora_config``.
     """
     if not isinstance(config, LoRAConfig):
@@ -159,18 +355,19 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) ->
     if existing or getattr(model, "lora_config", None) is not None:
         where = existing[0] if existing else "model.lora_config"
         raise ConfigError(f"apply_lora: LoRA is already applied to this model ({where}); applying it twice "
-                          "would wrap LoRALinear layers again. Load a fresh model, or use load_adapter to "
+                          "would wrap LoRA layers again. Load a fresh model, or use load_adapter to "
                           "replace the adapter weights.")
-    names = target_names(model, config)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
+    layers = lora_layers(model, config)
+    for name, _ in layers:  # check everything before changing anything
+        base = model.get_submodule(name)
         if not isinstance(base, nn.Linear):
             raise ConfigError(f"apply_lora: {name} is a {type(base).__name__}, expected nn.Linear")
-        wrapped = LoRALinear(base, config.rank, config.alpha, config.dropout, config.use_rslora,
-                             config.style, generator=generator)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, parts in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        wrapped = _wrap(model, name, base, parts, config, generator)
         wrapped.train(base.training)  # a new module starts in training mode; keep the model's mode
         setattr(parent, child, wrapped)
     model.lora_config = config
@@ -179,25 +376,27 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) ->
 
 
 def set_lora_trainable(model: nn.Module, train_bias: str = "none") -> None:
-    """Freeze everything, then unfreeze adapter tensors, the ``score`` head and the chosen biases."""
+    """Freeze everything, then unfreeze adapter tensors, the ``score`` head (unless LoRA wraps it) and the
+    chosen biases."""
     for param in model.parameters():
         param.requires_grad_(False)
+    head = getattr(model, HEAD_NAME, None)
+    if isinstance(head, nn.Module) and not isinstance(head, LORA_LAYERS):
+        for param in head.parameters():
+            param.requires_grad_(True)
     for _, module in lora_modules(model):
-        for pname in module.adapter_params():
-            getattr(module, pname).requires_grad_(True)
         if train_bias == "lora_only" and module.bias is not None:
             module.bias.requires_grad_(True)
     if train_bias == "all":
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.requires_grad_(True)
-    head = getattr(model, HEAD_NAME, None)
-    if isinstance(head, nn.Module):
-        for param in head.parameters():
-            param.requires_grad_(True)
+    for _, module in lora_modules(model):
+        for pname in module.adapter_params():
+            getattr(module, pname).requires_grad_(True)
 
 
-def _require_lora(model: nn.Module, verb: str) -> list[LoRALinear]:
+def _require_lora(model: nn.Module, verb: str) -> list[LoRALayer]:
     modules = [m for _, m in lora_modules(model)]
     if not modules:
         raise ConfigError(f"{verb}: the model has no LoRA layers; call apply_lora (or load_adapter) first")
@@ -205,14 +404,17 @@ def _require_lora(model: nn.Module, verb: str) -> list[LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Add every LoRA update into its base weight (idempotent); the forward becomes the plain model's."""
+    """Add every LoRA update into its base weight (idempotent); the forward becomes the plain model's.
+
+    A LoRA on a tied LM head unties it: the head gets its own merged weight and ``wte`` is unchanged.
+    """
     for module in _require_lora(model, "merge_lora"):
         module.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take every LoRA update out of its base weight again (idempotent)."""
+    """Take every LoRA update out of its base weight again (idempotent); a tied head is tied again."""
     for module in _require_lora(model, "unmerge_lora"):
         module.unmerge()
     return model
