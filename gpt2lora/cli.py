@@ -276,9 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GPT2LoRAError as err:
         print(f"gpt2lora {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:
-        hint = " (continue with --resume)" if args.command == "train" else ""
-        print(f"gpt2lora {args.command}: interrupted{': ' + str(err) if str(err) else ''}{hint}", file=sys.stderr)
+    except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
+        hint = ("; continue with the same command plus --resume auto (with --run-name) or --resume RUN_FOLDER"
+                if args.command == "train" else "")
+        print(f"gpt2lora {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 
