@@ -117,6 +117,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--eval-every", type=positive_int, default=None,
                        help="evaluate every N optimizer steps (always at the end of each epoch)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each block's activations in backward: less memory, ~1 more forward per step")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the training forward (off by default: it rarely pays back its compile "
+                            "time on a CPU)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_task: str | None = None,

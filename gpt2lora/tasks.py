@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, report
+from . import __version__, distributed, report
 from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches, collate
 from .config import GPT2Config, LoRAConfig, TrainConfig
@@ -240,7 +240,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
                        grad_clip=args.grad_clip, optimizer=args.optimizer, weight_decay=args.weight_decay,
                        precision=args.precision, device=args.device, eval_every_steps=args.eval_every,
-                       seed=args.seed, progress=not args.quiet, schedule=getattr(args, "schedule", "cosine"))
+                       seed=args.seed, progress=not args.quiet,
+                       gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                       compile=getattr(args, "compile", False), schedule=getattr(args, "schedule", "cosine"))
 
 
 def resume_target(args: argparse.Namespace) -> tuple[Path, Path] | None:
@@ -270,10 +272,13 @@ def resume_target(args: argparse.Namespace) -> tuple[Path, Path] | None:
 
 def run_folder(args: argparse.Namespace, task: str, method: str) -> Path:
     name = args.run_name or f"{Path(task).name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    distributed.setup(resolve_device(args.device).type)
+    name = distributed.broadcast_text(name)  # under torchrun: rank 0's time stamp, one folder for all ranks
     folder = Path(args.out) / name
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"run folder {folder} exists and is not empty; choose another --run-name or --out")
-    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -288,6 +293,7 @@ def method_label(method: str, lora: LoRAConfig | None, last_n: int | None) -> st
 
 def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str, Any]:
     """Train one configuration and write its run folder; returns the result row (with ``run_dir``)."""
+    distributed.setup(resolve_device(args.device).type)  # joins torchrun's group; no-op in a single process
     torch.manual_seed(args.seed)
     resume = resume_target(args) if folder is None else None  # checked first: a bad path fails before any download
     task = task_name(args)
@@ -302,7 +308,8 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
     num_labels = train_set.num_labels
     if num_labels is not None and eval_set.num_labels and eval_set.num_labels > num_labels:
         num_labels = eval_set.num_labels
-    checkpoint = base_checkpoint(args)
+    with distributed.main_first():  # the --smoke checkpoint is written once, by rank 0
+        checkpoint = base_checkpoint(args)
     tok = load_tokenizer(checkpoint)
     model = load_base(checkpoint, kind, num_labels, seed=args.seed)
     max_length = min(limits["max_length"], model.config.n_positions)
@@ -341,6 +348,8 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
         "last_n_blocks": args.last_n_blocks, "run_dir": str(folder),
     }
 
+    if not distributed.is_main_process():
+        return row  # under torchrun only rank 0 writes the run folder
     save_adapter(model, folder / "adapter")
     write_history(folder / "history.jsonl", history)
     if "responses" in metrics:
@@ -399,8 +408,9 @@ def write_generations(path: Path, generations: list[dict[str, str]]) -> None:
 
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
     row = train_run(args)
-    print(report.markdown_table([row]))
-    print(f"run folder: {row['run_dir']}")
+    if distributed.is_main_process():
+        print(report.markdown_table([row]))
+        print(f"run folder: {row['run_dir']}")
     return row
 
 
