@@ -127,6 +127,10 @@ TASKS: dict[str, TaskPreset] = {p.name: p for p in [
                                                                       "validation": "validation_matched"}))),
     TaskPreset("snli", "nli", _NLI, local="snli", description="Stanford NLI",
                hub=HubSource("stanfordnlp/snli", _parquet_files("plain_text/", _TVT))),
+    # The CS 7643 report cites presencesw/all_nli_med_v1; the repository's data/ files are named as below.
+    # Its columns are assumed to be premise / hypothesis / label (map others with --column FIELD=COLUMN).
+    TaskPreset("medical_nli", "nli", _NLI, description="Medical-domain NLI (all_nli_med, ~100K pairs)",
+               hub=HubSource("presencesw/all_nli_med", _parquet_files("data/", _TVT))),
     TaskPreset("alpaca", "instruction", local="alpaca_2k", description="Stanford Alpaca instructions",
                hub=HubSource("tatsu-lab/alpaca",
                              {"train": "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet"})),
