@@ -1,0 +1,260 @@
+"""Crash-safe training: SIGKILL mid-epoch and mid-checkpoint-write, Ctrl-C, then resume to the same losses.
+
+The runs happen in subprocesses (``tests/crash_worker.py``) that really die; the uninterrupted reference
+run happens in this process with the same model, data and config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import crash_worker as worker
+import pytest
+import torch
+from conftest import DATA, REPO, VOCAB, require_shared
+from safetensors.torch import load_file
+
+from gpt2lora import TrainingError
+from gpt2lora.config import TrainConfig
+from gpt2lora.train import STATE_NAME, Trainer, find_checkpoint
+
+WORKER = Path(worker.__file__)
+TOTAL_STEPS = worker.EPOCHS * math.ceil(worker.N_ROWS / worker.BATCH_SIZE)
+
+
+def run_worker(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(WORKER), *args], check=False, capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    """Losses of the uninterrupted run (in this process, one thread like the workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = Trainer(worker.build_model(), worker.build_config(None)).fit(worker.build_data())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(history.losses) == TOTAL_STEPS
+    return history.losses
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in out.iterdir()
+                  if p.name.startswith("checkpoint-") and not p.name.startswith("."))
+
+
+def assert_loads(folder: Path) -> None:
+    """A finished checkpoint: JSON state for its step, and every trainable tensor readable with its shape."""
+    state = json.loads((folder / STATE_NAME).read_text())
+    assert state["step"] == int(folder.name.split("-")[1])
+    weights = load_file(str(folder / "trainable.safetensors"))
+    expected = {n: p.shape for n, p in worker.build_model().named_parameters() if p.requires_grad}
+    assert {n: t.shape for n, t in weights.items()} == expected
+    load_file(str(folder / "optimizer.safetensors"))
+
+
+def resume_in_process(resume_from: Path, out: Path) -> list[float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = worker.build_config(str(out))
+        config = TrainConfig(**{**config.__dict__, "resume_from": str(resume_from)})
+        model = worker.build_model(lora_seed=123)  # another LoRA init: the checkpoint must overwrite it
+        return Trainer(model, config).fit(worker.build_data()).losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_worker("trainer", str(out), "--kill-at-step", "7")  # mid-epoch 0 (9 steps per epoch)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(out) == list(range(1, 7))
+    assert find_checkpoint(out).name == "checkpoint-0000006"
+    for step in checkpoint_steps(out):
+        assert_loads(out / f"checkpoint-{step:07d}")
+
+    resumed = run_worker("trainer", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "losses.json").read_text()) == reference  # bit for bit
+    assert checkpoint_steps(out) == list(range(1, TOTAL_STEPS + 1))
+    steps = [json.loads(x)["step"] for x in (out / "history.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "step"]
+    assert steps == list(range(1, TOTAL_STEPS + 1))  # the log has every step once
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_latest(reference, tmp_path):
+    out = tmp_path / "run"
+    # 2 safetensors files per checkpoint: call 9 is the weights file of the checkpoint of step 5
+    killed = run_worker("trainer", str(out), "--kill-in-save", "9")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    temps = [p for p in out.iterdir() if p.name.startswith(".checkpoint-0000005.tmp-")]
+    assert len(temps) == 1 and (temps[0] / "trainable.safetensors").is_file()  # really died mid-write
+    with pytest.raises(Exception):  # noqa: B017 - the half file is corrupt, which is the point
+        load_file(str(temps[0] / "trainable.safetensors"))
+    assert checkpoint_steps(out) == [1, 2, 3, 4]
+    assert find_checkpoint(out).name == "checkpoint-0000004"
+    for step in checkpoint_steps(out):
+        assert_loads(out / f"checkpoint-{step:07d}")
+
+    resumed = run_worker("trainer", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "losses.json").read_text()) == reference
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the dead writer's temp folder is gone
+
+
+def test_every_finished_checkpoint_resumes_exactly(reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_worker("trainer", str(out), "--kill-at-step", "12")  # epoch 1, after 2 epoch-0 checkpoints
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    for step in (1, 9, 10, 11):  # first, epoch end, first of epoch 1, latest
+        losses = resume_in_process(out / f"checkpoint-{step:07d}", tmp_path / f"from-{step}")
+        assert losses == reference, step
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+    out = tmp_path / "run"
+    interrupted = run_worker("trainer", str(out), "--sigint-at-step", "5")
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    assert f"training interrupted after step 5; saved checkpoint {out / 'checkpoint-0000005'}" in interrupted.stderr
+    assert find_checkpoint(out).name == "checkpoint-0000005"  # the step that was running finished first
+    resumed = run_worker("trainer", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "losses.json").read_text()) == reference
+
+
+def test_ctrl_c_without_out_dir_still_stops_and_restores_the_handler():
+    data = worker.build_data()
+    trainer = Trainer(worker.build_model(), worker.build_config(None))
+    original = trainer._train_step
+    calls = []
+
+    def step(group, counts):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(group, counts)
+
+    trainer._train_step = step
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="interrupted after step 3; saved no checkpoint"):
+        trainer.fit(data)
+    assert len(trainer.history.steps) == 3
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    model = worker.build_model()
+    calls = []
+
+    def poison(grad):
+        calls.append(1)
+        return grad * math.nan if len(calls) == 4 else grad  # one call per step (batch size 1 group)
+
+    model.score.weight.register_hook(poison)
+    with pytest.raises(TrainingError, match=r"non-finite gradients \(norm nan\) at step 4; .*checkpoint-0000003"):
+        Trainer(model, worker.build_config(str(out))).fit(worker.build_data())
+    assert checkpoint_steps(out) == [1, 2, 3]
+    assert_loads(out / "checkpoint-0000003")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    model = worker.build_model()
+    calls = []
+    forward = model.forward
+
+    def nan_on_third_step(*args, **kwargs):
+        calls.append(1)
+        logits = forward(*args, **kwargs)
+        return logits * math.nan if len(calls) == 3 else logits
+
+    model.forward = nan_on_third_step
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 3 .*checkpoint-0000002"):
+        Trainer(model, worker.build_config(str(out))).fit(worker.build_data())
+    assert find_checkpoint(out).name == "checkpoint-0000002"
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_inf_gradient_norm_is_skipped_with_or_without_clipping(grad_clip):
+    model = worker.build_model()
+    calls = []
+
+    def inf_on_second(grad):
+        calls.append(1)
+        return grad * math.inf if len(calls) == 2 else grad
+
+    model.score.weight.register_hook(inf_on_second)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(**{**worker.build_config(None).__dict__, "grad_clip": grad_clip, "max_steps": 3})
+    trainer = Trainer(model, config)
+    snapshot = {}
+    original = trainer._train_step
+
+    def step(group, counts):
+        if len(trainer.history.steps) == 1:
+            snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        record = original(group, counts)
+        if len(trainer.history.steps) == 2:  # the skipped step changed nothing and left no NaN behind
+            for name, p in model.named_parameters():
+                assert torch.equal(p, snapshot[name]), name
+        return record
+
+    trainer._train_step = step
+    history = trainer.fit(worker.build_data())
+    assert [s["skipped"] for s in history.steps] == [False, True, False]
+    assert history.steps[1]["grad_norm"] == math.inf
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def cli_smoke(out: Path, *extra: str) -> list[str]:
+    return ["train", "--task", "sst2", "--smoke", "--data-root", str(require_shared(DATA)), "--vocab",
+            str(require_shared(VOCAB)), "--out", str(out), "--quiet", "--train-rows", "40", "--eval-rows", "8",
+            "--batch-size", "8", "--epochs", "2", "--save-every", "2", *extra]
+
+
+def run_losses(folder: Path) -> list[float]:
+    lines = [json.loads(x) for x in (folder / "history.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["type"] == "step"]
+
+
+@pytest.mark.slow
+def test_cli_run_killed_then_interrupted_resumes_to_the_same_losses(tmp_path):
+    out = tmp_path / "runs"
+    clean = run_worker("cli", "--", *cli_smoke(out, "--run-name", "clean"))
+    assert clean.returncode == 0, clean.stderr
+    reference = run_losses(out / "clean")
+    assert len(reference) == 10  # 5 batches per epoch, 2 epochs
+
+    killed = run_worker("cli", "--kill-at-step", "4", "--", *cli_smoke(out, "--run-name", "crash"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(out / "crash" / "checkpoints") == [2]
+    assert not (out / "crash" / "adapter").exists()
+
+    resume = cli_smoke(out, "--run-name", "crash", "--resume", "auto")
+    interrupted = run_worker("cli", "--sigint-at-step", "3", "--", *resume)  # 3rd step of this process = step 5
+    assert interrupted.returncode == 130, interrupted.stderr
+    lines = interrupted.stderr.strip().splitlines()
+    assert lines[-2] == ("training interrupted after step 5; saved checkpoint "
+                         f"{out / 'crash' / 'checkpoints' / 'checkpoint-0000005'}")
+    assert lines[-1].startswith("gpt2lora train: interrupted; continue with the same command plus --resume")
+    assert "Traceback" not in interrupted.stderr
+    assert find_checkpoint(out / "crash" / "checkpoints").name == "checkpoint-0000005"
+
+    finished = run_worker("cli", "--", *cli_smoke(out, "--resume", str(out / "crash")))
+    assert finished.returncode == 0, finished.stderr
+    assert run_losses(out / "crash") == reference
+    shutil.rmtree(out)
