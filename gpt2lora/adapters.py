@@ -10,6 +10,15 @@ A LoRA model is saved exactly as peft saves LoRA on transformers' GPT-2, so
 * the classification head (``modules_to_save: ["score"]``) as ``base_model.model.score.weight``
   (older peft wrote ``...score.modules_to_save.weight``; both are read).
 
+LoRA on the output head (target ``lm_head``) of a language model is saved as peft's ``lm_head`` target.
+What peft cannot express on GPT-2 — split ``attn.q`` / ``attn.k`` / ``attn.v`` pairs on the fused
+``c_attn``, LoRA on a classifier's ``score`` (peft saves that head in full), a head LoRA with
+``last_n_blocks`` — is written in gpt2lora's own format (``{"format": "gpt2lora", "method": "lora",
+"lora": {...LoRAConfig fields}}``, tensors under gpt2lora's names), with a one-line warning saying so.
+
+A soft prompt (method ``prompt``) is saved in peft's ``PROMPT_TUNING`` layout: ``prompt_embeddings``
+(num_virtual_tokens, n_embd) and, for a classifier, ``base_model.score.weight``.
+
 ``style="from_scratch"`` (scaling = alpha, not alpha / rank) has no peft field, so it is written as
 ``lora_alpha = alpha * rank`` — peft then computes the same scaling — and the style itself goes into
 the safetensors metadata (``gpt2lora_style``, ``gpt2lora_alpha``), which peft ignores and gpt2lora
@@ -22,10 +31,12 @@ trainable tensors under gpt2lora's own names, with ``{"format": "gpt2lora", "met
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +45,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import BLOCK_TARGETS, LoRAConfig
+from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from .hub import PICKLE_SUFFIXES, check_state, read_safetensors
-from .lora import HEAD_NAME, LoRALinear, apply_lora, lora_modules, set_lora_trainable
+from .lora import (
+    HEAD_NAME,
+    LORA_LAYERS,
+    apply_lora,
+    lora_layers,
+    lora_modules,
+    set_lora_trainable,
+    target_names,
+)
 from .methods import METHODS, prepare_model, trainable_names
+from .prompt import PromptConfig, get_prompt
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,6 +105,69 @@ def _adapter_layout(model: nn.Module, config: LoRAConfig, layers: list[str], wit
     return layout
 
 
+def peft_unsupported(model: nn.Module, config: LoRAConfig) -> str | None:
+    """Why peft cannot hold this LoRA on the matching transformers model, or None when it can."""
+    split = [t for t in config.targets if t in QKV_TARGETS]
+    if split:
+        return (f"targets {', '.join(split)} put separate LoRA pairs on slices of the fused c_attn, which peft "
+                "cannot express")
+    if HEAD_TARGET in config.targets and _task_type(model) == "SEQ_CLS":
+        return "target lm_head on a classifier puts LoRA on score, which peft saves in full instead"
+    if HEAD_TARGET in config.targets and config.last_n_blocks is not None:
+        return "peft's layers_to_transform (last_n_blocks) would drop the LoRA on lm_head"
+    return None
+
+
+def own_lora_layout(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """gpt2lora parameter name -> shape of every tensor a LoRA adapter in gpt2lora's own format holds."""
+    layout: dict[str, tuple[int, ...]] = {}
+    layers = lora_layers(model, config)
+    for name, parts in layers:
+        module = model.get_submodule(name)
+        for part in parts:
+            layout[f"{name}.lora_{part}_A"] = (config.rank, module.in_features)
+            layout[f"{name}.lora_{part}_B"] = (module.out_features // 3, config.rank)
+        if not parts:
+            layout[f"{name}.lora_A"] = (config.rank, module.in_features)
+            layout[f"{name}.lora_B"] = (module.out_features, config.rank)
+    names = [name for name, _ in layers]
+    params = dict(model.named_parameters())
+    for owner in _bias_owners(model, names, config.train_bias):
+        if f"{owner}.bias" in params:
+            layout[f"{owner}.bias"] = tuple(params[f"{owner}.bias"].shape)
+    if _task_type(model) == "SEQ_CLS" and HEAD_NAME not in names:
+        layout[f"{HEAD_NAME}.weight"] = tuple(model.get_submodule(HEAD_NAME).weight.shape)
+    return layout
+
+
+def own_lora_config(model: nn.Module, config: LoRAConfig, tensors: list[str]) -> dict[str, Any]:
+    """``adapter_config.json`` of a LoRA in gpt2lora's own format (no ``peft_type``)."""
+    return {"format": "gpt2lora", "method": "lora", "task_type": _task_type(model),
+            "base_model_name_or_path": getattr(model, "name_or_path", None),
+            "lora": {**dataclasses.asdict(config), "targets": list(config.targets)}, "tensors": sorted(tensors)}
+
+
+def prompt_files(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and ``adapter_config.json`` of a soft prompt in peft's ``PROMPT_TUNING`` layout."""
+    prompt = get_prompt(model)
+    assert prompt is not None
+    task = _task_type(model)
+    tensors = {"prompt_embeddings": prompt.weight}
+    if task == "SEQ_CLS":
+        for name, param in model.get_submodule(HEAD_NAME).named_parameters():
+            tensors[f"base_model.{HEAD_NAME}.{name}"] = param
+    shape = model.transformer.config
+    config = {"peft_type": "PROMPT_TUNING", "task_type": task,
+              "base_model_name_or_path": getattr(model, "name_or_path", None), "revision": None,
+              "inference_mode": True, "num_virtual_tokens": prompt.num_virtual_tokens,
+              "token_dim": shape.n_embd, "num_transformer_submodules": 1,
+              "num_attention_heads": shape.n_head, "num_layers": shape.n_layer,
+              "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+              "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
+              "modules_to_save": list(HEAD_MODULES) if task == "SEQ_CLS" else None}
+    return tensors, config
+
+
 # --- saving ------------------------------------------------------------------------------------------
 
 def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
@@ -116,11 +199,26 @@ def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write the adapter (LoRA, peft layout) or the trained tensors (other methods) to ``folder``."""
+    """Write the adapter (LoRA or soft prompt, peft layout) or the trained tensors (other methods) to ``folder``.
+
+    A LoRA peft cannot express (see :func:`peft_unsupported`) goes into gpt2lora's own format, with a warning.
+    """
     out = Path(folder)
     config = getattr(model, "lora_config", None)
-    if config is not None:
-        layers = [name for name, _ in lora_modules(model)]
+    reason = peft_unsupported(model, config) if config is not None else None
+    if get_prompt(model) is not None:
+        tensors, json_config = prompt_files(model)
+        meta = {"format": "pt"}
+    elif config is not None and reason is not None:
+        layout = own_lora_layout(model, config)
+        params = dict(model.named_parameters())
+        tensors = {name: params[name] for name in layout}
+        meta = {"format": "pt"}
+        json_config = own_lora_config(model, config, list(tensors))
+        warnings.warn(f"save_adapter: {reason}; wrote gpt2lora's own adapter format to {out} (load_adapter "
+                      "reads it, peft does not)", stacklevel=2)
+    elif config is not None:
+        layers = target_names(model, config)
         layout = _adapter_layout(model, config, layers, with_head=_task_type(model) == "SEQ_CLS")
         params = dict(model.named_parameters())
         tensors = {key: params[name] for key, (name, _) in layout.items()}
@@ -201,14 +299,19 @@ def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple
         except re.error as err:
             raise CheckpointError(f"{source}: target_modules {targets_field!r} is not a valid regex: {err}") from None
         chosen = {(i, t) for i, t in _layer_names(n_layer) if pattern.fullmatch(f"transformer.h.{i}.{t}")}
+        head = bool(pattern.fullmatch(HEAD_TARGET))
     else:
         chosen = set()
+        head = HEAD_TARGET in targets_field
         for entry in targets_field:
+            if entry == HEAD_TARGET:
+                continue
             hits = {(i, t) for i, t in _layer_names(n_layer)
                     if t == entry or f"transformer.h.{i}.{t}".endswith("." + str(entry))}
             if not hits:
                 raise CheckpointError(f"{source}: target_modules entry {entry!r} names no layer gpt2lora can "
-                                      f"wrap (it wraps {', '.join(BLOCK_TARGETS)} inside transformer.h blocks)")
+                                      f"wrap (it wraps {', '.join(BLOCK_TARGETS)} inside transformer.h blocks, "
+                                      f"and {HEAD_TARGET})")
             chosen |= hits
     layers_field = _field(config, "layers_to_transform", source, (list, int))
     if layers_field is not None:
@@ -221,14 +324,20 @@ def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple
         if pattern_field not in (None, "h", ["h"]):
             raise CheckpointError(f"{source}: layers_pattern {pattern_field!r} is not GPT-2's; expected 'h'")
         chosen = {(i, t) for i, t in chosen if i in wanted}
-    if not chosen:
+        head = False  # peft matches layers_to_transform against block indices, so it skips lm_head
+    if not chosen and not head:
         raise CheckpointError(f"{source}: target_modules / layers_to_transform select no layer of this model")
+    if not chosen:
+        return (HEAD_TARGET,), None
     blocks = sorted({i for i, _ in chosen})
     targets = tuple(t for t in BLOCK_TARGETS if any(c == t for _, c in chosen))
     if chosen != {(i, t) for i in blocks for t in targets} or blocks != list(range(n_layer - len(blocks), n_layer)):
         raise CheckpointError(f"{source}: the adapter wraps blocks {blocks} with targets {list(targets)} in a "
                               "pattern gpt2lora cannot express; it applies the same targets to the last N blocks")
-    return targets, (len(blocks) if len(blocks) < n_layer else None)
+    if head and len(blocks) < n_layer:
+        raise CheckpointError(f"{source}: the adapter wraps lm_head and only blocks {blocks}; gpt2lora's "
+                              "last_n_blocks cannot hold a head LoRA in peft's layout")
+    return targets + ((HEAD_TARGET,) if head else ()), (len(blocks) if len(blocks) < n_layer else None)
 
 
 def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], source: Path,
@@ -279,10 +388,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     peft_type = config.get("peft_type")
     if peft_type == "LORA":
         return _load_lora(model, config, tensors, metadata, path)
+    if peft_type == "PROMPT_TUNING":
+        return _load_prompt(model, config, tensors, path)
+    if peft_type is None and config.get("format") == "gpt2lora" and config.get("method") == "lora":
+        return _load_own_lora(model, config, tensors, path)
     if peft_type is None and config.get("format") == "gpt2lora":
         return _load_trained(model, config, tensors, path)
-    raise CheckpointError(f"{source}: unknown peft_type {peft_type!r}; gpt2lora loads 'LORA' adapters and its "
-                          "own format (no peft_type, \"format\": \"gpt2lora\")")
+    raise CheckpointError(f"{source}: unknown peft_type {peft_type!r}; gpt2lora loads 'LORA' and "
+                          "'PROMPT_TUNING' adapters and its own format (no peft_type, \"format\": \"gpt2lora\")")
 
 
 def _check_task(model: nn.Module, task: Any, source: Path) -> None:
@@ -309,7 +422,10 @@ def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor]
     current = getattr(model, "lora_config", None)
     if current is not None:
         _check_same_layout(model, current, config, source)
-    layers = [f"transformer.h.{i}.{t}" for i in config.blocks(n_layer) for t in config.targets]
+    if HEAD_TARGET in config.targets and _task_type(model) == "SEQ_CLS":
+        raise CheckpointError(f"{source}: target_modules names lm_head, which a classifier does not have")
+    _check_no_prompt(model, source)
+    layers = target_names(model, config)
     layout = _adapter_layout(model, config, layers, with_head)
     alias = f"{PREFIX}{HEAD_NAME}.modules_to_save.weight"  # how older peft versions named the head
     if alias in tensors and f"{PREFIX}{HEAD_NAME}.weight" not in tensors:
@@ -344,7 +460,7 @@ def _check_same_layout(model: nn.Module, current: LoRAConfig, wanted: LoRAConfig
 
 def _load_trained(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:
     source = folder / CONFIG_NAME
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if any(isinstance(m, LORA_LAYERS) for m in model.modules()):
         raise CheckpointError(f"{source} holds tensors of method {raw.get('method')!r} (no LoRA) but the model "
                               "has LoRA layers; load it onto a model without adapters")
     _check_task(model, raw.get("task_type"), source)
@@ -372,4 +488,88 @@ def _load_trained(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tens
         model.training_method, model.training_last_n = "custom", None
     else:
         prepare_model(model, method, last_n=last_n)
+    return model
+
+
+def _check_no_prompt(model: nn.Module, source: Path) -> None:
+    if get_prompt(model) is not None:
+        raise CheckpointError(f"cannot load the LoRA adapter {source} into a model with a soft prompt "
+                              "(transformer.prompt); load it onto a fresh model")
+
+
+def _own_lora_config(raw: dict[str, Any], source: Path) -> LoRAConfig:
+    fields = raw.get("lora")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{source}: field 'lora' must be an object of LoRAConfig fields, got {fields!r}")
+    known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: field 'lora' has unknown keys {unknown}; expected some of {sorted(known)}")
+    values = dict(fields)
+    if isinstance(values.get("targets"), list):
+        values["targets"] = tuple(values["targets"])
+    try:
+        return LoRAConfig(**values)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: field 'lora': {err}") from None
+
+
+def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:
+    """A LoRA in gpt2lora's own format (split q/k/v, head LoRA peft cannot hold)."""
+    source = folder / CONFIG_NAME
+    config = _own_lora_config(raw, source)
+    _check_task(model, raw.get("task_type"), source)
+    _check_no_prompt(model, source)
+    current = getattr(model, "lora_config", None)
+    if current is not None:
+        _check_same_layout(model, current, config, source)
+    try:
+        layout = own_lora_layout(model, config)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    expected = {name: torch.empty(shape, device="meta") for name, shape in layout.items()}
+    check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
+    if current is None:
+        apply_lora(model, config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in layout:
+            params[name].copy_(tensors[name].to(params[name].dtype))
+    set_lora_trainable(model, model.lora_config.train_bias)
+    return model
+
+
+def _load_prompt(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:
+    """A peft ``PROMPT_TUNING`` adapter (written by peft or gpt2lora)."""
+    source = folder / CONFIG_NAME
+    _check_task(model, raw.get("task_type"), source)
+    width = model.transformer.config.n_embd
+    n = _field(raw, "num_virtual_tokens", source, (int,), required=True)
+    token_dim = _field(raw, "token_dim", source, (int,), default=width)
+    if token_dim != width:
+        raise CheckpointError(f"{source}: token_dim is {token_dim}, but the model's n_embd is {width}")
+    if _field(raw, "num_transformer_submodules", source, (int,), default=1) != 1:
+        raise CheckpointError(f"{source}: num_transformer_submodules must be 1 for GPT-2 (a decoder only), got "
+                              f"{raw['num_transformer_submodules']!r}")
+    if any(True for _ in lora_modules(model)):
+        raise CheckpointError(f"cannot load the prompt adapter {source} into a model with LoRA layers; load it "
+                              "onto a fresh model")
+    current = get_prompt(model)
+    if current is not None and current.num_virtual_tokens != n:
+        raise CheckpointError(f"{source}: the adapter has {n} virtual tokens but the model's soft prompt has "
+                              f"{current.num_virtual_tokens}; load it onto a fresh model")
+    layout = {"prompt_embeddings": ("transformer.prompt.weight", (n, width))}
+    if _task_type(model) == "SEQ_CLS":
+        for name, param in model.get_submodule(HEAD_NAME).named_parameters():
+            layout[f"base_model.{HEAD_NAME}.{name}"] = (f"{HEAD_NAME}.{name}", tuple(param.shape))
+    expected = {key: torch.empty(shape, device="meta") for key, (_, shape) in layout.items()}
+    check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
+    try:
+        prepare_model(model, "prompt", prompt=PromptConfig(num_virtual_tokens=n) if current is None else None)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, (name, _) in layout.items():
+            params[name].copy_(tensors[key].to(params[name].dtype))
     return model

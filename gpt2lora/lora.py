@@ -93,10 +93,17 @@ class LoRALinear(nn.Module):
         self.lora_B.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return out
+            return F.linear(x, self.weight, self.bias)
         h = self.lora_dropout(x) if self.lora_dropout is not None else x
+        if x.dtype == self.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            # Scale the small (tokens, rank) product, then let BLAS accumulate B's product straight into
+            # the base output (beta=1): no full-size update tensor, multiply or add. In-place is safe:
+            # the base linear's backward keeps its inputs, not its output.
+            out = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            down = F.linear(h.reshape(-1, self.in_features), self.lora_A) * self.scaling
+            return out.addmm_(down, self.lora_B.t()).view(*x.shape[:-1], self.out_features)
+        out = F.linear(x, self.weight, self.bias)
         if h.dtype != self.lora_A.dtype:
             h = h.to(self.lora_A.dtype)  # under autocast F.linear casts again to the autocast dtype
         update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
@@ -313,7 +320,7 @@ def lora_layers(model: nn.Module, config: LoRAConfig) -> list[tuple[str, tuple[s
         for target in config.targets:
             if target in BLOCK_TARGETS:
                 layers.append((f"transformer.h.{i}.{target}", ()))
-            elif target == split[0]:  # one wrapper on c_attn, where the first of q/k/v is listed
+            elif split and target == split[0]:  # one wrapper on c_attn, where the first of q/k/v is listed
                 layers.append((f"transformer.h.{i}.attn.c_attn", parts))
     if HEAD_TARGET in config.targets:
         layers.append((head_module_name(model), ()))

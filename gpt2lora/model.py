@@ -137,6 +137,8 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.prompt: nn.Module | None = None
+        """Soft prompt of method ``prompt`` (see :mod:`gpt2lora.prompt`), prepended to every row."""
         self.gradient_checkpointing = False
         """Recompute block activations in backward (training with grad enabled only, never with a cache)."""
 
@@ -146,12 +148,21 @@ class Transformer(nn.Module):
         """Hidden states (B, T, n_embd) after ``ln_f``.
 
         ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0; with a cache it covers
-        the cached positions too (S = cached + T). ``inputs_embeds`` replaces the token lookup.
+        the cached positions too (S = cached + T). ``inputs_embeds`` replaces the token lookup. With a
+        soft prompt its vectors go in front of the tokens and are dropped from the output again.
         """
         past = kv_cache.length if kv_cache is not None else 0
         if inputs_embeds is None:
             self._check_input_ids(input_ids)
             inputs_embeds = self.wte(input_ids)
+        n_prompt = 0
+        if self.prompt is not None:
+            if kv_cache is not None:
+                raise ConfigError("a model with a soft prompt (method 'prompt') cannot run with a KV cache, "
+                                  "so it cannot generate yet; score text with a plain forward instead")
+            n_prompt = self.prompt.num_virtual_tokens
+            inputs_embeds, attention_mask, position_ids = self.prompt.prepend(
+                inputs_embeds, attention_mask, position_ids)
         B, T, _ = inputs_embeds.shape
         if past + T > self.config.n_positions:
             raise ConfigError(
@@ -185,7 +196,7 @@ class Transformer(nn.Module):
                 x = block(x, mask, is_causal, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.ln_f(x)
+        return self.ln_f(x[:, n_prompt:])
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if input_ids.dim() != 2:

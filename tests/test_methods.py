@@ -36,7 +36,7 @@ def trainable(model: torch.nn.Module) -> set[str]:
 
 
 def test_methods_list() -> None:
-    assert METHODS == ("lora", "full", "last_n_full", "embeddings", "head")
+    assert METHODS == ("lora", "full", "last_n_full", "embeddings", "head", "prompt")
 
 
 @pytest.mark.parametrize("method, last_n, expected", [
