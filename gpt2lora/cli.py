@@ -191,6 +191,44 @@ def example_main(description: str, tasks: Sequence[str], default_task: str,
     return 0
 
 
+def add_recipe_parsers(sub: argparse._SubParsersAction, train: argparse.ArgumentParser) -> None:
+    """``train --config``, ``reproduce`` (the published experiments) and ``judge`` (LLM-judge scores)."""
+    train.add_argument("--config", default=None, metavar="FILE.toml",
+                       help="run the experiments of a recipe file (the format of 'gpt2lora reproduce'); the run "
+                            "settings come from the file, --smoke/--device/--data-root/--source/--out/--run-name apply")
+
+    reproduce = sub.add_parser("reproduce", help="run a published experiment's recipe and compare with its figures")
+    reproduce.add_argument("name", nargs="?", help="recipe name (see --list) or a recipe .toml file")
+    reproduce.add_argument("--list", action="store_true", help="list the shipped recipes, one line each")
+    reproduce.add_argument("--data", default=None, metavar="DIR",
+                           help="read the tasks from local folders under DIR (sst2/, imdb/, ...; default: the hub)")
+    reproduce.add_argument("--smoke", action="store_true",
+                           help="tiny random GPT-2 on a few dozen local rows per row of the recipe: checks the "
+                                "pipeline in seconds (needs --data or $GPT2LORA_DATA)")
+    reproduce.add_argument("--vocab", default=None, help="folder with vocab.json + merges.txt for --smoke")
+    reproduce.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    reproduce.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    reproduce.add_argument("--out", default="runs", help="folder for the report folder (default: runs)")
+    reproduce.add_argument("--run-name", default=None, help="report folder name (default: recipe-time)")
+    reproduce.add_argument("--judge-endpoint", default=None, metavar="URL",
+                           help="score instruction rows with an LLM judge at this OpenAI-compatible endpoint")
+    reproduce.add_argument("--judge-model", default=None, metavar="NAME", help="the judge's model name")
+
+    judge = sub.add_parser("judge", help="score a run's instruction responses with an LLM judge (0-100)")
+    judge.add_argument("run", metavar="RUN_DIR", help="run folder holding responses.jsonl")
+    judge.add_argument("--endpoint", required=True, metavar="URL",
+                       help="OpenAI-compatible base URL: http://127.0.0.1:11434/v1 (Ollama), "
+                            "http://127.0.0.1:8000/v1 (vLLM) or a hosted one")
+    judge.add_argument("--model", required=True, metavar="NAME", help="the judge's model name on that server")
+    judge.add_argument("--prompt-file", default=None,
+                       help="judging prompt template with {instruction} {input} {reference} {response} {low} {high}")
+    judge.add_argument("--low", type=int, default=0, help="lowest score (default: 0)")
+    judge.add_argument("--high", type=int, default=100, help="highest score (default: 100)")
+    judge.add_argument("--retries", type=int, default=2, help="extra attempts per response (default: 2)")
+    judge.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per answer (default: 60)")
+    judge.add_argument("--api-key", default=None, help="bearer token (default: $GPT2LORA_JUDGE_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2lora", description="Fine-tune GPT-2 with LoRA (or fully) and "
                                      "compare honestly: accuracy/F1, trainable parameters, time, memory.")
@@ -251,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="values of --last-n-blocks")
     sweep.add_argument("--foundation", action="store_true", help="add the untrained base model as a row")
 
+    add_recipe_parsers(sub, train)
+
     quick = sub.add_parser("quickstart", help="offline demo: tiny GPT-2, synthetic task, lora vs full vs head")
     quick.add_argument("--out", default="runs/quickstart", help="folder for the run folders")
     quick.add_argument("--seed", type=int, default=0)
@@ -271,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"train": tasks.train_command, "eval": tasks.eval_command, "generate": tasks.generate_command,
                 "merge": tasks.merge_command, "sweep": tasks.sweep_command}
+    from . import judge, recipes
+
+    handlers.update(reproduce=recipes.reproduce_command, judge=judge.judge_command)
+    if getattr(args, "config", None):
+        handlers["train"] = recipes.train_config_command
     try:
         if args.command == "quickstart":
             from .quickstart import run_quickstart
