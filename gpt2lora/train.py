@@ -384,7 +384,7 @@ class Trainer:
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The training forward: compiled when asked (falling back to eager if compiling fails), DDP-wrapped."""
-        module = self._train_module or self.model
+        module = self.model if self._train_module is None else self._train_module
         if module is not self._eager_module:
             try:
                 return module(input_ids, attention_mask)
