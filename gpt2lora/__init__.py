@@ -4,6 +4,7 @@ from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches, PaddingStats, collate, lm_example
 from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
 from .data import TASKS, Dataset, alpaca_prompt, load_split
+from .distributed import is_main_process
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -33,7 +34,7 @@ from .metrics import (
 from .model import GPT2, KVCache
 from .report import markdown_table
 from .tokenizer import load_tokenizer
-from .train import History, Trainer, lr_at_step
+from .train import History, Trainer, enable_gradient_checkpointing, lr_at_step
 
 __version__ = "0.1.0"
 
@@ -68,9 +69,11 @@ __all__ = [
     "collate",
     "confusion_matrix",
     "count_parameters",
+    "enable_gradient_checkpointing",
     "exact_match",
     "generate",
     "instruction_metrics",
+    "is_main_process",
     "lm_example",
     "load_adapter",
     "load_split",
