@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, LoRAConfig, count_parameters, prepare_model
+from gpt2lora import (
+    GPT2,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LoRAConfig,
+    count_parameters,
+    prepare_model,
+)
 from gpt2lora.lora import apply_lora, lora_modules
 from gpt2lora.prompt import PromptConfig
 
