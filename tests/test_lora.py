@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import peft
@@ -18,6 +19,8 @@ from gpt2lora.heads import GPT2ForSequenceClassification
 from gpt2lora.lora import (
     LoRALinear,
     ParameterCount,
+    QKVLoRALinear,
+    TiedLoRALinear,
     apply_lora,
     count_parameters,
     lora_modules,
@@ -401,3 +404,198 @@ def test_bad_arguments(tiny_checkpoint) -> None:
     with pytest.raises(ConfigError, match="transformer.h"):
         apply_lora(nn.Sequential(nn.Linear(2, 2)), LoRAConfig())
 
+
+
+# --- both conventions on whole models ----------------------------------------------------------------
+
+SPLIT_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
+
+
+def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
+    """Same A and B in ``dst`` as in ``src`` (both with the same targets)."""
+    params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, module in lora_modules(src):
+            for pname in module.adapter_params():
+                params[f"{name}.{pname}"].copy_(getattr(module, pname))
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Random non-zero B (every pair, q/k/v included) so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in lora_modules(model):
+            for pname in module.adapter_params():
+                if pname.endswith("B"):
+                    p = getattr(module, pname)
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("targets", [("attn.c_attn", "mlp.c_proj"), SPLIT_TARGETS], ids=["fused", "split+head"])
+@pytest.mark.parametrize("rank, alpha", [(4, 2.0), (2, 16.0)])
+def test_from_scratch_alpha_equals_peft_alpha_times_rank(tiny_checkpoint, targets, rank, alpha) -> None:
+    scratch = apply_lora(GPT2.from_pretrained(tiny_checkpoint).eval(),
+                         LoRAConfig(rank=rank, alpha=alpha, style="from_scratch", targets=targets), seed=0)
+    randomize_adapters(scratch, 1)
+    peft_style = apply_lora(GPT2.from_pretrained(tiny_checkpoint).eval(),
+                            LoRAConfig(rank=rank, alpha=alpha * rank, targets=targets), seed=5)
+    assert set(scratch.state_dict()) == set(peft_style.state_dict())  # same names, same layout
+    copy_adapters(scratch, peft_style)
+    ids = tokens()
+    with torch.no_grad():
+        ours, theirs = scratch(ids), peft_style(ids)
+        base = GPT2.from_pretrained(tiny_checkpoint).eval()(ids)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # and the state dict moves between the styles as it is
+    moved = apply_lora(GPT2.from_pretrained(tiny_checkpoint).eval(),
+                       LoRAConfig(rank=rank, alpha=alpha * rank, targets=targets))
+    moved.load_state_dict(scratch.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(moved(ids), ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("style, rank, bound", [("peft", 4, 1 / 8), ("from_scratch", 4, 1 / 2),
+                                                ("from_scratch", 16, 1 / 4)])
+def test_every_a_starts_within_the_style_bound(style, rank, bound) -> None:
+    """A within ±1/sqrt(in_features) (in = 64 here) for peft, ±1/sqrt(rank) for from_scratch, q/k/v included."""
+    model = apply_lora(GPT2(GPT2Config(**TINY)), LoRAConfig(rank=rank, style=style, targets=SPLIT_TARGETS), seed=0)
+    a_tensors = [getattr(m, p) for _, m in lora_modules(model) for p in m.adapter_params() if p.endswith("A")]
+    assert len(a_tensors) == 2 * 6 + 1  # per block q, k, v, attn.c_proj, mlp.c_fc, mlp.c_proj; and the head
+    for a in a_tensors:
+        in_features = a.shape[1]
+        limit = bound if style == "from_scratch" else 1 / in_features ** 0.5
+        assert a.abs().max() <= limit
+        assert a.abs().max() > 0.8 * limit
+    for _, m in lora_modules(model):
+        for p in m.adapter_params():
+            if p.endswith("B"):
+                assert torch.count_nonzero(getattr(m, p)) == 0
+
+
+# --- split q/k/v and the output head -----------------------------------------------------------------
+
+def test_qkv_lora_equals_separate_query_key_value_layers() -> None:
+    """A pair per slice of the fused layer == LoRA on separate q, k, v linear layers (from-scratch code)."""
+    torch.manual_seed(0)
+    fused = nn.Linear(32, 96)
+    layer = QKVLoRALinear(fused, ("q", "k", "v"), rank=4, alpha=3, style="from_scratch").eval()
+    separate = []
+    for i, part in enumerate("qkv"):
+        piece = nn.Linear(32, 32)
+        with torch.no_grad():
+            piece.weight.copy_(fused.weight[32 * i:32 * (i + 1)])
+            piece.bias.copy_(fused.bias[32 * i:32 * (i + 1)])
+        lora = LoRALinear(piece, rank=4, alpha=3, style="from_scratch").eval()
+        a, b = layer.pair(part)
+        with torch.no_grad():
+            b.normal_()
+            lora.lora_A.copy_(a)
+            lora.lora_B.copy_(b)
+        separate.append(lora)
+    x = torch.randn(2, 5, 32)
+    expected = torch.cat([m(x) for m in separate], dim=-1)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    assert layer.adapter_params() == ("lora_q_A", "lora_q_B", "lora_k_A", "lora_k_B", "lora_v_A", "lora_v_B")
+    assert set(layer.state_dict()) == {"weight", "bias", *layer.adapter_params()}
+
+
+def test_query_value_only_leaves_the_key_slice_alone(tiny_checkpoint) -> None:
+    model = apply_lora(GPT2.from_pretrained(tiny_checkpoint).eval(), LoRAConfig(rank=2, targets=("attn.v", "attn.q")))
+    wrapped = model.transformer.h[0].attn.c_attn
+    assert isinstance(wrapped, QKVLoRALinear) and wrapped.parts == ("q", "v")
+    assert [n for n, _ in lora_modules(model)] == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    randomize_adapters(model)
+    x = torch.randn(3, 64)
+    plain = nn.functional.linear(x, wrapped.weight, wrapped.bias)
+    out = wrapped(x)
+    assert torch.equal(out[:, 64:128], plain[:, 64:128])  # key slice: no adapter
+    assert (out[:, :64] - plain[:, :64]).abs().max() > 1e-4 and (out[:, 128:] - plain[:, 128:]).abs().max() > 1e-4
+    delta = wrapped.delta_weight()
+    assert torch.count_nonzero(delta[64:128]) == 0 and delta.shape == wrapped.weight.shape
+
+
+def test_fused_and_split_targets_together_are_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"LoRAConfig\.targets: expected either attn\.c_attn .* not both"):
+        LoRAConfig(targets=("attn.c_attn", "attn.k"))
+    with pytest.raises(ConfigError, match=r"names among .*attn\.q, attn\.k, attn\.v, lm_head"):
+        LoRAConfig(targets=("attn.query",))
+    assert LoRAConfig().targets == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # default unchanged
+
+
+def test_split_and_head_lora_train_only_adapters_and_never_touch_wte(tiny_checkpoint) -> None:
+    model = apply_lora(GPT2.from_pretrained(tiny_checkpoint), LoRAConfig(rank=2, targets=SPLIT_TARGETS), seed=0)
+    assert isinstance(model.lm_head, TiedLoRALinear) and model.lm_head.weight is model.transformer.wte.weight
+    assert trainable(model) == {f"{n}.{p}" for n, m in lora_modules(model) for p in m.adapter_params()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        logits = model(tokens(2, 6))
+        nn.functional.cross_entropy(logits.flatten(0, 1), tokens(2, 6, seed=1).flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != p.requires_grad, name
+    assert torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])
+
+
+def test_split_and_head_merge_unties_and_exports_to_transformers(tiny_checkpoint, tmp_path) -> None:
+    model = apply_lora(GPT2.from_pretrained(tiny_checkpoint).eval(), LoRAConfig(rank=4, alpha=8, targets=SPLIT_TARGETS))
+    randomize_adapters(model, 3)
+    wte = model.transformer.wte.weight.detach().clone()
+    ids = tokens()
+    with torch.no_grad():
+        unmerged = model(ids)
+        merge_lora(model)
+        merged = model(ids)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    assert torch.equal(model.transformer.wte.weight, wte)  # the head LoRA never reaches the embeddings
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    save_pretrained(model, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" in keys and not any("lora" in k for k in keys)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    reloaded = GPT2.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, unmerged, rtol=0, atol=1e-4)
+        torch.testing.assert_close(reloaded(ids), unmerged, rtol=0, atol=1e-4)
+        torch.testing.assert_close(hf.transformer.wte.weight, wte, rtol=0, atol=0)
+    unmerge_lora(model)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied again, to the very same tensor
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), unmerged, rtol=0, atol=1e-5)
+
+
+def test_head_target_on_classifier_wraps_score_and_freezes_its_base(clf_checkpoint, tmp_path) -> None:
+    model = apply_lora(GPT2ForSequenceClassification.from_pretrained(clf_checkpoint).eval(),
+                       LoRAConfig(rank=2, alpha=4, targets=("attn.q", "attn.v", "lm_head"), style="from_scratch"))
+    assert isinstance(model.score, LoRALinear) and not model.score.weight.requires_grad
+    assert {n for n in trainable(model) if n.startswith("score")} == {"score.lora_A", "score.lora_B"}
+    randomize_adapters(model, 4)
+    ids = tokens(3, 5)
+    with torch.no_grad():
+        expected = model(ids)
+    save_pretrained(merge_lora(model), tmp_path / "merged")
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_head_lora_on_an_untied_lm_merges_in_place(tmp_path) -> None:
+    model = GPT2(GPT2Config(**TINY, tie_word_embeddings=False)).eval()
+    apply_lora(model, LoRAConfig(rank=2, targets=("lm_head",)), seed=0)
+    assert type(model.lm_head) is LoRALinear  # not tied: a plain LoRALinear
+    assert [n for n, _ in lora_modules(model)] == ["lm_head"]
+    randomize_adapters(model)
+    head = model.lm_head.weight
+    ids = tokens()
+    with torch.no_grad():
+        before = model(ids)
+        merge_lora(model)
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-5)
+    assert model.lm_head.weight is head
