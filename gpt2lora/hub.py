@@ -117,13 +117,18 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
     return state
 
 
-def from_hf_names(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def from_hf_names(hf_state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
     """Map hub or ``save_pretrained`` names to gpt2lora's: ``transformer.``-prefixed, Linear layout."""
     state = {}
+    origin: dict[str, str] = {}
     for key, tensor in hf_state.items():
         if key.endswith(MASK_BUFFER_SUFFIXES):
             continue
         name = "transformer." + key if key.startswith(BODY_PREFIXES) else key
+        if name in origin:  # e.g. both "h.0.x" and "transformer.h.0.x": which one is meant is unknowable
+            raise CheckpointError(f"{source}: tensors {origin[name]!r} and {key!r} are the same weight {name!r}; "
+                                  "expected it once")
+        origin[name] = key
         if name.endswith(CONV1D_SUFFIXES) and tensor.dim() == 2:
             tensor = tensor.t()
         state[name] = tensor
@@ -175,7 +180,7 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
         config = GPT2Config.from_hf_config(raw, source=str(folder / "config.json"))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    found = from_hf_names(read_weights(folder))
+    found = from_hf_names(read_weights(folder), source=f"checkpoint {folder}")
     with torch.device("meta"):
         model = cls(config, **model_kwargs)
     expected = expected_state(model)
