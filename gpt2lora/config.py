@@ -295,7 +295,8 @@ class TrainConfig:
         owner = "TrainConfig"
         for name in ("lr",):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value > 0, owner, name, "a number > 0", value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            _require(ok and value > 0, owner, name, "a finite number > 0", value)
         _require(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr, owner, "min_lr",
                  f"a number in [0, lr={self.lr}]", self.min_lr)
         _probability(owner, "warmup_ratio", self.warmup_ratio)
