@@ -11,15 +11,9 @@ from torch import Tensor, nn
 
 from .config import GPT2Config
 from .errors import ConfigError
-from .model import Transformer, init_weights
+from .model import Transformer, init_weights, last_token_index
 
-
-def last_token_index(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
-    """Index of each row's last real token: the last 1 in its attention mask, whatever the padding side."""
-    if attention_mask is None:
-        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
-    positions = torch.arange(length, device=device)
-    return (attention_mask.bool() * positions).amax(dim=-1)
+__all__ = ["GPT2ForSequenceClassification", "last_token_index"]
 
 
 class GPT2ForSequenceClassification(nn.Module):
@@ -48,10 +42,8 @@ class GPT2ForSequenceClassification(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
         """Class logits (B, num_labels) from the hidden state of each row's last real token."""
-        hidden = self.transformer(input_ids, attention_mask, position_ids)  # (B, T, C)
-        B, T, _ = hidden.shape
-        index = last_token_index(attention_mask, B, T, hidden.device)
-        pooled = hidden[torch.arange(B, device=hidden.device), index]  # (B, C)
+        # Only the pooled row of each sequence goes through the last block's MLP and ln_f.
+        pooled = self.transformer(input_ids, attention_mask, position_ids, last_token_only=True)  # (B, C)
         return self.score(pooled)
 
     def tie_weights(self) -> None:

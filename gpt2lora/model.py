@@ -67,6 +67,25 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
+        """Output (B, 1, C) at query position ``rows[b]`` of each row: keys and values come from every position.
+
+        ``attn_mask`` is the full (B, 1, T, T) mask, or None for plain causal attention.
+        """
+        B, T, C = x.shape
+        batch = torch.arange(B, device=x.device)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q[batch, rows].view(B, 1, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, 1, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if attn_mask is None:
+            mask = (torch.arange(T, device=x.device) <= rows.unsqueeze(1)).view(B, 1, 1, T)
+        else:
+            mask = attn_mask.expand(B, -1, -1, -1)[batch, :, rows].unsqueeze(2)  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, 1, C)))
+
 
 def activation(name: str) -> nn.Module:
     """The MLP activation named in a GPT-2 ``config.json``."""
@@ -99,6 +118,20 @@ class Block(nn.Module):
                 kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
+        """``forward(x)[b, rows[b]]`` for every row b, as (B, 1, C), computing the MLP on those rows only."""
+        picked = x[torch.arange(x.size(0), device=x.device), rows].unsqueeze(1)  # (B, 1, C)
+        x = picked + self.attn.forward_rows(self.ln_1(x), attn_mask, rows)
+        return x + self.mlp(self.ln_2(x))
+
+
+def last_token_index(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """Index of each row's last real token: the last 1 in its attention mask, whatever the padding side."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device)
+    return (attention_mask.bool() * positions).amax(dim=-1)
 
 
 def position_ids_from_mask(attention_mask: Tensor, length: int) -> Tensor:
@@ -144,8 +177,12 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+                inputs_embeds: Tensor | None = None, last_token_only: bool = False) -> Tensor:
         """Hidden states (B, T, n_embd) after ``ln_f``.
+
+        ``last_token_only``: only each row's state at its last real token, (B, n_embd), as classification
+        reads it; the last block's attention still reads every position, while its projection, MLP and
+        ``ln_f`` run on that one row per sequence.
 
         ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0; with a cache it covers
         the cached positions too (S = cached + T). ``inputs_embeds`` replaces the token lookup. With a
@@ -168,12 +205,15 @@ class Transformer(nn.Module):
             raise ConfigError(
                 f"sequence of {past + T} tokens is longer than the model's n_positions="
                 f"{self.config.n_positions}; truncate the input (e.g. max_length) or use fewer new tokens")
-        if attention_mask is not None:
-            if attention_mask.shape != (B, past + T):
-                raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                                  f"{(B, past + T)} (batch, cached + new tokens)")
-            if bool(attention_mask.all()):
-                attention_mask = None
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                              f"{(B, past + T)} (batch, cached + new tokens)")
+        if last_token_only:
+            if kv_cache is not None:
+                raise ConfigError("last_token_only=True cannot be combined with a kv_cache")
+            rows = last_token_index(attention_mask, B, T, inputs_embeds.device)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
@@ -187,7 +227,7 @@ class Transformer(nn.Module):
         else:
             mask, is_causal = attention_bias(attention_mask, T), False
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
-        for layer, block in enumerate(self.h):
+        for layer, block in enumerate(self.h[:-1] if last_token_only else self.h):
             if recompute:
                 # Non-reentrant: works when the input needs no grad (frozen base + LoRA) and replays
                 # dropout with the saved RNG state, so losses and gradients equal the plain pass.
@@ -196,6 +236,8 @@ class Transformer(nn.Module):
                 x = block(x, mask, is_causal, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
+        if last_token_only:
+            return self.ln_f(self.h[-1].forward_rows(x, mask, rows)).squeeze(1)  # (B, C)
         return self.ln_f(x[:, n_prompt:])
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
