@@ -356,6 +356,10 @@ class Trainer:
         if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
             raise DataError(f"{where}: input_ids must be a non-empty (batch, tokens) integer tensor, got "
                             f"shape {tuple(ids.shape)} dtype {ids.dtype}")
+        limit = getattr(getattr(self.model, "config", None), "n_positions", None)
+        if isinstance(limit, int) and ids.size(1) > limit:
+            raise DataError(f"{where}: rows of {ids.size(1)} tokens, longer than the model's n_positions={limit}; "
+                            "truncate them (max_length)")
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
         if mask.shape != ids.shape:
