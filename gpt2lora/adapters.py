@@ -431,6 +431,16 @@ def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor]
     if alias in tensors and f"{PREFIX}{HEAD_NAME}.weight" not in tensors:
         tensors = dict(tensors)
         tensors[f"{PREFIX}{HEAD_NAME}.weight"] = tensors.pop(alias)
+    head_base = f"{PREFIX}lm_head.base_layer.weight"
+    if head_base in tensors and HEAD_TARGET in config.targets:
+        # peft also saves the frozen base of a LoRA-wrapped lm_head ("embedding layer"); it must be ours
+        tensors = dict(tensors)
+        saved = tensors.pop(head_base)
+        mine = model.lm_head.weight
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.device, mine.dtype), mine.detach()):
+            raise CheckpointError(f"{source}: {head_base} (the frozen LM head peft saved with the adapter) "
+                                  "differs from this model's lm_head/wte weight; load the adapter onto the "
+                                  "base model it was trained on")
     expected = {key: torch.empty(shape, device="meta") for key, (_, shape) in layout.items()}
     check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
     if current is None:

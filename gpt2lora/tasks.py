@@ -375,7 +375,8 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
     report.write_json({"result": row, **extra}, folder / "metrics.json")
     plots = [p for p in (report.plot_losses(steps, history.evals, folder / "loss.png",
                                             f"{train_set.name}: {row['method']}"),
-                         report.plot_lr(steps, folder / "lr.png")) if p is not None]
+                         report.plot_lr(steps, folder / "lr.png")) if p is not None] \
+        if getattr(args, "plots", True) else []  # recipe smoke runs skip them (half a second per row)
     notes = [(f"task {train_set.name} ({kind}), {len(train_set)} train rows, evaluated on {len(eval_set)} "
              f"{eval_set.split} rows; base model {checkpoint}; max_length {max_length}"),
              f"{params}"]

@@ -360,3 +360,114 @@ def test_nothing_to_save(tiny_checkpoint, tmp_path) -> None:
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="no LoRA and no trainable tensors"):
         save_adapter(model, tmp_path / "a")
+
+
+# --- lm_head in peft's layout; split q/k/v and score LoRA in gpt2lora's own format --------------------
+
+def test_lm_head_lora_saves_in_peft_layout_and_loads_in_peft(tiny_checkpoint, tmp_path) -> None:
+    config = LoRAConfig(rank=4, alpha=8, targets=("attn.c_attn", "lm_head"))
+    model = apply_lora(ours("lm", tiny_checkpoint), config)
+    train_a_little(model)
+    save_adapter(model, tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["target_modules"] == ["attn.c_attn", "lm_head"]
+    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert {f"{P}lm_head.lora_A.weight", f"{P}lm_head.lora_B.weight"} <= keys and len(keys) == 2 * 3
+    twin = peft.PeftModel.from_pretrained(theirs("lm", tiny_checkpoint), tmp_path / "a").eval()
+    ids = tokens()
+    expected = logits(model, ids)
+    assert (expected - logits(ours("lm", tiny_checkpoint), ids)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(twin, ids), expected, rtol=0, atol=1e-4)
+
+
+def test_peft_saved_lm_head_lora_loads_in_gpt2lora(tiny_checkpoint, tmp_path) -> None:
+    torch.manual_seed(0)
+    twin = peft.get_peft_model(theirs("lm", tiny_checkpoint),
+                               peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c_proj", "lm_head"],
+                                               fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    twin.save_pretrained(tmp_path / "peft")
+    # peft saves the frozen base of a wrapped lm_head too; gpt2lora checks it is this model's head
+    assert f"{P}lm_head.base_layer.weight" in set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    other = ours("lm", tiny_checkpoint)
+    with torch.no_grad():
+        other.transformer.wte.weight.add_(0.01)
+    with pytest.raises(CheckpointError, match="lm_head.base_layer.weight .* differs from this model's"):
+        load_adapter(other, tmp_path / "peft")
+    loaded = load_adapter(ours("lm", tiny_checkpoint), tmp_path / "peft")
+    assert loaded.lora_config.targets == ("attn.c_proj", "mlp.c_proj", "lm_head")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = tokens()
+    torch.testing.assert_close(logits(loaded, ids), logits(twin.eval(), ids), rtol=0, atol=1e-4)
+
+
+OWN_FORMAT = {
+    "split-lm": ("lm", LoRAConfig(rank=4, alpha=2, targets=("attn.q", "attn.v", "mlp.c_fc", "lm_head"),
+                                  style="from_scratch", train_bias="lora_only")),
+    "score-clf": ("clf", LoRAConfig(rank=2, alpha=4, targets=("attn.k", "lm_head"))),
+    "head-last1": ("lm", LoRAConfig(rank=2, alpha=4, targets=("attn.c_attn", "lm_head"), last_n_blocks=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_FORMAT))
+def test_what_peft_cannot_express_round_trips_in_own_format(tiny_checkpoint, clf_checkpoint, tmp_path, name) -> None:
+    kind, config = OWN_FORMAT[name]
+    checkpoint = checkpoint_for(kind, tiny_checkpoint, clf_checkpoint)
+    model = apply_lora(ours(kind, checkpoint), config)
+    train_a_little(model)
+    with pytest.warns(UserWarning, match="wrote gpt2lora's own adapter format"):
+        save_adapter(model, tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert "peft_type" not in raw and raw["format"] == "gpt2lora" and raw["method"] == "lora"
+    assert tuple(raw["lora"]["targets"]) == config.targets
+    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert keys == trained == set(raw["tensors"])
+    fresh = load_adapter(ours(kind, checkpoint), tmp_path / "a")
+    assert fresh.lora_config == config
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == trained
+    ids = tokens()
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=0)
+    load_adapter(fresh, tmp_path / "a")  # onto the same layout again
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_bad_own_format_lora_adapters(tiny_checkpoint, tmp_path) -> None:
+    kind, config = OWN_FORMAT["split-lm"]
+    model = apply_lora(ours(kind, tiny_checkpoint), config)
+    with pytest.warns(UserWarning):
+        save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    original = json.loads(path.read_text())
+
+    def load_with(lora=None, onto=None, **changes):
+        raw = {**original, **changes}
+        if lora is not None:
+            raw["lora"] = {**original["lora"], **lora}
+        path.write_text(json.dumps(raw))
+        return load_adapter(onto if onto is not None else ours(kind, tiny_checkpoint), tmp_path / "a")
+
+    with pytest.raises(CheckpointError, match=r"field 'lora': LoRAConfig\.targets: expected either attn\.c_attn"):
+        load_with(lora={"targets": ["attn.c_attn", "attn.q"]})
+    with pytest.raises(CheckpointError, match=r"field 'lora' has unknown keys \['ranks'\]"):
+        load_with(lora={"ranks": 3})
+    path.write_text(json.dumps({**original, "lora": [1]}))
+    with pytest.raises(CheckpointError, match="field 'lora' must be an object"):
+        load_adapter(ours(kind, tiny_checkpoint), tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"missing tensors: transformer\.h\.0\.attn\.c_attn\.lora_k_A"):
+        load_with(lora={"targets": ["attn.q", "attn.k", "attn.v", "mlp.c_fc", "lm_head"]})
+    with pytest.raises(CheckpointError, match=r"shape mismatches: .*transformer\.h\.0\.attn\.c_attn\.lora_q_A: "
+                                              r"checkpoint \(4, 64\), model \(8, 64\)"):
+        load_with(lora={"rank": 8})
+    with pytest.raises(CheckpointError, match="task_type is 'SEQ_CLS'"):
+        load_with(task_type="SEQ_CLS")
+    other = apply_lora(ours(kind, tiny_checkpoint), LoRAConfig(rank=4, alpha=2, targets=("attn.c_attn",)))
+    with pytest.raises(CheckpointError, match="already has LoRA with targets"):
+        load_with(onto=other)
+    fresh = ours(kind, tiny_checkpoint)
+    with pytest.raises(CheckpointError):
+        load_with(lora={"rank": 8}, onto=fresh)
+    assert not list(lora_modules(fresh))  # nothing applied when the check fails
