@@ -1,4 +1,5 @@
-"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``sweep``, ``quickstart``.
+"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``sweep``, ``reproduce``, ``judge``,
+``quickstart``.
 
 The argument groups defined here are shared with ``examples/*.py``, so every script accepts the
 same knobs with the same names and checks.

@@ -419,6 +419,7 @@ def row_namespace(recipe: Recipe, row: RecipeRow, seed: int, options: argparse.N
     args.seed = seed
     args.device, args.smoke, args.vocab = options.device, options.smoke, getattr(options, "vocab", None)
     args.quiet = True
+    args.plots = not options.smoke
     if options.smoke:
         if args.task in SMOKE_TASKS:
             notes.append(f"{args.task} has no local copy; --smoke ran it on {SMOKE_TASKS[args.task]}")
@@ -642,3 +643,63 @@ def run_recipe(recipe: Recipe, options: argparse.Namespace, command: str = "gpt2
     print(path.read_text(encoding="utf-8").split("\n## Rows")[0])
     print(f"report: {path}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+#: ``gpt2lora train`` flags that only say where and how a recipe runs (the rest come from the file).
+CONFIG_RUN_FLAGS = {"config", "smoke", "device", "data_root", "source", "out", "run_name", "vocab", "quiet",
+                    "threads", "command"}
+
+
+def _judge_callable(endpoint: str | None, model: str | None) -> Callable[[Path], float | None] | None:
+    if endpoint is None and model is None:
+        return None
+    if not endpoint or not model:
+        raise ConfigError("--judge-endpoint and --judge-model go together: give both, or neither")
+    from .judge import JudgeConfig, judge_run
+
+    config = JudgeConfig(endpoint, model, api_key=os.environ.get("GPT2LORA_JUDGE_API_KEY"))
+    return lambda run_dir: judge_run(run_dir, config)["mean"]
+
+
+def reproduce_command(args: argparse.Namespace) -> Path | list[tuple[str, str]]:
+    """``gpt2lora reproduce``: list the shipped recipes, or run one and write its comparison report."""
+    if args.list:
+        listing = list_recipes()
+        width = max(len(name) for name, _ in listing)
+        for name, title in listing:
+            print(f"{name:<{width}}  {title}")
+        return listing
+    if not args.name:
+        raise ConfigError("reproduce: name a recipe (gpt2lora reproduce --list shows them) or a .toml file")
+    recipe = load_recipe(args.name)
+    data_root = args.data or (os.environ.get("GPT2LORA_DATA") if args.smoke else None)
+    if args.smoke and not data_root:
+        raise ConfigError("reproduce --smoke reads local rows: pass --data DIR (the folder holding sst2/, imdb/, "
+                          "...) or set $GPT2LORA_DATA")
+    if data_root and not Path(data_root).is_dir():
+        raise ConfigError(f"--data {data_root}: no such folder; expected the folder holding sst2/, imdb/, ...")
+    options = argparse.Namespace(out=args.out, run_name=args.run_name, smoke=args.smoke, device=args.device,
+                                 data_root=data_root, source="local" if data_root else "hub", vocab=args.vocab)
+    command = " ".join(["gpt2lora reproduce", str(args.name)] + (["--smoke"] if args.smoke else [])
+                       + ([f"--data {args.data}"] if args.data else []) + [f"--device {args.device}"])
+    return run_recipe(recipe, options, command, _judge_callable(args.judge_endpoint, args.judge_model))
+
+
+def train_config_command(args: argparse.Namespace) -> Path:
+    """``gpt2lora train --config FILE.toml``: every row of a recipe file, with the report of ``reproduce``."""
+    from .cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = sorted(k for k, v in vars(args).items() if k not in CONFIG_RUN_FLAGS and k in defaults
+                   and v != defaults[k])
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"--config {args.config}: {flags} given on the command line; with --config the run "
+                          "settings come from the file (put them in its [defaults] or a row)")
+    recipe = read_recipe(args.config)
+    options = argparse.Namespace(out=args.out, run_name=args.run_name, smoke=args.smoke, device=args.device,
+                                 data_root=args.data_root, source=args.source, vocab=args.vocab)
+    command = f"gpt2lora train --config {args.config}" + (" --smoke" if args.smoke else "")
+    return run_recipe(recipe, options, command)
