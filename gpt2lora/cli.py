@@ -109,7 +109,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-ratio", type=probability, default=0.05, help="share of steps warming up")
     group.add_argument("--epochs", type=positive_int, default=1)
     group.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
-    group.add_argument("--batch-size", type=positive_int, default=16)
+    group.add_argument("--batch-size", type=positive_int, default=16,
+                       help="rows per batch (under torchrun: the global batch, split across the processes)")
     group.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
     group.add_argument("--max-length", type=positive_int, default=128, help="tokens per row after truncation")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
