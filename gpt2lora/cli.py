@@ -183,6 +183,10 @@ def example_main(description: str, tasks: Sequence[str], default_task: str,
     except GPT2LoRAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun rank 0 prints and owns the run folder
+        return 0
     print(report.markdown_table([row]))
     details = json.loads((Path(row["run_dir"]) / "metrics.json").read_text(encoding="utf-8"))
     for sample in details.get("samples", []):

@@ -459,7 +459,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, eval_data: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-        """Loss + accuracy/precision/recall/F1 (classification) or loss + perplexity (LM) over ``eval_data``."""
+        """Loss + accuracy/precision/recall/F1 (classification) or loss + perplexity (LM) over ``eval_data``.
+
+        In a distributed run every rank must call it with the same batches: batch i is evaluated by rank
+        i mod world_size and the sums (and a confusion matrix) are all-reduced, so all ranks get the metrics.
+        """
         was_training = self.model.training
         self.model.eval()
         total, count, preds, golds = 0.0, 0, [], []
