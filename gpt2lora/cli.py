@@ -99,6 +99,9 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--last-n-blocks", type=positive_int, default=None,
                        help="lora: only the last N blocks get LoRA; last_n_full: train the last N blocks")
     group.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r)")
+    group.add_argument("--num-virtual-tokens", type=positive_int, default=None,
+                       help="prompt: trainable vectors prepended to every sequence (default: 20; the SST-2 "
+                            "report's 46K 'PreLayer' row is 60)")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:

@@ -35,6 +35,7 @@ from .lora import count_parameters, lora_modules, merge_lora, unmerge_lora
 from .methods import prepare_model
 from .metrics import instruction_metrics, squad_metrics
 from .model import GPT2
+from .prompt import PromptConfig
 from .tokenizer import load_tokenizer
 from .train import Trainer
 
@@ -112,9 +113,18 @@ def lora_config(args: argparse.Namespace) -> LoRAConfig | None:
                       style=getattr(args, "lora_style", "peft"), train_bias=getattr(args, "lora_train_bias", "none"))
 
 
+def prompt_config(args: argparse.Namespace) -> PromptConfig | None:
+    """The soft prompt of ``--method prompt`` (``--num-virtual-tokens``), else None."""
+    if args.method != "prompt":
+        return None
+    n = getattr(args, "num_virtual_tokens", None)
+    return PromptConfig(num_virtual_tokens=n) if n is not None else PromptConfig()
+
+
 def apply_method(model: nn.Module, method: str, lora: LoRAConfig | None, last_n: int | None,
-                 seed: int) -> nn.Module:
-    return prepare_model(model, method, lora=lora, last_n=last_n if method == "last_n_full" else None, seed=seed)
+                 seed: int, prompt: PromptConfig | None = None) -> nn.Module:
+    return prepare_model(model, method, lora=lora, last_n=last_n if method == "last_n_full" else None, seed=seed,
+                         prompt=prompt if method == "prompt" else None)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -288,7 +298,8 @@ def method_label(method: str, lora: LoRAConfig | None, last_n: int | None) -> st
         return f"LoRA (r={lora.rank}, α={lora.alpha:g}{where})"
     if method == "last_n_full":
         return f"Last {last_n} blocks"
-    return {"full": "Full fine-tuning", "head": "Head only", "embeddings": "Embeddings"}.get(method, method)
+    return {"full": "Full fine-tuning", "head": "Head only", "embeddings": "Embeddings",
+            "prompt": "Prompt tuning"}.get(method, method)
 
 
 def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str, Any]:
@@ -323,7 +334,8 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
         fixed = eval_set.records[:3]
         model.to(device)
         samples_before = instruction_samples(model, tok, fixed, limits["new_tokens"] or 128, max_length, device)
-    apply_method(model, args.method, lora, last_n, args.seed)
+    prompt = prompt_config(args)
+    apply_method(model, args.method, lora, last_n, args.seed, prompt)
     params = count_parameters(model)
     # checkpoints go into the run folder (each epoch end, and every --save-every steps) so a killed run resumes
     config = dataclasses.replace(train_config(args), out_dir=str(folder / CHECKPOINTS_DIR),
@@ -359,6 +371,7 @@ def train_run(args: argparse.Namespace, folder: Path | None = None) -> dict[str,
         "source": args.source, "columns": dict(args.columns), "kind": kind, "num_labels": num_labels,
         "label_names": list(train_set.label_names), "base_model": checkpoint, "smoke": bool(args.smoke),
         "method": args.method, "lora": dataclasses.asdict(lora) if lora else None, "last_n": last_n,
+        "prompt": dataclasses.asdict(prompt) if prompt else None,
         "max_length": max_length, "train": dataclasses.asdict(config), "train_rows": len(train_set),
         "eval_split": eval_set.split, "eval_rows": len(eval_set),
     }
@@ -430,7 +443,8 @@ def load_run_model(run: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     config = read_run(run)
     model = load_base(config["base_model"], config["kind"], config["num_labels"], seed=config["train"]["seed"])
     lora = LoRAConfig(**{**config["lora"], "targets": tuple(config["lora"]["targets"])}) if config["lora"] else None
-    apply_method(model, config["method"], lora, config["last_n"], config["train"]["seed"])
+    prompt = PromptConfig(**config["prompt"]) if config.get("prompt") else None
+    apply_method(model, config["method"], lora, config["last_n"], config["train"]["seed"], prompt)
     load_adapter(model, Path(run) / "adapter")
     return model, config
 

@@ -263,3 +263,27 @@ def test_bad_prompt_adapters(tiny_checkpoint, clf_checkpoint, tmp_path) -> None:
     with pytest.raises(CheckpointError, match="task_type is 'CAUSAL_LM'"):
         load_adapter(clf, tmp_path / "a")
     assert get_prompt(clf) is None  # nothing half-applied
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
+    """``gpt2lora train --method prompt --num-virtual-tokens 6`` on the tiny smoke model, then ``eval``."""
+    from conftest import DATA, VOCAB, require_shared
+
+    from gpt2lora.cli import main
+    from gpt2lora.tasks import load_run_model
+
+    args = ["--smoke", "--data-root", str(require_shared(DATA)), "--vocab", str(require_shared(VOCAB)),
+            "--out", str(tmp_path), "--quiet", "--run-name", "p", "--max-steps", "3"]
+    assert main(["train", "--task", "sst2", *args, "--method", "prompt", "--num-virtual-tokens", "6"]) == 0
+    run = tmp_path / "p"
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "prompt" and config["prompt"]["num_virtual_tokens"] == 6
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 6
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    model, _ = load_run_model(run)
+    assert torch.equal(get_prompt(model).weight, saved["prompt_embeddings"])
+    assert trainable(model) == {"transformer.prompt.weight", "score.weight"}
+    assert main(["eval", "--run", str(run), "--quiet"]) == 0
