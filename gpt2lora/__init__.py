@@ -17,7 +17,16 @@ from .errors import (
 from .generate import generate
 from .heads import GPT2ForSequenceClassification
 from .hub import save_pretrained
-from .lora import LoRALinear, ParameterCount, apply_lora, count_parameters, merge_lora, unmerge_lora
+from .lora import (
+    LoRALinear,
+    ParameterCount,
+    QKVLoRALinear,
+    TiedLoRALinear,
+    apply_lora,
+    count_parameters,
+    merge_lora,
+    unmerge_lora,
+)
 from .methods import METHODS, prepare_model
 from .metrics import (
     accuracy,
@@ -32,6 +41,7 @@ from .metrics import (
     squad_metrics,
 )
 from .model import GPT2, KVCache
+from .prompt import PromptConfig, apply_prompt
 from .report import markdown_table
 from .tokenizer import load_tokenizer
 from .train import History, Trainer, enable_gradient_checkpointing, lr_at_step
@@ -58,6 +68,9 @@ __all__ = [
     "LoRALinear",
     "PaddingStats",
     "ParameterCount",
+    "PromptConfig",
+    "QKVLoRALinear",
+    "TiedLoRALinear",
     "TrainConfig",
     "Trainer",
     "TrainingError",
@@ -65,6 +78,7 @@ __all__ = [
     "accuracy",
     "alpaca_prompt",
     "apply_lora",
+    "apply_prompt",
     "classification_metrics",
     "collate",
     "confusion_matrix",
