@@ -176,7 +176,8 @@ def _decode_lines(path: Path) -> list[str]:
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
                         f"{column}); save the file as UTF-8") from None
-    return text.splitlines()
+    # only \n (or \r\n) ends a row: str.splitlines() would also split inside values at U+2028, U+0085, \f ...
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
