@@ -212,6 +212,9 @@ def exportable_state(model: nn.Module) -> dict[str, Tensor]:
         raise CheckpointError(f"LoRA is not merged in {', '.join(unmerged[:3])}"
                               f"{' ...' if len(unmerged) > 3 else ''}: call merge_lora(model) before "
                               "save_pretrained, or save the adapter with save_adapter")
+    if getattr(getattr(model, "transformer", None), "prompt", None) is not None:
+        raise CheckpointError("the model has a soft prompt (method 'prompt'), which a plain GPT-2 checkpoint "
+                              "cannot hold; save it with save_adapter instead")
     state = {}
     for key, tensor in expected_state(model).items():
         if ".lora_" in key:

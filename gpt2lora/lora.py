@@ -3,7 +3,9 @@
 ``apply_lora(model, config)`` replaces the chosen layers of the chosen blocks with :class:`LoRALinear`
 after the weights are loaded, freezes the base model and leaves the classification head trainable.
 A wrapped layer keeps its base tensors under the keys of a plain linear layer (``<name>.weight``,
-``<name>.bias``) and adds ``<name>.lora_A`` and ``<name>.lora_B``.
+``<name>.bias``) and adds ``<name>.lora_A`` and ``<name>.lora_B``. Targets ``attn.q`` / ``attn.k`` /
+``attn.v`` wrap the fused ``c_attn`` in a :class:`QKVLoRALinear` (``lora_q_A``, ``lora_q_B``, ...), and
+``lm_head`` wraps the output head (a :class:`TiedLoRALinear` when it shares ``wte``).
 """
 
 from __future__ import annotations

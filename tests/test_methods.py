@@ -126,3 +126,17 @@ def test_other_method_on_lora_model_is_rejected(tiny_checkpoint) -> None:
         prepare_model(model, "full")
     with pytest.raises(ConfigError, match="already applied"):
         prepare_model(model, "lora")
+
+
+def test_prompt_method_trains_only_the_prompt_and_score(clf_checkpoint) -> None:
+    from gpt2lora.methods import trainable_names
+    from gpt2lora.prompt import PromptConfig
+
+    model = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint)
+    with pytest.raises(ConfigError, match="method 'prompt' needs a soft prompt"):
+        trainable_names(model, "prompt")
+    prepare_model(model, "prompt", prompt=PromptConfig(num_virtual_tokens=3), seed=0)
+    assert trainable(model) == {"transformer.prompt.weight", "score.weight"}
+    assert model.transformer.prompt.weight.shape == (3, 64)
+    with pytest.raises(ConfigError, match="method 'full' needs a model without one"):
+        prepare_model(model, "full")

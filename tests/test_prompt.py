@@ -287,3 +287,11 @@ def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
     assert torch.equal(get_prompt(model).weight, saved["prompt_embeddings"])
     assert trainable(model) == {"transformer.prompt.weight", "score.weight"}
     assert main(["eval", "--run", str(run), "--quiet"]) == 0
+
+
+def test_a_prompt_model_cannot_be_exported_as_a_plain_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    from gpt2lora import save_pretrained
+
+    with pytest.raises(CheckpointError, match="soft prompt .* save it with save_adapter"):
+        save_pretrained(prompted("lm", tiny_checkpoint), tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
