@@ -1,0 +1,169 @@
+"""Model pairs for the benchmarks: a gpt2lora classifier and a transformers + peft one with the same weights.
+
+Both sides start from one random checkpoint saved by transformers, get LoRA on the same four layers with
+the same A matrices (copied from gpt2lora into peft; B starts at zero on both), and train with
+``torch.optim.AdamW`` over their trainable tensors. So a step on either side computes the same loss
+(checked by :func:`check_same_loss`), and a timing difference is the implementation's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gpt2lora as gl
+
+#: transformers.GPT2Config overrides per benchmark shape (its defaults are the 124M shape).
+SHAPES: dict[str, dict[str, Any]] = {
+    "gpt2": {},
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 512, "vocab_size": 1000},
+}
+TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+PAD = 50256  # GPT-2's EOS, used as padding; tiny vocabularies use their last id instead
+
+
+def pad_id(shape: str) -> int:
+    """The padding id of a benchmark shape: EOS for real vocabularies, the last id for tiny ones."""
+    vocab = SHAPES[shape].get("vocab_size", 50257)
+    return min(PAD, vocab - 1)
+
+
+def hf_config(shape: str, dropout: float | None = None):
+    """The transformers config of ``shape`` for a 2-label classifier (``dropout`` overrides all three)."""
+    import transformers
+
+    extra: dict[str, Any] = {}
+    if dropout is not None:
+        extra = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+    return transformers.GPT2Config(**SHAPES[shape], **extra, num_labels=2, pad_token_id=pad_id(shape))
+
+
+@dataclass
+class Side:
+    """One contender: its model, its optimizer and how it turns a batch into a loss."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[dict[str, Tensor]], Tensor]
+
+    def step(self, batch: dict[str, Tensor]) -> float:
+        """One training step (forward, backward, AdamW update); returns the loss."""
+        loss = self.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def adamw(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def ours_loss(model: nn.Module, autocast: torch.dtype | None = None) -> Callable[[dict[str, Tensor]], Tensor]:
+    def loss(batch: dict[str, Tensor]) -> Tensor:
+        with _autocast(batch, autocast):
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits.float(), batch["labels"])
+    return loss
+
+
+def reference_loss(model: nn.Module, autocast: torch.dtype | None = None) -> Callable[[dict[str, Tensor]], Tensor]:
+    def loss(batch: dict[str, Tensor]) -> Tensor:
+        with _autocast(batch, autocast):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+    return loss
+
+
+def _autocast(batch: dict[str, Tensor], dtype: torch.dtype | None):
+    device = batch["input_ids"].device.type
+    return torch.autocast(device, dtype=dtype) if dtype is not None else torch.autocast(device, enabled=False)
+
+
+def lora_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float = 0.0,
+              dropout: float | None = None, device: str = "cpu", autocast: torch.dtype | None = None,
+              seed: int = 0, reference: bool = True, method: str = "lora") -> dict[str, Side]:
+    """``{"gpt2lora": Side, "transformers+peft": Side}`` on one random checkpoint of ``shape``.
+
+    ``method="full"`` trains every weight of the gpt2lora model instead (no LoRA; no reference side).
+    ``reference=False`` builds only the gpt2lora side.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    hf = transformers.GPT2ForSequenceClassification(hf_config(shape, dropout))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ckpt"
+        hf.save_pretrained(folder)
+        ours = gl.GPT2ForSequenceClassification.from_pretrained(folder, pad_token_id=pad_id(shape))
+    ours.to(device).train()
+    if method == "lora":
+        gl.apply_lora(ours, gl.LoRAConfig(rank=rank, alpha=alpha, dropout=lora_dropout, targets=TARGETS),
+                      seed=seed)
+    sides = {"gpt2lora": Side("gpt2lora", ours, adamw(ours), ours_loss(ours, autocast))}
+    if reference and method == "lora":
+        sides["transformers+peft"] = peft_side(hf, ours, rank, alpha, lora_dropout, device, autocast)
+    else:
+        del hf
+    return sides
+
+
+def peft_side(hf: nn.Module, ours: nn.Module, rank: int, alpha: float, lora_dropout: float,
+              device: str, autocast: torch.dtype | None) -> Side:
+    """Wrap ``hf`` with peft LoRA on the same targets and copy ``ours``'s A/B (and head) into it."""
+    import peft
+
+    model = peft.get_peft_model(hf, peft.LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(TARGETS),
+        fan_in_fan_out=True, task_type="SEQ_CLS"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_" in name:
+                params[f"base_model.model.{name}.default.weight"].copy_(p)
+        params["base_model.model.score.modules_to_save.default.weight"].copy_(ours.score.weight)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    if trainable != expected:
+        raise SystemExit(f"peft trains {trainable} parameters, gpt2lora {expected}: configurations differ")
+    model.to(device).train()
+    return Side("transformers+peft", model, adamw(model), reference_loss(model, autocast))
+
+
+def random_batch(shape: str, batch: int, length: int, device: str = "cpu", seed: int = 0,
+                 padded: bool = False) -> dict[str, Tensor]:
+    """Random token ids (never the padding id) and labels; ``padded``: right padding of varying length."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = pad_id(shape)  # ids below the pad id, so the pad id marks padding only
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padded:
+        for row in range(batch):
+            mask[row, length - row * length // (2 * batch):] = 0
+    ids = ids.masked_fill(mask == 0, pad_id(shape))
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def check_same_loss(sides: dict[str, Side], batch: dict[str, Tensor], tol: float = 1e-4) -> dict[str, float]:
+    """Loss of every side on ``batch`` in eval mode (no dropout); SystemExit if they differ by more than ``tol``."""
+    losses = {}
+    for name, side in sides.items():
+        side.model.eval()
+        losses[name] = float(side.loss(batch))
+        side.model.train()
+    spread = max(losses.values()) - min(losses.values())
+    if spread > tol:
+        raise SystemExit(f"the contenders compute different losses on the same batch: {losses}")
+    return losses

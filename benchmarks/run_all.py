@@ -1,0 +1,150 @@
+"""Run every benchmark and rewrite benchmarks/RESULTS.md with a goals summary.
+
+    python benchmarks/run_all.py              # full run (about 10-15 minutes on 2 busy cores), writes RESULTS.md
+    python benchmarks/run_all.py --quick      # a few minutes, fewer shapes/repeats; prints, writes only with --output
+    python benchmarks/run_all.py --tiny --quick --output /tmp/r.md   # seconds-scale smoke on tiny shapes
+
+Sections: training step (bench_train), epoch on SST-2 (bench_epoch), generation (bench_generate), memory
+(bench_memory, one process per configuration) and GPU (bench_train on CUDA in bf16 when a GPU is present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_epoch
+import bench_generate
+import bench_memory
+import bench_train
+from common import HEADER, RESULTS, machine_line
+
+GOALS = {
+    "train": 1.2,        # training step vs transformers + peft
+    "epoch_ref": 5.0,    # epoch vs the reference recipe (padded to 128)
+    "epoch_dyn": 1.1,    # epoch vs transformers + peft with dynamic padding
+    "generate": 2.0,     # greedy batch 1 vs transformers
+}
+
+
+def verdict(value: float, goal: float) -> str:
+    return f"**met** ({value:.2f}× ≥ {goal:g}×)" if value >= goal else f"**not met** ({value:.2f}× < {goal:g}×)"
+
+
+def retitle(body: str, command: str) -> str:
+    """Name run_all's command in a section's first line, and the script command that gives it alone."""
+    first, rest = body.split("\n", 1)
+    match = re.match(r"Command: `(.*)`", first)
+    alone = match.group(1).replace(" --no-write", "") if match else "?"
+    return f"Command: `{command}` (this section alone: `{alone}`)  \n{rest}"
+
+
+def generation_speedup(body: str, batch: int = 1) -> float | None:
+    match = re.search(rf"^\| greedy, batch {batch} \|.*\| ([\d.]+)× \|$", body, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, repeats and sampled batches")
+    parser.add_argument("--tiny", action="store_true", help="tiny model shapes everywhere (smoke test)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"file to write (default {RESULTS.name} for a full run, nothing for --quick)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "epoch", "generate", "memory", "gpu"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    output = args.output if args.output is not None else (None if args.quick else RESULTS)
+    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command.strip()
+    small = "tiny" if args.tiny else "gpt2"
+    threads = ["--threads", str(args.threads)]
+    started = time.perf_counter()
+    sections: dict[str, str] = {}
+    goals: list[str] = []
+
+    if "train" not in args.skip:
+        train_args = ["--shape", small, "--no-write", *threads]
+        if args.quick:
+            train_args += ["--lengths", "128", "--large-shape", "none", "--repeats", "1"]
+        else:
+            train_args += ["--lengths", "128", "256", "512", "--repeats", "3"]
+        if args.tiny and "--large-shape" not in train_args:
+            train_args += ["--large-shape", "none"]
+        body, results = bench_train.main(train_args)
+        sections["Training step"] = retitle(body, command)
+        r = results[0]
+        ratio = r.tokens_per_s("gpt2lora") / r.tokens_per_s("transformers+peft")
+        goals.append(f"1. Training step ({r.shape}, B={r.batch}, T={r.length}, fp32 CPU) vs transformers + peft: "
+                     f"{verdict(ratio, GOALS['train'])}.")
+
+    if "epoch" not in args.skip:
+        epoch_args = ["--shape", small, "--no-write", *threads, "--samples", "3" if args.quick else "12"]
+        body, results = bench_epoch.main(epoch_args)
+        sections["Epoch on SST-2"] = retitle(body, command)
+        ours, ref, dyn, same = results
+        goals.append(f"2. Epoch on 2,000 SST-2 rows vs the reference recipe (padded to 128): "
+                     f"{verdict(ref.seconds / ours.seconds, GOALS['epoch_ref'])}; vs transformers + peft with "
+                     f"dynamic padding: {verdict(dyn.seconds / ours.seconds, GOALS['epoch_dyn'])} "
+                     f"(on gpt2lora's own bucketed batches: {same.seconds / ours.seconds:.2f}×).")
+
+    if "generate" not in args.skip:
+        gen_args = ["--shape", small, "--no-write", *threads]
+        if args.quick:
+            gen_args += ["--new", "32", "--batches", "1", "--repeats", "1", "--no-ablation"]
+        body = bench_generate.main(gen_args)
+        sections["Generation"] = retitle(body, command)
+        speedup = generation_speedup(body)
+        if speedup is not None:
+            goals.append(f"3. Greedy generation, batch 1, vs transformers: {verdict(speedup, GOALS['generate'])}.")
+
+    if "memory" not in args.skip:
+        mem_args = ["--shape", small, "--no-write", *threads, "--steps", "1" if args.quick else "3"]
+        body, results = bench_memory.main(mem_args)
+        sections["Memory"] = retitle(body, command)
+        ours, ref = results["gpt2lora-lora"], results["peft-lora"]
+        adds = [(r["peak_kib"] - r["baseline_kib"]) / 1024 for r in (ours, ref)]
+        met = ours["peak_kib"] <= ref["peak_kib"] and adds[0] <= adds[1]
+        goals.append(f"4. LoRA peak memory ≤ transformers + peft: **{'met' if met else 'not met'}** "
+                     f"(peak {ours['peak_kib'] / 1024:,.0f} vs {ref['peak_kib'] / 1024:,.0f} MiB; training adds "
+                     f"{adds[0]:,.0f} vs {adds[1]:,.0f} MiB).")
+
+    if "gpu" not in args.skip:
+        if torch.cuda.is_available():
+            body, _ = bench_train.main(["--shape", small, "--device", "cuda", "--precision", "bf16", "--no-write",
+                                        "--lengths", "128", "512", "--repeats", "1" if args.quick else "5"])
+            sections["GPU"] = body
+        else:
+            sections["GPU"] = ("Not measured: no GPU on this machine. On one, `python benchmarks/bench_train.py "
+                               "--device cuda --precision bf16` adds peak CUDA memory allocated and achieved "
+                               "TFLOP/s (nominal FLOPs, see `step_flops`) to the training-step table.")
+
+    minutes = (time.perf_counter() - started) / 60
+    summary = "\n".join([
+        f"Command: `{command}` ({minutes:.1f} min)  ",
+        f"Machine: {machine_line()}  ",
+        ("The CPU is shared with other work while these figures are taken, so absolute numbers move from run "
+         "to run; every comparison is interleaved within one process (or, for memory, one process per "
+         "configuration) and the ratios are the figures to read."),
+        "",
+        *goals,
+    ])
+    text = HEADER.format(machine=machine_line()).rstrip() + "\n\n## Goals\n\n" + summary + "\n"
+    for title, body in sections.items():
+        text += f"\n## {title}\n\n{body.strip()}\n"
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
