@@ -252,6 +252,7 @@ def test_instruction_run_writes_responses_and_offline_metrics_then_judged(tmp_pa
     require_shared(DATA)
     args = ["train", "--task", "alpaca_2k", "--smoke", "--data-root", str(DATA), "--vocab", str(VOCAB),
             "--device", "cpu", "--out", str(tmp_path), "--run-name", "ift", "--max-steps", "2", "--gen-rows", "3",
+            "--train-rows", "8", "--eval-rows", "4", "--max-length", "48",
             "--max-new-tokens", "4", "--quiet"]
     assert main(args) == 0
     run = tmp_path / "ift"
@@ -268,3 +269,28 @@ def test_instruction_run_writes_responses_and_offline_metrics_then_judged(tmp_pa
     assert summary["responses"] == 3 and len(fake_judge.requests) == 3 and summary["mean"] == 50
     sent = [r["messages"][0]["content"] for r in fake_judge.requests]
     assert all(r["response"] in prompt for r, prompt in zip(responses, sent))
+
+
+def test_reproduce_fills_the_judge_column_from_the_endpoint(tmp_path, fake_judge):
+    require_shared(DATA)
+    recipe = tmp_path / "ift.toml"
+    recipe.write_text('''title = "instruction row judged"
+source = { report = "cs7643_lora_finetuning_gpt2.txt", table = "Table 6" }
+[[rows]]
+name = "LoRA"
+task = "alpaca"
+method = "lora"
+gen_rows = 2
+published = { judge_score = 49.98 }
+''')
+    args = ["reproduce", str(recipe), "--smoke", "--data", str(DATA), "--vocab", str(VOCAB), "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--run-name", "r", "--judge-endpoint", fake_judge.url,
+            "--judge-model", "m"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "out" / "r" / "results.json").read_text())
+    (line,) = [x for x in results["comparison"] if x["figure"] == "judge_score"]
+    assert (line["published"], line["this_run"], line["difference"]) == (49.98, 50.0, "+0.02 (+0.0%)")
+    assert len(fake_judge.requests) == 2  # gen_rows responses, each judged once
+    report = (tmp_path / "out" / "r" / "report.md").read_text()
+    assert "| LoRA | LLM-judge score (0-100) | 49.98 | 50 | +0.02 (+0.0%) |" in report
+    assert "ROUGE-L F1" in report  # the offline reference metrics are reported besides
