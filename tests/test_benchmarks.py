@@ -1,0 +1,117 @@
+"""Smoke tests of the benchmark scripts on tiny shapes: they run and their outputs are consistent (never timing)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from conftest import DATA, REPO, require_shared
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_epoch
+import bench_memory
+import bench_train
+import pairs
+import run_all
+
+
+def test_training_step_both_sides_follow_the_same_trajectory():
+    """Without dropout, gpt2lora and transformers + peft take identical steps from identical starts."""
+    result = bench_train.bench_step("tiny", batch=2, length=16, repeats=2, warmup=1, dropout=0.0)
+    ours, ref = result.losses["gpt2lora"], result.losses["transformers+peft"]
+    assert len(ours) == len(ref) == 3  # warm-up + 2 timed steps
+    assert ours == pytest.approx(ref, abs=1e-4)
+    assert ours[-1] < ours[0]  # the same batch again: training lowers its loss
+    assert result.check["gpt2lora"] == pytest.approx(result.check["transformers+peft"], abs=1e-4)
+    assert result.check["gpt2lora"] == pytest.approx(ours[0], abs=1e-4)  # no dropout: eval loss = first step's
+    assert result.tokens == 32 and all(len(t.seconds) == 2 for t in result.timings.values())
+    rows = bench_train.table([result])
+    assert rows[2].startswith("| tiny | 2 × 16 |") and rows[2].endswith("× |")
+
+
+def test_padded_batch_losses_agree_and_configs_differ_loudly():
+    sides = pairs.lora_pair("tiny", dropout=0.0)
+    batch = pairs.random_batch("tiny", 4, 12, padded=True)
+    assert (batch["attention_mask"].sum(1) < 12).any()
+    losses = pairs.check_same_loss(sides, batch)
+    assert losses["gpt2lora"] == pytest.approx(losses["transformers+peft"], abs=1e-4)
+    with torch.no_grad():  # a different head on one side must be caught
+        sides["gpt2lora"].model.score.weight.add_(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(SystemExit, match="different losses"):
+        pairs.check_same_loss(sides, batch)
+
+
+def test_step_flops_by_hand():
+    # tiny: C=64, L=2; linears 12*64*64*2 = 98,304 weights; 2x16 tokens
+    linear, tokens, attention = 98_304, 32, 4 * 2 * 16 ** 2 * 64 * 2
+    assert bench_train.step_flops("tiny", 2, 16) == 4 * linear * tokens + 3 * attention
+
+
+def test_epoch_benchmark_counts_tokens_exactly():
+    require_shared(DATA / "sst2")
+    results = bench_epoch.bench_epoch("tiny", rows=48, batch=8, max_length=128, samples=2, dropout=0.0)
+    ours, ref, dyn, same = results
+    examples = bench_epoch.sst2_examples(48, 128)
+    real = sum(len(ex["input_ids"]) for ex in examples)
+    assert {r.real_tokens for r in results} == {real}
+    assert all(r.batches == 6 for r in results)
+    assert ref.slots == 48 * 128
+    assert same.slots == ours.slots <= dyn.slots < ref.slots
+    assert all(r.sampled == 2 and r.seconds > 0 and math.isfinite(r.first_loss) for r in results)
+    text = bench_epoch.section(results, "cmd", "tiny", 48, 8, 128)
+    assert text.count("\n| ") == 5 and "| 1.00× |" in text
+
+
+def test_epoch_sample_spans_the_widths():
+    batches = [[i] for i in range(10)]
+    widths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10]
+    picked = bench_epoch.sample(batches, widths, 3)
+    assert [widths[i] for i in picked] == [1, 5, 10]  # smallest, middle, largest
+    assert sorted(bench_epoch.sample(batches, widths, 0)) == list(range(10))
+
+
+@pytest.mark.slow
+def test_memory_workers_report_a_peak_over_their_baseline():
+    results = bench_memory.bench_memory("tiny", batch=2, length=16, steps=1, threads=1,
+                                        configs=("gpt2lora-lora", "peft-lora"))
+    for r in results.values():
+        assert r["peak_kib"] >= r["baseline_kib"] > 0
+        assert len(r["losses"]) == 1 and math.isfinite(r["losses"][0])
+    assert results["gpt2lora-lora"]["trainable"] == results["peft-lora"]["trainable"]
+    text = bench_memory.section(results, "cmd", "tiny", 2, 16, 1)
+    assert "gpt2lora, LoRA r=8" in text and "transformers + peft, LoRA r=8" in text
+
+
+def test_memory_worker_entry_point_prints_json(capsys):
+    body, results = bench_memory.main(["--worker", "gpt2lora-full", "--shape", "tiny", "--batch", "1",
+                                       "--length", "8", "--steps", "1"])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert body == "" and results == {}
+    assert '"config": "gpt2lora-full"' in out and '"trainable": ' in out
+
+
+def test_run_all_writes_goals_and_sections(tmp_path):
+    require_shared(DATA / "sst2")
+    out = tmp_path / "RESULTS.md"
+    text = run_all.main(["--tiny", "--quick", "--threads", "1", "--skip", "memory", "generate",
+                         "--output", str(out)])
+    assert out.read_text(encoding="utf-8") == text
+    for title in ("## Goals", "## Training step", "## Epoch on SST-2", "## GPU"):
+        assert title in text
+    assert "1. Training step (tiny" in text and "2. Epoch on 2,000 SST-2 rows" in text
+    assert text.count("**met**") + text.count("**not met**") == 3
+    assert "this section alone: `python benchmarks/bench_train.py --shape tiny" in text
+
+
+def test_run_all_helpers():
+    body = "x\n| greedy, batch 1 | 1 tok/s | 2 tok/s | 1.49× |\n| greedy, batch 8 | a | b | 1.10× |\n"
+    assert run_all.generation_speedup(body) == 1.49
+    assert run_all.generation_speedup(body, 8) == 1.10
+    assert run_all.generation_speedup("nothing") is None
+    assert run_all.verdict(1.25, 1.2).startswith("**met**")
+    assert run_all.verdict(1.1, 1.2).startswith("**not met**")
+    titled = run_all.retitle("Command: `python benchmarks/bench_x.py --a --no-write`  \nrest", "python run_all.py")
+    assert titled == "Command: `python run_all.py` (this section alone: `python benchmarks/bench_x.py --a`)  \nrest"
