@@ -119,7 +119,7 @@ def table(results: list[StepResult]) -> list[str]:
     return rows
 
 
-def section(results: list[StepResult], command: str, repeats: int) -> str:
+def section(results: list[StepResult], command: str, repeats: int, scale_repeats: int) -> str:
     r0 = results[0]
     device = (f"{r0.device}, {r0.precision}"
               + (" (autocast; fp32 weights)" if r0.precision != "fp32" else ""))
@@ -130,7 +130,8 @@ def section(results: list[StepResult], command: str, repeats: int) -> str:
          f"+ trained head, torch AdamW, random weights, {device}, dropout as in GPT-2's config (0.1). "
          "transformers + peft: GPT2ForSequenceClassification + LoraConfig(same targets, fan_in_fan_out=True, "
          "task_type=SEQ_CLS). Both sides computed the same loss on the timed batch (eval mode, within 1e-4) "
-         f"before timing; median of {repeats} interleaved steps after one warm-up step."),
+         f"before timing; median of {repeats} interleaved steps after one warm-up step (first row; the other "
+         f"rows, which show how cost grows: {scale_repeats})."),
         "",
         *table(results),
     ])
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> tuple[str, list[StepResult]]:
     parser.add_argument("--large-shape", default="gpt2-medium",
                         help="second shape, timed at the first length only ('none' to skip)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per side for the first row (median)")
+    parser.add_argument("--scale-repeats", type=int, default=1,
+                        help="timed steps per side for the other rows (longer T, larger shape)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--threads", type=int, default=None)
@@ -155,12 +158,12 @@ def main(argv: list[str] | None = None) -> tuple[str, list[StepResult]]:
     if args.large_shape != "none":
         runs.append((args.large_shape, args.lengths[0]))
     results = []
-    for shape, length in runs:
-        results.append(bench_step(shape, args.batch, length, repeats=args.repeats, device=args.device,
-                                  precision=args.precision))
+    for i, (shape, length) in enumerate(runs):
+        results.append(bench_step(shape, args.batch, length, repeats=args.repeats if i == 0 else args.scale_repeats,
+                                  device=args.device, precision=args.precision))
         print(table(results[-1:])[-1], flush=True)
     command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = section(results, command.strip(), args.repeats)
+    body = section(results, command.strip(), args.repeats, args.scale_repeats)
     if not args.no_write:
         write_section("Training step", body)
     print(body)

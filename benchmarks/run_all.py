@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite benchmarks/RESULTS.md with a goals summary.
 
-    python benchmarks/run_all.py              # full run (about 10-15 minutes on 2 busy cores), writes RESULTS.md
+    python benchmarks/run_all.py              # full run (about 10-15 minutes on 2 cores), writes RESULTS.md
     python benchmarks/run_all.py --quick      # a few minutes, fewer shapes/repeats; prints, writes only with --output
     python benchmarks/run_all.py --tiny --quick --output /tmp/r.md   # seconds-scale smoke on tiny shapes
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> str:
                      f"{verdict(ratio, GOALS['train'])}.")
 
     if "epoch" not in args.skip:
-        epoch_args = ["--shape", small, "--no-write", *threads, "--samples", "3" if args.quick else "12"]
+        epoch_args = ["--shape", small, "--no-write", *threads, "--samples", "3" if args.quick else "8"]
         body, results = bench_epoch.main(epoch_args)
         sections["Epoch on SST-2"] = retitle(body, command)
         ours, ref, dyn, same = results
