@@ -186,6 +186,9 @@ def example_main(description: str, tasks: Sequence[str], default_task: str,
     except GPT2LoRAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
+        print("interrupted", file=sys.stderr)
+        return 130
     from .distributed import is_main_process
 
     if not is_main_process():  # under torchrun rank 0 prints and owns the run folder
