@@ -75,6 +75,7 @@ def resume_in_process(resume_from: Path, out: Path) -> list[float]:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # two subprocesses: about 10 s on an idle 2-core machine, more when it is busy
 def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(reference, tmp_path):
     out = tmp_path / "run"
     killed = run_worker("trainer", str(out), "--kill-at-step", "7")  # mid-epoch 0 (9 steps per epoch)
@@ -93,6 +94,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(reference, tmp_path
     assert steps == list(range(1, TOTAL_STEPS + 1))  # the log has every step once
 
 
+@pytest.mark.slow  # two subprocesses: about 10 s on an idle 2-core machine, more when it is busy
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_latest(reference, tmp_path):
     out = tmp_path / "run"
     # 2 safetensors files per checkpoint: call 9 is the weights file of the checkpoint of step 5
@@ -122,6 +124,7 @@ def test_every_finished_checkpoint_resumes_exactly(reference, tmp_path):
         assert losses == reference, step
 
 
+@pytest.mark.slow  # two subprocesses: about 10 s on an idle 2-core machine, more when it is busy
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     out = tmp_path / "run"
     interrupted = run_worker("trainer", str(out), "--sigint-at-step", "5")
