@@ -313,9 +313,8 @@ def _(ctx):
 @case("adapter-rank-type", "adapter", CheckpointError, r"{path}: field 'r' is 'eight', expected")
 def _(ctx):
     folder = ctx.adapter()
-    ctx.edit_config_file = folder / "adapter_config.json"
-    raw = json.loads(ctx.edit_config_file.read_text())
-    ctx.edit_config_file.write_text(json.dumps({**raw, "r": "eight"}))
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": "eight"}))
     return lambda: load_adapter(ctx.model(), folder), {"path": folder / "adapter_config.json"}
 
 
