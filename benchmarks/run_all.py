@@ -69,6 +69,16 @@ def retitle(body: str, command: str) -> str:
     return f"Command: `{command}` (this section alone: `{alone}`)  \n{rest}"
 
 
+def kept_sections(path: Path, replaced: set[str]) -> str:
+    """The ``## `` sections of an existing results file that this run does not produce (other scripts' figures)."""
+    if not path.exists():
+        return ""
+    parts = re.split(r"^(?=## )", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    kept = [part.strip() for part in parts
+            if part.startswith("## ") and part[3:].splitlines()[0].strip() not in replaced]
+    return "".join(f"\n{part}\n" for part in kept)
+
+
 def generation_speedup(body: str, batch: int = 1) -> float | None:
     match = re.search(rf"^\| greedy, batch {batch} \|.*\| ([\d.]+)× \|$", body, re.MULTILINE)
     return float(match.group(1)) if match else None
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None) -> str:
     text = HEADER.format(machine=machine_line()).rstrip() + "\n\n## Goals\n\n" + summary + "\n"
     for title, body in sections.items():
         text += f"\n## {title}\n\n{body.strip()}\n"
+    if output is not None:
+        text += kept_sections(output, {"Goals", *sections})
     if output is not None:
         output.write_text(text, encoding="utf-8")
     print(text)

@@ -115,3 +115,12 @@ def test_run_all_helpers():
     assert run_all.verdict(1.1, 1.2).startswith("**not met**")
     titled = run_all.retitle("Command: `python benchmarks/bench_x.py --a --no-write`  \nrest", "python run_all.py")
     assert titled == "Command: `python run_all.py` (this section alone: `python benchmarks/bench_x.py --a`)  \nrest"
+
+
+def test_run_all_keeps_sections_it_does_not_write(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n## Goals\n\nold goals\n\n## Training step\n\nold\n\n"
+                   "## Scale levers\n\nkept body\n\n### sub\n\nmore\n", encoding="utf-8")
+    kept = run_all.kept_sections(out, {"Goals", "Training step"})
+    assert kept == "\n## Scale levers\n\nkept body\n\n### sub\n\nmore\n"
+    assert run_all.kept_sections(tmp_path / "missing.md", set()) == ""
