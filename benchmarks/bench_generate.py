@@ -11,6 +11,7 @@ of output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -26,13 +27,16 @@ from common import interleaved, machine_line, write_section
 from gpt2lora import GPT2, generate
 
 NOTES = """\
-Where the time goes (torch.profiler, batch 1, 124M shape): over 90 % of each step is the matrix-vector
-products of the block linears and the LM head, i.e. reading the weights; attention, LayerNorm, GELU,
-cache writes and Python together are a few percent. Measured on this machine, MKL's fp32 GEMV reaches
-10-13 GB/s on the nn.Linear (out, in) layout against ~24 GB/s for a plain streaming sum, and about
-20 GB/s when the weight is stored (in, out). generate therefore multiplies by an (n_embd, vocab) copy of
-the LM head at batch <= 2 (see the ablation line); the block weights keep the nn.Linear layout
-(LoRA-compatible), which caps batch 1 well below the ~60 tok/s bandwidth bound. Already in place: one
+Where the time goes (torch.profiler, batch 1, 124M shape, 128 new tokens): before the change below,
+over 90 % of each step was the matrix-vector products of the block linears and the LM head, i.e.
+reading 500 MB of weights per token; attention, LayerNorm, GELU, cache writes and Python together are
+3-4 ms a token. `F.linear` on one row runs BLAS's single-threaded matrix-vector kernel: about 21 ms a
+token for the block weights (stored (in, out), as the checkpoint's Conv1D) and 14 ms for the
+(vocab, n_embd) LM head. generate now runs every CPU product of at most 32 rows as one `bmm` over two
+halves of the weight (`gpt2lora/rowlinear.py`, a TorchFunctionMode around decoding; the weights are
+viewed, not copied): 14-15 ms and 4.5-5 ms, measured on 48 distinct weights so the 32 MB L3 cache
+cannot flatter it. That leaves bmm at ~86 % of the step; a plain streaming read of the same weights
+takes 8-12 ms, so about 40 % of the remaining time is above the bandwidth bound. Already in place: one
 preallocated KV cache, LM head applied to the last prompt position only, no mask tensor at batch 1.
 With the CPU shared by other processes, 2 intra-op threads can be slower than 1 (`--threads 1`).\
 """
@@ -82,27 +86,27 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
 
 
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
-    """Batch 1 with and without the transposed LM-head copy that generate uses at small batch."""
+    """Batch 1 with and without the few-row linear path (``rowlinear.FewRowLinear``) that generate uses."""
     module = sys.modules["gpt2lora.generate"]  # the package's `generate` attribute is the function
-    fast_head = module.decoding_head
+    few_row = module.FewRowLinear
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
 
-    def run(name: str, head) -> None:
-        module.decoding_head = head
+    def run(name: str, mode) -> None:
+        module.FewRowLinear = mode
         try:
             outputs[name] = generate(ours, ids, max_new_tokens=new, eos_token_id=None)
         finally:
-            module.decoding_head = fast_head
+            module.FewRowLinear = few_row
 
-    timings = interleaved({"with": lambda: run("with", fast_head),
-                           "without": lambda: run("without", lambda head, batch, steps: head)},
+    timings = interleaved({"with": lambda: run("with", few_row),
+                           "without": lambda: run("without", contextlib.nullcontext)},
                           repeats=repeats)
     if not torch.equal(outputs["with"], outputs["without"]):
-        raise SystemExit("the transposed LM head changed the generated tokens")
+        raise SystemExit("the few-row linear path changed the generated tokens")
     with_, without = (new / timings[k].median for k in ("with", "without"))
-    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the transposed LM-head copy, "
-            f"{without:.1f} tok/s without it ({with_ / without:.2f}×); tokens identical.")
+    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the few-row linear path, "
+            f"{without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×); tokens identical.")
 
 
 def bench_load(folder: Path, repeats: int) -> dict:

@@ -7,7 +7,7 @@ import torch
 from conftest import ODD, REPO, TINY
 
 from gpt2lora import GPT2, ConfigError, generate
-from gpt2lora.generate import decoding_head, filter_logits, next_token, transposed_copy
+from gpt2lora.generate import filter_logits, next_token
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,18 +90,6 @@ def test_long_greedy_runs_at_small_batch_match_transformers(batch, tiny_checkpoi
         expected = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
     assert got.shape == (batch, TINY["n_positions"])
     assert torch.equal(got, expected)
-
-
-def test_decoding_head_equals_lm_head(tiny_checkpoint):
-    model = GPT2.from_pretrained(tiny_checkpoint)
-    weight = model.lm_head.weight
-    assert torch.equal(transposed_copy(weight, rows_per_chunk=100), weight.t())
-    hidden = torch.randn(2, TINY["n_embd"], generator=torch.Generator().manual_seed(0))
-    fast = decoding_head(model.lm_head, batch=2, steps=64)
-    assert fast is not model.lm_head
-    torch.testing.assert_close(fast(hidden), model.lm_head(hidden), atol=1e-5, rtol=0)
-    assert decoding_head(model.lm_head, batch=8, steps=64) is model.lm_head
-    assert decoding_head(model.lm_head, batch=1, steps=8) is model.lm_head
 
 
 def test_right_padding_is_left_aligned(odd_models):

@@ -1,0 +1,76 @@
+"""Linear layers on a few rows (one token per sequence while decoding) as batched matrix products.
+
+On CPU, ``F.linear`` of a handful of rows against a large weight runs BLAS's matrix-vector
+kernel, which reads the weight at a fraction of the memory bandwidth (12-13 GB/s measured on the
+2-core development machine). Viewing the same weight as two halves of its output features and
+multiplying them with one ``torch.bmm`` lets torch split the work across threads with a faster
+kernel: about twice the speed for GPT-2 124M's block weights and 2.7x for its LM head at batch 1. The
+weight is only viewed, never copied, so LoRA-wrapped and merged layers take the same path.
+Results equal ``F.linear`` up to float rounding (a different summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
+MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
+SPLITS = 2
+
+
+def linear_by_halves(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` computed as one ``bmm`` over ``SPLITS`` blocks of the weight.
+
+    A contiguous (out, in) ``weight`` — GPT-2's tied LM head — is cut into blocks of output
+    features; the transpose of a contiguous (in, out) tensor — the layout the checkpoint's Conv1D
+    matrices are loaded in — into blocks of input features whose partial products are summed.
+    """
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, in_features)
+    if weight.is_contiguous():
+        even = out_features - out_features % SPLITS
+        halves = weight[:even].view(SPLITS, even // SPLITS, in_features)
+        out = torch.bmm(halves, rows.t().unsqueeze(0).expand(SPLITS, -1, -1)).permute(2, 0, 1)
+        out = out.reshape(rows.size(0), even)
+        if even < out_features:  # an odd feature count (GPT-2's 50,257-token head): the last one on its own
+            out = torch.cat([out, F.linear(rows, weight[even:])], dim=1)
+    else:
+        halves = weight.t().view(SPLITS, in_features // SPLITS, out_features)
+        parts = rows.view(rows.size(0), SPLITS, in_features // SPLITS).transpose(0, 1)
+        out = torch.bmm(parts, halves).sum(dim=0)
+    if bias is not None:  # added after: baddbmm with a bias broadcast over rows is slow on CPU
+        out.add_(bias)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def takes_few_row_path(x: Any, weight: Any) -> bool:
+    """Whether ``F.linear(x, weight)`` is a few-row product on CPU worth splitting."""
+    return (isinstance(x, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == weight.dtype and not torch.is_grad_enabled()
+            and x.dim() >= 1 and x.size(-1) == weight.size(1) and x.numel() // max(weight.size(1), 1) <= MAX_ROWS
+            and weight.numel() >= MIN_WEIGHT_SIZE and weight.size(0) >= SPLITS
+            and (weight.is_contiguous() or (weight.t().is_contiguous() and weight.size(1) % SPLITS == 0)))
+
+
+class FewRowLinear(TorchFunctionMode):
+    """Within this context, every CPU ``F.linear`` on at most ``MAX_ROWS`` rows uses ``linear_by_halves``.
+
+    ``generate`` enters it for the decoding steps; anything else (training, gradients, other
+    devices, products that need gradients) is passed through untouched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if takes_few_row_path(x, weight) and (bias is None or bias.dtype == weight.dtype):
+                return linear_by_halves(x, weight, bias)
+        return func(*args, **kwargs)
