@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -46,11 +47,6 @@ from .config import LoRAConfig, TrainConfig
 from .data import TASKS
 from .errors import ConfigError
 from .methods import METHODS
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: tomllib arrived in 3.11
-    tomllib = None  # type: ignore[assignment]
 
 #: Method of a row that only evaluates the base model (the "foundation" / "no fine-tuning" rows).
 EVAL_ONLY = "none"
@@ -326,8 +322,6 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe file")
-    if tomllib is None:
-        raise ConfigError(f"{path}: reading recipes needs Python 3.11 or newer (the standard library's tomllib)")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
