@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import KVCache
-from .rowlinear import FewRowLinear
+from .rowlinear import few_row_products
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -109,8 +109,8 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
     weight = model.lm_head.weight
     cache = KVCache(model.config, batch, prompt_len + max_new_tokens, weight.dtype, weight.device)
     # Decoding feeds one position per row: its products are bound by reading the weights, which
-    # FewRowLinear does faster on CPU (and leaves to F.linear elsewhere).
-    with FewRowLinear():
+    # few_row_products does faster on CPU (and leaves to F.linear elsewhere).
+    with few_row_products():
         new_tokens = _decode(model, input_ids, attention_mask, cache, max_new_tokens,
                              lambda logits: next_token(logits, temperature, top_k, top_p, generator), eos_token_id)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig
 from .errors import ConfigError
+from .rowlinear import linear
 
 #: Name of the classification head; LoRA never wraps or freezes it.
 HEAD_NAME = "score"
@@ -96,16 +97,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         h = self.lora_dropout(x) if self.lora_dropout is not None else x
         if x.dtype == self.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
             # Scale the small (tokens, rank) product, then let BLAS accumulate B's product straight into
             # the base output (beta=1): no full-size update tensor, multiply or add. In-place is safe:
             # the base linear's backward keeps its inputs, not its output.
-            out = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            out = linear(x.reshape(-1, self.in_features), self.weight, self.bias)
             down = F.linear(h.reshape(-1, self.in_features), self.lora_A) * self.scaling
             return out.addmm_(down, self.lora_B.t()).view(*x.shape[:-1], self.out_features)
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         if h.dtype != self.lora_A.dtype:
             h = h.to(self.lora_A.dtype)  # under autocast F.linear casts again to the autocast dtype
         update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
@@ -242,7 +243,7 @@ class QKVLoRALinear(nn.Module):
             b.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         if self.merged:
             return out
         dtype = self.pair(self.parts[0])[0].dtype

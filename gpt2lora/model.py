@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .errors import ConfigError
+from .rowlinear import Linear
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,8 +48,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -97,9 +98,9 @@ def activation(name: str) -> nn.Module:
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.c_fc = Linear(config.n_embd, config.inner_dim)
         self.act = activation(config.activation_function)
-        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.c_proj = Linear(config.inner_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -275,7 +276,7 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             init_weights(self, config.n_layer)

@@ -5,18 +5,20 @@ kernel, which reads the weight at a fraction of the memory bandwidth (12-13 GB/s
 2-core development machine). Viewing the same weight as two halves of its output features and
 multiplying them with one ``torch.bmm`` lets torch split the work across threads with a faster
 kernel: about twice the speed for GPT-2 124M's block weights and 2.7x for its LM head at batch 1. The
-weight is only viewed, never copied, so LoRA-wrapped and merged layers take the same path.
+weight is only viewed, never copied, so LoRA-wrapped and merged layers take the same path: the model's
+layers are :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch import Tensor, nn
 
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
@@ -58,19 +60,34 @@ def takes_few_row_path(x: Any, weight: Any) -> bool:
             and (weight.is_contiguous() or (weight.t().is_contiguous() and weight.size(1) % SPLITS == 0)))
 
 
-class FewRowLinear(TorchFunctionMode):
-    """Within this context, every CPU ``F.linear`` on at most ``MAX_ROWS`` rows uses ``linear_by_halves``.
+_decoding = False
+"""True inside ``few_row_products()``; a plain global so ``torch.compile`` guards on it cheaply."""
 
-    ``generate`` enters it for the decoding steps; anything else (training, gradients, other
-    devices, products that need gradients) is passed through untouched.
+
+@contextmanager
+def few_row_products() -> Iterator[None]:
+    """Within this context, ``linear`` (and so every ``Linear``) uses ``linear_by_halves`` where it pays.
+
+    ``generate`` enters it for decoding; training, gradients, other devices and many-row products
+    go to ``F.linear`` as always.
     """
+    global _decoding
+    previous, _decoding = _decoding, True
+    try:
+        yield
+    finally:
+        _decoding = previous
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x = args[0] if args else kwargs.get("input")
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if takes_few_row_path(x, weight) and (bias is None or bias.dtype == weight.dtype):
-                return linear_by_halves(x, weight, bias)
-        return func(*args, **kwargs)
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, or ``linear_by_halves`` inside ``few_row_products()`` for a few CPU rows."""
+    if _decoding and takes_few_row_path(x, weight) and (bias is None or bias.dtype == weight.dtype):
+        return linear_by_halves(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward goes through :func:`linear`: same parameters, names and state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

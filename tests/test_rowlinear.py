@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import make_hf_checkpoint
 
 from gpt2lora import GPT2, LoRAConfig, apply_lora, generate, merge_lora, rowlinear
-from gpt2lora.rowlinear import FewRowLinear, linear_by_halves
+from gpt2lora.rowlinear import Linear, few_row_products, linear_by_halves
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,22 +58,36 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
-def test_mode_takes_the_path_only_for_few_rows_without_gradients(monkeypatch):
+def test_path_is_taken_only_inside_the_context_for_few_rows_without_gradients(monkeypatch):
     calls = counting(monkeypatch)
-    layer = torch.nn.Linear(256, 512)
+    layer = Linear(256, 512)
     few, many = torch.randn(4, 256), torch.randn(rowlinear.MAX_ROWS + 1, 256)
     with torch.no_grad():
         expected = F.linear(few, layer.weight, layer.bias)
-    with torch.no_grad(), FewRowLinear():
+        assert torch.equal(layer(few), expected)  # outside the context: F.linear itself
+    assert calls == []
+    with torch.no_grad(), few_row_products():
         torch.testing.assert_close(layer(few), expected, atol=1e-4, rtol=1e-5)
         layer(many)
-        torch.nn.Linear(16, 16)(torch.randn(1, 16))  # a small weight stays on F.linear
+        Linear(16, 16)(torch.randn(1, 16))  # a small weight stays on F.linear
     assert calls == [512]
-    with FewRowLinear():
+    with few_row_products():
         out = layer(few)  # gradients wanted: untouched
         out.sum().backward()
     assert calls == [512] and layer.weight.grad is not None
-    assert torch.equal(out.detach(), F.linear(few, layer.weight, layer.bias).detach())
+    assert torch.equal(out.detach(), expected)
+    assert rowlinear._decoding is False  # the context restores the flag
+
+
+def test_model_layers_are_plain_linears_with_the_same_state_dict(wide_checkpoint):
+    model = GPT2.from_pretrained(wide_checkpoint)
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    assert isinstance(model.lm_head, Linear)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(wide_checkpoint)
+    ours = {k.removeprefix("transformer."): v.shape for k, v in model.state_dict().items()}
+    theirs = {k.removeprefix("transformer."): v.shape for k, v in ref.state_dict().items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert set(ours) == set(theirs)
 
 
 @pytest.fixture(scope="module")
