@@ -191,8 +191,7 @@ def scale_section(results: dict) -> str:
                    "not shrink: the logits (batch × tokens × 50,257 floats) and their log-softmax for the loss, and "
                    "one block's recomputed activations during backward. Dropout 0.1 (model and LoRA) is on and the "
                    "loss is the same: the recomputation replays the RNG (tests/test_scale.py checks losses and "
-                   "gradients). Expect about one extra forward per step in time (~1.3×); the step times here were "
-                   "taken while other jobs shared the two cores, so their ratio is only indicative."), ""]
+                   "gradients). The time cost is one extra forward of each block per step (at most ~1.3×)."), ""]
     if "compile" in results:
         c = results["compile"]
         eager, comp = c["runs"]
@@ -205,6 +204,8 @@ def scale_section(results: dict) -> str:
                   (f"| step after it, mean of {c['steps']} (s) | {eager['step_s']:.2f} | {comp['step_s']:.2f} | "
                   f"{eager['step_s'] / comp['step_s']:.2f}× |"), "",
                   f"Largest loss difference over the {len(eager['losses'])} steps: {delta:.1e}. "
+                  + "The first compiled step includes compiling, shorter when Inductor's on-disk cache already holds "
+                    "the kernels from an earlier run (a cold compile took about 50 s on the development machine). "
                   + (f"The compile time pays back after about {payback:.0f} steps." if saved > 0 else
                      "Compiled steps are not faster here, so compile never pays back.")
                   + " `TrainConfig.compile` stays off by default: on a CPU the saving per step is small against "

@@ -124,3 +124,30 @@ def test_run_all_keeps_sections_it_does_not_write(tmp_path):
     kept = run_all.kept_sections(out, {"Goals", "Training step"})
     assert kept == "\n## Scale levers\n\nkept body\n\n### sub\n\nmore\n"
     assert run_all.kept_sections(tmp_path / "missing.md", set()) == ""
+
+
+def test_scale_section_reports_the_measured_ratios():
+    """The Scale levers section derives its ratios and the compile payback from the workers' figures."""
+    import bench_scale
+
+    memory_run = {"saved_mb": 800.0, "rss_before_mb": 500.0, "step_s": 2.0, "loss": 1.5, "peak_rss_mb": 2000.0}
+    results = {
+        "preset": "gpt2", "machine": "test machine", "load_before": 0.1, "load_after": 0.2,
+        "memory": {"batch": 2, "seq": 8, "runs": [memory_run, {**memory_run, "saved_mb": 100.0,
+                                                                "peak_rss_mb": 1000.0, "step_s": 2.6}]},
+        "compile": {"batch": 2, "seq": 8, "steps": 3, "runs": [
+            {"first_step_s": 2.0, "step_s": 2.0, "losses": [1.0, 0.9]},
+            {"first_step_s": 12.0, "step_s": 1.5, "losses": [1.0, 0.9000004]}]},
+        "ddp": {"batch": 4, "seq": 8, "steps": 3, "runs": [
+            {"world_size": 1, "threads": 2, "step_s": 1.0, "samples_per_s": 4.0, "losses": [1.0]},
+            {"world_size": 1, "threads": 1, "step_s": 2.0, "samples_per_s": 2.0, "losses": [1.0]},
+            {"world_size": 2, "threads": 1, "step_s": 1.25, "samples_per_s": 3.2, "losses": [1.000001]}]},
+    }
+    text = bench_scale.scale_section(results)
+    assert "| activations saved for backward (MB) | 800 | 100 | 0.12 |" in text
+    assert "| peak RSS − RSS before the step (MB) | 1500 | 500 |" in text
+    assert "| forward + backward (s) | 2.0 | 2.6 | 1.30 |" in text
+    assert "| step after it, mean of 3 (s) | 2.00 | 1.50 | 1.33× |" in text
+    assert "pays back after about 20 steps" in text  # (12 - 2) s extra / 0.5 s saved per step
+    assert "Largest loss difference over the 2 steps: 4.0e-07" in text
+    assert "1.60× the samples/s of one 1-thread process and 0.80× one process with 2 threads" in text

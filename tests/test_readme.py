@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, make_hf_checkpoint
 
 README = REPO / "README.md"
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
 def bash_blocks() -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +38,13 @@ def test_setup_commands_are_exactly_two_and_ci_runs_the_test_one():
     assert setup[1].endswith("python -m pytest -q")
     test_command = setup[1].split("&&")[-1].strip()
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert re.search(rf"^{re.escape(test_command)}$", ci, flags=re.M), "CI must run the README's test command"
+    assert re.search(rf"^{re.escape(test_command)}$", ci, flags=re.MULTILINE), "CI must run the README's test command"
     assert ci.index("torch==2.13.0") < ci.index("pip install --disable-pip-version-check -q -e")
 
 
 def test_usage_example_generates(gpt2_stand_in, capsys):
     code = python_blocks()[0].replace('"gpt2"', json.dumps(str(gpt2_stand_in)))
-    exec(compile(code, "README usage", "exec"), {})
+    exec(compile(code, "README usage", "exec"), {})  # noqa: S102 - the README is our own text
     printed = capsys.readouterr().out
     assert printed.startswith("LoRA is") and len(printed) > len("LoRA is\n")
 
@@ -58,7 +57,7 @@ def test_library_example_trains_saves_and_merges(gpt2_stand_in, shared_data, tmp
     code = (code.replace('"gpt2"', json.dumps(str(gpt2_stand_in)))
             .replace('"train")', '"train", limit=96)').replace('"validation")', '"validation", limit=64)'))
     namespace: dict = {}
-    exec(compile(code, "README library", "exec"), namespace)
+    exec(compile(code, "README library", "exec"), namespace)  # noqa: S102 - the README is our own text
     last_eval = namespace["history"].evals[-1]
     assert 0.0 <= last_eval["accuracy"] <= 1.0 and last_eval["loss"] > 0
     assert (tmp_path / "runs/sst2/adapter/adapter_config.json").is_file()
@@ -87,10 +86,10 @@ def test_real_training_command_parses():
 
 def test_readme_sections_are_filled():
     text = README.read_text(encoding="utf-8")
-    assert not re.search(r"^[A-Z_]+_SECTION$", text, flags=re.M), "a README section placeholder is left"
+    assert not re.search(r"^[A-Z]+(_[A-Z]+)+$", text, flags=re.MULTILINE), "a README section placeholder is left"
 
 
 def test_console_script_answers_help():
-    result = subprocess.run([sys.executable, "-m", "gpt2lora.cli", "--help"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "gpt2lora.cli", "--help"], check=False, capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and "quickstart" in result.stdout
