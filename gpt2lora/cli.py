@@ -159,6 +159,16 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``--save-every`` and ``--resume``: what keeps a long run when it is killed or interrupted."""
+    parser.add_argument("--save-every", type=positive_int, default=None, metavar="N",
+                        help="also write a checkpoint every N optimizer steps into RUN/checkpoints (one is always "
+                             "written at each epoch end)")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue a killed or interrupted run: 'auto' = the latest checkpoint of "
+                             "--out/--run-name, or a run folder, or one RUN/checkpoints/checkpoint-N folder")
+
+
 def example_parser(description: str, tasks: Sequence[str], default_task: str) -> argparse.ArgumentParser:
     """The argument parser of an ``examples/*.py`` script: the ``train`` knobs, limited to ``tasks``."""
     parser = argparse.ArgumentParser(description=description)
@@ -167,6 +177,7 @@ def example_parser(description: str, tasks: Sequence[str], default_task: str) ->
     add_method_args(parser)
     add_train_args(parser)
     add_output_args(parser)
+    add_checkpoint_args(parser)
     return parser
 
 
@@ -187,7 +198,8 @@ def example_main(description: str, tasks: Sequence[str], default_task: str,
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
-        print("interrupted", file=sys.stderr)
+        print("interrupted; continue with the same command plus --resume auto (with --run-name) or "
+              "--resume RUN_FOLDER", file=sys.stderr)
         return 130
     from .distributed import is_main_process
 
@@ -252,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(train)
     add_train_args(train)
     add_output_args(train)
-    train.add_argument("--save-every", type=positive_int, default=None, metavar="N",
-                       help="also write a checkpoint every N optimizer steps into RUN/checkpoints (one is always "
-                            "written at each epoch end)")
-    train.add_argument("--resume", default=None, metavar="PATH|auto",
-                       help="continue a killed or interrupted run: 'auto' = the latest checkpoint of --out/--run-name, "
-                            "or a run folder, or one RUN/checkpoints/checkpoint-N folder")
+    add_checkpoint_args(train)
 
     evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
     evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")

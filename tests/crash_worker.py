@@ -5,7 +5,7 @@
 with a checkpoint after every step into OUT, and writes ``OUT/losses.json`` when it finishes.
 
 ``python tests/crash_worker.py cli [--kill-at-step N] [--sigint-at-step N] -- ARGS`` runs
-``gpt2lora ARGS`` with the same hooks.
+``gpt2lora ARGS`` with the same hooks; ``example`` instead of ``cli`` runs ``examples/sentiment.py ARGS``.
 
 Hooks (deterministic, so a test knows what is on disk when the process dies):
 - ``--kill-at-step N``: SIGKILL just before optimizer step N starts (steps 1..N-1 are done).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import signal
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def install_hooks(kill_at_step: int | None, kill_in_save: int | None, sigint_at_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("trainer", "cli"))
+    parser.add_argument("mode", choices=("trainer", "cli", "example"))
     parser.add_argument("out", nargs="?")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int)
@@ -107,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         from gpt2lora.cli import main as cli_main
 
         return cli_main(rest)
+    if args.mode == "example":
+        sys.argv = ["sentiment.py", *rest]
+        try:
+            runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "sentiment.py"), run_name="__main__")
+        except SystemExit as done:
+            return int(done.code or 0)
+        return 0
     trainer = train_module.Trainer(build_model(), build_config(args.out, args.resume))
     try:
         history = trainer.fit(build_data())
