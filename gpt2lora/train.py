@@ -747,7 +747,10 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     def _stop_if_interrupted(self) -> None:
-        if not getattr(self, "_stop_requested", False):
+        requested = getattr(self, "_stop_requested", False)
+        if self.dist.enabled:  # all ranks stop after the same step, or one would wait forever in an all-reduce
+            requested = distributed.all_reduce_sum([float(requested)], self.device)[0] > 0
+        if not requested:
             return
         step = self._position.step
         where = "no checkpoint (TrainConfig.out_dir is not set)"

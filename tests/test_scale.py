@@ -304,6 +304,56 @@ def test_only_rank_zero_writes(ddp_results):
                                                          "history.jsonl"]
 
 
+def ctrl_c_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Ctrl-C reaches rank 1 only, during step 2: every rank must stop after step 2 (none waits in an all-reduce)."""
+    import signal
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    real_step = train_module.Trainer._train_step
+    calls = {"n": 0}
+
+    def train_step(self, group, counts):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, group, counts)
+
+    train_module.Trainer._train_step = train_step
+    trainer = Trainer(tiny_model("cls"), config(epochs=2, out_dir=str(Path(folder) / "out")))
+    try:
+        trainer.fit(batches("cls"))
+        outcome = "finished"
+    except KeyboardInterrupt as err:
+        outcome = str(err)
+    (Path(folder) / f"ctrl-c-{rank}.json").write_text(json.dumps(
+        {"outcome": outcome, "steps": [s["step"] for s in trainer.history.steps]}), encoding="utf-8")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    context = torch.multiprocessing.start_processes(ctrl_c_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                                                    join=False, start_method="spawn")
+    try:
+        for _ in range(240):  # a rank left waiting in an all-reduce would otherwise hang the test suite
+            if context.join(timeout=1):
+                break
+        else:
+            pytest.fail("the ranks did not both stop within 240 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    results = [json.loads((tmp_path / f"ctrl-c-{r}.json").read_text()) for r in (0, 1)]
+    for result in results:
+        assert result["steps"] == [1, 2]
+        assert result["outcome"].startswith("training interrupted after step 2; saved checkpoint")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-0000002"]
+
+
 # --- torchrun on the gpt2lora command ---
 
 @pytest.mark.slow
