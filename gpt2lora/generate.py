@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .model import KVCache
+from .prompt import get_prompt
 from .rowlinear import few_row_products
 
 if TYPE_CHECKING:
@@ -92,8 +93,11 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
                           f"{tuple(input_ids.shape)}")
     batch, prompt_len = input_ids.shape
     limit = model.config.n_positions
-    if prompt_len + max_new_tokens > limit:
-        raise ConfigError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the "
+    soft_prompt = get_prompt(model)
+    virtual = soft_prompt.num_virtual_tokens if soft_prompt is not None else 0
+    if virtual + prompt_len + max_new_tokens > limit:
+        soft = f" + {virtual} soft-prompt vectors" if virtual else ""
+        raise ConfigError(f"prompt of {prompt_len} tokens{soft} + max_new_tokens={max_new_tokens} exceeds the "
                           f"model's n_positions={limit}; shorten the prompt or ask for fewer tokens")
     if max_new_tokens == 0:
         return input_ids
@@ -107,7 +111,7 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
                               "least one token")
         input_ids, attention_mask = left_align(input_ids, attention_mask)
     weight = model.lm_head.weight
-    cache = KVCache(model.config, batch, prompt_len + max_new_tokens, weight.dtype, weight.device)
+    cache = KVCache(model.config, batch, virtual + prompt_len + max_new_tokens, weight.dtype, weight.device)
     # Decoding feeds one position per row: its products are bound by reading the weights, which
     # few_row_products does faster on CPU (and leaves to F.linear elsewhere).
     with few_row_products():

@@ -194,13 +194,16 @@ class Transformer(nn.Module):
             self._check_input_ids(input_ids)
             inputs_embeds = self.wte(input_ids)
         n_prompt = 0
-        if self.prompt is not None:
-            if kv_cache is not None:
-                raise ConfigError("a model with a soft prompt (method 'prompt') cannot run with a KV cache, "
-                                  "so it cannot generate yet; score text with a plain forward instead")
+        if self.prompt is not None and past == 0:
             n_prompt = self.prompt.num_virtual_tokens
             inputs_embeds, attention_mask, position_ids = self.prompt.prepend(
                 inputs_embeds, attention_mask, position_ids)
+        elif self.prompt is not None:  # the prompt is in the cache already; the caller's mask covers the text
+            n = self.prompt.num_virtual_tokens
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.size(0), n), attention_mask], 1)
+            if position_ids is not None:
+                position_ids = position_ids + n
         B, T, _ = inputs_embeds.shape
         if past + T > self.config.n_positions:
             raise ConfigError(

@@ -173,6 +173,37 @@ def test_right_padded_lm_matches_peft_on_real_tokens(tiny_checkpoint, tmp_path) 
     torch.testing.assert_close(ours[1, :4], theirs[1, :4], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("lengths", [[6], [6, 3, 4]])
+def test_generation_with_a_soft_prompt_matches_peft_and_the_uncached_forward(tiny_checkpoint, tmp_path,
+                                                                              lengths) -> None:
+    model = prompted("lm", tiny_checkpoint)
+    save_adapter(model, tmp_path / "adapter")
+    twin = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint),
+                                          tmp_path / "adapter").eval()
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):  # left padding, as generation wants it
+        ids[row, width - n:] = tokens(1, n, seed=row)[0]
+        mask[row, width - n:] = 1
+    new = 64 - N_VIRTUAL - width  # up to n_positions
+    ours = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
+    with torch.no_grad():
+        theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                               pad_token_id=0)
+    # peft ignores position ids under prompt tuning, so a left-padded row gets other positions there; rows
+    # without padding must agree token for token, padded rows must equal their own unpadded generation
+    assert torch.equal(ours[0, -new:], theirs[0, -new:])
+    for row, n in enumerate(lengths[1:], start=1):
+        alone = model.generate(ids[row:row + 1, width - n:], max_new_tokens=new, eos_token_id=None)
+        assert torch.equal(ours[row, -new:], alone[0, -new:])
+    # and the cached steps give what one uncached forward over prompt + continuation gives
+    full_mask = torch.cat([mask, torch.ones(len(lengths), new, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        greedy = model(ours, attention_mask=full_mask)[:, width - 1:-1].argmax(-1)
+    assert torch.equal(greedy, ours[:, width:])
+
+
 @pytest.mark.parametrize("kind", ["lm", "clf"])
 def test_peft_saved_prompt_loads_in_gpt2lora(tiny_checkpoint, clf_checkpoint, tmp_path, kind) -> None:
     checkpoint = checkpoint_for(kind, tiny_checkpoint, clf_checkpoint)
@@ -219,8 +250,9 @@ def test_prompt_errors(tiny_checkpoint) -> None:
         prepare_model(model, "lora")
     with pytest.raises(ConfigError, match="prompt= is only used by method 'prompt'"):
         prepare_model(GPT2.from_pretrained(tiny_checkpoint), "full", prompt=PromptConfig())
-    with pytest.raises(ConfigError, match="cannot run with a KV cache"):
-        model.generate(tokens(1, 3), max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"prompt of 3 tokens \+ 5 soft-prompt vectors \+ max_new_tokens=57 "
+                                          "exceeds the model's n_positions=64"):
+        model.generate(tokens(1, 3), max_new_tokens=57)
     with pytest.raises(ConfigError, match=r"attention_mask has shape \(2, 9\), expected \(2, 7\)"):
         model(tokens(), attention_mask=torch.ones(2, 9))
     assert model(tokens(1, 59)).shape == (1, 59, TINY["vocab_size"])  # 5 virtual + 59 = n_positions
@@ -287,6 +319,23 @@ def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
     assert torch.equal(get_prompt(model).weight, saved["prompt_embeddings"])
     assert trainable(model) == {"transformer.prompt.weight", "score.weight"}
     assert main(["eval", "--run", str(run), "--quiet"]) == 0
+
+
+def test_cli_prompt_run_on_a_generation_task_generates(tmp_path, capsys) -> None:
+    """A soft-prompt SQuAD run scores answers by generating them, and ``gpt2lora generate`` continues text."""
+    from conftest import DATA, VOCAB, require_shared
+
+    from gpt2lora.cli import main
+
+    args = ["--smoke", "--data-root", str(require_shared(DATA)), "--vocab", str(require_shared(VOCAB)),
+            "--out", str(tmp_path), "--quiet", "--run-name", "q", "--max-steps", "2", "--eval-rows", "4"]
+    assert main(["train", "--task", "squad", *args, "--method", "prompt", "--num-virtual-tokens", "4"]) == 0
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert len(metrics["samples"]) > 0 and all(isinstance(s["prediction"], str) for s in metrics["samples"])
+    capsys.readouterr()
+    assert main(["generate", "--run", str(tmp_path / "q"), "--max-new-tokens", "5", "Question: where"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("### generated") == 1 and len(printed.split("### generated")[1].strip()) > 0
 
 
 def test_a_prompt_model_cannot_be_exported_as_a_plain_checkpoint(tiny_checkpoint, tmp_path) -> None:
