@@ -175,7 +175,6 @@ def main(argv: list[str] | None = None) -> str:
         text += f"\n## {title}\n\n{body.strip()}\n"
     if output is not None:
         text += kept_sections(output, {"Goals", *sections})
-    if output is not None:
         output.write_text(text, encoding="utf-8")
     print(text)
     return text

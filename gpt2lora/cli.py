@@ -159,6 +159,9 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+RESUME_HINT = "continue with the same command plus --resume auto (with --run-name) or --resume RUN_FOLDER"
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """``--save-every`` and ``--resume``: what keeps a long run when it is killed or interrupted."""
     parser.add_argument("--save-every", type=positive_int, default=None, metavar="N",
@@ -198,8 +201,7 @@ def example_main(description: str, tasks: Sequence[str], default_task: str,
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
-        print("interrupted; continue with the same command plus --resume auto (with --run-name) or "
-              "--resume RUN_FOLDER", file=sys.stderr)
+        print(f"interrupted; {RESUME_HINT}", file=sys.stderr)
         return 130
     from .distributed import is_main_process
 
@@ -346,8 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpt2lora {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
-        hint = ("; continue with the same command plus --resume auto (with --run-name) or --resume RUN_FOLDER"
-                if args.command == "train" else "")
+        hint = f"; {RESUME_HINT}" if args.command == "train" else ""
         print(f"gpt2lora {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0

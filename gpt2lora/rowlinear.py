@@ -50,9 +50,10 @@ def linear_by_halves(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return out.view(*x.shape[:-1], out_features)
 
 
-def takes_few_row_path(x: Any, weight: Any) -> bool:
-    """Whether ``F.linear(x, weight)`` is a few-row product on CPU worth splitting."""
+def takes_few_row_path(x: Any, weight: Any, bias: Any = None) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` is a few-row product on CPU worth splitting."""
     return (isinstance(x, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2
+            and (bias is None or (isinstance(bias, Tensor) and bias.dtype == weight.dtype))
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == weight.dtype and not torch.is_grad_enabled()
             and x.dim() >= 1 and x.size(-1) == weight.size(1) and x.numel() // max(weight.size(1), 1) <= MAX_ROWS
@@ -81,7 +82,7 @@ def few_row_products() -> Iterator[None]:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, or ``linear_by_halves`` inside ``few_row_products()`` for a few CPU rows."""
-    if _decoding and takes_few_row_path(x, weight) and (bias is None or bias.dtype == weight.dtype):
+    if _decoding and takes_few_row_path(x, weight, bias):
         return linear_by_halves(x, weight, bias)
     return F.linear(x, weight, bias)
 

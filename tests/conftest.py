@@ -43,6 +43,18 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
+def left_padded(lengths: list[int], vocab: int, pad: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with ``pad``, and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(0, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
 def make_hf_checkpoint(folder: Path, seed: int = 0, cls: str = "GPT2LMHeadModel", num_labels: int = 2,
                        with_tokenizer: bool = False, **shape) -> Path:
     """Save a randomly initialised transformers GPT-2 in the hub layout (config.json + model.safetensors)."""

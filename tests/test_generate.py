@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ODD, REPO, TINY
+from conftest import ODD, REPO, TINY, left_padded
 
 from gpt2lora import GPT2, ConfigError, generate
 from gpt2lora.generate import filter_logits, next_token
@@ -16,17 +16,6 @@ transformers = pytest.importorskip("transformers")
 def odd_models(odd_checkpoint):
     return (GPT2.from_pretrained(odd_checkpoint).eval(),
             transformers.GPT2LMHeadModel.from_pretrained(odd_checkpoint).eval())
-
-
-def left_padded(lengths: list[int], vocab: int, pad: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(0, vocab, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
 
 
 def hf_greedy(ref, ids, mask, new: int, eos: int) -> torch.Tensor:

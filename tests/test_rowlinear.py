@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_hf_checkpoint
+from conftest import left_padded, make_hf_checkpoint
 
 from gpt2lora import GPT2, LoRAConfig, apply_lora, generate, merge_lora, rowlinear
 from gpt2lora.rowlinear import Linear, few_row_products, linear_by_halves
@@ -100,13 +100,8 @@ def test_generation_on_the_path_matches_transformers(wide_checkpoint, monkeypatc
     calls = counting(monkeypatch)
     ours = GPT2.from_pretrained(wide_checkpoint).eval()
     ref = transformers.GPT2LMHeadModel.from_pretrained(wide_checkpoint).eval()
-    g = torch.Generator().manual_seed(len(lengths))
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, WIDE["vocab_size"], (n,), generator=g)
-        mask[row, width - n:] = 1
+    ids, mask = left_padded(lengths, WIDE["vocab_size"], pad=0, seed=len(lengths))
+    width = ids.size(1)
     new = WIDE["n_positions"] - width
     got = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
     with torch.no_grad():
