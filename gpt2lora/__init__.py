@@ -1,10 +1,13 @@
-"""gpt2lora: GPT-2 in plain PyTorch with LoRA, matching transformers + peft numerically."""
+"""gpt2lora: GPT-2 in plain PyTorch with LoRA, matching transformers + peft numerically.
+
+The names here are what users call; everything else stays importable from its module
+(``gpt2lora.batching.PaddingStats``, ``gpt2lora.train.lr_at_step``, ``gpt2lora.report.markdown_table`` ...).
+"""
 
 from .adapters import load_adapter, save_adapter
-from .batching import BucketedBatches, PaddingStats, collate, lm_example
+from .batching import BucketedBatches, collate, lm_example
 from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
-from .data import TASKS, Dataset, alpaca_prompt, load_split
-from .distributed import is_main_process
+from .data import TASKS, Dataset, alpaca_prompt, encode, load_split
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -14,38 +17,20 @@ from .errors import (
     TrainingError,
     UnsafeCheckpointError,
 )
+from .evaluation import evaluate
 from .generate import generate
 from .heads import GPT2ForSequenceClassification
-from .hub import save_pretrained
-from .lora import (
-    LoRALinear,
-    ParameterCount,
-    QKVLoRALinear,
-    TiedLoRALinear,
-    apply_lora,
-    count_parameters,
-    merge_lora,
-    unmerge_lora,
-)
-from .methods import METHODS, prepare_model
-from .metrics import (
-    accuracy,
-    classification_metrics,
-    confusion_matrix,
-    exact_match,
-    instruction_metrics,
-    perplexity,
-    precision_recall_f1,
-    rouge_l,
-    squad_f1,
-    squad_metrics,
-)
-from .model import GPT2, KVCache
-from .prompt import PromptConfig, apply_prompt
-from .report import markdown_table
-from .tokenizer import load_tokenizer
 from .history import History
-from .train import Trainer, enable_gradient_checkpointing, lr_at_step
+from .hub import save_pretrained
+from .lora import LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_lora
+from .methods import METHODS, prepare_model
+from .metrics import accuracy, confusion_matrix, perplexity, precision_recall_f1, squad_metrics
+from .model import GPT2
+from .prompt import PromptConfig, apply_prompt
+from .run import load_run_model, run, smoke_checkpoint
+from .runconfig import RunConfig
+from .tokenizer import load_tokenizer
+from .train import Trainer
 
 __version__ = "0.1.0"
 
@@ -64,14 +49,10 @@ __all__ = [
     "GPT2ForSequenceClassification",
     "GPT2LoRAError",
     "History",
-    "KVCache",
     "LoRAConfig",
     "LoRALinear",
-    "PaddingStats",
-    "ParameterCount",
     "PromptConfig",
-    "QKVLoRALinear",
-    "TiedLoRALinear",
+    "RunConfig",
     "TrainConfig",
     "Trainer",
     "TrainingError",
@@ -80,29 +61,25 @@ __all__ = [
     "alpaca_prompt",
     "apply_lora",
     "apply_prompt",
-    "classification_metrics",
     "collate",
     "confusion_matrix",
     "count_parameters",
-    "enable_gradient_checkpointing",
-    "exact_match",
+    "encode",
+    "evaluate",
     "generate",
-    "instruction_metrics",
-    "is_main_process",
     "lm_example",
     "load_adapter",
+    "load_run_model",
     "load_split",
     "load_tokenizer",
-    "lr_at_step",
-    "markdown_table",
     "merge_lora",
     "perplexity",
     "precision_recall_f1",
     "prepare_model",
-    "rouge_l",
+    "run",
     "save_adapter",
     "save_pretrained",
-    "squad_f1",
+    "smoke_checkpoint",
     "squad_metrics",
     "unmerge_lora",
 ]

@@ -1,63 +1,59 @@
 """The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``sweep``, ``reproduce``, ``judge``,
 ``quickstart``.
 
-The argument groups defined here are shared with ``examples/*.py``, so every script accepts the
-same knobs with the same names and checks.
+This is the only module that parses arguments. Run settings become flags straight from
+:data:`gpt2lora.runconfig.SETTINGS` with no defaults of their own (``argparse.SUPPRESS``): a flag left out
+keeps the :class:`~gpt2lora.runconfig.RunConfig` default, so a command line and a recipe row that say the
+same thing resolve to the same configuration. ``train --print-config`` shows it as a recipe file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .config import BLOCK_TARGETS, LORA_TARGETS, OPTIMIZERS
-from .data import TASKS
-from .errors import GPT2LoRAError
-from .methods import METHODS
+from .errors import ConfigError, GPT2LoRAError
+from .runconfig import PLACEMENT_KEYS, SETTINGS, RunConfig, Setting, from_settings
 
 # ---------------------------------------------------------------------------------------------- value types
 
-def positive_int(text: str) -> int:
+
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str) -> Any:
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def any_int(text: str) -> int:
+    return _number(text, int, lambda v: True, "an integer")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: v > 0 and v != float("inf"), "a number > 0")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
 
 def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def clip_value(text: str) -> float | bool:
+    value = _number(text, float, lambda v: 0 <= v < float("inf"), "a number > 0, or 0 for no clipping")
+    return False if value == 0 else value
 
 
 def column_mapping(text: str) -> tuple[str, str]:
@@ -67,161 +63,125 @@ def column_mapping(text: str) -> tuple[str, str]:
     return field, column
 
 
-# ---------------------------------------------------------------------------------------------- argument groups
+_CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "int": positive_int, "int0": any_int, "float": positive_float, "float0": non_negative_float,
+    "prob": probability, "str": str, "clip": clip_value, "pair": probability, "list": str, "map": column_mapping,
+}
+_GROUP_TITLES = {"model": "model", "data": "data", "method": "method", "training": "training",
+                 "eval": "evaluation and generation", "output": "output"}
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default="gpt2",
-                       help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, owner/name) or a local "
-                            "checkpoint folder (default: gpt2)")
-    group.add_argument("--smoke", action="store_true",
-                       help="tiny random GPT-2 (2 blocks, width 32) with the real vocabulary and a few hundred "
-                            "rows: runs in seconds on a CPU, for checking the pipeline")
-    group.add_argument("--vocab", default=None,
-                       help="folder with vocab.json + merges.txt for --smoke (default: $GPT2LORA_VOCAB, or "
-                            "gpt2-tokenizer next to the data root)")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    group.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on "
-                            "a busy machine)")
+# ---------------------------------------------------------------------------------------------- settings as flags
+
+#: Settings each subcommand takes (by key); ``train`` and ``sweep`` take every one.
+TRAIN_KEYS = tuple(s.key for s in SETTINGS)
+EVAL_KEYS = ("model", "model_revision", "smoke", "vocab", "device", "precision", "threads", "task", "data",
+             "data_root", "data_source", "revision", "columns", "eval_rows", "eval_split", "max_length", "seed",
+             "eval_batch_size", "gen_rows", "max_new_tokens", "out", "run_name", "quiet")
+GENERATE_KEYS = ("model", "model_revision", "smoke", "vocab", "device", "threads", "data_root", "max_new_tokens",
+                 "seed", "out")
 
 
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("method")
-    group.add_argument("--method", default="lora", choices=METHODS, help="what trains (default: lora)")
-    group.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default: 8)")
-    group.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (default: 16)")
-    group.add_argument("--dropout", type=probability, default=0.05, help="LoRA dropout (default: 0.05)")
-    group.add_argument("--targets", nargs="+", choices=LORA_TARGETS, default=list(BLOCK_TARGETS),
-                       help="layers LoRA wraps (default: the four block layers; attn.q/k/v split c_attn, "
-                            "lm_head adds the output head)")
-    group.add_argument("--last-n-blocks", type=positive_int, default=None,
-                       help="lora: only the last N blocks get LoRA; last_n_full: train the last N blocks")
-    group.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r)")
-    group.add_argument("--num-virtual-tokens", type=positive_int, default=None,
-                       help="prompt: trainable vectors prepended to every sequence (default: 20; the SST-2 "
-                            "report's 46K 'PreLayer' row is 60)")
+def add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
+    """One flag per setting in ``keys``, grouped as in :data:`SETTINGS`, each without a default of its own."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for setting in SETTINGS:
+        if setting.key not in keys:
+            continue
+        group = groups.get(setting.group)
+        if group is None:
+            group = groups[setting.group] = parser.add_argument_group(_GROUP_TITLES[setting.group])
+        _add_flag(group, setting)
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--lr", type=positive_float, default=None,
-                       help="peak learning rate (default: 2e-4 for lora/head/embeddings, 5e-5 otherwise)")
-    group.add_argument("--min-lr", type=non_negative_float, default=0.0, help="final learning rate")
-    group.add_argument("--warmup-ratio", type=probability, default=0.05, help="share of steps warming up")
-    group.add_argument("--epochs", type=positive_int, default=1)
-    group.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
-    group.add_argument("--batch-size", type=positive_int, default=16,
-                       help="rows per batch (under torchrun: the global batch, split across the processes)")
-    group.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
-    group.add_argument("--max-length", type=positive_int, default=128, help="tokens per row after truncation")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    group.add_argument("--grad-clip", type=positive_float, default=1.0)
-    group.add_argument("--weight-decay", type=non_negative_float, default=0.01)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--eval-every", type=positive_int, default=None,
-                       help="evaluate every N optimizer steps (always at the end of each epoch)")
-    group.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute each block's activations in backward: less memory, ~1 more forward per step")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the training forward (off by default: it rarely pays back its compile "
-                            "time on a CPU)")
+def _add_flag(group: argparse._ArgumentGroup, setting: Setting) -> None:
+    kwargs: dict[str, Any] = {"dest": setting.key, "default": argparse.SUPPRESS, "help": setting.help}
+    if setting.type == "bool":
+        kwargs["action"] = "store_false" if setting.option.startswith("--no-") else "store_true"
+    else:
+        kwargs["type"] = _CONVERTERS[setting.type]
+        if setting.type == "list":
+            kwargs["nargs"] = "+"
+        elif setting.type == "pair":
+            kwargs.update(nargs=2, metavar=("BETA1", "BETA2"))
+        elif setting.type == "map":
+            kwargs.update(action="append", metavar="FIELD=COLUMN")
+        if setting.choices:
+            kwargs["choices"] = setting.choices
+    group.add_argument(setting.option, **kwargs)
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_task: str | None = None,
-                  tasks: Sequence[str] | None = None) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--task", default=default_task, choices=list(tasks) if tasks else None,
-                       help=f"task preset ({', '.join(tasks or TASKS)}) or a data path")
-    group.add_argument("--data", default=None,
-                       help="local data: a file, or a folder with train/validation/test .jsonl/.csv/.tsv/.parquet")
-    group.add_argument("--data-root", default=None,
-                       help="folder holding the benchmark folders (sst2/, sms_spam/, ...); default $GPT2LORA_DATA")
-    group.add_argument("--source", choices=("auto", "local", "hub"), default="auto",
-                       help="read a preset from the local data root or the hub (default: local when present)")
-    group.add_argument("--revision", default=None, help="hub revision of the dataset")
-    group.add_argument("--column", dest="columns", action="append", type=column_mapping, default=[],
-                       metavar="FIELD=COLUMN", help="map a record field to a column name (repeatable)")
-    group.add_argument("--train-rows", type=positive_int, default=None, help="use only the first N train rows")
-    group.add_argument("--eval-rows", type=positive_int, default=None, help="use only the first N eval rows")
-    group.add_argument("--eval-split", default="validation", help="split to evaluate on (falls back to test)")
-    group.add_argument("--gen-rows", type=positive_int, default=None,
-                       help="qa/instruction: rows answered by generation for EM/F1 and samples (default 200)")
-    group.add_argument("--max-new-tokens", type=positive_int, default=None,
-                       help="qa/instruction: generated tokens per answer (default: 32 qa, 128 instruction)")
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a command line gave, as recipe-row values (LoRA ones in a ``lora`` table)."""
+    values: dict[str, Any] = {}
+    lora: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.key not in vars(args):
+            continue
+        value = getattr(args, setting.key)
+        if setting.type == "map":
+            value = dict(value)
+        elif setting.type in ("list", "pair"):
+            value = list(value)
+        if setting.section == "lora":
+            lora[setting.field] = value
+        else:
+            values[setting.key] = value
+    if lora:
+        values["lora"] = lora
+    return values
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("output")
-    group.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
-    group.add_argument("--run-name", default=None, help="run folder name (default: task-method-time)")
-    group.add_argument("--quiet", action="store_true", help="no progress bar")
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of a command line: the given flags over the defaults."""
+    # paths given on the command line are relative to where it runs; a recipe's, to the recipe's folder
+    return from_settings(given_settings(args), where="", relative_to=os.getcwd())
 
 
-RESUME_HINT = "continue with the same command plus --resume auto (with --run-name) or --resume RUN_FOLDER"
+# ---------------------------------------------------------------------------------------------- parser
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2lora", description="Fine-tune GPT-2 with LoRA (or fully) and "
+                                     "compare honestly: accuracy/F1, trainable parameters, time, memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """``--save-every`` and ``--resume``: what keeps a long run when it is killed or interrupted."""
-    parser.add_argument("--save-every", type=positive_int, default=None, metavar="N",
-                        help="also write a checkpoint every N optimizer steps into RUN/checkpoints (one is always "
-                             "written at each epoch end)")
-    parser.add_argument("--resume", default=None, metavar="PATH|auto",
-                        help="continue a killed or interrupted run: 'auto' = the latest checkpoint of "
-                             "--out/--run-name, or a run folder, or one RUN/checkpoints/checkpoint-N folder")
+    train = sub.add_parser("train", help="fine-tune on a task and write a run folder")
+    add_settings(train, TRAIN_KEYS)
+    recipe = train.add_argument_group("recipe")
+    recipe.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="run the rows of a recipe file (the format --print-config writes); only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in PLACEMENT_KEYS)} may be given besides")
+    recipe.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved settings as a recipe file (TOML) and exit")
 
+    evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
+    evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")
+    evaluate.add_argument("--split", default=None, help="split to evaluate (default: the eval split)")
+    add_settings(evaluate, EVAL_KEYS)
 
-def example_parser(description: str, tasks: Sequence[str], default_task: str) -> argparse.ArgumentParser:
-    """The argument parser of an ``examples/*.py`` script: the ``train`` knobs, limited to ``tasks``."""
-    parser = argparse.ArgumentParser(description=description)
-    add_data_args(parser, default_task, tasks)
-    add_model_args(parser)
-    add_method_args(parser)
-    add_train_args(parser)
-    add_output_args(parser)
-    add_checkpoint_args(parser)
-    return parser
+    generate = sub.add_parser("generate", help="continue a prompt with a base model or a run's adapter")
+    generate.add_argument("prompt", nargs="+", help="prompt text (several prompts are generated as a batch)")
+    generate.add_argument("--run", default=None, help="run folder whose adapter to use")
+    generate.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca template")
+    generate.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=positive_int, default=None)
+    generate.add_argument("--top-p", type=positive_float, default=None)
+    add_settings(generate, GENERATE_KEYS)
 
+    merge = sub.add_parser("merge", help="merge a run's LoRA adapter into a Hugging Face checkpoint")
+    merge.add_argument("--run", required=True, help="run folder written by train")
+    merge.add_argument("--out", required=True, help="folder for the merged checkpoint")
 
-def example_main(description: str, tasks: Sequence[str], default_task: str,
-                 argv: Sequence[str] | None = None) -> int:
-    """Body of an ``examples/*.py`` script: parse the shared flags, train, print the table and samples."""
-    args = example_parser(description, tasks, default_task).parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from . import report
-    from . import tasks as run_tasks
-
-    try:
-        row = run_tasks.train_run(args)
-    except GPT2LoRAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
-        print(f"interrupted; {RESUME_HINT}", file=sys.stderr)
-        return 130
-    from .distributed import is_main_process
-
-    if not is_main_process():  # under torchrun rank 0 prints and owns the run folder
-        return 0
-    print(report.markdown_table([row]))
-    details = json.loads((Path(row["run_dir"]) / "metrics.json").read_text(encoding="utf-8"))
-    for sample in details.get("samples", []):
-        print(f"Q: {sample['question']}\n   predicted: {sample['prediction']!r}   gold: {sample['answers'][0]!r}")
-    for g in details.get("generations", []):
-        print(f"### {g['instruction']}\n--- before: {g['before']!r}\n--- after:  {g['after']!r}")
-    print(f"run folder: {row['run_dir']}")
-    return 0
-
-
-def add_recipe_parsers(sub: argparse._SubParsersAction, train: argparse.ArgumentParser) -> None:
-    """``train --config``, ``reproduce`` (the published experiments) and ``judge`` (LLM-judge scores)."""
-    train.add_argument("--config", default=None, metavar="FILE.toml",
-                       help="run the experiments of a recipe file (the format of 'gpt2lora reproduce'); the run "
-                            "settings come from the file, --smoke/--device/--data-root/--source/--out/--run-name apply")
+    sweep = sub.add_parser("sweep", help="train a grid of methods/ranks/lrs into one comparison table")
+    add_settings(sweep, TRAIN_KEYS)
+    grid = sweep.add_argument_group("grid")
+    grid.add_argument("--methods", nargs="+", default=None, help="methods to compare",
+                      choices=[m for m in SETTINGS_CHOICES("method") if m != "none"])
+    grid.add_argument("--ranks", nargs="+", type=positive_int, default=None, help="LoRA ranks")
+    grid.add_argument("--alphas", nargs="+", type=positive_float, default=None, help="LoRA alphas")
+    grid.add_argument("--lrs", nargs="+", type=positive_float, default=None, help="learning rates")
+    grid.add_argument("--last-n-blocks-grid", nargs="+", type=positive_int, default=None,
+                      help="values of --last-n-blocks")
+    grid.add_argument("--foundation", action="store_true", help="add the untrained base model as a row")
 
     reproduce = sub.add_parser("reproduce", help="run a published experiment's recipe and compare with its figures")
     reproduce.add_argument("name", nargs="?", help="recipe name (see --list) or a recipe .toml file")
@@ -254,64 +214,6 @@ def add_recipe_parsers(sub: argparse._SubParsersAction, train: argparse.Argument
     judge.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per answer (default: 60)")
     judge.add_argument("--api-key", default=None, help="bearer token (default: $GPT2LORA_JUDGE_API_KEY)")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lora", description="Fine-tune GPT-2 with LoRA (or fully) and "
-                                     "compare honestly: accuracy/F1, trainable parameters, time, memory.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="fine-tune on a task and write a run folder")
-    add_data_args(train, "sst2")
-    add_model_args(train)
-    add_method_args(train)
-    add_train_args(train)
-    add_output_args(train)
-    add_checkpoint_args(train)
-
-    evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
-    evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")
-    add_data_args(evaluate, None)
-    add_model_args(evaluate)
-    evaluate.add_argument("--split", default=None, help="split to evaluate (default: the eval split)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32)
-    evaluate.add_argument("--max-length", type=positive_int, default=None,
-                          help="tokens per row (default: the run's, else 128)")
-    evaluate.add_argument("--seed", type=int, default=0)
-    add_output_args(evaluate)
-
-    generate = sub.add_parser("generate", help="continue a prompt with a base model or a run's adapter")
-    generate.add_argument("prompt", nargs="+", help="prompt text (several prompts are generated as a batch)")
-    generate.add_argument("--run", default=None, help="run folder whose adapter to use")
-    add_model_args(generate)
-    add_data_args(generate, None)
-    generate.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca template")
-    generate.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-k", type=positive_int, default=None)
-    generate.add_argument("--top-p", type=positive_float, default=None)
-    generate.add_argument("--seed", type=int, default=0)
-
-    merge = sub.add_parser("merge", help="merge a run's LoRA adapter into a Hugging Face checkpoint")
-    merge.add_argument("--run", required=True, help="run folder written by train")
-    merge.add_argument("--out", required=True, help="folder for the merged checkpoint")
-    add_model_args(merge)
-    add_data_args(merge, None)
-
-    sweep = sub.add_parser("sweep", help="train a grid of methods/ranks/lrs into one comparison table")
-    add_data_args(sweep, "sst2")
-    add_model_args(sweep)
-    add_method_args(sweep)
-    add_train_args(sweep)
-    add_output_args(sweep)
-    sweep.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="methods to compare")
-    sweep.add_argument("--ranks", nargs="+", type=positive_int, default=None, help="LoRA ranks")
-    sweep.add_argument("--alphas", nargs="+", type=positive_float, default=None, help="LoRA alphas")
-    sweep.add_argument("--lrs", nargs="+", type=positive_float, default=None, help="learning rates")
-    sweep.add_argument("--last-n-blocks-grid", nargs="+", type=positive_int, default=None,
-                       help="values of --last-n-blocks")
-    sweep.add_argument("--foundation", action="store_true", help="add the untrained base model as a row")
-
-    add_recipe_parsers(sub, train)
-
     quick = sub.add_parser("quickstart", help="offline demo: tiny GPT-2, synthetic task, lora vs full vs head")
     quick.add_argument("--out", default="runs/quickstart", help="folder for the run folders")
     quick.add_argument("--seed", type=int, default=0)
@@ -319,40 +221,131 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def SETTINGS_CHOICES(key: str) -> tuple[str, ...]:
+    return next(s.choices for s in SETTINGS if s.key == key)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def _train(args: argparse.Namespace) -> None:
+    from . import recipes, report
+    from .distributed import is_main_process
+    from .run import run
+
+    if args.config:
+        given = given_settings(args)
+        refused = sorted(s.option for s in SETTINGS if s.key in vars(args) and s.key not in PLACEMENT_KEYS)
+        if refused:
+            flags = ", ".join(refused)
+            raise ConfigError(f"--config {args.config}: {flags} given on the command line; with --config the run "
+                              "settings come from the file (put them in its [defaults] or a row)")
+        recipe = recipes.read_recipe(args.config)
+        overrides = {k: v for k, v in given.items() if k in PLACEMENT_KEYS}
+        if args.print_config:
+            print(recipes.recipe_toml(recipe, overrides), end="")
+            return
+        command = f"gpt2lora train --config {args.config}" + (" --smoke" if given.get("smoke") else "")
+        recipes.run_recipe(recipe, recipes.RecipeOptions.from_overrides(overrides), command)
+        return
+    config = run_config(args)
+    if args.print_config:
+        from .runconfig import to_toml
+
+        resolved = config.resolved()
+        print(to_toml([(resolved.run_name or f"{resolved.label}-{resolved.method}", resolved)], "gpt2lora train"),
+              end="")
+        return
+    row = run(config)
+    if is_main_process():
+        print(report.markdown_table([row]))
+        print(f"run folder: {row['run_dir']}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .tasks import evaluate_command
+
+    evaluate_command(run_config(args), run_dir=args.run, split=args.split,
+                     given=set(given_settings(args)))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .tasks import generate_command
+
+    generate_command(run_config(args), args.prompt, run_dir=args.run, alpaca=args.alpaca,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .tasks import merge_command
+
+    merge_command(args.run, args.out)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import Grid, sweep
+
+    grid = Grid(methods=args.methods, ranks=args.ranks, alphas=args.alphas, lrs=args.lrs,
+                last_n_blocks=args.last_n_blocks_grid, foundation=args.foundation)
+    sweep(run_config(args), grid)
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from . import recipes
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    recipes.reproduce(args.name, list_only=args.list, data=args.data, smoke=args.smoke, vocab=args.vocab,
+                      device=args.device, out=args.out, run_name=args.run_name, judge_endpoint=args.judge_endpoint,
+                      judge_model=args.judge_model)
+
+
+def _judge(args: argparse.Namespace) -> None:
+    from .judge import judge_command
+
+    judge_command(run=args.run, endpoint=args.endpoint, model=args.model, prompt_file=args.prompt_file,
+                  low=args.low, high=args.high, retries=args.retries, timeout=args.timeout, api_key=args.api_key)
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import run_quickstart
+
+    run_quickstart(args.out, seed=args.seed, progress=not args.quiet)
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "sweep": _sweep,
+    "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gpt2lora`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from . import tasks
-
+    args = build_parser().parse_args(argv)
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
-
-    handlers = {"train": tasks.train_command, "eval": tasks.eval_command, "generate": tasks.generate_command,
-                "merge": tasks.merge_command, "sweep": tasks.sweep_command}
-    from . import judge, recipes
-
-    handlers.update(reproduce=recipes.reproduce_command, judge=judge.judge_command)
-    if getattr(args, "config", None):
-        handlers["train"] = recipes.train_config_command
     try:
-        if args.command == "quickstart":
-            from .quickstart import run_quickstart
-
-            run_quickstart(args.out, seed=args.seed, progress=not args.quiet)
-        else:
-            handlers[args.command](args)
+        HANDLERS[args.command](args)
     except GPT2LoRAError as err:
-        print(f"gpt2lora {args.command}: error: {err}", file=sys.stderr)
+        print(f"gpt2lora {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
+        from .run import RESUME_HINT
+
         hint = f"; {RESUME_HINT}" if args.command == "train" else ""
         print(f"gpt2lora {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split("\n"))
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["build_parser", "given_settings", "main", "run_config"]

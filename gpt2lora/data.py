@@ -150,13 +150,6 @@ TASKS: dict[str, TaskPreset] = {p.name: p for p in [
 ]}
 
 
-def get_preset(name: str) -> TaskPreset:
-    """The built-in task called ``name``."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} or pass a data path")
-    return TASKS[name]
-
-
 def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     """The local benchmark folder: ``explicit``, else ``$GPT2LORA_DATA``, else none."""
     value = explicit if explicit is not None else os.environ.get(DATA_ROOT_ENV)

@@ -297,15 +297,16 @@ def judge_run(run_dir: str | os.PathLike, config: JudgeConfig,
     return summary
 
 
-def judge_command(args: Any) -> dict[str, Any]:
-    """``gpt2lora judge RUN_DIR --endpoint URL --model NAME``."""
+def judge_command(run: str | os.PathLike, endpoint: str, model: str, prompt_file: str | None = None,
+                  low: int = 0, high: int = 100, retries: int = 2, timeout: float = 60.0,
+                  api_key: str | None = None) -> dict[str, Any]:
+    """``gpt2lora judge RUN_DIR --endpoint URL --model NAME``: score a run's responses, print nothing extra."""
     prompt = DEFAULT_PROMPT
-    if args.prompt_file:
-        path = Path(args.prompt_file)
+    if prompt_file:
+        path = Path(prompt_file)
         if not path.is_file():
             raise ConfigError(f"--prompt-file {path}: no such file")
         prompt = path.read_text(encoding="utf-8")
-    config = JudgeConfig(args.endpoint, args.model, prompt=prompt, low=args.low, high=args.high,
-                         retries=args.retries, timeout_s=args.timeout,
-                         api_key=args.api_key or os.environ.get("GPT2LORA_JUDGE_API_KEY"))
-    return judge_run(args.run, config)
+    config = JudgeConfig(endpoint, model, prompt=prompt, low=low, high=high, retries=retries, timeout_s=timeout,
+                         api_key=api_key or os.environ.get("GPT2LORA_JUDGE_API_KEY"))
+    return judge_run(run, config)

@@ -37,10 +37,6 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def reorder(self, keep: Tensor) -> None:
-        """Keep only the batch rows in ``keep`` (used when finished sequences leave a batch)."""
-        self.keys = self.keys[:, keep]
-        self.values = self.values[:, keep]
 
 
 class CausalSelfAttention(nn.Module):

@@ -22,17 +22,20 @@ from typing import Any
 import torch
 
 from . import report
-from .adapters import load_adapter, save_adapter
+from .adapters import load_adapter
 from .batching import BucketedBatches, lm_example
 from .config import GPT2Config, LoRAConfig, TrainConfig
 from .data import Dataset, encode
 from .errors import TrainingError
 from .heads import GPT2ForSequenceClassification
+from .history import rewrite as write_history
 from .hub import save_pretrained
 from .lora import count_parameters, merge_lora
 from .methods import prepare_model
 from .model import GPT2
-from .tasks import evaluate, write_history
+from .run import load_run_model, run
+from .runconfig import RunConfig
+from .tokenizer import byte_decoder
 from .train import Trainer
 
 LABELS = ("negative", "positive")
@@ -100,59 +103,43 @@ def pretrain(texts: list[str], folder: Path, seed: int, steps: int, progress: bo
                     "runtime_s": history.runtime_s}
 
 
-RECIPES: dict[str, dict[str, Any]] = {
+def write_byte_vocabulary(folder: Path) -> None:
+    """``vocab.json`` + ``merges.txt`` of a GPT-2 byte-level BPE with no merges: ids 0-255 are the bytes and
+    256 is ``<|endoftext|>``, so :func:`gpt2lora.load_tokenizer` reads the small model like any checkpoint
+    and encodes exactly as :class:`ByteTokenizer` does."""
+    vocab = {char: byte for char, byte in byte_decoder().items()}
+    vocab["<|endoftext|>"] = ByteTokenizer.eot_token
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+#: The three fine-tuning runs of the quickstart: method and the settings that differ from the defaults.
+RUNS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 3e-3, "lora": LoRAConfig(rank=8, alpha=16, dropout=0.0)},
     "full": {"lr": 1e-3},
     "head": {"lr": 2e-2},
 }
 
 
-def _classifier(base: Path, seed: int) -> GPT2ForSequenceClassification:
-    return GPT2ForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=ByteTokenizer.eot_token,
-                                                         seed=seed)
+def run_config(method: str, base: Path, data: Path, folder: Path, seed: int, epochs: int,
+               progress: bool) -> RunConfig:
+    """The RunConfig of one quickstart run: the small model on the synthetic reviews, evaluated on test."""
+    settings = RUNS.get(method, {"lr": 1e-3})
+    lr = settings["lr"]
+    train = TrainConfig(lr=lr, min_lr=lr / 10, warmup_ratio=0.05, epochs=epochs, batch_size=32, device="cpu",
+                        precision="fp32", seed=seed)
+    return RunConfig(model=str(base), data=str(data), eval_split="test", max_length=128, method=method,
+                     lora=settings.get("lora", LoRAConfig()), train=train, eval_batch_size=64, out=str(folder.parent),
+                     quiet=not progress)
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, data: BucketedBatches) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(b["input_ids"], b["attention_mask"]) for b in data])
-
-
-def finetune(method: str, base: Path, train: Dataset, val: Dataset, test: Dataset, folder: Path, seed: int,
-             epochs: int, progress: bool) -> tuple[dict[str, Any], GPT2ForSequenceClassification]:
-    tok = ByteTokenizer()
-    recipe = RECIPES[method]
-    model = prepare_model(_classifier(base, seed), method, lora=recipe.get("lora"), seed=seed)
-    params = count_parameters(model)
-    train_data = BucketedBatches(encode(train, tok, 128), 32, shuffle=True, seed=seed, pad_token_id=tok.eot_token)
-    val_data = BucketedBatches(encode(val, tok, 128), 64, shuffle=False, pad_token_id=tok.eot_token)
-    config = TrainConfig(lr=recipe["lr"], min_lr=recipe["lr"] / 10, warmup_ratio=0.05, epochs=epochs,
-                         batch_size=32, device="cpu", precision="fp32", seed=seed, progress=progress)
-    history = Trainer(model, config).fit(train_data, val_data)
-    metrics = evaluate(model, "classification", tok, test, {"gen": 0, "new_tokens": None}, 128, 64,
-                       torch.device("cpu"), "fp32")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, folder / "adapter")
-    write_history(folder / "history.jsonl", history)
-    row = {"method": {"lora": "LoRA (r=8, α=16)", "full": "Full fine-tuning", "head": "Head only"}[method],
-           **metrics, "trainable_params": params.trainable, "trainable_pct": params.share,
-           "train_time_s": history.runtime_s, "samples_per_s": history.samples_per_s,
-           "steps_per_s": history.steps_per_s, "peak_memory_mb": history.peak_memory_mb, "run_dir": str(folder)}
-    plots = [p for p in (report.plot_losses(history.steps, history.evals, folder / "loss.png",
-                                            f"quickstart: {row['method']}"),
-                         report.plot_lr(history.steps, folder / "lr.png")) if p is not None]
-    report.write_json({"result": row}, folder / "metrics.json")
-    report.write_summary(folder, [row], f"quickstart: {row['method']}", [str(params)], plots=plots)
-    return row, model
-
-
-def check_lora_merge(model: GPT2ForSequenceClassification, base: Path, folder: Path, test: Dataset,
-                     seed: int) -> dict[str, float]:
+def check_lora_merge(folder: Path, base: Path, test: Dataset, seed: int) -> dict[str, float]:
     """Merged == unmerged, reloaded adapter == trained model, merged checkpoint == trained model."""
     tok = ByteTokenizer()
     data = BucketedBatches(encode(test, tok, 128), 64, shuffle=False, pad_token_id=tok.eot_token)
+    model, _ = load_run_model(folder)
     unmerged = _logits(model, data)
-    reloaded = prepare_model(_classifier(base, seed + 1), "lora", lora=RECIPES["lora"]["lora"], seed=seed + 1)
+    reloaded = prepare_model(_classifier(base, seed + 1), "lora", lora=RUNS["lora"]["lora"], seed=seed + 1)
     load_adapter(reloaded, folder / "adapter")
     from_adapter = _logits(reloaded, data)
     merge_lora(model)
@@ -168,6 +155,17 @@ def check_lora_merge(model: GPT2ForSequenceClassification, base: Path, folder: P
     return diffs
 
 
+def _classifier(base: Path, seed: int) -> GPT2ForSequenceClassification:
+    return GPT2ForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=ByteTokenizer.eot_token,
+                                                         seed=seed)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, data: BucketedBatches) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(b["input_ids"], b["attention_mask"]) for b in data])
+
+
 def run_quickstart(out: str | os.PathLike = "runs/quickstart", seed: int = 0, progress: bool = True,
                    rows: int = 2000, pretrain_steps: int = 300, epochs: int = 2) -> list[dict[str, Any]]:
     """Run the offline demo into ``out`` and return the comparison rows (foundation, lora, full, head)."""
@@ -176,35 +174,30 @@ def run_quickstart(out: str | os.PathLike = "runs/quickstart", seed: int = 0, pr
     out.mkdir(parents=True, exist_ok=True)
     records = synthetic_reviews(rows + 800, seed)
     splits = {"train": records[:rows], "validation": records[rows:rows + 400], "test": records[rows + 400:]}
-    sets = {name: Dataset("synthetic_reviews", name, "classification", recs, LABELS, "quickstart")
-            for name, recs in splits.items()}
+    data_dir = out / "data"
+    data_dir.mkdir(exist_ok=True)
     for name, recs in splits.items():
-        data_dir = out / "data"
-        data_dir.mkdir(exist_ok=True)
         with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
+    (data_dir / "label_names.json").write_text(json.dumps(list(LABELS)), encoding="utf-8")
     print(f"[1/4] synthetic task: {len(splits['train'])} train / {len(splits['validation'])} validation / "
-          f"{len(splits['test'])} test reviews in {out / 'data'}")
+          f"{len(splits['test'])} test reviews in {data_dir}")
 
     base, lm = pretrain([r["text"] for r in splits["train"]], out / "base", seed, pretrain_steps, progress)
+    write_byte_vocabulary(base)
     print(f"[2/4] pre-trained a {count_parameters(GPT2.from_pretrained(base)).total:,}-parameter GPT-2 on the "
           f"review text: LM loss {lm['first_loss']:.2f} -> {lm['last_loss']:.2f} in {lm['runtime_s']:.0f}s")
 
-    foundation = _classifier(base, seed)
-    tok = ByteTokenizer()
-    rows_out = [{"method": "Foundation (no fine-tuning)",
-                 **evaluate(foundation, "classification", tok, sets["test"], {"gen": 0, "new_tokens": None}, 128,
-                            64, torch.device("cpu"), "fp32"),
-                 "trainable_params": None}]
-    lora_model = None
-    for method in ("lora", "full", "head"):
-        row, model = finetune(method, base, sets["train"], sets["validation"], sets["test"], out / method, seed,
-                              epochs, progress)
+    rows_out = [run(run_config("none", base, data_dir, out / "foundation", seed, epochs, progress),
+                    out / "foundation")]
+    for method in RUNS:
+        row = run(run_config(method, base, data_dir, out / method, seed, epochs, progress), out / method)
         rows_out.append(row)
-        lora_model = model if method == "lora" else lora_model
-        print(f"[3/4] {row['method']}: accuracy {100 * row['accuracy']:.1f}% ({row['train_time_s']:.0f}s)")
+        print(f"[3/4] {row['method']}: accuracy {100 * row['accuracy']:.1f}% ({row['train_time_s']:.0f}s, "
+              f"{row['memory_added_mb']:.0f} MB added by training)")
 
-    diffs = check_lora_merge(lora_model, base, out / "lora", sets["test"], seed)
+    test = Dataset("synthetic_reviews", "test", "classification", splits["test"], LABELS, "quickstart")
+    diffs = check_lora_merge(out / "lora", base, test, seed)
     print(f"[4/4] LoRA merged into the weights: max |merged - unmerged| = {diffs['merged_vs_unmerged']:.1e}; "
           f"reloaded adapter {diffs['reloaded_adapter_vs_trained']:.1e}; merged checkpoint "
           f"{diffs['merged_checkpoint_vs_trained']:.1e}")

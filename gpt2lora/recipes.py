@@ -29,7 +29,6 @@ Settings a report leaves open are left out (the library default applies) and sai
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -43,55 +42,32 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import LoRAConfig, TrainConfig
+from .config import LoRAConfig
 from .data import TASKS
 from .errors import ConfigError
-from .methods import METHODS
+from .runconfig import RUN_METHODS, SETTINGS, RunConfig, from_settings, to_toml
 
-#: Method of a row that only evaluates the base model (the "foundation" / "no fine-tuning" rows).
-EVAL_ONLY = "none"
 _NUMBER = (int, float)
-
-#: Run settings a recipe's ``[defaults]`` or a row may hold: name -> (accepted types, what is expected).
+#: What a recipe value of each setting type must be: accepted Python types, and the words of the error.
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "a positive integer"), "int0": ((int,), "an integer"), "float": (_NUMBER, "a number > 0"),
+    "float0": (_NUMBER, "a number >= 0"), "prob": (_NUMBER, "a number in [0, 1)"), "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"), "list": ((list,), "a list of layer names"),
+    "map": ((dict,), "a table of FIELD = COLUMN strings"),
+    "clip": ((int, float, bool), "a number > 0, or false for no clipping"), "pair": ((list,), "two numbers"),
+}
+#: Run settings a recipe's ``[defaults]`` or a row may hold (every :data:`~gpt2lora.runconfig.SETTINGS` key
+#: outside the ``lora`` table, ``seeds``, ``lora`` and the older ``last_n``): name -> (types, expected).
 RUN_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "task": ((str,), "a task preset name"),
-    "data": ((str,), "a data file or folder (relative to the recipe file)"),
-    "model": ((str,), "a hub id (gpt2, gpt2-medium, ...) or a checkpoint folder"),
-    "method": ((str,), f"one of {', '.join((*METHODS, EVAL_ONLY))}"),
+    **{s.key: _TYPES[s.type] for s in SETTINGS if s.section != "lora"},
+    "last_n": ((int,), "a positive integer (blocks trained by last_n_full; same as last_n_blocks)"),
     "lora": ((dict,), "a table of LoRA settings"),
-    "last_n": ((int,), "a positive integer (blocks trained by last_n_full)"),
-    "num_virtual_tokens": ((int,), "a positive integer (prompt method)"),
-    "optimizer": ((str,), "adamw, sgd or sgd_momentum"),
-    "lr": (_NUMBER, "a number > 0"),
-    "min_lr": (_NUMBER, "a number >= 0"),
-    "warmup_ratio": (_NUMBER, "a number in [0, 1)"),
-    "schedule": ((str,), "cosine or constant"),
-    "weight_decay": (_NUMBER, "a number >= 0"),
-    "grad_clip": ((int, float, bool), "a number > 0, or false for no clipping"),
-    "batch_size": ((int,), "a positive integer"),
-    "eval_batch_size": ((int,), "a positive integer"),
-    "grad_accum": ((int,), "a positive integer"),
-    "epochs": ((int,), "a positive integer"),
-    "max_steps": ((int,), "a positive integer"),
-    "max_length": ((int,), "a positive integer"),
     "seeds": ((list,), "a list of integers"),
-    "train_rows": ((int,), "a positive integer"),
-    "eval_rows": ((int,), "a positive integer"),
-    "eval_split": ((str,), "a split name"),
-    "gen_rows": ((int,), "a positive integer"),
-    "max_new_tokens": ((int,), "a positive integer"),
-    "precision": ((str,), "auto, fp32, bf16 or fp16"),
 }
 #: Keys of a ``lora`` table: the fields of :class:`~gpt2lora.config.LoRAConfig`.
 LORA_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "rank": ((int,), "a positive integer"),
-    "alpha": (_NUMBER, "a number > 0"),
-    "dropout": (_NUMBER, "a number in [0, 1)"),
-    "targets": ((list,), "a list of layer names"),
+    **{s.field: _TYPES[s.type] for s in SETTINGS if s.section == "lora"},
     "last_n_blocks": ((int,), "a positive integer"),
-    "use_rslora": ((bool,), "true or false"),
-    "train_bias": ((str,), "none, all or lora_only"),
-    "style": ((str,), "peft or from_scratch"),
 }
 
 
@@ -150,16 +126,18 @@ class RecipeRow:
 
     @property
     def seeds(self) -> list[int]:
-        return list(self.settings.get("seeds", [0]))
+        return list(self.settings.get("seeds") or [self.settings.get("seed", 0)])
+
+    def config(self, seed: int | None = None, relative_to: str | os.PathLike | None = None) -> RunConfig:
+        """The row's RunConfig (with ``seed`` when given; ``data`` paths relative to ``relative_to``)."""
+        values = {k: v for k, v in self.settings.items() if k != "seeds"}
+        if seed is not None:
+            values["seed"] = seed
+        return from_settings(values, relative_to=relative_to)
 
     def lora_config(self) -> LoRAConfig | None:
         """The row's LoRAConfig (None unless the method is lora)."""
-        if self.method != "lora":
-            return None
-        values = dict(self.settings.get("lora", {}))
-        if "targets" in values:
-            values["targets"] = tuple(values["targets"])
-        return LoRAConfig(**values)
+        return self.config().lora_config
 
 
 @dataclass(frozen=True)
@@ -213,10 +191,10 @@ def _check_source(where: str, key: str, value: Any) -> dict[str, str]:
 
 
 def _check_settings(where: str, key: str, settings: dict[str, Any]) -> None:
-    """Validate merged run settings by building the objects they configure."""
+    """Validate merged run settings by building the RunConfig they describe."""
     method = settings.get("method", "lora")
-    if method not in (*METHODS, EVAL_ONLY):
-        raise _fail(where, f"{key}.method", f"one of {', '.join((*METHODS, EVAL_ONLY))}", method)
+    if method not in RUN_METHODS:
+        raise _fail(where, f"{key}.method", f"one of {', '.join(RUN_METHODS)}", method)
     if "task" not in settings and "data" not in settings:
         raise _fail(where, f"{key}.task", 'a task: task = "<preset>" (in [defaults] or the row) or '
                     'data = "<file or folder>"')
@@ -227,30 +205,12 @@ def _check_settings(where: str, key: str, settings: dict[str, Any]) -> None:
     seeds = settings.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _fail(where, f"{key}.seeds", "a non-empty list of integers", seeds)
-    for name in ("last_n", "num_virtual_tokens", "batch_size", "eval_batch_size", "grad_accum", "epochs",
-                 "max_steps", "max_length", "train_rows", "eval_rows", "gen_rows", "max_new_tokens"):
-        if name in settings and settings[name] < 1:
-            raise _fail(where, f"{key}.{name}", "a positive integer", settings[name])
-    if method == "last_n_full" and "last_n" not in settings:
-        raise _fail(where, f"{key}.last_n", "the number of blocks last_n_full trains")
+    if method == "last_n_full" and "last_n" not in settings and "last_n_blocks" not in settings:
+        raise _fail(where, f"{key}.last_n_blocks", "the number of blocks last_n_full trains")
     try:
-        if method == "lora":
-            RecipeRow("", settings).lora_config()
-        train_settings(settings)
+        RecipeRow("", settings).config()
     except ConfigError as err:
         raise ConfigError(f"{where}: {key}: {err}") from None
-
-
-def train_settings(settings: Mapping[str, Any], **overrides: Any) -> TrainConfig:
-    """The TrainConfig of a row's settings (recipe names mapped to TrainConfig fields)."""
-    names = {"grad_accum": "grad_accum_steps"}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {names.get(k, k): v for k, v in settings.items() if names.get(k, k) in fields}
-    if values.get("grad_clip") is False:
-        values["grad_clip"] = None
-    elif values.get("grad_clip") is True:
-        raise ConfigError("grad_clip: expected a number > 0, or false for no clipping, got true")
-    return TrainConfig(**{**values, **overrides})
 
 
 def parse_recipe(data: Mapping[str, Any], path: str | os.PathLike, name: str | None = None) -> Recipe:
@@ -373,92 +333,58 @@ def _slug(text: str) -> str:
     return "-".join(part for part in keep.split("-") if part)[:40] or "row"
 
 
-def row_namespace(recipe: Recipe, row: RecipeRow, seed: int, options: argparse.Namespace) -> tuple[
-        argparse.Namespace, list[str]]:
-    """The ``gpt2lora train`` arguments of one row and seed, and notes on what ``--smoke`` changed.
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Where and how a recipe runs (the same for every row): the report folder and the placement settings
+    every row takes (``smoke``, ``vocab``, ``device``, ``data_root``, ``source``, ``threads``)."""
 
-    Starts from the train parser's defaults (so flags other modules add keep their defaults), then
-    sets every setting of the row; settings the row leaves out take the library defaults
-    (:class:`LoRAConfig`, :class:`TrainConfig`), not the command-line ones.
+    out: str = "runs"
+    run_name: str | None = None
+    smoke: bool = False
+    device: str = "auto"
+    data_root: str | None = None
+    source: str = "auto"
+    vocab: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any]) -> RecipeOptions:
+        """From the placement flags given to ``train --config``."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        renamed = {("source" if k == "data_source" else k): v for k, v in overrides.items()}
+        return cls(**{k: v for k, v in renamed.items() if k in fields})
+
+
+def row_config(recipe: Recipe, row: RecipeRow, seed: int, options: RecipeOptions) -> tuple[RunConfig, list[str]]:
+    """The RunConfig of one row and seed, and notes on what smoke mode changed.
+
+    Settings the row leaves out take the RunConfig defaults — the same ones a bare command line gets.
     """
-    from .cli import build_parser
-
-    args = build_parser().parse_args(["train"])
-    s = dict(row.settings)
+    config = row.config(seed, relative_to=recipe.path.parent)
     notes: list[str] = []
-    args.task, args.data = s.get("task"), None
-    if "data" in s:
-        args.task, args.data = None, str((recipe.path.parent / s["data"]).resolve())
-    args.data_root = getattr(options, "data_root", None)
-    args.source = "local" if options.smoke else getattr(options, "source", "auto")
-    args.model = s.get("model", "gpt2")
-    args.method = row.method if row.method != EVAL_ONLY else "head"
-    lora = row.lora_config() or LoRAConfig()
-    args.rank, args.alpha, args.dropout = lora.rank, lora.alpha, lora.dropout
-    args.targets, args.rslora = list(lora.targets), lora.use_rslora
-    args.lora_style, args.lora_train_bias = lora.style, lora.train_bias
-    args.last_n_blocks = s.get("last_n") if row.method == "last_n_full" else lora.last_n_blocks
-    if "num_virtual_tokens" in s:
-        args.num_virtual_tokens = s["num_virtual_tokens"]
-    train = train_settings(s)
-    args.lr, args.min_lr, args.warmup_ratio, args.schedule = train.lr, train.min_lr, train.warmup_ratio, train.schedule
-    args.epochs, args.max_steps, args.batch_size = train.epochs, train.max_steps, train.batch_size
-    args.grad_accum, args.grad_clip, args.optimizer = train.grad_accum_steps, train.grad_clip, train.optimizer
-    args.weight_decay, args.precision = train.weight_decay, train.precision
-    args.max_length = s.get("max_length", args.max_length)
-    args.eval_batch_size = s.get("eval_batch_size", train.batch_size)
-    args.train_rows, args.eval_rows = s.get("train_rows"), s.get("eval_rows")
-    args.gen_rows, args.max_new_tokens = s.get("gen_rows"), s.get("max_new_tokens")
-    args.eval_split = s.get("eval_split", "validation")
-    args.seed = seed
-    args.device, args.smoke, args.vocab = options.device, options.smoke, getattr(options, "vocab", None)
-    args.quiet = True
-    args.plots = not options.smoke
-    if options.smoke:
-        if args.task in SMOKE_TASKS:
-            notes.append(f"{args.task} has no local copy; --smoke ran it on {SMOKE_TASKS[args.task]}")
-            args.task = SMOKE_TASKS[args.task]
-        for name, cap in SMOKE_CAPS.items():
-            current = getattr(args, name)
-            setattr(args, name, cap if current is None else min(current, cap))
-        args.eval_batch_size = min(args.eval_batch_size, SMOKE_CAPS["batch_size"])
-        args.epochs = 1
-        from .tasks import SMOKE_SHAPE
+    config = dataclasses.replace(config, data_root=options.data_root,
+                                 source="local" if options.smoke else options.source, smoke=options.smoke,
+                                 vocab=options.vocab, threads=options.threads, quiet=True, plots=not options.smoke,
+                                 train=dataclasses.replace(config.train, device=options.device))
+    if not options.smoke:
+        return config, notes
+    if config.task in SMOKE_TASKS:
+        notes.append(f"{config.task} has no local copy; --smoke ran it on {SMOKE_TASKS[config.task]}")
+        config = dataclasses.replace(config, task=SMOKE_TASKS[config.task])
+    capped = {name: cap if getattr(config, name) is None else min(getattr(config, name), cap)
+              for name, cap in SMOKE_CAPS.items() if name not in ("batch_size", "max_steps")}
+    train = config.train
+    train = dataclasses.replace(train, epochs=1, batch_size=min(train.batch_size, SMOKE_CAPS["batch_size"]),
+                                max_steps=min(train.max_steps or SMOKE_CAPS["max_steps"], SMOKE_CAPS["max_steps"]))
+    eval_batch = min(config.eval_batch_size or train.batch_size, SMOKE_CAPS["batch_size"])
+    from .run import SMOKE_SHAPE
 
-        depth = SMOKE_SHAPE["n_layer"]
-        if args.last_n_blocks is not None and args.last_n_blocks > depth:
-            notes.append(f"last {args.last_n_blocks} blocks -> last {depth} (the smoke model has {depth})")
-            args.last_n_blocks = depth
-    return args, notes
-
-
-def evaluate_base(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """The "foundation" row: the untrained base model (a fresh seeded head for classification) evaluated."""
-    from . import tasks
-    from .lora import count_parameters
-    from .tokenizer import load_tokenizer
-
-    kind = TASKS[args.task].kind if args.task in TASKS else None
-    limits = tasks.row_limits(args, kind)
-    eval_set = tasks.load_data(args, args.eval_split, limits["eval"])
-    checkpoint = tasks.base_checkpoint(args)
-    model = tasks.load_base(checkpoint, eval_set.kind, eval_set.num_labels, seed=args.seed)
-    tok = load_tokenizer(checkpoint)
-    device = tasks.resolve_device(args.device)
-    model.to(device)
-    max_length = min(limits["max_length"], model.config.n_positions)
-    metrics = tasks.evaluate(model, eval_set.kind, tok, eval_set, limits, max_length, args.eval_batch_size,
-                             device, args.precision)
-    folder.mkdir(parents=True, exist_ok=True)
-    if "responses" in metrics:
-        tasks.write_responses(folder / tasks.RESPONSES_NAME, metrics["responses"])
-    params = count_parameters(model)
-    result = {"method": "Foundation (no fine-tuning)", "task": eval_set.name, "kind": eval_set.kind,
-            **{k: v for k, v in metrics.items() if k not in tasks.DETAIL_KEYS},
-              "trainable_params": 0, "total_params": params.total, "trainable_pct": 0.0, "run_dir": str(folder)}
-    (folder / "metrics.json").write_text(json.dumps({"result": result}, indent=2, default=str) + "\n",
-                                         encoding="utf-8")
-    return result
+    depth = SMOKE_SHAPE["n_layer"]
+    last_n = config.last_n_blocks
+    if last_n is not None and last_n > depth:
+        notes.append(f"last {last_n} blocks -> last {depth} (the smoke model has {depth})")
+        last_n = depth
+    return dataclasses.replace(config, **capped, train=train, eval_batch_size=eval_batch, last_n_blocks=last_n), notes
 
 
 def _train_loss(run_dir: Path) -> float | None:
@@ -480,34 +406,29 @@ def _mean_rows(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def run_row(recipe: Recipe, index: int, row: RecipeRow, folder: Path, options: argparse.Namespace,
+def run_row(recipe: Recipe, index: int, row: RecipeRow, folder: Path, options: RecipeOptions,
             judge: Callable[[Path], float | None] | None = None) -> dict[str, Any]:
     """Train (or evaluate) one row once per seed under ``folder``; numeric results are averaged over seeds."""
-    from . import tasks
+    from .run import RESPONSES_NAME, run
 
     results, notes = [], []
     for seed in row.seeds:
-        args, smoke_notes = row_namespace(recipe, row, seed, options)
-        args.out = str(folder)
-        notes = smoke_notes
+        config, notes = row_config(recipe, row, seed, options)
         run_dir = folder / f"{index:02d}-{_slug(row.name)}-s{seed}"
-        if row.method == EVAL_ONLY:
-            result = evaluate_base(args, run_dir)
-        else:
-            result = tasks.train_run(args, run_dir)
+        result = run(config, run_dir)
         result["train_loss"] = _train_loss(run_dir)
         if result.get("eval_time_s") and result.get("eval_rows"):
-            # trained rows are evaluated with the training batch size (tasks.train_run)
-            batch = args.eval_batch_size if row.method == EVAL_ONLY else args.batch_size
-            steps = math.ceil(result["eval_rows"] / batch)
+            steps = math.ceil(result["eval_rows"] / (config.eval_batch_size or config.train.batch_size))
             result["eval_steps_per_s"] = steps / result["eval_time_s"]
-        if judge is not None and (run_dir / tasks.RESPONSES_NAME).is_file():
+        if judge is not None and (run_dir / RESPONSES_NAME).is_file():
             result["judge_score"] = judge(run_dir)
         results.append(result)
     merged = _mean_rows(results)
     merged.update(row=row.name, seeds=row.seeds, smoke_notes=notes, run_dirs=[r["run_dir"] for r in results])
     if merged.get("peak_memory_mb") is not None:
         merged["peak_memory_gb"] = merged["peak_memory_mb"] / 1024
+    if merged.get("memory_added_mb") is not None:
+        merged["memory_added_gb"] = merged["memory_added_mb"] / 1024
     return merged
 
 
@@ -579,7 +500,7 @@ def _missing(name: str) -> str:
     return "– (not measured)"
 
 
-def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, options: argparse.Namespace,
+def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, options: RecipeOptions,
                  command: str) -> Path:
     """``report.md`` (published and this run side by side, the difference, the machine) and ``results.json``."""
     lines = comparison_rows(recipe, results)
@@ -621,10 +542,14 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
     return path
 
 
-def run_recipe(recipe: Recipe, options: argparse.Namespace, command: str = "gpt2lora reproduce",
+def run_recipe(recipe: Recipe, options: RecipeOptions, command: str = "gpt2lora reproduce",
                judge: Callable[[Path], float | None] | None = None) -> Path:
     """Run every row of ``recipe`` into ``<options.out>/<recipe name>-<time>/`` and write its report."""
-    name = getattr(options, "run_name", None) or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    name = options.run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(options.out) / name
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"{folder} exists and is not empty; choose another --run-name or --out")
@@ -641,11 +566,6 @@ def run_recipe(recipe: Recipe, options: argparse.Namespace, command: str = "gpt2
 
 # ---------------------------------------------------------------------------------------------- commands
 
-#: ``gpt2lora train`` flags that only say where and how a recipe runs (the rest come from the file).
-CONFIG_RUN_FLAGS = {"config", "smoke", "device", "data_root", "source", "out", "run_name", "vocab", "quiet",
-                    "threads", "command"}
-
-
 def _judge_callable(endpoint: str | None, model: str | None) -> Callable[[Path], float | None] | None:
     if endpoint is None and model is None:
         return None
@@ -657,43 +577,41 @@ def _judge_callable(endpoint: str | None, model: str | None) -> Callable[[Path],
     return lambda run_dir: judge_run(run_dir, config)["mean"]
 
 
-def reproduce_command(args: argparse.Namespace) -> Path | list[tuple[str, str]]:
+def reproduce(name: str | None, list_only: bool = False, data: str | None = None, smoke: bool = False,
+              vocab: str | None = None, device: str = "auto", out: str = "runs", run_name: str | None = None,
+              judge_endpoint: str | None = None, judge_model: str | None = None) -> Path | list[tuple[str, str]]:
     """``gpt2lora reproduce``: list the shipped recipes, or run one and write its comparison report."""
-    if args.list:
+    if list_only:
         listing = list_recipes()
-        width = max(len(name) for name, _ in listing)
-        for name, title in listing:
-            print(f"{name:<{width}}  {title}")
+        width = max(len(n) for n, _ in listing)
+        for recipe_name, title in listing:
+            print(f"{recipe_name:<{width}}  {title}")
         return listing
-    if not args.name:
+    if not name:
         raise ConfigError("reproduce: name a recipe (gpt2lora reproduce --list shows them) or a .toml file")
-    recipe = load_recipe(args.name)
-    data_root = args.data or (os.environ.get("GPT2LORA_DATA") if args.smoke else None)
-    if args.smoke and not data_root:
+    recipe = load_recipe(name)
+    data_root = data or (os.environ.get("GPT2LORA_DATA") if smoke else None)
+    if smoke and not data_root:
         raise ConfigError("reproduce --smoke reads local rows: pass --data DIR (the folder holding sst2/, imdb/, "
                           "...) or set $GPT2LORA_DATA")
     if data_root and not Path(data_root).is_dir():
         raise ConfigError(f"--data {data_root}: no such folder; expected the folder holding sst2/, imdb/, ...")
-    options = argparse.Namespace(out=args.out, run_name=args.run_name, smoke=args.smoke, device=args.device,
-                                 data_root=data_root, source="local" if data_root else "hub", vocab=args.vocab)
-    command = " ".join(["gpt2lora reproduce", str(args.name)] + (["--smoke"] if args.smoke else [])
-                       + ([f"--data {args.data}"] if args.data else []) + [f"--device {args.device}"])
-    return run_recipe(recipe, options, command, _judge_callable(args.judge_endpoint, args.judge_model))
+    judge = _judge_callable(judge_endpoint, judge_model)
+    options = RecipeOptions(out=out, run_name=run_name, smoke=smoke, device=device, data_root=data_root,
+                            source="local" if data_root else "hub", vocab=vocab)
+    command = " ".join(["gpt2lora reproduce", str(name)] + (["--smoke"] if smoke else [])
+                       + ([f"--data {data}"] if data else []) + [f"--device {device}"])
+    return run_recipe(recipe, options, command, judge)
 
 
-def train_config_command(args: argparse.Namespace) -> Path:
-    """``gpt2lora train --config FILE.toml``: every row of a recipe file, with the report of ``reproduce``."""
-    from .cli import build_parser
-
-    defaults = vars(build_parser().parse_args(["train"]))
-    given = sorted(k for k, v in vars(args).items() if k not in CONFIG_RUN_FLAGS and k in defaults
-                   and v != defaults[k])
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise ConfigError(f"--config {args.config}: {flags} given on the command line; with --config the run "
-                          "settings come from the file (put them in its [defaults] or a row)")
-    recipe = read_recipe(args.config)
-    options = argparse.Namespace(out=args.out, run_name=args.run_name, smoke=args.smoke, device=args.device,
-                                 data_root=args.data_root, source=args.source, vocab=args.vocab)
-    command = f"gpt2lora train --config {args.config}" + (" --smoke" if args.smoke else "")
-    return run_recipe(recipe, options, command)
+def recipe_toml(recipe: Recipe, overrides: Mapping[str, Any] | None = None) -> str:
+    """Every row of ``recipe`` fully resolved (``overrides`` applied) as recipe TOML: what
+    ``train --config FILE --print-config`` prints. For a file that ``--print-config`` wrote, the same text."""
+    rows, seeds = [], []
+    for row in recipe.rows:
+        config = row.config(row.seeds[0], relative_to=recipe.path.parent)
+        if overrides:
+            config = from_settings(overrides, base=config)
+        rows.append((row.name, config.resolved()))
+        seeds.append(row.seeds)
+    return to_toml(rows, recipe.title, seeds)

@@ -60,7 +60,10 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("samples_per_s", "Samples/s", _num(1)),
     ("steps_per_s", "Steps/s", _num(2)),
     ("peak_memory_mb", "Peak memory", _memory),
+    ("memory_added_mb", "Memory added", _memory),
 ]
+#: The headline metric of a results table, by preference: what a task kind is judged by.
+MAIN_METRICS = ("accuracy", "squad_f1", "rouge_l_f1", "eval_loss")
 
 
 def _present(value: Any) -> bool:
@@ -214,3 +217,39 @@ def plot_sweep(rows: Sequence[Row], x: str, metric: str, path: str | os.PathLike
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def main_metric(rows: Sequence[Row]) -> str:
+    """The first of :data:`MAIN_METRICS` that some row has (accuracy, SQuAD F1, ROUGE-L, else eval loss)."""
+    return next((m for m in MAIN_METRICS if any(_present(r.get(m)) for r in rows)), "eval_loss")
+
+
+def plot_tradeoffs(rows: Sequence[Row], metric: str, folder: str | os.PathLike,
+                   group: str = "method") -> list[Path | None]:
+    """The trade-off the reports argue about: ``metric`` against trainable parameters (log axis) and
+    against training time, one marker per run, one colour per ``group``."""
+    return [_scatter(rows, "trainable_params", metric, Path(folder) / f"{metric}_vs_trainable_params.png",
+                     group, log_x=True, x_label="trainable parameters (log scale)"),
+            _scatter(rows, "train_time_s", metric, Path(folder) / f"{metric}_vs_train_time.png", group,
+                     log_x=False, x_label="training time (s)")]
+
+
+def _scatter(rows: Sequence[Row], x: str, metric: str, path: Path, group: str, log_x: bool,
+             x_label: str) -> Path | None:
+    plt = pyplot()
+    usable = [r for r in rows if _present(r.get(x)) and _present(r.get(metric)) and (not log_x or r[x] > 0)]
+    if plt is None or len(usable) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in dict.fromkeys(r.get(group, "") for r in usable):
+        points = sorted((r[x], r[metric]) for r in usable if r.get(group, "") == name)
+        ax.plot(*zip(*points), marker="o", linestyle="-" if len(points) > 1 else "", linewidth=1.5, label=str(name))
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=x_label, ylabel=metric, title=f"{metric} vs {x_label.split(' (')[0]}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

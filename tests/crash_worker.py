@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import runpy
 import signal
 import sys
 from pathlib import Path
@@ -94,7 +93,7 @@ def install_hooks(kill_at_step: int | None, kill_in_save: int | None, sigint_at_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("trainer", "cli", "example"))
+    parser.add_argument("mode", choices=("trainer", "cli"))
     parser.add_argument("out", nargs="?")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int)
@@ -109,13 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         from gpt2lora.cli import main as cli_main
 
         return cli_main(rest)
-    if args.mode == "example":
-        sys.argv = ["sentiment.py", *rest]
-        try:
-            runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "sentiment.py"), run_name="__main__")
-        except SystemExit as done:
-            return int(done.code or 0)
-        return 0
     trainer = train_module.Trainer(build_model(), build_config(args.out, args.resume))
     try:
         history = trainer.fit(build_data())

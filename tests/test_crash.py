@@ -261,23 +261,3 @@ def test_cli_run_killed_then_interrupted_resumes_to_the_same_losses(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert run_losses(out / "crash") == reference
     shutil.rmtree(out)
-
-
-@pytest.mark.slow
-def test_example_script_interrupted_then_resumed_gives_the_same_losses(tmp_path):
-    out = tmp_path / "runs"
-    args = cli_smoke(out)[1:]  # the example takes the train flags (no subcommand)
-    clean = run_worker("example", "--", *args, "--run-name", "clean")
-    assert clean.returncode == 0, clean.stderr
-    reference = run_losses(out / "clean")
-
-    interrupted = run_worker("example", "--sigint-at-step", "4", "--", *args, "--run-name", "cut")
-    assert interrupted.returncode == 130, interrupted.stderr
-    assert "Traceback" not in interrupted.stderr
-    assert interrupted.stderr.strip().splitlines()[-1].startswith("interrupted; continue with the same command plus "
-                                                                  "--resume auto")
-    assert find_checkpoint(out / "cut" / "checkpoints").name == "checkpoint-0000004"
-
-    resumed = run_worker("example", "--", *args, "--run-name", "cut", "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr
-    assert run_losses(out / "cut") == reference

@@ -9,7 +9,8 @@ import torch
 from conftest import ODD, TINY, make_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
-from gpt2lora import GPT2, ConfigError, GPT2Config, KVCache
+from gpt2lora import GPT2, ConfigError, GPT2Config
+from gpt2lora.model import KVCache
 
 transformers = pytest.importorskip("transformers")
 

@@ -76,12 +76,12 @@ def test_library_example_trains_saves_and_merges(gpt2_stand_in, shared_data, tmp
 
 def test_real_training_command_parses():
     """The README's real command (it downloads, so it is only parsed here) uses flags that exist."""
-    from gpt2lora.cli import build_parser
+    from gpt2lora.cli import build_parser, run_config
 
     command = next(b for b in bash_blocks() if b.strip().startswith("gpt2lora train"))
     argv = shlex.split(command.replace("\\\n", " "))[1:]
-    args = build_parser().parse_args(argv)
-    assert (args.task, args.model, args.method, args.rank) == ("sst2", "gpt2", "lora", 8)
+    config = run_config(build_parser().parse_args(argv)).resolved()
+    assert (config.task, config.model, config.method, config.lora.rank) == ("sst2", "gpt2", "lora", 8)
 
 
 def test_readme_sections_are_filled():

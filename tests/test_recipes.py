@@ -264,7 +264,7 @@ _DELETE = object()
     (_with(rows__0__epochs=1.5), "rows[0].epochs: expected a positive integer, got 1.5"),
     (_with(rows__0__epochs=True), "rows[0].epochs: expected a positive integer, got True"),
     (_with(rows__0__lora={"targets": "attn.c_attn"}), "rows[0].lora.targets: expected a list of layer names"),
-    (_with(rows__0__lora={"targets": ["attn.qq"]}), "rows[0] (a): LoRAConfig.targets: expected names among"),
+    (_with(rows__0__lora={"targets": ["attn.qq"]}), "rows[0] (a): lora.targets: expected one of attn.c_attn"),
     (_with(rows__0__task=_DELETE), "rows[0] (a).task: expected a task"),
     (_with(rows__0__task="sst3"), "rows[0] (a).task: expected a task preset"),
     (_with(rows__0__method="qlora"), "rows[0] (a).method: expected one of lora, full"),
@@ -278,7 +278,7 @@ _DELETE = object()
     (_with(rows=[{"name": "a", "task": "sst2"}, {"name": "a", "task": "sst2"}]),
      "rows[1].name: expected a name no other row has"),
     (_with(title=_DELETE), "title: expected a one-line string"),
-    (_with(rows__0__method="last_n_full"), "rows[0] (a).last_n: expected the number of blocks"),
+    (_with(rows__0__method="last_n_full"), "rows[0] (a).last_n_blocks: expected the number of blocks"),
 ])
 def test_bad_recipes_name_file_key_and_expectation(data, expected):
     with pytest.raises(ConfigError) as info:

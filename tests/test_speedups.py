@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_hf_checkpoint
 
-from gpt2lora import ConfigError, GPT2ForSequenceClassification, KVCache, LoRAConfig, LoRALinear, apply_lora
-from gpt2lora.model import last_token_index
+from gpt2lora import ConfigError, GPT2ForSequenceClassification, LoRAConfig, LoRALinear, apply_lora
+from gpt2lora.model import KVCache, last_token_index
 from gpt2lora.prompt import PromptConfig, apply_prompt
 
 
