@@ -139,8 +139,15 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 # ---------------------------------------------------------------------------------------------- parser
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line on stderr (exit status 2), like the library's errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2lora", description="Fine-tune GPT-2 with LoRA (or fully) and "
+    parser = OneLineParser(prog="gpt2lora", description="Fine-tune GPT-2 with LoRA (or fully) and "
                                      "compare honestly: accuracy/F1, trainable parameters, time, memory.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -655,7 +655,9 @@ def cli(capsys, *argv: str) -> None:
         code = cli_main(list(argv))
     except SystemExit as exit_:
         code = exit_.code
-    raise CliExit(code, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), f"expected one line on stderr, got {err!r}"
+    raise CliExit(code, err)
 
 
 CLI_CASES = {

@@ -158,7 +158,8 @@ def test_bad_flags_exit_with_argparse_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line, not argparse's usage block
 
 
 def test_library_errors_exit_1_with_the_message(tmp_path, capsys):
@@ -167,6 +168,7 @@ def test_library_errors_exit_1_with_the_message(tmp_path, capsys):
     bad.write_text('{"text": "ok", "label": 0}\n{"text": "broken", "label": \n', encoding="utf-8")
     assert main(["train", "--task", "sst2", "--data", str(bad.parent), *smoke_args(tmp_path)]) == 1
     err = capsys.readouterr().err
+    assert err.count("\n") == 1
     assert "gpt2lora train: error:" in err and f"{bad} line 2: invalid JSON" in err
     assert main(["eval", "--run", str(tmp_path / "nothing")]) == 1
     assert "no config.json" in capsys.readouterr().err

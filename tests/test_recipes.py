@@ -115,13 +115,22 @@ def test_recipe_settings_give_the_published_trainable_counts(row):
     trainable = count_parameters(model).trainable
     if row.method == "prompt":  # the report's 46K is the prompt alone (60 x 768); the 2-class head trains besides
         trainable -= sum(p.numel() for n, p in model.named_parameters() if n.startswith("score"))
-    published = row.published["trainable_params"]
-    if published % 1000:
+    published = int(row.published["trainable_params"])
+    significant = len(str(published).rstrip("0"))
+    if len(str(published)) - significant < 3:  # printed in full (294,912; 987,298): the exact integer
         assert trainable == published
-    else:
-        digits = len(str(int(published)).rstrip("0"))  # 148000 -> 3 significant digits
-        step = 10 ** (len(str(int(published))) - digits)
+    else:  # printed rounded (148K, 14M, 2M, 46K): within its last significant digit
+        step = 10 ** (len(str(published)) - significant)
         assert abs(trainable - published) < step, (trainable, published)  # rounded or truncated
+    if "trainable_pct" in row.published:  # the share, to the digits the report printed (rounded or truncated)
+        total = count_parameters(model).total
+        text = f"{row.published['trainable_pct']:g}"
+        unit = 10.0 ** -(len(text.split(".")[1]) if "." in text else 0)
+        ours = 100 * trainable / total
+        # CS 7643 derived its shares from its rounded counts over the base model (8M / 355M = 2.25% -> "2.3")
+        from_their_count = 100 * published / (total - trainable)
+        assert min(abs(ours - row.published["trainable_pct"]), abs(from_their_count - row.published["trainable_pct"])) \
+            < unit, (ours, from_their_count, row.published["trainable_pct"])
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -157,32 +157,65 @@ UNSAFE_CALLS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("pi
                 ("yaml", "load"), ("yaml", "unsafe_load"), ("shelve", "open")}
 
 
+#: Packages the library must not import: code-executing loaders, and the reference implementations (test-only).
+FORBIDDEN_MODULES = {"pickle", "marshal", "dill", "joblib", "shelve", "transformers", "peft"}
+
+
 def unsafe_uses(path: Path) -> list[str]:
-    """Calls and imports in one file that could execute code stored in a data file."""
+    """Calls and imports in one file that could execute code stored in a data file, or pull in the
+    reference libraries; aliases (``import torch as t; t.load``, ``from torch import load as read``) count."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    aliases: dict[str, str] = {}  # local name -> the module or module.attribute it stands for
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                and (node.value.id, node.attr) in UNSAFE_CALLS:
-            found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
-        elif isinstance(node, ast.ImportFrom) and node.module in {m for m, _ in UNSAFE_CALLS}:
-            bad = [a.name for a in node.names if (node.module, a.name) in UNSAFE_CALLS]
-            found += [f"{path.name}:{node.lineno} from {node.module} import {b}" for b in bad]
-        elif isinstance(node, ast.Import):
-            found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names
-                      if a.name in {"pickle", "marshal", "dill", "joblib", "shelve", "transformers", "peft"}]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in {"eval", "exec"}:
-            found.append(f"{path.name}:{node.lineno} {node.func.id}()")
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[(a.asname or a.name).split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                if a.name.split(".")[0] in FORBIDDEN_MODULES:
+                    found.append(f"{path.name}:{node.lineno} import {a.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            root = node.module.split(".")[0]
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                if root in FORBIDDEN_MODULES or (node.module, a.name) in UNSAFE_CALLS:
+                    found.append(f"{path.name}:{node.lineno} from {node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            owner = aliases.get(node.value.id, node.value.id)
+            if (owner, node.attr) in UNSAFE_CALLS:
+                found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr} ({owner}.{node.attr})")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            target = aliases.get(node.func.id, "")
+            if node.func.id in {"eval", "exec"}:
+                found.append(f"{path.name}:{node.lineno} {node.func.id}()")
+            elif tuple(target.rsplit(".", 1)) in UNSAFE_CALLS:
+                found.append(f"{path.name}:{node.lineno} {node.func.id}() ({target})")
         elif isinstance(node, ast.keyword) and node.arg in {"weights_only", "allow_pickle", "trust_remote_code"}:
             found.append(f"{path.name}:{node.lineno} {node.arg}=")
     return found
 
 
-def test_the_scanner_finds_unsafe_code(tmp_path):
+@pytest.mark.parametrize("source, expected", [
+    ("import torch\nx = torch.load('w.bin')\n", ["torch.load"]),
+    ("import torch as t\nx = t.load('w.bin')\n", ["t.load (torch.load)"]),
+    ("from torch import load as read\nx = read('w.bin')\n", ["from torch import load", "read() (torch.load)"]),
+    ("from torch import load\n", ["from torch import load"]),
+    ("from transformers import GPT2Model\n", ["from transformers import GPT2Model"]),
+    ("from transformers.models.gpt2 import modeling_gpt2\n", ["from transformers.models.gpt2 import"]),
+    ("from peft import get_peft_model\n", ["from peft import get_peft_model"]),
+    ("import peft as p\n", ["import peft"]),
+    ("import pickle as p\np.loads(b'')\n", ["import pickle", "p.loads (pickle.loads)"]),
+    ("x = eval('1')\n", ["eval()"]),
+    ("import torch\nx = torch.load('w.bin', weights_only=False)\n", ["torch.load", "weights_only="]),
+    ("import torch\nfrom safetensors.torch import load_file\nx = load_file('w.safetensors')\n", []),
+])
+def test_the_scanner_finds_unsafe_code(source, expected, tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch\nfrom pickle import loads\nx = torch.load('w.bin', weights_only=False)\n"
-                   "eval('1')\nimport transformers\n")
-    assert len(unsafe_uses(bad)) == 5
+    bad.write_text(source)
+    found = unsafe_uses(bad)
+    assert len(found) == len(expected), found
+    for fragment, line in zip(expected, found):
+        assert fragment in line, (fragment, line)
 
 
 def test_package_source_never_unpickles_evaluates_or_imports_transformers():
