@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError, TrainingError
 from .metrics import classification_metrics, mean_loss, peak_memory_mb, perplexity, throughput
 from .model import Transformer
+from .tensorcheck import check_training_checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_NAME = "best"
@@ -271,6 +272,35 @@ def write_atomic(folder: Path, writers: Mapping[str, Callable[[Path], None]]) ->
     if old.exists():
         shutil.rmtree(old)
     return folder
+
+
+#: What a process killed inside :func:`write_atomic` or a checkpoint rotation leaves in an ``out_dir``.
+LEFTOVER = re.compile(rf"\.({CHECKPOINT_PREFIX}\d+|{BEST_NAME}|{re.escape(HISTORY_NAME)})"
+                      r"\.(?:(tmp|old)-(\d+)|deleting)")
+
+
+def finish_interrupted_writes(out_dir: Path) -> None:
+    """Put back what a kill in the middle of writing or rotating checkpoints left in ``out_dir``.
+
+    Killed between :func:`write_atomic`'s two renames, a process leaves its finished new folder
+    (``.NAME.tmp-PID``, complete before the old one moves) beside the old one (``.NAME.old-PID``) and nothing
+    called NAME: the new folder takes the name. Every other leftover (a half-written temp folder or history, an
+    old copy already replaced, a rotated checkpoint half deleted) is removed.
+    """
+    if not out_dir.is_dir():
+        return
+    leftovers = [(p, m) for p in out_dir.iterdir() if (m := LEFTOVER.fullmatch(p.name))]
+    for _, match in leftovers:
+        name, kind, pid = match.groups()
+        new = out_dir / f".{name}.tmp-{pid}"
+        if kind == "old" and not (out_dir / name).exists() and new.is_dir():
+            os.replace(new, out_dir / name)
+            _fsync_dir(out_dir)
+    for path, _ in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -554,8 +584,11 @@ class Trainer:
         }
         return write_atomic(Path(folder), writers)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Restore everything :meth:`save_checkpoint` wrote; the next step continues the run exactly."""
+    def load_checkpoint(self, path: str | os.PathLike, allow_nonfinite: bool = False) -> Path:
+        """Restore everything :meth:`save_checkpoint` wrote; the next step continues the run exactly.
+
+        Tensors that are not floats, or hold NaN/inf (unless ``allow_nonfinite``), are refused by name.
+        """
         folder = find_checkpoint(path)
         try:
             state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
@@ -565,6 +598,7 @@ class Trainer:
             raise CheckpointNotFoundError(f"checkpoint {folder}: {err}") from None
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as err:
             raise CheckpointError(f"checkpoint {folder} is unreadable: {err}") from None
+        check_training_checkpoint(folder, weights, opt_tensors, WEIGHTS_NAME, OPTIMIZER_NAME, allow_nonfinite)
         missing_keys = [k for k in ("step", "epoch", "batch", "trainable", "optimizer_scalars", "python_rng")
                         if k not in state]
         if missing_keys:
@@ -621,9 +655,8 @@ class Trainer:
             self._last_checkpoint = folder
             return
         self._last_checkpoint = self.save_checkpoint(folder)
+        finish_interrupted_writes(self.out_dir)  # what a process killed mid-write left
         steps = sorted(p for p in self.out_dir.iterdir() if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", p.name))
-        for stale in self.out_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # temp folders of a process killed mid-write
-            shutil.rmtree(stale, ignore_errors=True)
         for old in steps[:-self.config.keep_checkpoints]:
             # rename first: a kill during rmtree must not leave a half-deleted folder under a checkpoint name
             doomed = old.with_name(f".{old.name}.deleting")
@@ -640,14 +673,21 @@ class Trainer:
             f.write(json.dumps(_json_safe(record)) + "\n")
 
     def _rewrite_log(self) -> None:
+        """The log of a resumed run: the checkpoint's records only (a killed run's later or torn lines go).
+
+        Written beside and renamed over the old log, so a kill here leaves one of the two whole.
+        """
         if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / HISTORY_NAME).unlink(missing_ok=True)
         merged = sorted([("step", s) for s in self.history.steps] + [("eval", e) for e in self.history.evals],
                         key=lambda item: (item[1]["step"], item[0] == "eval"))
-        for kind, record in merged:
-            self._log({"type": kind, **record})
+        tmp = self.out_dir / f".{HISTORY_NAME}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(_json_safe({"type": kind, **record})) + "\n" for kind, record in merged)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out_dir / HISTORY_NAME)
 
     # --- the loop ---
 
@@ -694,6 +734,8 @@ class Trainer:
         self._position = _Position()
         if cfg.resume_from is not None:
             self.load_checkpoint(cfg.resume_from)
+            if self.out_dir is not None and self.dist.is_main:
+                finish_interrupted_writes(self.out_dir)
             self._rewrite_log()
         else:
             torch.manual_seed(cfg.seed)
