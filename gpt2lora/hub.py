@@ -199,16 +199,20 @@ def check_config_fits(config: GPT2Config, header: Mapping[str, TensorInfo], conf
         raise CheckpointError(f"{config_path} does not describe the weights beside it: " + "; ".join(problems))
 
 
-def weights_dtype(header: Mapping[str, TensorInfo], dtype: torch.dtype | None, folder: Path) -> torch.dtype:
-    """The dtype the model gets: ``dtype`` if given, else the checkpoint's own (a lossless common one for a mix).
-
-    Integer, bool or complex tensors are refused by name whatever ``dtype`` says.
+def weights_dtype(header: Mapping[str, TensorInfo], dtype: torch.dtype | None, folder: Path,
+                  config_dtype: Any = None) -> torch.dtype:
+    """The dtype the model gets, as transformers' ``dtype="auto"`` picks it: ``dtype`` if given, else the
+    ``dtype`` / ``torch_dtype`` of ``config.json`` when it names one, else the checkpoint's own float dtype
+    (for a mix, their lossless common dtype). Integer, bool or complex tensors are refused by name.
     """
     weights = {k: t for k, t in header.items() if _is_weight(k)}
     for path in dict.fromkeys(t.file for t in weights.values()):
         check_floating({k: t.dtype for k, t in weights.items() if t.file == path}, path)
     if dtype is not None:
         return dtype
+    named = getattr(torch, config_dtype, None) if isinstance(config_dtype, str) else None
+    if named in MODEL_DTYPES:
+        return named
     counts = Counter(t.dtype for t in weights.values())
     if not counts:
         return torch.get_default_dtype()
@@ -289,8 +293,8 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
 
     The safetensors headers are checked against ``config.json`` (sizes, block count, dtypes) and the
     model's tensor names and shapes before any data is read; then every weight must be finite
-    (``allow_nonfinite=True`` skips that). ``dtype`` converts the weights; without it the model keeps the
-    checkpoint's float dtype (the lossless common one when tensors differ).
+    (``allow_nonfinite=True`` skips that). ``dtype`` converts the weights; without it the model gets the
+    dtype ``config.json`` names, else the checkpoint's own (see :func:`weights_dtype`).
     """
     check_model_dtype(dtype, f"{cls.__name__}.from_pretrained")
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)
@@ -302,7 +306,7 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
     files = weight_files(folder)
     header = read_header(files)
     check_config_fits(config, header, folder / "config.json")
-    target = weights_dtype(header, dtype, folder)
+    target = weights_dtype(header, dtype, folder, raw.get("dtype", raw.get("torch_dtype")))
     layout = from_hf_names({k: torch.empty(t.shape, device="meta") for k, t in header.items()},
                            source=f"checkpoint {folder}")
     with torch.device("meta"):

@@ -317,8 +317,8 @@ class GPT2(nn.Module):
                         device: torch.device | str | None = None, allow_nonfinite: bool = False) -> GPT2:
         """Load a hub id (``gpt2``, ``openai-community/gpt2-medium``, ...) or a local HF-layout folder.
 
-        ``dtype`` converts the weights (default: the checkpoint's float dtype). A weight holding NaN or inf
-        is refused by name unless ``allow_nonfinite=True``.
+        ``dtype`` converts the weights (default, as transformers: the dtype ``config.json`` names, else the
+        checkpoint's own). A weight holding NaN or inf is refused by name unless ``allow_nonfinite=True``.
         """
         from .hub import load_pretrained
 

@@ -184,6 +184,7 @@ def _(ctx):
 def _(ctx):
     folder, _ = ctx.weights(lambda t: t.update({"transformer.wpe.weight": t["transformer.wpe.weight"].to(
         torch.float8_e4m3fn)}))
+    ctx.edit_config(folder, dtype=None)  # no dtype in config.json either
     return lambda: GPT2.from_pretrained(folder), {"path": folder}
 
 

@@ -115,11 +115,39 @@ def test_one_odd_tensor_is_listed_by_the_full_check_not_blamed_on_the_config(tin
 
 # --- dtypes ---------------------------------------------------------------------------------------------
 
-def test_fp16_checkpoint_loads_as_is_and_converts_like_transformers(tiny_checkpoint, tmp_path):
-    folder = copy_with(tiny_checkpoint, tmp_path / "half", lambda t: t.update({k: v.half() for k, v in t.items()}))
+def half_checkpoint(tiny_checkpoint: Path, folder: Path, config_dtype: str | None) -> Path:
+    """The tiny checkpoint in fp16, with config.json's dtype field set (or removed, for None)."""
+    folder = copy_with(tiny_checkpoint, folder, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("dtype", None)
+    path.write_text(json.dumps(config if config_dtype is None else {**config, "dtype": config_dtype}))
+    return folder
+
+
+@pytest.mark.parametrize("config_dtype", ["float32", None])
+def test_fp16_checkpoint_gets_the_dtype_transformers_gives_it(tiny_checkpoint, tmp_path, config_dtype):
+    folder = half_checkpoint(tiny_checkpoint, tmp_path / "half", config_dtype)
+    reference = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()  # dtype="auto": config, else weights
+    model = GPT2.from_pretrained(folder).eval()
+    expected = torch.float32 if config_dtype else torch.float16
+    assert {p.dtype for p in reference.parameters()} == {p.dtype for p in model.parameters()} == {expected}
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x).logits, atol=1e-4 if config_dtype else 1e-2, rtol=1e-3)
+
+
+def test_a_config_dtype_converts_fp32_weights_like_transformers(tiny_checkpoint, tmp_path):
+    folder = copy_with(tiny_checkpoint, tmp_path / "ckpt", dtype="bfloat16")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    model = GPT2.from_pretrained(folder)
+    assert {p.dtype for p in reference.parameters()} == {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.transformer.wte.weight, reference.transformer.wte.weight)
+
+
+def test_fp16_checkpoint_converts_when_dtype_asks(tiny_checkpoint, tmp_path):
+    folder = half_checkpoint(tiny_checkpoint, tmp_path / "half", None)
     stored = load_file(str(folder / "model.safetensors"))
-    half = GPT2.from_pretrained(folder)
-    assert {p.dtype for p in half.parameters()} == {torch.float16}
     full = GPT2.from_pretrained(folder, dtype=torch.float32).eval()
     assert {p.dtype for p in full.parameters()} == {torch.float32}
     assert torch.equal(full.transformer.wpe.weight, stored["transformer.wpe.weight"].float())
@@ -139,10 +167,10 @@ def test_bf16_checkpoint_converts_to_the_dtype_asked(tiny_checkpoint, tmp_path):
 
 
 def test_a_mix_of_float_dtypes_loads_in_their_lossless_common_dtype(tiny_checkpoint, tmp_path):
-    def mix(tensors):
-        for name in list(tensors)[::2]:
-            tensors[name] = tensors[name].half()
-    folder = copy_with(tiny_checkpoint, tmp_path / "mix", mix)
+    def mix(tensors):  # float16 and bfloat16: neither holds the other, float32 holds both
+        for i, name in enumerate(tensors):
+            tensors[name] = tensors[name].half() if i % 2 else tensors[name].bfloat16()
+    folder = copy_with(tiny_checkpoint, tmp_path / "mix", mix, dtype=None)  # config.json names no dtype
     stored = load_file(str(folder / "model.safetensors"))
     model = GPT2.from_pretrained(folder)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -153,7 +181,7 @@ def test_a_mix_of_float_dtypes_loads_in_their_lossless_common_dtype(tiny_checkpo
 
 
 def test_a_new_classifier_head_gets_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
-    folder = copy_with(tiny_checkpoint, tmp_path / "half", lambda t: t.update({k: v.half() for k, v in t.items()}))
+    folder = half_checkpoint(tiny_checkpoint, tmp_path / "half", None)
     model = GPT2ForSequenceClassification.from_pretrained(folder, num_labels=3)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
