@@ -191,13 +191,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     lines = _decode_lines(path)
     reader = csv.DictReader(io.StringIO("\n".join(lines) + "\n"), delimiter=delimiter)
-    if not reader.fieldnames:
-        raise DataError(f"{path} line 1: expected a header row naming the columns")
-    for row in reader:
-        if None in row:
-            raise DataError(f"{path} line {reader.line_num}: more values than the "
-                            f"{len(reader.fieldnames)} header columns")
-        yield f"line {reader.line_num}", row
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path} line 1: expected a header row naming the columns")
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path} line {reader.line_num}: more values than the "
+                                f"{len(reader.fieldnames)} header columns")
+            yield f"line {reader.line_num}", row
+    except csv.Error as err:  # e.g. a NUL byte or a stray carriage return inside a field
+        raise DataError(f"{path} line {reader.line_num}: not readable as {'CSV' if delimiter == ',' else 'TSV'} "
+                        f"({err})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

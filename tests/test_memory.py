@@ -32,7 +32,8 @@ def test_meter_measures_this_span_not_the_process_lifetime():
     small += 1
     after = second.stop()
     assert before.method == after.method == "vmhwm"  # Linux: the kernel's high-water mark, reset at start
-    assert before.added_mb > 240 and 8 < after.added_mb < 100
+    # the 16 MiB may reuse pages freed earlier, so "added" is at most its size, maybe 0
+    assert before.added_mb > 200 and after.added_mb < 100
     assert after.peak_mb < before.peak_mb - 100  # ru_maxrss would still say the 256 MiB peak
 
 
