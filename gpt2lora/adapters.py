@@ -59,6 +59,7 @@ from .lora import (
 )
 from .methods import METHODS, prepare_model, trainable_names
 from .prompt import PromptConfig, get_prompt
+from .tensorcheck import check_finite, check_floating
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -244,7 +245,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
 
 # --- reading -----------------------------------------------------------------------------------------
 
-def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+def _read_folder(folder: Path, allow_nonfinite: bool = False
+                 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"adapter folder {folder} does not exist")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -265,6 +267,8 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     tensors = read_safetensors(weights_path)
+    check_floating({name: t.dtype for name, t in tensors.items()}, weights_path)
+    check_finite([(weights_path, tensors)], allow_nonfinite)
     with safe_open(str(weights_path), framework="pt") as f:
         metadata = f.metadata() or {}
     return config, tensors, metadata
@@ -375,15 +379,16 @@ def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], sour
 
 # --- loading -----------------------------------------------------------------------------------------
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, allow_nonfinite: bool = False) -> nn.Module:
     """Load an adapter folder onto ``model`` (a fresh model, or one with the same LoRA layout) and return it.
 
     A peft ``LORA`` adapter (written by gpt2lora or by peft) applies LoRA when the model has none yet,
     then copies the tensors; gpt2lora's own format copies the trained tensors and sets the method's
-    trainable set. Keys, shapes and the config are checked before anything in the model changes.
+    trainable set. Keys, shapes, dtypes (floats only), the config and finite values (every tensor, soft
+    prompts included; ``allow_nonfinite=True`` skips that) are checked before anything in the model changes.
     """
     path = Path(folder)
-    config, tensors, metadata = _read_folder(path)
+    config, tensors, metadata = _read_folder(path, allow_nonfinite)
     source = path / CONFIG_NAME
     peft_type = config.get("peft_type")
     if peft_type == "LORA":

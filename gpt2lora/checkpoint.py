@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from .history import json_safe
+from .history import HISTORY_NAME, json_safe
+from .tensorcheck import check_training_checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_NAME = "best"
@@ -72,6 +73,35 @@ def write_atomic(folder: Path, writers: Mapping[str, Callable[[Path], None]]) ->
     return folder
 
 
+#: What a process killed inside :func:`write_atomic` or a checkpoint rotation leaves in an ``out_dir``.
+LEFTOVER = re.compile(rf"\.({CHECKPOINT_PREFIX}\d+|{BEST_NAME}|{re.escape(HISTORY_NAME)})"
+                      r"\.(?:(tmp|old)-(\d+)|deleting)")
+
+
+def finish_interrupted_writes(out_dir: Path) -> None:
+    """Put back what a kill in the middle of writing or rotating checkpoints left in ``out_dir``.
+
+    Killed between :func:`write_atomic`'s two renames, a process leaves its finished new folder
+    (``.NAME.tmp-PID``, complete before the old one moves) beside the old one (``.NAME.old-PID``) and nothing
+    called NAME: the new folder takes the name. Every other leftover (a half-written temp folder or history, an
+    old copy already replaced, a rotated checkpoint half deleted) is removed.
+    """
+    if not out_dir.is_dir():
+        return
+    leftovers = [(p, m) for p in out_dir.iterdir() if (m := LEFTOVER.fullmatch(p.name))]
+    for _, match in leftovers:
+        name, kind, pid = match.groups()
+        new = out_dir / f".{name}.tmp-{pid}"
+        if kind == "old" and not (out_dir / name).exists() and new.is_dir():
+            os.replace(new, out_dir / name)
+            _fsync_dir(out_dir)
+    for path, _ in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def step_folder(out_dir: Path, step: int) -> Path:
     """``out_dir/checkpoint-0000042``: where the checkpoint of optimizer step ``step`` goes."""
     return Path(out_dir) / f"{CHECKPOINT_PREFIX}{step:07d}"
@@ -94,9 +124,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def rotate_checkpoints(out_dir: Path, keep: int) -> None:
     """Keep the ``keep`` latest ``checkpoint-N`` folders; drop temp folders of a process killed mid-write."""
+    finish_interrupted_writes(out_dir)  # what a process killed mid-write left
     steps = sorted(p for p in out_dir.iterdir() if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", p.name))
-    for stale in out_dir.glob(f".{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
     for old in steps[:-keep]:
         # rename first: a kill during rmtree must not leave a half-deleted folder under a checkpoint name
         doomed = old.with_name(f".{old.name}.deleting")
@@ -148,8 +177,10 @@ def save_state(folder: str | os.PathLike, params: Sequence[tuple[str, nn.Paramet
 
 def load_state(path: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-               expected: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+               expected: Mapping[str, Any], allow_nonfinite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Restore what :func:`save_state` wrote into ``params``, ``optimizer``, ``scaler`` and the RNGs.
+
+    Tensors that are not floats, or hold NaN/inf (unless ``allow_nonfinite``), are refused by name.
 
     ``path``: a checkpoint folder or an ``out_dir`` (its latest). ``expected``: values the checkpoint
     must hold to continue this run (total_steps, batches_per_epoch, optimizer). Returns the folder
@@ -164,6 +195,7 @@ def load_state(path: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter
         raise CheckpointNotFoundError(f"checkpoint {folder}: {err}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as err:
         raise CheckpointError(f"checkpoint {folder} is unreadable: {err}") from None
+    check_training_checkpoint(folder, weights, opt_tensors, WEIGHTS_NAME, OPTIMIZER_NAME, allow_nonfinite)
     missing_keys = [k for k in ("step", "epoch", "batch", "trainable", "optimizer_scalars", "python_rng")
                     if k not in state]
     if missing_keys:

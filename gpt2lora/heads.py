@@ -97,10 +97,11 @@ class GPT2ForSequenceClassification(nn.Module):
                         pad_token_id: int = 50256, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None,
-                        seed: int = 0) -> GPT2ForSequenceClassification:
+                        seed: int = 0, allow_nonfinite: bool = False) -> GPT2ForSequenceClassification:
         """Load a plain GPT-2 checkpoint (new head, seeded init) or a classification checkpoint.
 
         ``num_labels=None`` takes the count from the checkpoint's ``id2label`` (2 if it has none).
+        ``dtype`` and ``allow_nonfinite`` are as in :meth:`GPT2.from_pretrained`.
         """
         from .hub import load_pretrained, read_config, resolve_checkpoint
 
@@ -108,4 +109,5 @@ class GPT2ForSequenceClassification(nn.Module):
             folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)
             num_labels = len(read_config(folder).get("id2label") or {}) or 2
         return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir, dtype=dtype,
-                               device=device, num_labels=num_labels, pad_token_id=pad_token_id, seed=seed)
+                               device=device, allow_nonfinite=allow_nonfinite, num_labels=num_labels,
+                               pad_token_id=pad_token_id, seed=seed)

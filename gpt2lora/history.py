@@ -87,6 +87,8 @@ def rewrite(path: str | os.PathLike, history: History) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(json_safe({"type": kind, **record})) + "\n" for kind, record in merged)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +19,14 @@ from torch import Tensor, nn
 
 from .config import HUB_IDS, GPT2Config
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
+from .tensorcheck import (
+    MODEL_DTYPES,
+    SAFETENSORS_DTYPES,
+    check_finite,
+    check_floating,
+    check_model_dtype,
+    dtype_name,
+)
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -117,6 +128,110 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says about one tensor: no data is read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    """safetensors' code, e.g. ``F32``, ``BF16``, ``I32``."""
+    file: Path
+
+
+def read_header(paths: Iterable[Path]) -> dict[str, TensorInfo]:
+    """Name, shape and dtype of every tensor in the given safetensors files, from their JSON headers."""
+    header: dict[str, TensorInfo] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = f.keys()
+                for key in names:
+                    part = f.get_slice(key)
+                    if key in header:
+                        raise CheckpointError(f"tensor {key!r} is stored twice: in {header[key].file} and in {path}")
+                    header[key] = TensorInfo(tuple(part.get_shape()), part.get_dtype(), path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+    return header
+
+
+def _is_weight(key: str) -> bool:
+    return not key.endswith(MASK_BUFFER_SUFFIXES)
+
+
+def check_config_fits(config: GPT2Config, header: Mapping[str, TensorInfo], config_path: Path) -> None:
+    """Fail at once, naming each field, when ``config.json`` describes another shape than the weights hold.
+
+    Runs on the header alone, before any module is built. A field is refused only when no tensor that
+    carries its size agrees with it; a single odd tensor is left to the full check (which lists it).
+    """
+    names = {("transformer." + key if key.startswith(BODY_PREFIXES) else key): key
+             for key in header if _is_weight(key)}
+    blocks = sorted({int(m.group(1)) for name in names if (m := re.match(r"transformer\.h\.(\d+)\.", name))})
+    problems = []
+    if config.n_layer > len(blocks):
+        held = f"transformer.h.{blocks[0]} .. transformer.h.{blocks[-1]}" if blocks else "none"
+        files = sorted({t.file.name for t in header.values()})
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        problems.append(f"n_layer={config.n_layer} but the weights ({shown}) hold {len(blocks)} block"
+                        f"{'' if len(blocks) == 1 else 's'} ({held})")
+    # field -> (value, [(gpt2lora name, axis of the stored (Conv1D) shape)])
+    inner = [(f"transformer.h.{i}.mlp.c_fc.weight", 1) for i in blocks] + \
+        [(f"transformer.h.{i}.mlp.c_fc.bias", 0) for i in blocks]
+    fields = {
+        "vocab_size": (config.vocab_size, [("transformer.wte.weight", 0), ("lm_head.weight", 0)]),
+        "n_embd": (config.n_embd, [("transformer.wte.weight", 1), ("transformer.wpe.weight", 1),
+                                   ("transformer.ln_f.weight", 0)]),
+        "n_positions": (config.n_positions, [("transformer.wpe.weight", 0)]),
+        "n_inner": (config.inner_dim, inner),
+    }
+    for field, (value, sources) in fields.items():
+        seen = [(header[names[n]].shape[axis], names[n]) for n, axis in sources
+                if n in names and len(header[names[n]].shape) > axis]
+        if seen and all(size != value for size, _ in seen):
+            size, key = seen[0]
+            info = header[key]
+            shown = f"n_inner={config.n_inner} (4 * n_embd = {value})" if field == "n_inner" and \
+                config.n_inner is None else f"{field}={value}"
+            problems.append(f"{shown} but the weights say {size} ({info.file.name}: {key} has shape "
+                            f"{info.shape})")
+    if problems:
+        raise CheckpointError(f"{config_path} does not describe the weights beside it: " + "; ".join(problems))
+
+
+def weights_dtype(header: Mapping[str, TensorInfo], dtype: torch.dtype | None, folder: Path,
+                  config_dtype: Any = None) -> torch.dtype:
+    """The dtype the model gets, as transformers' ``dtype="auto"`` picks it: ``dtype`` if given, else the
+    ``dtype`` / ``torch_dtype`` of ``config.json`` when it names one, else the checkpoint's own float dtype
+    (for a mix, their lossless common dtype). Integer, bool or complex tensors are refused by name.
+    """
+    weights = {k: t for k, t in header.items() if _is_weight(k)}
+    for path in dict.fromkeys(t.file for t in weights.values()):
+        check_floating({k: t.dtype for k, t in weights.items() if t.file == path}, path)
+    if dtype is not None:
+        return dtype
+    named = getattr(torch, config_dtype, None) if isinstance(config_dtype, str) else None
+    if named in MODEL_DTYPES:
+        return named
+    counts = Counter(t.dtype for t in weights.values())
+    if not counts:
+        return torch.get_default_dtype()
+    common = SAFETENSORS_DTYPES[counts.most_common(1)[0][0]]
+    try:
+        for code in counts:
+            common = torch.promote_types(common, SAFETENSORS_DTYPES[code])
+    except RuntimeError:  # e.g. float8 next to float16: torch defines no common type
+        common = None
+    if common in MODEL_DTYPES:
+        return common
+    usual = counts.most_common(1)[0][0]
+    odd = [f"{k} is {dtype_name(t.dtype)}" for k, t in weights.items() if t.dtype != usual][:5]
+    what = (f"tensor {', tensor '.join(odd)}, the others {dtype_name(usual)}" if odd
+            else f"every tensor is {dtype_name(usual)}")
+    raise CheckpointError(f"checkpoint {folder}: {what}, which a model cannot hold as they are; pass "
+                          "dtype=torch.float32 (or float16 / bfloat16) to convert them all")
+
+
 def from_hf_names(hf_state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
     """Map hub or ``save_pretrained`` names to gpt2lora's: ``transformer.``-prefixed, Linear layout."""
     state = {}
@@ -172,31 +287,48 @@ def expected_state(model: nn.Module) -> dict[str, Tensor]:
 
 def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, **model_kwargs: Any) -> ModelT:
-    """Build ``cls`` from a checkpoint without a random-init pass (meta device, then assign)."""
+                    device: torch.device | str | None = None, allow_nonfinite: bool = False,
+                    **model_kwargs: Any) -> ModelT:
+    """Build ``cls`` from a checkpoint without a random-init pass (meta device, then assign).
+
+    The safetensors headers are checked against ``config.json`` (sizes, block count, dtypes) and the
+    model's tensor names and shapes before any data is read; then every weight must be finite
+    (``allow_nonfinite=True`` skips that). ``dtype`` converts the weights; without it the model gets the
+    dtype ``config.json`` names, else the checkpoint's own (see :func:`weights_dtype`).
+    """
+    check_model_dtype(dtype, f"{cls.__name__}.from_pretrained")
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)
     raw = read_config(folder)
     try:
         config = GPT2Config.from_hf_config(raw, source=str(folder / "config.json"))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    found = from_hf_names(read_weights(folder), source=f"checkpoint {folder}")
+    files = weight_files(folder)
+    header = read_header(files)
+    check_config_fits(config, header, folder / "config.json")
+    target = weights_dtype(header, dtype, folder, raw.get("dtype", raw.get("torch_dtype")))
+    layout = from_hf_names({k: torch.empty(t.shape, device="meta") for k, t in header.items()},
+                           source=f"checkpoint {folder}")
     with torch.device("meta"):
         model = cls(config, **model_kwargs)
     expected = expected_state(model)
-    new_modules = getattr(model, "new_module_prefixes", lambda names: ())(found)
+    new_modules = getattr(model, "new_module_prefixes", lambda names: ())(layout)
     optional = [k for k in expected if k.startswith(tuple(new_modules))]
     ignored = ["lm_head.weight", "score.weight"] if config.tie_word_embeddings else ["score.weight"]
     ignored = [k for k in ignored if k not in expected]
-    check_state(expected, found, source=f"checkpoint {folder}", optional=optional, ignored=ignored)
-    state = {k: v for k, v in found.items() if k in expected}
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    check_state(expected, layout, source=f"checkpoint {folder}", optional=optional, ignored=ignored)
+    stored = {path: read_safetensors(path) for path in files}
+    check_finite(((path, {k: t for k, t in tensors.items() if _is_weight(k)}) for path, tensors in stored.items()),
+                 allow_nonfinite)
+    found = from_hf_names({k: t for tensors in stored.values() for k, t in tensors.items()},
+                          source=f"checkpoint {folder}")
+    del stored
+    state = {k: v.to(target) for k, v in found.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if optional:
-        model.init_new_modules(dtype=dtype)  # type: ignore[attr-defined]
+        model.init_new_modules(dtype=target)  # type: ignore[attr-defined]
     if device is not None:
         model.to(device)
     model.name_or_path = str(name_or_path)

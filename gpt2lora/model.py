@@ -310,12 +310,16 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
                         cache_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> GPT2:
-        """Load a hub id (``gpt2``, ``openai-community/gpt2-medium``, ...) or a local HF-layout folder."""
+                        device: torch.device | str | None = None, allow_nonfinite: bool = False) -> GPT2:
+        """Load a hub id (``gpt2``, ``openai-community/gpt2-medium``, ...) or a local HF-layout folder.
+
+        ``dtype`` converts the weights (default, as transformers: the dtype ``config.json`` names, else the
+        checkpoint's own). A weight holding NaN or inf is refused by name unless ``allow_nonfinite=True``.
+        """
         from .hub import load_pretrained
 
         return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
-                               dtype=dtype, device=device)
+                               dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
 
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,

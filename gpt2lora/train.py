@@ -306,12 +306,15 @@ class Trainer:
         return checkpoint.save_state(folder, self.params, self.optimizer, self.scaler, self.device, state,
                                      self.config)
 
-    def load_checkpoint(self, path: str | Path) -> Path:
-        """Restore everything :meth:`save_checkpoint` wrote; the next step continues the run exactly."""
+    def load_checkpoint(self, path: str | Path, allow_nonfinite: bool = False) -> Path:
+        """Restore everything :meth:`save_checkpoint` wrote; the next step continues the run exactly.
+
+        Tensors that are not floats, or hold NaN/inf (unless ``allow_nonfinite``), are refused by name.
+        """
         expected = {"total_steps": self.history.total_steps, "batches_per_epoch": self._n_batches,
                     "optimizer": self.config.optimizer}
         folder, state = checkpoint.load_state(path, self.params, self.optimizer, self.scaler, self.device,
-                                              expected)
+                                              expected, allow_nonfinite)
         self._position = _Position(state["step"], state["epoch"], state["batch"], state["bad_evals"])
         self.history.steps = state["history_steps"]
         self.history.evals = state["history_evals"]
@@ -384,6 +387,8 @@ class Trainer:
         self._position = _Position()
         if cfg.resume_from is not None:
             self.load_checkpoint(cfg.resume_from)
+            if self.out_dir is not None and self.dist.is_main:
+                checkpoint.finish_interrupted_writes(self.out_dir)
             self._rewrite_log()
         else:
             torch.manual_seed(cfg.seed)

@@ -1,4 +1,6 @@
-"""Crash-safe training: SIGKILL mid-epoch and mid-checkpoint-write, Ctrl-C, then resume to the same losses.
+"""Crash-safe training: SIGKILL mid-epoch, mid-checkpoint-write, inside the optimizer step, inside a history
+append, between a checkpoint and the rotation of old ones, and while ``best`` is replaced; Ctrl-C; then resume
+to the same losses, with a history of whole lines, each step once, and every kept checkpoint loadable.
 
 The runs happen in subprocesses (``tests/crash_worker.py``) that really die; the uninterrupted reference
 run happens in this process with the same model, data and config.
@@ -23,7 +25,9 @@ from safetensors.torch import load_file
 
 from gpt2lora import TrainingError
 from gpt2lora.config import TrainConfig
-from gpt2lora.train import STATE_NAME, Trainer, find_checkpoint
+from gpt2lora.tensorcheck import check_training_checkpoint
+from gpt2lora.checkpoint import OPTIMIZER_NAME, STATE_NAME, WEIGHTS_NAME, find_checkpoint, finish_interrupted_writes
+from gpt2lora.train import Trainer
 
 WORKER = Path(worker.__file__)
 TOTAL_STEPS = worker.EPOCHS * math.ceil(worker.N_ROWS / worker.BATCH_SIZE)
@@ -53,24 +57,47 @@ def checkpoint_steps(out: Path) -> list[int]:
                   if p.name.startswith("checkpoint-") and not p.name.startswith("."))
 
 
-def assert_loads(folder: Path) -> None:
-    """A finished checkpoint: JSON state for its step, and every trainable tensor readable with its shape."""
+def assert_loads(folder: Path, step: int | None = None) -> int:
+    """A finished checkpoint: JSON state for its step, every trainable tensor readable with its shape, float and
+    finite, and so is the optimizer state. Returns the checkpoint's step."""
     state = json.loads((folder / STATE_NAME).read_text())
-    assert state["step"] == int(folder.name.split("-")[1])
-    weights = load_file(str(folder / "trainable.safetensors"))
+    assert state["step"] == (int(folder.name.split("-")[1]) if step is None else step)
+    weights = load_file(str(folder / WEIGHTS_NAME))
     expected = {n: p.shape for n, p in worker.build_model().named_parameters() if p.requires_grad}
     assert {n: t.shape for n, t in weights.items()} == expected
-    load_file(str(folder / "optimizer.safetensors"))
+    check_training_checkpoint(folder, weights, load_file(str(folder / OPTIMIZER_NAME)), WEIGHTS_NAME, OPTIMIZER_NAME)
+    return state["step"]
 
 
-def resume_in_process(resume_from: Path, out: Path) -> list[float]:
+def assert_history(out: Path, steps: int, evaluated: bool = False) -> None:
+    """history.jsonl holds whole JSON lines only: every step once, in order (and one eval after each)."""
+    records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]  # a torn line fails
+    assert [r["step"] for r in records if r["type"] == "step"] == list(range(1, steps + 1))
+    if evaluated:
+        assert [r["step"] for r in records if r["type"] == "eval"] == list(range(1, steps + 1))
+
+
+def resume_in_process(resume_from: Path, out: Path, evaluate: bool = False, before_first_step=None,
+                      **overrides) -> list[float]:
+    """Resume like ``--resume`` does, in this process; ``before_first_step()`` runs once the resume is done."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = worker.build_config(str(out))
-        config = TrainConfig(**{**config.__dict__, "resume_from": str(resume_from)})
+        config = worker.build_config(str(out), evaluate=evaluate)
+        config = TrainConfig(**{**config.__dict__, "resume_from": str(resume_from), **overrides})
         model = worker.build_model(lora_seed=123)  # another LoRA init: the checkpoint must overwrite it
-        return Trainer(model, config).fit(worker.build_data()).losses
+        trainer = Trainer(model, config)
+        if before_first_step is not None:
+            original = trainer._train_step
+
+            def step(group, counts):
+                if trainer._train_step is step:
+                    before_first_step()
+                    trainer._train_step = original
+                return original(group, counts)
+
+            trainer._train_step = step
+        return trainer.fit(worker.build_data(), worker.build_eval_data() if evaluate else None).losses
     finally:
         torch.set_num_threads(threads)
 
@@ -135,6 +162,93 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference, tmp_path):
     resumed = run_worker("trainer", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "losses.json").read_text()) == reference
+
+
+def test_sigkill_inside_the_optimizer_step_then_resume(reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_worker("trainer", str(out), "--kill-in-optimizer-step", "7")  # half of step 7's tensors updated
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(out) == list(range(1, 7))
+    for step in checkpoint_steps(out):
+        assert_loads(out / f"checkpoint-{step:07d}")
+    assert_history(out, 6)  # step 7 never reached the log
+    assert resume_in_process(out, out) == reference
+    assert_history(out, TOTAL_STEPS)
+
+
+def test_sigkill_inside_a_history_append_then_resume(reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_worker("trainer", str(out), "--kill-in-history-append", "5")  # step 5's line, half written
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and [json.loads(x)["step"] for x in lines[:4]] == [1, 2, 3, 4]
+    with pytest.raises(json.JSONDecodeError):  # really torn
+        json.loads(lines[4])
+    assert checkpoint_steps(out) == [1, 2, 3, 4]
+    for step in checkpoint_steps(out):
+        assert_loads(out / f"checkpoint-{step:07d}")
+    assert resume_in_process(out, out) == reference
+    assert_history(out, TOTAL_STEPS)  # the torn line is gone, no step twice
+
+
+def test_sigkill_between_a_checkpoint_and_the_rotation_then_resume(reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_worker("trainer", str(out), "--keep", "2", "--kill-after-checkpoint", "7")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_steps(out) == [5, 6, 7]  # the new one is complete, the oldest not yet rotated away
+    for step in checkpoint_steps(out):
+        assert_loads(out / f"checkpoint-{step:07d}")
+    assert find_checkpoint(out).name == "checkpoint-0000007"
+    assert resume_in_process(out, out, keep_checkpoints=2) == reference
+    assert checkpoint_steps(out) == [TOTAL_STEPS - 1, TOTAL_STEPS]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert_history(out, TOTAL_STEPS)
+
+
+def test_sigkill_while_best_is_replaced_keeps_the_new_best(reference, tmp_path):
+    out = tmp_path / "run"
+    # best is written at step 1, then replaced at every improvement: die between moving the old one aside and
+    # renaming the new one into place, the moment when no folder is called "best"
+    killed = run_worker("trainer", str(out), "--eval", "--kill-in-swap", "1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "best").exists()
+    (new,) = out.glob(".best.tmp-*")
+    (old,) = out.glob(".best.old-*")
+    step = assert_loads(new, step=json.loads((new / STATE_NAME).read_text())["step"])
+    assert assert_loads(old, step=json.loads((old / STATE_NAME).read_text())["step"]) < step
+    assert checkpoint_steps(out)[-1] == step  # the step checkpoint came first
+    seen = []
+
+    def look_at_best():
+        seen.append(json.loads((out / "best" / STATE_NAME).read_text())["step"])
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    assert resume_in_process(out, out, evaluate=True, before_first_step=look_at_best) == reference
+    assert seen == [step]  # the finished new best took the name once the resume had loaded its checkpoint
+    assert_history(out, TOTAL_STEPS, evaluated=True)
+    best = json.loads((out / "best" / STATE_NAME).read_text())
+    assert_loads(out / "best", step=best["step"])
+    assert best["best"]["step"] == best["step"]
+
+
+def test_finish_interrupted_writes_completes_a_swap_and_removes_only_leftovers(tmp_path):
+    def folder(name: str, content: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_NAME).write_text(content)
+
+    folder("checkpoint-0000003", "current")
+    folder(".checkpoint-0000003.old-11", "replaced already")
+    folder(".best.old-12", "previous best")
+    folder(".best.tmp-12", "new best")  # killed between the two renames: nothing is called best
+    folder(".checkpoint-0000004.tmp-13", "half written")
+    folder(".checkpoint-0000001.deleting", "half deleted")
+    (tmp_path / ".history.jsonl.tmp-14").write_text("{")
+    (tmp_path / ".keep-me").write_text("not ours")
+    folder("notes", "not ours either")
+    finish_interrupted_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep-me", "best", "checkpoint-0000003", "notes"]
+    assert (tmp_path / "best" / STATE_NAME).read_text() == "new best"
+    assert (tmp_path / "checkpoint-0000003" / STATE_NAME).read_text() == "current"
 
 
 def test_ctrl_c_without_out_dir_still_stops_and_restores_the_handler():
@@ -261,3 +375,32 @@ def test_cli_run_killed_then_interrupted_resumes_to_the_same_losses(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert run_losses(out / "crash") == reference
     shutil.rmtree(out)
+
+
+@pytest.mark.slow  # three CLI runs in subprocesses
+def test_cli_killed_inside_a_history_append_resumes_auto_to_the_same_losses(tmp_path):
+    out = tmp_path / "runs"
+    clean = run_worker("cli", "--", *cli_smoke(out, "--run-name", "clean"))
+    assert clean.returncode == 0, clean.stderr
+    reference = run_losses(out / "clean")
+
+    # appends: steps 1-5, the epoch-end eval, steps 6-10; the 4th is step 4's line, after checkpoint 2
+    killed = run_worker("cli", "--kill-in-history-append", "4", "--", *cli_smoke(out, "--run-name", "torn"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    log = out / "torn" / "checkpoints" / "history.jsonl"
+    *whole, torn = log.read_text().splitlines()
+    assert [json.loads(x)["step"] for x in whole] == [1, 2, 3]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(torn)
+    assert find_checkpoint(out / "torn" / "checkpoints").name == "checkpoint-0000002"
+
+    resumed = run_worker("cli", "--", *cli_smoke(out, "--run-name", "torn", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_losses(out / "torn") == reference
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "step"] == list(range(1, len(reference) + 1))
+    for folder in (out / "torn" / "checkpoints").glob("checkpoint-*"):
+        state = json.loads((folder / STATE_NAME).read_text())
+        check_training_checkpoint(folder, load_file(str(folder / WEIGHTS_NAME)),
+                                  load_file(str(folder / OPTIMIZER_NAME)), WEIGHTS_NAME, OPTIMIZER_NAME)
+        assert state["step"] == int(folder.name.split("-")[1])

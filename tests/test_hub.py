@@ -360,7 +360,9 @@ def test_config_that_disagrees_with_weights(tiny_checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["vocab_size"] = 600
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"transformer\.wte\.weight: checkpoint \(512, 64\), model \(600, 64\)"):
+    with pytest.raises(CheckpointError, match=r"config\.json does not describe the weights beside it: vocab_size=600 "
+                                              r"but the weights say 512 \(model\.safetensors: transformer\.wte\.weight "
+                                              r"has shape \(512, 64\)\)"):
         GPT2.from_pretrained(folder)
 
 
