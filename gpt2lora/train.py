@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError, TrainingError
 from .metrics import classification_metrics, mean_loss, peak_memory_mb, perplexity, throughput
 from .model import Transformer
+from .tracking import Tracker
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_NAME = "best"
@@ -304,7 +305,7 @@ class Trainer:
     by batch across ranks and reduced. Only rank 0 writes checkpoints and history and shows progress.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, tracker: Tracker | None = None) -> None:
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer config: expected a TrainConfig, got {type(config).__name__}")
@@ -317,6 +318,8 @@ class Trainer:
         """This process's place in a torchrun group (rank 0 of 1 when training alone)."""
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
+        self.tracker = tracker if self.dist.is_main else None
+        """Gets every step's loss, lr, grad_norm, tokens/s and every evaluation (rank 0 only; see tracking)."""
         self.precision = resolve_precision(config.precision, self.device)
         self.classification = is_classifier(model)
         self.model.to(self.device)
@@ -800,6 +803,7 @@ class Trainer:
 
     def _train_step(self, group: list[Any], counts: dict[str, int]) -> dict[str, Any]:
         pos, cfg = self._position, self.config
+        started, tokens_before = time.perf_counter(), counts["tokens"]
         loss_sum = 0.0
         for k, raw in enumerate(group):
             where = f"batch {pos.batch + k} of epoch {pos.epoch}"
@@ -844,6 +848,10 @@ class Trainer:
                   "loss": loss_sum / len(group), "lr": lr, "grad_norm": norm, "skipped": skipped}
         self.history.steps.append(record)
         self._log({"type": "step", **record})
+        if self.tracker is not None:
+            speed = (counts["tokens"] - tokens_before) / max(time.perf_counter() - started, 1e-9)
+            self.tracker.log_metrics(pos.step, {"train/loss": record["loss"], "train/lr": lr,
+                                                "train/grad_norm": norm, "train/tokens_per_s": speed})
         return record
 
     def _after_step(self, eval_data: Any, epoch_done: bool) -> None:
@@ -867,6 +875,8 @@ class Trainer:
         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / self._n_batches, **metrics}
         self.history.evals.append(record)
         self._log({"type": "eval", **record})
+        if self.tracker is not None:
+            self.tracker.log_metrics(pos.step, {f"eval/{k}": v for k, v in metrics.items()})
         value = metrics[cfg.best_metric]
         best = self.history.best
         lower = cfg.best_metric in LOWER_IS_BETTER
