@@ -11,6 +11,7 @@ from .errors import (
     ConfigError,
     DataError,
     GPT2LoRAError,
+    HubError,
     TrainingError,
     UnsafeCheckpointError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "GPT2ForSequenceClassification",
     "GPT2LoRAError",
     "History",
+    "HubError",
     "KVCache",
     "LoRAConfig",
     "LoRALinear",

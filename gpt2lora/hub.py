@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -76,11 +77,13 @@ def _error_chain(err: BaseException) -> list[BaseException]:
 
 
 def _what_url_fetches(url: str) -> str:
-    """``file F`` for a hub ``/resolve/REV/F`` URL, ``the file list`` for an API URL."""
+    """``file F`` for a hub ``/resolve/REV/F`` URL, ``the file list`` for repo info / tree listings."""
     path = urlsplit(url).path
     if "/resolve/" in path:
         return "file " + unquote(path.split("/resolve/", 1)[1].split("/", 1)[-1])
-    return "the file list" if path.startswith("/api/") else url
+    if re.fullmatch(r"/api/\w+s/[^/]+/[^/]+(/revision/.+|/tree/.+)?", path):
+        return "the file list"
+    return "the hub API"
 
 
 def hub_error_reason(err: BaseException) -> str:
