@@ -28,7 +28,7 @@ def trained(hub, tmp_path, monkeypatch, shared_data):
     """A LoRA run on SST-2 whose base model "gpt2" and data came from the local hub; the hub then wants TOKEN."""
     from gpt2lora.cli import main
 
-    base = gpt2_stand_in(tmp_path / "gpt2")
+    base = gpt2_stand_in(tmp_path / "stand-in")
     hub.put("openai-community/gpt2", base)
     hub.put("stanfordnlp/sst2", sst2_hub_files({"train": 48, "validation": 16}), repo_type="dataset")
     monkeypatch.delenv("GPT2LORA_DATA", raising=False)
