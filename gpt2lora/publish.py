@@ -167,13 +167,24 @@ def model_card(run: str | os.PathLike, repo_id: str, merged: bool) -> str:
 # Staging
 
 
-def _stage_adapter(run: Path, stage: Path, config: Mapping[str, Any]) -> None:
+def check_run(run: str | os.PathLike, merged: bool = False) -> dict[str, Any]:
+    """The run's config.json, once the run is known to hold what a push needs (a peft adapter unless ``merged``)."""
+    run = Path(run)
+    config = _read_json(run / "config.json", "expected a run folder written by 'gpt2lora train'")
     adapter = run / "adapter"
-    raw = _read_json(adapter / ADAPTER_FILES[0], f"run {run} has no adapter to push ({adapter} needs "
-                     f"{' and '.join(ADAPTER_FILES)}); finish training it first")
-    if "peft_type" not in raw:
+    if not all((adapter / name).is_file() for name in ADAPTER_FILES):
+        raise CheckpointNotFoundError(f"run {run} has no adapter to push ({adapter} needs "
+                                      f"{' and '.join(ADAPTER_FILES)}); finish training it first")
+    raw = _read_json(adapter / ADAPTER_FILES[0], "")
+    if not merged and "peft_type" not in raw:
         raise ConfigError(f"run {run}: its adapter (method {config.get('method')!r}) is in gpt2lora's own format, "
                           "which peft cannot load; push the merged model instead (merged=True, --merged)")
+    return config
+
+
+def _stage_adapter(run: Path, stage: Path) -> None:
+    adapter = run / "adapter"
+    raw = _read_json(adapter / ADAPTER_FILES[0], "")
     base = hub_base_model(raw.get("base_model_name_or_path"))
     if base:  # peft's AutoPeftModel finds the base model by this name
         raw["base_model_name_or_path"] = base
@@ -215,14 +226,11 @@ def _stage_tokenizer(config: Mapping[str, Any], stage: Path) -> None:
 def stage_run(run: str | os.PathLike, stage: str | os.PathLike, repo_id: str, merged: bool = False) -> list[str]:
     """Write everything :func:`push_run` uploads into ``stage``; returns the file names."""
     run, stage = Path(run), Path(stage)
-    config = _read_json(run / "config.json", "expected a run folder written by 'gpt2lora train'")
-    if not (run / "adapter" / ADAPTER_FILES[1]).is_file() or not (run / "adapter" / ADAPTER_FILES[0]).is_file():
-        raise CheckpointNotFoundError(f"run {run} has no adapter to push ({run / 'adapter'} needs "
-                                      f"{' and '.join(ADAPTER_FILES)}); finish training it first")
+    config = check_run(run, merged)
     if merged:
         _stage_merged(run, stage)
     else:
-        _stage_adapter(run, stage, config)
+        _stage_adapter(run, stage)
     _stage_tokenizer(config, stage)
     (stage / CARD_NAME).write_text(model_card(run, repo_id, merged), encoding="utf-8")
     return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
@@ -249,6 +257,7 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, merged: bool = False, pri
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise ConfigError(f"revision {revision!r}: expected a branch name")
     run = Path(run_dir)
+    check_run(run, merged)  # bad input is reported before credentials are looked at
     api = _api(token)
     with tempfile.TemporaryDirectory(prefix="gpt2lora-push-") as tmp:
         files = stage_run(run, tmp, repo_id, merged)
