@@ -318,6 +318,9 @@ class Trainer:
         """This process's place in a torchrun group (rank 0 of 1 when training alone)."""
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if tracker is not None and not callable(getattr(tracker, "log_metrics", None)):
+            raise ConfigError(f"Trainer tracker: expected a gpt2lora.tracking.Tracker (log_metrics(step, metrics)), "
+                              f"got {type(tracker).__name__}")
         self.tracker = tracker if self.dist.is_main else None
         """Gets every step's loss, lr, grad_norm, tokens/s and every evaluation (rank 0 only; see tracking)."""
         self.precision = resolve_precision(config.precision, self.device)

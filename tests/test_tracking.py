@@ -106,6 +106,11 @@ def test_trainer_reports_every_step_and_every_evaluation():
         assert {"eval/accuracy", "eval/f1_macro", "eval/precision_macro", "eval/recall_macro"} <= set(m)
 
 
+def test_trainer_refuses_something_that_is_not_a_tracker():
+    with pytest.raises(ConfigError, match=r"Trainer tracker: expected a gpt2lora.tracking.Tracker .*got str"):
+        Trainer(torch.nn.Linear(2, 2), TrainConfig(progress=False), tracker="tensorboard")
+
+
 def test_a_rank_other_than_zero_never_calls_the_tracker(monkeypatch):
     recorder = Recorder()
     monkeypatch.setattr(distributed, "setup", lambda device: distributed.DistInfo(rank=1, world_size=1))
