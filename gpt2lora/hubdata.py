@@ -103,8 +103,8 @@ def glob_regex(pattern: str) -> re.Pattern:
             i += 1
         elif c == "[" and "]" in pattern[i + 1:]:
             end = pattern.index("]", i + 1)
-            body = pattern[i + 1:end]
-            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]")
+            body = pattern[i + 1:end].replace("\\", "\\\\")  # ranges (0-9) stay ranges
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body.replace("^", "\\^", 1)) + "]")
             i = end + 1
         else:
             out.append(re.escape(c))

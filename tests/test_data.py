@@ -401,3 +401,22 @@ def test_eval_logits_do_not_depend_on_batch_composition(tok, shared_data):
     reference = logits_by_row(1, False, 0)
     for batch_size, shuffle, seed in [(7, True, 1), (32, True, 2), (60, False, 0)]:
         torch.testing.assert_close(logits_by_row(batch_size, shuffle, seed), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_glob_patterns():
+    from gpt2lora.hubdata import convention_patterns, match_files
+
+    files = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/train/extra.jsonl",
+             "train1.csv", "training.jsonl", "trainer.py", "plain_text/train-0.parquet", "a/b/c/test.csv",
+             "README.md", ".gitattributes"]
+    assert match_files(["data/train-*"], files) == files[:2]  # * stays inside its folder
+    assert match_files(["data/**"], files) == files[:3]
+    assert match_files(["**/test.csv"], files) == ["a/b/c/test.csv"]
+    assert match_files(["train[0-9].csv"], files) == ["train1.csv"]
+    assert match_files(["train[!0-9].csv"], files) == []
+    root = convention_patterns("train")[-1]
+    assert match_files(root, files) == ["train1.csv", "training.jsonl"]  # not trainer.py
+    assert match_files(convention_patterns("train", "plain_text")[0], files) == ["plain_text/train-0.parquet"]
+    assert match_files(convention_patterns("validation")[-1], ["dev.csv", "val-0.parquet", "valid.jsonl",
+                                                               "validation_extra.csv", "devices.txt"]) == [
+        "dev.csv", "val-0.parquet", "valid.jsonl", "validation_extra.csv"]
