@@ -14,6 +14,7 @@ from .errors import (
     ConfigError,
     DataError,
     GPT2LoRAError,
+    HubError,
     TrainingError,
     UnsafeCheckpointError,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "GPT2ForSequenceClassification",
     "GPT2LoRAError",
     "History",
+    "HubError",
     "LoRAConfig",
     "LoRALinear",
     "PromptConfig",

@@ -1,5 +1,5 @@
-"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``sweep``, ``reproduce``, ``judge``,
-``quickstart``.
+"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``push``, ``sweep``, ``reproduce``,
+``judge``, ``quickstart``.
 
 This is the only module that parses arguments. Run settings become flags straight from
 :data:`gpt2lora.runconfig.SETTINGS` with no defaults of their own (``argparse.SUPPRESS``): a flag left out
@@ -56,6 +56,15 @@ def clip_value(text: str) -> float | bool:
     return False if value == 0 else value
 
 
+def trackers(text: str) -> tuple[str, ...]:
+    from .tracking import parse_report_to
+
+    try:
+        return parse_report_to(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("report_to: ")) from None
+
+
 def column_mapping(text: str) -> tuple[str, str]:
     field, sep, column = text.partition("=")
     if not sep or not field or not column:
@@ -66,6 +75,7 @@ def column_mapping(text: str) -> tuple[str, str]:
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "int": positive_int, "int0": any_int, "float": positive_float, "float0": non_negative_float,
     "prob": probability, "str": str, "clip": clip_value, "pair": probability, "list": str, "map": column_mapping,
+    "backends": trackers,
 }
 _GROUP_TITLES = {"model": "model", "data": "data", "method": "method", "training": "training",
                  "eval": "evaluation and generation", "output": "output"}
@@ -105,7 +115,9 @@ def _add_flag(group: argparse._ArgumentGroup, setting: Setting) -> None:
             kwargs.update(nargs=2, metavar=("BETA1", "BETA2"))
         elif setting.type == "map":
             kwargs.update(action="append", metavar="FIELD=COLUMN")
-        if setting.choices:
+        elif setting.type == "backends":
+            kwargs["metavar"] = "tensorboard,wandb,none"
+        if setting.choices and setting.type != "backends":
             kwargs["choices"] = setting.choices
     group.add_argument(setting.option, **kwargs)
 
@@ -120,7 +132,7 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, setting.key)
         if setting.type == "map":
             value = dict(value)
-        elif setting.type in ("list", "pair"):
+        elif setting.type in ("list", "pair", "backends"):
             value = list(value)
         if setting.section == "lora":
             lora[setting.field] = value
@@ -177,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge a run's LoRA adapter into a Hugging Face checkpoint")
     merge.add_argument("--run", required=True, help="run folder written by train")
     merge.add_argument("--out", required=True, help="folder for the merged checkpoint")
+
+    push = sub.add_parser("push", help="upload a run's adapter (or merged checkpoint) and a model card to the hub")
+    push.add_argument("run", metavar="RUN_DIR", help="run folder written by train")
+    push.add_argument("repo_id", metavar="OWNER/NAME", help="hub model repository (created if missing)")
+    push.add_argument("--merged", action="store_true", help="upload the merged checkpoint (transformers loads it) "
+                      "instead of the adapter (peft loads it)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created if missing)")
 
     sweep = sub.add_parser("sweep", help="train a grid of methods/ranks/lrs into one comparison table")
     add_settings(sweep, TRAIN_KEYS)
@@ -288,6 +308,13 @@ def _merge(args: argparse.Namespace) -> None:
     merge_command(args.run, args.out)
 
 
+def _push(args: argparse.Namespace) -> None:
+    from .publish import push_run
+
+    result = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, revision=args.revision)
+    print(f"pushed {len(result.uploaded)} files to {args.repo_id}@{result.revision}: {result.url}")
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from .sweep import Grid, sweep
 
@@ -322,7 +349,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "sweep": _sweep,
+    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "push": _push, "sweep": _sweep,
     "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart}
 
 

@@ -68,16 +68,20 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class HubSource:
-    """Where a task lives on the Hugging Face hub: a dataset repo, one file per split, column names."""
+    """Where a task lives on the Hugging Face hub: a dataset repo (and config) and how its columns map.
+
+    Which files hold a split is read from the repository itself (its card's ``configs``, else the hub's
+    file naming conventions, else its parquet conversion): see :mod:`gpt2lora.hubdata`.
+    """
 
     repo: str
     """Dataset repository id, e.g. ``stanfordnlp/sst2``."""
-    files: Mapping[str, str]
-    """Split name -> path of its parquet/JSONL file inside the repository."""
-    revision: str = "main"
-    """Branch, tag or commit to download."""
+    config: str | None = None
+    """The dataset config (subset), e.g. ``plain_text``; None for the card's default."""
     columns: Mapping[str, str] = field(default_factory=dict)
     """Record field -> column of the file, where the names differ."""
+    split_names: Mapping[str, str] = field(default_factory=dict)
+    """gpt2lora split -> the dataset's split, where the names differ (MNLI's ``validation_matched``)."""
     drop_labels: tuple[int, ...] = (-1,)
     """Label values that mean "no gold label" on the hub (GLUE test sets, SNLI); such rows are skipped."""
 
@@ -98,47 +102,38 @@ class TaskPreset:
         return len(self.label_names) or None
 
 
-def _parquet_files(prefix: str, splits: Mapping[str, str]) -> dict[str, str]:
-    return {split: f"{prefix}{name}-00000-of-00001.parquet" for split, name in splits.items()}
-
-
 _SENTIMENT = ("negative", "positive")
 _NLI = ("entailment", "neutral", "contradiction")
 _EMOJI = ("❤", "😍", "😂", "💕", "🔥", "😊", "😎", "✨", "💙", "😘", "📷", "🇺🇸", "☀", "💜", "😉", "💯", "😁",
           "🎄", "📸", "😜")
-_TVT = {"train": "train", "validation": "validation", "test": "test"}
 
-#: Built-in tasks. Hub file paths are those of each repository's parquet conversion (``main``).
+#: Built-in tasks: repository, config and column names on the hub (the files are looked up there).
 TASKS: dict[str, TaskPreset] = {p.name: p for p in [
     TaskPreset("sst2", "classification", _SENTIMENT, local="sst2", description="SST-2 sentence sentiment",
-               hub=HubSource("stanfordnlp/sst2", _parquet_files("data/", _TVT), columns={"text": "sentence"})),
+               hub=HubSource("stanfordnlp/sst2", columns={"text": "sentence"})),
     TaskPreset("rotten_tomatoes", "classification", _SENTIMENT, local="rt_polarity",
                description="Rotten Tomatoes sentence polarity",
-               hub=HubSource("cornell-movie-review-data/rotten_tomatoes",
-                             {s: f"{s}.parquet" for s in SPLITS})),
+               hub=HubSource("cornell-movie-review-data/rotten_tomatoes")),
     TaskPreset("imdb", "classification", _SENTIMENT, local="imdb", description="IMDB review sentiment",
-               hub=HubSource("stanfordnlp/imdb", _parquet_files("plain_text/", {"train": "train",
-                                                                                "test": "test"}))),
+               hub=HubSource("stanfordnlp/imdb", "plain_text")),
     TaskPreset("enron_spam", "classification", ("ham", "spam"), description="Enron e-mail spam",
-               hub=HubSource("SetFit/enron_spam", {"train": "train.jsonl", "test": "test.jsonl"})),
+               hub=HubSource("SetFit/enron_spam")),
     TaskPreset("tweet_emoji", "classification", _EMOJI, local="tweet_emoji",
                description="TweetEval emoji prediction (20 classes)",
-               hub=HubSource("cardiffnlp/tweet_eval", _parquet_files("emoji/", _TVT))),
+               hub=HubSource("cardiffnlp/tweet_eval", "emoji")),
     TaskPreset("mnli", "nli", _NLI, local="mnli", description="MultiNLI",
-               hub=HubSource("nyu-mll/glue", _parquet_files("mnli/", {"train": "train",
-                                                                      "validation": "validation_matched"}))),
+               hub=HubSource("nyu-mll/glue", "mnli", split_names={"validation": "validation_matched",
+                                                                  "test": "test_matched"})),
     TaskPreset("snli", "nli", _NLI, local="snli", description="Stanford NLI",
-               hub=HubSource("stanfordnlp/snli", _parquet_files("plain_text/", _TVT))),
-    # The CS 7643 report cites presencesw/all_nli_med_v1; the repository's data/ files are named as below.
-    # Its columns are assumed to be premise / hypothesis / label (map others with --column FIELD=COLUMN).
+               hub=HubSource("stanfordnlp/snli", "plain_text")),
+    # The CS 7643 report cites presencesw/all_nli_med_v1. Its columns are assumed to be premise / hypothesis /
+    # label (map others with --column FIELD=COLUMN).
     TaskPreset("medical_nli", "nli", _NLI, description="Medical-domain NLI (all_nli_med, ~100K pairs)",
-               hub=HubSource("presencesw/all_nli_med", _parquet_files("data/", _TVT))),
+               hub=HubSource("presencesw/all_nli_med")),
     TaskPreset("alpaca", "instruction", local="alpaca_2k", description="Stanford Alpaca instructions",
-               hub=HubSource("tatsu-lab/alpaca",
-                             {"train": "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet"})),
+               hub=HubSource("tatsu-lab/alpaca")),
     TaskPreset("squad", "qa", local="squad_v1", description="SQuAD 1.1 as answer generation",
-               hub=HubSource("rajpurkar/squad", _parquet_files("plain_text/", {"train": "train",
-                                                                               "validation": "validation"}))),
+               hub=HubSource("rajpurkar/squad", "plain_text")),
     # Local-only names of the shared benchmark folders.
     TaskPreset("rt_polarity", "classification", _SENTIMENT, local="rt_polarity"),
     TaskPreset("sms_spam", "classification", ("ham", "spam"), local="sms_spam", description="SMS spam"),
@@ -209,8 +204,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"reading {path} needs pyarrow, which is not installed: "
-                        "pip install 'gpt2lora[hub]'") from None
+        raise DataError(f"reading {path} needs pyarrow, a dependency of gpt2lora that is not installed: "
+                        "pip install pyarrow (or reinstall gpt2lora)") from None
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as err:
@@ -362,31 +357,36 @@ def _read_label_names(folder: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def read_records(path: str | os.PathLike, kind: str | None = None, columns: Mapping[str, str] | None = None,
-                 label_names: Sequence[str] = (), drop_labels: Sequence[int] = (),
-                 limit: int | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """``(kind, records)`` of one file; the kind is inferred from the first row when not given.
+def read_records(path: str | os.PathLike | Sequence[str | os.PathLike], kind: str | None = None,
+                 columns: Mapping[str, str] | None = None, label_names: Sequence[str] = (),
+                 drop_labels: Sequence[int] = (), limit: int | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """``(kind, records)`` of one file, or of several (the shards of one split, read in order).
 
-    ``columns`` maps record fields to the file's column names. Rows whose raw label is in
-    ``drop_labels`` are skipped. ``limit`` keeps the first N records.
+    The kind is inferred from the first row when not given. ``columns`` maps record fields to the
+    file's column names. Rows whose raw label is in ``drop_labels`` are skipped. ``limit`` keeps the
+    first N records.
     """
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     columns = dict(columns or {})
     records: list[dict[str, Any]] = []
-    for where, row in read_rows(path):
-        if kind is None:
-            renamed = {k: k for k in row} | {f: f for f, c in columns.items() if c in row}
-            kind = infer_kind(list(renamed), f"{path} {where}")
-        if drop_labels and "label" in FIELDS[kind]:
-            raw = row.get(columns.get("label", "label"))
-            if isinstance(raw, int) and raw in drop_labels:
-                continue
-        records.append(to_record(row, kind, columns, label_names, f"{path} {where}"))
+    for file in paths:
+        for where, row in read_rows(file):
+            if kind is None:
+                renamed = {k: k for k in row} | {f: f for f, c in columns.items() if c in row}
+                kind = infer_kind(list(renamed), f"{file} {where}")
+            if drop_labels and "label" in FIELDS[kind]:
+                raw = row.get(columns.get("label", "label"))
+                if isinstance(raw, int) and raw in drop_labels:
+                    continue
+            records.append(to_record(row, kind, columns, label_names, f"{file} {where}"))
+            if limit is not None and len(records) >= limit:
+                break
         if limit is not None and len(records) >= limit:
             break
     if kind is None or not records:
-        raise DataError(f"{path} has no usable rows")
+        raise DataError(f"{', '.join(map(str, paths))} {'has' if len(paths) == 1 else 'have'} no usable rows")
     return kind, records
 
 
@@ -400,8 +400,9 @@ def load_split(task: str | os.PathLike, split: str = "train", path: str | os.Pat
     ``task`` is a preset name (see :data:`TASKS`) or a data path. A path is a file or a folder with
     ``<split>.jsonl`` (or .csv/.tsv/.parquet) and optionally ``label_names.json``. With a preset,
     ``path`` overrides where the rows come from; otherwise ``source`` picks: ``local`` (the preset's
-    folder under ``root`` / ``$GPT2LORA_DATA``), ``hub`` (downloaded with ``hf_hub_download``) or
-    ``auto`` (local when that folder exists, else hub).
+    folder under ``root`` / ``$GPT2LORA_DATA``), ``hub`` (every file of the split, found and downloaded by
+    :func:`gpt2lora.hubdata.split_files`; ``revision`` pins the dataset) or ``auto`` (local when that
+    folder exists, else hub).
     """
     if source not in ("auto", "local", "hub"):
         raise ConfigError(f"source: expected auto, local or hub, got {source!r}")
@@ -416,6 +417,8 @@ def load_split(task: str | os.PathLike, split: str = "train", path: str | os.Pat
     kind = kind or (preset.kind if preset else None)
     name = preset.name if preset else Path(task).stem
     drop: tuple[int, ...] = ()
+    files: list[Path] | None = None
+    source_text = ""
     if path is None and preset is not None:
         folder = data_root(root) / preset.local if preset.local and data_root(root) else None
         if source == "local" or (source == "auto" and folder is not None and folder.is_dir()):
@@ -427,37 +430,26 @@ def load_split(task: str | os.PathLike, split: str = "train", path: str | os.Pat
             if preset.hub is None:
                 raise DataError(f"task {preset.name!r} has no hub source; it reads the local folder "
                                 f"{preset.local!r} under --data-root / ${DATA_ROOT_ENV}")
-            path = hub_file(preset.hub, split, preset.name, revision=revision, cache_dir=cache_dir)
+            from .hubdata import split_files
+
+            found = split_files(preset.hub.repo, preset.hub.split_names.get(split, split), preset.hub.config,
+                                revision=revision, cache_dir=cache_dir, where=f"task {preset.name!r}")
+            files, source_text = list(found.paths), found.describe()
             columns = {**preset.hub.columns, **(columns or {})}
             drop = preset.hub.drop_labels
-    path = Path(path)
-    if path.is_dir():
-        folder_names = _read_label_names(path)
-        if folder_names and label_names and len(folder_names) != len(label_names):
-            raise DataError(f"{path / 'label_names.json'} lists {len(folder_names)} labels but task "
-                            f"{name!r} has {len(label_names)}")
-        label_names = label_names or folder_names
-        path = split_file(path, split)
-    kind, records = read_records(path, kind, columns, label_names, drop, limit)
+    if files is None:
+        path = Path(path)
+        if path.is_dir():
+            folder_names = _read_label_names(path)
+            if folder_names and label_names and len(folder_names) != len(label_names):
+                raise DataError(f"{path / 'label_names.json'} lists {len(folder_names)} labels but task "
+                                f"{name!r} has {len(label_names)}")
+            label_names = label_names or folder_names
+            path = split_file(path, split)
+        files, source_text = [path], str(path)
+    kind, records = read_records(files, kind, columns, label_names, drop, limit)
     return Dataset(name=name, split=split, kind=kind, records=records, label_names=label_names,
-                   source=str(path))
-
-
-def hub_file(hub: HubSource, split: str, task: str, revision: str | None = None,
-             cache_dir: str | os.PathLike | None = None) -> Path:
-    """Download (or find in the cache) the file of ``split`` from the task's hub dataset repository."""
-    if split not in hub.files:
-        raise DataError(f"task {task!r}: the hub source {hub.repo} has no {split!r} split "
-                        f"(it has {', '.join(hub.files)})")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        local = hf_hub_download(repo_id=hub.repo, filename=hub.files[split], repo_type="dataset",
-                                revision=revision or hub.revision, cache_dir=cache_dir)
-    except Exception as err:  # the hub raises many types; all mean "not available"
-        raise DataError(f"task {task!r}: could not download {hub.files[split]} from the dataset {hub.repo} "
-                        f"({type(err).__name__}: {err})") from err
-    return Path(local)
+                   source=source_text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,3 +27,7 @@ class DataError(GPT2LoRAError, ValueError):
 
 class TrainingError(GPT2LoRAError, RuntimeError):
     """Training cannot go on (for example a non-finite loss); names the step."""
+
+
+class HubError(GPT2LoRAError, RuntimeError):
+    """A request to the Hugging Face hub failed (an upload); names the repository, revision and step."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -61,16 +62,69 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
         raise CheckpointNotFoundError(f"checkpoint folder {path} does not exist")
     repo_id = HUB_IDS.get(name, name)
+    patterns = list(patterns)
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                   allow_patterns=list(patterns))
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except Exception as err:  # the hub raises many types; all mean "not available"
         raise CheckpointNotFoundError(
-            f"{name!r} is neither a local folder nor a hub repository that could be downloaded "
-            f"({type(err).__name__}: {err})") from err
+            f"{name!r} is not a local folder, and {', '.join(patterns)} of the hub model {repo_id} (revision "
+            f"{revision or 'main'}) could not be downloaded: {hub_error_reason(err)}") from err
     return Path(folder)
+
+
+def _error_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    pending: list[BaseException] = [err]
+    while pending:
+        current = pending.pop(0)
+        if any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return chain
+
+
+def _what_url_fetches(url: str) -> str:
+    """``file F`` for a hub ``/resolve/REV/F`` URL, ``the file list`` for repo info / tree listings."""
+    path = urlsplit(url).path
+    if "/resolve/" in path:
+        return "file " + unquote(path.split("/resolve/", 1)[1].split("/", 1)[-1])
+    if re.fullmatch(r"/api/\w+s/[^/]+/[^/]+(/revision/.+|/tree/.+)?", path):
+        return "the file list"
+    return "the hub API"
+
+
+def hub_error_reason(err: BaseException) -> str:
+    """One line saying why a ``huggingface_hub`` call failed: the HTTP status and URL (hence the file), a
+    connection that could not be made, or offline mode with nothing in the cache."""
+    from huggingface_hub import constants
+
+    chain = _error_chain(err)
+    for e in chain:
+        response = getattr(e, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            try:
+                method, url = response.request.method, str(response.request.url)
+            except (AttributeError, RuntimeError):
+                method, url = "GET", str(getattr(response, "url", ""))
+            code = response.headers.get("X-Error-Code")
+            return f"{_what_url_fetches(url)}: HTTP {status}{f' {code}' if code else ''} ({method} {url})"
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    if "OfflineModeIsEnabled" in names or constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE is set and it is not in the cache ({constants.HF_HUB_CACHE})"
+    for e in chain:
+        if type(e).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionError", "ReadTimeout"):
+            try:
+                what = _what_url_fetches(str(e.request.url)) + ": "  # type: ignore[attr-defined]
+            except (AttributeError, RuntimeError):
+                what = ""
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return f"{what}cannot connect to {constants.ENDPOINT} ({detail}), and it is not in the cache"
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {detail}"
 
 
 def read_config(folder: Path) -> dict[str, Any]:

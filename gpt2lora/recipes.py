@@ -55,6 +55,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "bool": ((bool,), "true or false"), "list": ((list,), "a list of layer names"),
     "map": ((dict,), "a table of FIELD = COLUMN strings"),
     "clip": ((int, float, bool), "a number > 0, or false for no clipping"), "pair": ((list,), "two numbers"),
+    "backends": ((list,), "a list of tracker names (tensorboard, wandb)"),
 }
 #: Run settings a recipe's ``[defaults]`` or a row may hold (every :data:`~gpt2lora.runconfig.SETTINGS` key
 #: outside the ``lora`` table, ``seeds``, ``lora`` and the older ``last_n``): name -> (types, expected).

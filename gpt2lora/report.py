@@ -1,4 +1,4 @@
-"""Results tables (markdown / CSV / JSON) and plots (PNG, with the optional ``matplotlib`` extra).
+"""Results tables (markdown / CSV / JSON) and plots (PNG, drawn with ``matplotlib``).
 
 A result is a flat dict; the columns below are shown when at least one row has them, in the shape
 of the published reports: method, eval loss, accuracy, F1, precision, recall (or EM / F1, or
@@ -147,7 +147,8 @@ def pyplot() -> Any | None:
         import matplotlib.pyplot as plt
     except ImportError:
         if not _warned:
-            print("matplotlib is not installed, so no plots are drawn (pip install 'gpt2lora[plots]'); "
+            print("matplotlib is not installed, so no plots are drawn (it is a dependency of gpt2lora: "
+                  "pip install matplotlib); "
                   "the tables are written as usual.", file=sys.stderr)
             _warned = True
         return None

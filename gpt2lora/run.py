@@ -41,6 +41,7 @@ from .model import GPT2
 from .prompt import PromptConfig
 from .runconfig import EVAL_ONLY, RunConfig, to_settings
 from .tokenizer import load_tokenizer
+from .tracking import make_trackers
 from .train import Trainer
 
 #: Shape of the smoke model: tiny, but with the real 50,257-token vocabulary.
@@ -317,7 +318,8 @@ def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str,
     train_data = batches(encode(parts.train_set, tok, max_length), train.batch_size, True, train.seed, tok.eot_token)
     eval_data = batches(encode(parts.eval_set, tok, max_length), config.eval_batch_size or train.batch_size, False,
                         0, tok.eot_token)
-    history = Trainer(model, train).fit(train_data, eval_data)
+    with make_trackers(config.report_to, folder, folder.name, hparams=to_settings(config)) as tracker:
+        history = Trainer(model, train, tracker=tracker or None).fit(train_data, eval_data)
     metrics = _metrics(parts)
     row = _result_row(parts, label, metrics, params, history, folder)
     if not distributed.is_main_process():

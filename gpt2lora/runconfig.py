@@ -53,7 +53,8 @@ class Setting:
 
     ``type``: ``int`` (positive), ``int0`` (any integer), ``float`` (> 0), ``float0`` (>= 0), ``prob``
     ([0, 1)), ``str``, ``bool``, ``list`` (of strings), ``map`` (FIELD=COLUMN pairs), ``clip`` (a number
-    > 0 or false), ``pair`` (two numbers in [0, 1)).
+    > 0 or false), ``pair`` (two numbers in [0, 1)), ``backends`` (tracker names; comma-separated on the
+    command line).
     """
 
     key: str
@@ -170,6 +171,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("keep_checkpoints", "train", "int", "most recent step checkpoints kept", "output"),
     _s("resume", "run", "str", "continue a killed or interrupted run: 'auto' = the latest checkpoint of "
        "out/run_name, or a run folder, or one RUN/checkpoints/checkpoint-N folder", "output"),
+    _s("report_to", "run", "backends", "experiment trackers, comma-separated: tensorboard, wandb or none (the "
+       "tensorboard / wandb extras)", "output", ("tensorboard", "wandb")),
     _s("quiet", "run", "bool", "no progress bar", "output"),
     _s("plots", "run", "bool", "draw loss / lr plots into the run folder (--no-plots: skip them)", "output",
        flag="--no-plots"),
@@ -217,11 +220,18 @@ class RunConfig:
     out: str = "runs"
     run_name: str | None = None
     resume: str | None = None
+    report_to: tuple[str, ...] = ()
     quiet: bool = False
     plots: bool = True
 
     def __post_init__(self) -> None:
+        from .tracking import parse_report_to
+
         object.__setattr__(self, "columns", tuple((str(k), str(v)) for k, v in dict(self.columns).items()))
+        try:
+            object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        except ConfigError as err:
+            raise ConfigError(f"RunConfig.{err}") from None
         for name in ("threads", "train_rows", "eval_rows", "max_length", "last_n_blocks", "eval_batch_size",
                      "gen_rows", "max_new_tokens"):
             value = getattr(self, name)
@@ -289,7 +299,8 @@ def _describe(setting: Setting) -> str:
     return {"int": "a positive integer", "int0": "an integer", "float": "a number > 0", "float0": "a number >= 0",
             "prob": "a number in [0, 1)", "str": "a string", "bool": "true or false",
             "list": "a list of strings", "map": "a table of FIELD = COLUMN strings",
-            "clip": "a number > 0, or false for no clipping", "pair": "two numbers in [0, 1)"}[setting.type]
+            "clip": "a number > 0, or false for no clipping", "pair": "two numbers in [0, 1)",
+            "backends": "a list of tracker names"}[setting.type]
 
 
 def check_value(setting: Setting, value: Any, where: str) -> Any:
@@ -307,11 +318,12 @@ def check_value(setting: Setting, value: Any, where: str) -> Any:
           "map": isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str)
                                                     for k, v in value.items()),
           "clip": value is False or (number and value > 0),
+          "backends": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
           "pair": isinstance(value, (list, tuple)) and len(value) == 2
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value)}[kind]
     if not ok:
         raise ConfigError(f"{where}{setting.key}: expected {_describe(setting)}, got {value!r}")
-    values = value if kind == "list" else [value]
+    values = value if kind in ("list", "backends") else [value]
     if setting.choices and any(v not in setting.choices for v in values):
         raise ConfigError(f"{where}{setting.key}: expected one of {', '.join(setting.choices)}, got {value!r}")
     return value
@@ -323,7 +335,7 @@ def _field_value(setting: Setting, value: Any) -> Any:
         return float(value)
     if setting.type == "clip":
         return None if value is False else float(value)
-    if setting.type in ("list", "pair"):
+    if setting.type in ("list", "pair", "backends"):
         return tuple(value)
     if setting.type == "map":
         return tuple(dict(value).items())
@@ -389,7 +401,7 @@ def to_settings(config: RunConfig) -> dict[str, Any]:
             value = False
         if value is None:
             continue
-        if setting.type in ("list", "pair"):
+        if setting.type in ("list", "pair", "backends"):
             value = list(value)
         elif setting.type == "map":
             value = dict(value)
@@ -449,7 +461,7 @@ def to_toml(rows: Sequence[tuple[str, RunConfig]], title: str, seeds: Sequence[S
 
 #: Settings that say where and how a run happens, not what it trains; ``train --config`` accepts them as flags.
 PLACEMENT_KEYS = ("smoke", "vocab", "device", "threads", "data_root", "data_source", "out", "run_name", "quiet",
-                  "resume", "plots")
+                  "resume", "plots", "report_to")
 
 __all__ = ["ALIASES", "DEFAULT_TASK", "EVAL_ONLY", "PLACEMENT_KEYS", "RUN_METHODS", "SETTINGS", "SETTINGS_BY_KEY",
            "RunConfig", "Setting", "check_value", "from_settings", "to_settings", "to_toml"]

@@ -42,6 +42,7 @@ from .losses import lm_loss, summed_loss, target_count
 from .memory import MemoryMeter
 from .metrics import throughput
 from .model import Transformer
+from .tracking import Tracker
 
 __all__ = ["BEST_NAME", "CHECKPOINT_PREFIX", "HISTORY_NAME", "STATE_NAME", "History", "Trainer",
            "build_optimizer", "enable_gradient_checkpointing", "find_checkpoint", "lm_loss", "lr_at_step",
@@ -179,7 +180,7 @@ class Trainer:
     by batch across ranks and reduced. Only rank 0 writes checkpoints and history and shows progress.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, tracker: Tracker | None = None) -> None:
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer config: expected a TrainConfig, got {type(config).__name__}")
@@ -198,6 +199,11 @@ class Trainer:
         """This process's place in a torchrun group (rank 0 of 1 when training alone)."""
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if tracker is not None and not callable(getattr(tracker, "log_metrics", None)):
+            raise ConfigError(f"Trainer tracker: expected a gpt2lora.tracking.Tracker (log_metrics(step, metrics)), "
+                              f"got {type(tracker).__name__}")
+        self.tracker = tracker if self.dist.is_main else None
+        """Gets every step's loss, lr, grad_norm, tokens/s and every evaluation (rank 0 only; see tracking)."""
         self.precision = resolve_precision(config.precision, self.device, "TrainConfig.precision")
         self.classification = is_classifier(model)
         self.model.to(self.device)
@@ -501,6 +507,7 @@ class Trainer:
 
     def _train_step(self, group: list[Any], counts: dict[str, int]) -> dict[str, Any]:
         pos, cfg = self._position, self.config
+        started, tokens_before = time.perf_counter(), counts["tokens"]
         loss_sum = 0.0
         for k, raw in enumerate(group):
             where = f"batch {pos.batch + k} of epoch {pos.epoch}"
@@ -544,6 +551,10 @@ class Trainer:
                   "loss": loss_sum / len(group), "lr": lr, "grad_norm": norm, "skipped": skipped}
         self.history.steps.append(record)
         self._log({"type": "step", **record})
+        if self.tracker is not None:
+            speed = (counts["tokens"] - tokens_before) / max(time.perf_counter() - started, 1e-9)
+            self.tracker.log_metrics(pos.step, {"train/loss": record["loss"], "train/lr": lr,
+                                                "train/grad_norm": norm, "train/tokens_per_s": speed})
         return record
 
     def _after_step(self, eval_data: Any, epoch_done: bool) -> None:
@@ -567,6 +578,8 @@ class Trainer:
         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / self._n_batches, **metrics}
         self.history.evals.append(record)
         self._log({"type": "eval", **record})
+        if self.tracker is not None:
+            self.tracker.log_metrics(pos.step, {f"eval/{k}": v for k, v in metrics.items()})
         value = metrics[cfg.best_metric]
         best = self.history.best
         lower = cfg.best_metric in LOWER_IS_BETTER

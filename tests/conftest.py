@@ -94,3 +94,123 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_vocab() -> Path:
     return require_shared(VOCAB)
+
+
+# ---------------------------------------------------------------------------------------------- local hub
+
+
+def point_hub_client_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path) -> None:
+    """Send the real huggingface_hub client (this process and its subprocesses) to ``endpoint``, with an
+    empty ``HF_HOME`` and no token. The client reads these variables at import, so its constants are set too."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    values = {"ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+              "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HUGGINGFACE_HUB_CACHE": str(home / "hub"),
+              "HF_ASSETS_CACHE": str(home / "assets"), "HF_TOKEN_PATH": str(home / "token"),
+              "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"), "HF_HUB_OFFLINE": False,
+              "HF_HUB_DISABLE_XET": True, "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json")}
+    for key, value in values.items():
+        monkeypatch.setattr(constants, key, value)
+    _http.close_session()  # pooled connections belong to the previous endpoint
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HF_HUB_OFFLINE=1`` for this process and its subprocesses."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+class _NoSleep:
+    """Stands in for the ``time`` module inside huggingface_hub's retry loop: retries happen, waits do not."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._time = time
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(self._time, name)
+
+
+@pytest.fixture(scope="session")
+def _local_hub_server():
+    from hub_server import LocalHub
+
+    server = LocalHub().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(_local_hub_server, tmp_path, monkeypatch):
+    """A local hub server (tests/hub_server.py) that the real huggingface_hub client talks to, with a
+    temporary ``HF_HOME``. ``hub.put(repo_id, files)`` publishes files; ``hub.fail(...)`` injects errors."""
+    from huggingface_hub.utils import _http
+
+    _local_hub_server.reset()
+    point_hub_client_at(monkeypatch, _local_hub_server.url, tmp_path / "hf-home")
+    no_sleep = _NoSleep()
+    monkeypatch.setattr(_http, "time", no_sleep)
+    _local_hub_server.sleeps = no_sleep.sleeps
+    yield _local_hub_server
+    _http.close_session()
+    assert not _local_hub_server.unhandled, f"the client called endpoints the local hub lacks: " \
+                                            f"{_local_hub_server.unhandled}"
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    """``rows`` as the bytes of one parquet file."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def card(configs: list[dict] | None = None, body: str = "# dataset\n") -> str:
+    """A dataset card (README.md) whose YAML header holds ``configs``."""
+    import yaml
+
+    return ("---\n" + yaml.safe_dump({"configs": configs}, sort_keys=False) + "---\n" if configs else "") + body
+
+
+def sst2_rows(split: str, n: int) -> list[dict]:
+    """The first ``n`` SST-2 rows of ``split`` from ../shared, in the hub's columns (GLUE hides test labels)."""
+    rows = read_jsonl(require_shared(DATA) / "sst2" / f"{split}.jsonl", limit=n)
+    return [{"idx": i, "sentence": r["text"], "label": -1 if split == "test" else r["label"]}
+            for i, r in enumerate(rows)]
+
+
+def sst2_hub_files(rows: dict[str, int], shards: dict[str, int] | None = None) -> dict[str, bytes | str]:
+    """stanfordnlp/sst2 as the hub holds it: a card with ``configs`` and ``data/{split}-0000K-of-0000N.parquet``."""
+    files: dict[str, bytes | str] = {"README.md": card([{"config_name": "default", "data_files": [
+        {"split": split, "path": f"data/{split}-*"} for split in rows]}])}
+    for split, n in rows.items():
+        data, count = sst2_rows(split, n), (shards or {}).get(split, 1)
+        size = -(-len(data) // count)
+        for k in range(count):
+            files[f"data/{split}-{k:05d}-of-{count:05d}.parquet"] = parquet_bytes(data[k * size:(k + 1) * size])
+    return files
+
+
+def gpt2_stand_in(folder: Path, seed: int = 0, **shape) -> Path:
+    """A tiny random GPT-2 with the real vocabulary and tokenizer files, to serve as the hub's ``gpt2``."""
+    return make_hf_checkpoint(folder, seed=seed, with_tokenizer=True, **{
+        "vocab_size": 50257, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 128, **shape})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ from gpt2lora.generate import generate
 from gpt2lora.heads import GPT2ForSequenceClassification
 from gpt2lora.lora import apply_lora, merge_lora
 from gpt2lora.model import GPT2
+from gpt2lora.publish import push_run
 from gpt2lora.tokenizer import load_tokenizer
+from gpt2lora.tracking import make_trackers
 from gpt2lora.train import Trainer
 
 
@@ -450,6 +453,71 @@ def _(ctx):
     return lambda: load_split("sst3"), {}
 
 
+def _cached_dataset(ctx: Ctx, card_text: str, files: dict[str, bytes]) -> Path:
+    """A hub cache holding one snapshot of stanfordnlp/sst2 at main (read with HF_HUB_OFFLINE: no server)."""
+    repo = ctx.tmp / "hf-cache" / "datasets--stanfordnlp--sst2"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    for name, content in {"README.md": card_text.encode(), **files}.items():
+        path = repo / "snapshots" / sha / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return ctx.tmp / "hf-cache"
+
+
+@case("data-card-matches-nothing", "data", DataError,
+      r"dataset stanfordnlp/sst2 \(revision main, split 'train'\): the card's data_files for 'train' "
+      r"\(data/training-\*\) match none of the files cached for that revision \(README\.md, "
+      r"data/train-00000-of-00001\.parquet; HF_HUB_OFFLINE is set\)")
+def _(ctx):
+    from unittest import mock
+
+    from huggingface_hub import constants
+
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/training-*\n---\n"
+    cache = _cached_dataset(ctx, card, {"data/train-00000-of-00001.parquet": b"PAR1"})
+
+    def call():
+        # offline, and pointed at a closed local port should anything still try the network
+        with mock.patch.object(constants, "HF_HUB_OFFLINE", True), \
+                mock.patch.object(constants, "ENDPOINT", "http://127.0.0.1:9"):
+            load_split("sst2", "train", source="hub", cache_dir=cache)
+    return call, {}
+
+
+# --- experiment tracking and publishing -----------------------------------------------------------------
+
+@case("report-to-unknown", "tracking", ConfigError,
+      r"report_to: unknown backend 'mlflow'; choose from tensorboard, wandb or none")
+def _(ctx):
+    return lambda: make_trackers("tensorboard,mlflow", ctx.tmp / "run", "run"), {}
+
+
+@case("report-to-not-installed", "tracking", ConfigError,
+      r"report_to wandb: the wandb package is not installed; pip install 'gpt2lora\[wandb\]'")
+def _(ctx):
+    from unittest import mock
+
+    def call():
+        with mock.patch.dict(sys.modules, {"wandb": None}):
+            make_trackers(["wandb"], ctx.tmp / "run", "run")
+    return call, {}
+
+
+@case("push-repo-id", "publish", ConfigError, r"repo_id 'gpt2-sst2-lora': expected owner/name")
+def _(ctx):
+    return lambda: push_run(ctx.tmp, "gpt2-sst2-lora"), {}
+
+
+@case("push-no-adapter", "publish", CheckpointNotFoundError,
+      r"run {run} has no adapter to push \({run}/adapter needs adapter_config\.json and adapter_model\.safetensors\)")
+def _(ctx):
+    run = ctx.tmp / "run"
+    ctx.file("run/config.json", json.dumps({"task": "sst2", "method": "lora", "base_model": "gpt2"}))
+    return lambda: push_run(run, "alice/gpt2-sst2-lora"), {"run": run}
+
+
 # --- batches --------------------------------------------------------------------------------------------
 
 @case("collate-empty", "batch", DataError, r"collate: got no examples")
@@ -714,4 +782,5 @@ def test_battery_inventory(capsys):
         print(f"\nbad-input battery: {len(CASES)} cases ("
               + ", ".join(f"{family} {n}" for family, n in sorted(families.items())) + ")")
     assert len(CASES) >= 40
-    assert set(families) == {"checkpoint", "config", "adapter", "data", "batch", "model", "training", "cli"}
+    assert set(families) == {"checkpoint", "config", "adapter", "data", "batch", "model", "training", "cli",
+                             "tracking", "publish"}

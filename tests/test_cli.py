@@ -179,30 +179,21 @@ def test_library_errors_exit_1_with_the_message(tmp_path, capsys):
     assert "last_n" in capsys.readouterr().err
 
 
-def test_train_on_a_hub_preset_through_a_fake_hub(tmp_path, monkeypatch):
-    """enron_spam has no local copy: rows come from a patched hf_hub_download, column mapping included."""
-    import huggingface_hub
-
+def test_train_on_a_hub_preset_through_the_local_hub(hub, tmp_path, monkeypatch):
+    """enron_spam has no local copy: rows come over HTTP from the local hub server, column mapping included."""
     rows = [{"message_id": i, "text": f"{'win cash now' if i % 2 else 'meeting notes'} {i}", "label": i % 2,
              "label_text": "spam" if i % 2 else "ham", "subject": "", "message": "", "date": ""}
             for i in range(40)]
-    store = tmp_path / "hub" / "SetFit" / "enron_spam"
-    store.mkdir(parents=True)
-    for split in ("train", "test"):
-        (store / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    calls = []
-
-    def download(repo_id, filename, repo_type=None, revision=None, cache_dir=None, **kwargs):
-        calls.append((repo_id, filename, repo_type))
-        return str(tmp_path / "hub" / repo_id / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    hub.put("SetFit/enron_spam", {"train.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+                                  "test.jsonl": "".join(json.dumps(r) + "\n" for r in rows[::-1])},
+            repo_type="dataset")
     monkeypatch.delenv("GPT2LORA_DATA", raising=False)
     torch.set_num_threads(1)
     assert main(["train", "--task", "enron_spam", "--smoke", "--vocab", str(require_shared(VOCAB)),
                  "--out", str(tmp_path / "runs"), "--run-name", "enron", "--quiet", "--method", "head"]) == 0
-    assert ("SetFit/enron_spam", "train.jsonl", "dataset") in calls
-    assert ("SetFit/enron_spam", "test.jsonl", "dataset") in calls  # no validation split: falls back to test
+    fetched = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+    assert [p.rsplit("/", 1)[1] for p in fetched] == ["train.jsonl", "test.jsonl"]  # no validation: test instead
+    assert all(p.startswith("/datasets/SetFit/enron_spam/resolve/") for p in fetched)
     result = json.loads((tmp_path / "runs" / "enron" / "metrics.json").read_text())["result"]
     assert result["eval_rows"] == 40 and result["method"] == "Head only"
     check_classification_metrics(result)

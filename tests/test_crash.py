@@ -24,9 +24,15 @@ from conftest import DATA, REPO, VOCAB, require_shared
 from safetensors.torch import load_file
 
 from gpt2lora import TrainingError
+from gpt2lora.checkpoint import (
+    OPTIMIZER_NAME,
+    STATE_NAME,
+    WEIGHTS_NAME,
+    find_checkpoint,
+    finish_interrupted_writes,
+)
 from gpt2lora.config import TrainConfig
 from gpt2lora.tensorcheck import check_training_checkpoint
-from gpt2lora.checkpoint import OPTIMIZER_NAME, STATE_NAME, WEIGHTS_NAME, find_checkpoint, finish_interrupted_writes
 from gpt2lora.train import Trainer
 
 WORKER = Path(worker.__file__)

@@ -1,12 +1,23 @@
-"""Data layer: readers, presets (local and a fake hub), validation errors, formatting and tokenisation."""
+"""Data layer: readers, presets (local, and the hub through a local hub server), validation errors, formatting and
+tokenisation."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
+from conftest import (
+    card,
+    go_offline,
+    parquet_bytes,
+    point_hub_client_at,
+    read_jsonl,
+    sst2_hub_files,
+    sst2_rows,
+)
+from test_hub import closed_port_url
 
 from gpt2lora import data
 from gpt2lora.data import (
@@ -128,64 +139,160 @@ def test_local_source_without_root_is_explained(monkeypatch):
         load_split("sick", source="hub")
 
 
-# ---------------------------------------------------------------------------------------------- fake hub
+# ------------------------------------------------------------------- hub datasets, through a local hub server
+
+
+def downloaded(hub) -> list[str]:
+    return [path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in hub.requests
+            if method == "GET" and "/resolve/" in path]
+
+
+def as_records(rows: list[dict]) -> list[dict]:
+    return [{"text": r["sentence"], "label": r["label"]} for r in rows]
+
 
 @pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """Serve dataset files from a temp folder through a monkeypatched ``hf_hub_download``."""
-    import huggingface_hub
-
-    store = tmp_path / "hub"
-    calls = []
-
-    def download(repo_id, filename, repo_type=None, revision=None, cache_dir=None, **kwargs):
-        calls.append({"repo_id": repo_id, "filename": filename, "repo_type": repo_type, "revision": revision})
-        path = store / repo_id / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"404: {repo_id}/{filename}")
-        return str(path)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+def no_local_data(monkeypatch):
     monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
-    return store, calls
 
 
-def test_hub_jsonl_preset_downloads_the_named_file(fake_hub):
-    store, calls = fake_hub
-    rows = [{"message_id": 1, "text": "cheap meds", "label": 1, "label_text": "spam"},
-            {"message_id": 2, "text": "meeting at 3", "label": 0, "label_text": "ham"}]
-    write(store / "SetFit/enron_spam/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_split("enron_spam", "train")
-    assert calls == [{"repo_id": "SetFit/enron_spam", "filename": "train.jsonl", "repo_type": "dataset",
-                          "revision": "main"}]
-    assert ds.records == [{"text": "cheap meds", "label": 1}, {"text": "meeting at 3", "label": 0}]
-    with pytest.raises(DataError, match=r"enron_spam.*no 'validation' split \(it has train, test\)"):
-        load_split("enron_spam", "validation")
-    with pytest.raises(DataError, match=r"could not download test.jsonl from the dataset SetFit/enron_spam"):
-        load_split("enron_spam", "test", revision="v1")
-    assert calls[-1]["revision"] == "v1"
+def test_sst2_in_its_real_hub_layout(hub, no_local_data):
+    hub.put("stanfordnlp/sst2", sst2_hub_files({"train": 40, "validation": 12, "test": 6}), repo_type="dataset")
+
+    train = load_split("sst2", "train")
+    validation = load_split("sst2", "validation", source="hub")
+
+    assert train.records == as_records(sst2_rows("train", 40))
+    assert validation.records == as_records(sst2_rows("validation", 12))
+    # the card once (then cached), and each split's file: nothing guessed, nothing else
+    assert downloaded(hub) == ["README.md", "data/train-00000-of-00001.parquet",
+                               "data/validation-00000-of-00001.parquet"]
+    assert train.source.startswith("hub dataset stanfordnlp/sst2@") and "(card)" in train.source
+    with pytest.raises(DataError, match=r"have no usable rows|has no usable rows"):
+        load_split("sst2", "test")  # GLUE hides the test labels (-1): every row is dropped
 
 
-def test_hub_parquet_presets_map_columns_and_drop_unlabelled_rows(fake_hub):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
+def test_every_shard_of_a_split_is_read_and_revision_pins_the_layout(hub, no_local_data):
+    """The issue's case: the train split in two shards at one revision, one file on main."""
+    one = hub.put("stanfordnlp/sst2", sst2_hub_files({"train": 30, "validation": 8}), repo_type="dataset")
+    hub.put("stanfordnlp/sst2", sst2_hub_files({"train": 50, "validation": 8}, shards={"train": 2}),
+            repo_type="dataset", branch="two-shards")
 
-    store, calls = fake_hub
-    sst2 = store / "stanfordnlp/sst2/data/test-00000-of-00001.parquet"
-    sst2.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"idx": [0, 1, 2], "sentence": ["fine", "awful", "hidden"], "label": [1, 0, -1]}),
-                   sst2)
-    ds = load_split("sst2", "test", source="hub")
-    assert ds.records == [{"text": "fine", "label": 1}, {"text": "awful", "label": 0}]
-    squad = store / "rajpurkar/squad/plain_text/validation-00000-of-00001.parquet"
-    squad.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"id": ["a"], "title": ["T"], "context": ["Paris is in France."],
-                             "question": ["Where is Paris?"],
-                             "answers": [{"text": ["France", "in France"], "answer_start": [12, 9]}]}), squad)
+    sharded = load_split("sst2", "train", revision="two-shards")
+    assert sharded.records == as_records(sst2_rows("train", 50))
+    assert downloaded(hub)[-2:] == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert load_split("sst2", "train", revision=one).records == as_records(sst2_rows("train", 30))
+    assert len(load_split("sst2", "train", limit=7, revision="two-shards")) == 7
+    with pytest.raises(DataError) as info:
+        load_split("sst2", "train", revision="no-such-branch")
+    assert "\n" not in str(info.value)
+    assert re.search(r"dataset stanfordnlp/sst2 has no revision 'no-such-branch'.*RevisionNotFound", str(info.value))
+
+
+def test_config_subfolder_from_the_card_and_by_convention(hub, no_local_data):
+    squad = [{"id": "a", "title": "T", "context": "Paris is in France.", "question": "Where is Paris?",
+              "answers": {"text": ["France", "in France"], "answer_start": [12, 9]}}]
+    hub.put("rajpurkar/squad", {"README.md": card([{"config_name": "plain_text", "data_files": [
+        {"split": "train", "path": "plain_text/train-*"},
+        {"split": "validation", "path": "plain_text/validation-*"}]}]),
+        "plain_text/validation-00000-of-00001.parquet": parquet_bytes(squad)}, repo_type="dataset")
     qa = load_split("squad", "validation")
     assert qa.records == [{"context": "Paris is in France.", "question": "Where is Paris?",
                            "answers": ["France", "in France"]}]
-    assert calls[-1]["filename"] == "plain_text/validation-00000-of-00001.parquet"
+    # no card configs: the hub's conventions find {config}/{split}-* (tweet_eval keeps one folder per config)
+    emoji = [{"text": f"tweet {i}", "label": i % 20} for i in range(25)]
+    hub.put("cardiffnlp/tweet_eval", {"README.md": "# TweetEval\n",
+                                      "emoji/train-00000-of-00001.parquet": parquet_bytes(emoji[:20]),
+                                      "emoji/test-00000-of-00001.parquet": parquet_bytes(emoji[20:]),
+                                      "irony/train-00000-of-00001.parquet": parquet_bytes([{"text": "x", "label": 1}])},
+            repo_type="dataset")
+    ds = load_split("tweet_emoji", "train")
+    assert ds.records == emoji[:20] and "(conventions)" in ds.source
+    with pytest.raises(DataError, match=r"no 'validation' split \(it has: train, test"):
+        load_split("tweet_emoji", "validation")
+
+
+def test_jsonl_and_csv_datasets_by_convention(hub, no_local_data):
+    rows = [{"message_id": 1, "text": "cheap meds", "label": 1, "label_text": "spam"},
+            {"message_id": 2, "text": "meeting at 3", "label": 0, "label_text": "ham"}]
+    hub.put("SetFit/enron_spam", {"train.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+                                  "test.jsonl": json.dumps(rows[0]) + "\n"}, repo_type="dataset")
+    assert load_split("enron_spam", "train").records == [{"text": "cheap meds", "label": 1},
+                                                         {"text": "meeting at 3", "label": 0}]
+    with pytest.raises(DataError, match=r"enron_spam.*no 'validation' split \(it has: train, test"):
+        load_split("enron_spam", "validation")
+    hub.put("presencesw/all_nli_med", {"data/train.csv": "premise,hypothesis,label\nA man.,A person.,0\n"},
+            repo_type="dataset")
+    assert load_split("medical_nli", "train").records == [{"premise": "A man.", "hypothesis": "A person.", "label": 0}]
+
+
+def test_falls_back_to_the_parquet_conversion(hub, no_local_data):
+    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3} for i in range(9)]
+    script_only = hub.put("stanfordnlp/snli", {"README.md": "# SNLI\n", "snli.py": "# a loading script"},
+                          repo_type="dataset")
+    hub.put("stanfordnlp/snli", {"plain_text/train/0000.parquet": parquet_bytes(rows[:5]),
+                                 "plain_text/train/0001.parquet": parquet_bytes(rows[5:])},
+            repo_type="dataset", branch="refs/convert/parquet")
+    ds = load_split("snli", "train")
+    assert ds.records == rows and "(parquet conversion)" in ds.source
+    with pytest.raises(DataError) as info:  # a pinned revision is not swapped for the conversion
+        load_split("snli", "train", revision=script_only)
+    assert "snli.py" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_offline_reads_the_cached_split(hub, no_local_data, monkeypatch):
+    hub.put("stanfordnlp/sst2", sst2_hub_files({"train": 20, "validation": 8}, shards={"train": 2}),
+            repo_type="dataset")
+    online = load_split("sst2", "train")
+    hub.requests.clear()
+    go_offline(monkeypatch)
+    assert load_split("sst2", "train").records == online.records
+    assert hub.requests == []
+    with pytest.raises(DataError) as info:  # never downloaded
+        load_split("sst2", "validation")
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(r"stanfordnlp/sst2 \(revision main, split 'validation'\).*data/validation-\*.* files cached for "
+                     r"that revision \(README\.md, data/train-00000-of-00002\.parquet.*HF_HUB_OFFLINE", message), message
+
+
+def test_card_data_files_that_match_nothing_is_one_line(hub, no_local_data):
+    hub.put("stanfordnlp/sst2", {"README.md": card([{"config_name": "default", "data_files": [
+        {"split": "train", "path": "data/training-*.parquet"}]}]),
+        "data/train-00000-of-00001.parquet": parquet_bytes(sst2_rows("train", 3))}, repo_type="dataset")
+    with pytest.raises(DataError) as info:
+        load_split("sst2", "train")
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(r"task 'sst2': dataset stanfordnlp/sst2 \(revision main, split 'train'\): the card's "
+                     r"data_files for 'train' \(data/training-\*\.parquet\) match none of the repository's files "
+                     r"\(.*data/train-00000-of-00001\.parquet", message), message
+    with pytest.raises(DataError, match=r"no 'validation' split in config 'default' \(its card lists: train\)"):
+        load_split("sst2", "validation")
+
+
+def test_hub_errors_are_one_line_naming_repo_and_file(hub, no_local_data, monkeypatch, tmp_path):
+    with pytest.raises(DataError) as info:
+        load_split("sst2", "train")
+    assert "\n" not in str(info.value)
+    assert re.search(r"no dataset repository stanfordnlp/sst2 on the hub.*HTTP 404 RepoNotFound", str(info.value))
+    hub.put("stanfordnlp/sst2", sst2_hub_files({"train": 10}), repo_type="dataset")
+    for status in (404, 500):
+        hub.fail(r"/resolve/.*train-00000-of-00001\.parquet$", status)
+        with pytest.raises(DataError) as info:
+            load_split("sst2", "train")
+        message = str(info.value)
+        assert "\n" not in message
+        assert re.search(rf"could not download data/train-00000-of-00001\.parquet of the dataset stanfordnlp/sst2 "
+                         rf"\(revision main\): file data/train-00000-of-00001\.parquet: HTTP {status}", message), message
+        hub.failures.clear()
+    point_hub_client_at(monkeypatch, closed_port_url(), tmp_path / "empty-home")
+    with pytest.raises(DataError) as info:
+        load_split("sst2", "train")
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(r"could not list the files of the dataset stanfordnlp/sst2 \(revision main\).*cannot connect",
+                     message), message
 
 
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
@@ -200,7 +307,7 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     path = write(tmp_path / "train.parquet", b"PAR1")
-    with pytest.raises(DataError, match=r"train.parquet needs pyarrow.*gpt2lora\[hub\]"):
+    with pytest.raises(DataError, match=r"train.parquet needs pyarrow, a dependency of gpt2lora"):
         load_split("sst2", "train", path=path)
 
 
@@ -294,3 +401,22 @@ def test_eval_logits_do_not_depend_on_batch_composition(tok, shared_data):
     reference = logits_by_row(1, False, 0)
     for batch_size, shuffle, seed in [(7, True, 1), (32, True, 2), (60, False, 0)]:
         torch.testing.assert_close(logits_by_row(batch_size, shuffle, seed), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_glob_patterns():
+    from gpt2lora.hubdata import convention_patterns, match_files
+
+    files = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/train/extra.jsonl",
+             "train1.csv", "training.jsonl", "trainer.py", "plain_text/train-0.parquet", "a/b/c/test.csv",
+             "README.md", ".gitattributes"]
+    assert match_files(["data/train-*"], files) == files[:2]  # * stays inside its folder
+    assert match_files(["data/**"], files) == files[:3]
+    assert match_files(["**/test.csv"], files) == ["a/b/c/test.csv"]
+    assert match_files(["train[0-9].csv"], files) == ["train1.csv"]
+    assert match_files(["train[!0-9].csv"], files) == []
+    root = convention_patterns("train")[-1]
+    assert match_files(root, files) == ["train1.csv", "training.jsonl"]  # not trainer.py
+    assert match_files(convention_patterns("train", "plain_text")[0], files) == ["plain_text/train-0.parquet"]
+    assert match_files(convention_patterns("validation")[-1], ["dev.csv", "val-0.parquet", "valid.jsonl",
+                                                               "validation_extra.csv", "devices.txt"]) == [
+        "dev.csv", "val-0.parquet", "valid.jsonl", "validation_extra.csv"]

@@ -1,17 +1,20 @@
-"""Checkpoint I/O: export to transformers, round trips, the hub path (with a local fake) and bad input."""
+"""Checkpoint I/O: export to transformers, round trips, the hub path (the real huggingface_hub client against
+the local hub server of tests/hub_server.py) and bad input."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import pickle
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ODD, REPO, TINY, make_hf_checkpoint
+from conftest import ODD, REPO, TINY, go_offline, gpt2_stand_in, make_hf_checkpoint, point_hub_client_at
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (
@@ -20,66 +23,13 @@ from gpt2lora import (
     CheckpointNotFoundError,
     GPT2Config,
     UnsafeCheckpointError,
+    load_tokenizer,
     save_pretrained,
 )
 from gpt2lora.hub import MODEL_FILES
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-4
-
-
-class FakeHub:
-    """Stands in for ``huggingface_hub.snapshot_download``: copies from ``remote/<repo_id>``.
-
-    Honours ``allow_patterns`` the way the hub does (fnmatch on repo-relative paths) and records
-    every call, so tests can check what was asked for.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.remote = root / "remote"
-        self.cache = root / "default-cache"
-        self.calls: list[dict] = []
-
-    def repo(self, repo_id: str) -> Path:
-        folder = self.remote / repo_id
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def __call__(self, repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
-        self.calls.append(dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir,
-                               allow_patterns=allow_patterns, **kwargs))
-        source = self.remote / repo_id
-        if not source.is_dir():
-            raise FileNotFoundError(f"Repository Not Found for url: https://huggingface.co/{repo_id}")
-        target = Path(cache_dir or self.cache) / repo_id.replace("/", "--") / (revision or "main")
-        for path in sorted(source.rglob("*")):
-            rel = path.relative_to(source).as_posix()
-            if path.is_file() and (allow_patterns is None
-                                   or any(fnmatch.fnmatch(rel, p) for p in allow_patterns)):
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target / rel)
-        target.mkdir(parents=True, exist_ok=True)
-        return str(target)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path) -> FakeHub:
-    import huggingface_hub
-
-    hub = FakeHub(tmp_path)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
-    return hub
-
-
-@pytest.fixture
-def no_hub(monkeypatch):
-    """Fail the test if anything tries to reach the hub."""
-    import huggingface_hub
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"unexpected hub download {args} {kwargs}")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
 
 
 def ids(vocab: int, shape=(2, 12), seed: int = 0) -> torch.Tensor:
@@ -154,27 +104,36 @@ def test_loading_allocates_no_random_init(tiny_checkpoint, monkeypatch):
     assert GPT2.from_pretrained(tiny_checkpoint).name_or_path == str(tiny_checkpoint)
 
 
-# ---------------------------------------------------------------- hub path with a local fake
+# ---------------------------------------------------------------- the hub path, through a local hub server
 
 
-def test_short_name_maps_to_openai_community_and_fetches_only_safe_files(fake_hub, tiny_checkpoint, tmp_path):
-    repo = fake_hub.repo("openai-community/gpt2")
-    shutil.copytree(tiny_checkpoint, repo, dirs_exist_ok=True)
+def resolved(hub) -> list[str]:
+    """Files the client fetched (GET) through /resolve/."""
+    return sorted({path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in hub.requests
+                   if method == "GET" and "/resolve/" in path})
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed
+
+
+def test_short_name_maps_to_openai_community_and_fetches_only_safe_files(hub, tiny_checkpoint, tmp_path):
     marker = tmp_path / "unpickled"
-    (repo / "pytorch_model.bin").write_bytes(pickle.dumps(MarkerOnUnpickle(marker)))
-    (repo / "tf_model.h5").write_bytes(b"not fetched")
-    (repo / "onnx").mkdir()
-    (repo / "onnx" / "decoder_model.onnx").write_bytes(b"not fetched")
-    (repo / "README.md").write_text("model card")
+    hub.put("openai-community/gpt2", {**{p.name: p for p in tiny_checkpoint.iterdir()},
+                                      "pytorch_model.bin": pickle.dumps(MarkerOnUnpickle(marker)),
+                                      "tf_model.h5": b"not fetched", "onnx/decoder_model.onnx": b"not fetched",
+                                      "README.md": "model card"})
 
     model = GPT2.from_pretrained("gpt2").eval()
 
-    (call,) = fake_hub.calls
-    assert call["repo_id"] == "openai-community/gpt2"
-    assert set(call["allow_patterns"]) <= {"config.json", "model.safetensors", "model.safetensors.index.json",
-                                           "model-*.safetensors", "vocab.json", "merges.txt"}
+    assert resolved(hub) == ["config.json", "model.safetensors"]
+    assert all("openai-community/gpt2" in path for _, path in hub.requests if "agent-harnesses" not in path)
     fetched = sorted(p.name for p in model.checkpoint_dir.rglob("*"))
     assert fetched == ["config.json", "model.safetensors"]
+    assert model.checkpoint_dir.is_relative_to(Path(os.environ["HF_HOME"]))
     assert not marker.exists()
     ref = transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     x = ids(TINY["vocab_size"])
@@ -183,45 +142,114 @@ def test_short_name_maps_to_openai_community_and_fetches_only_safe_files(fake_hu
     assert model.name_or_path == "gpt2"
 
 
-def test_distilgpt2_and_full_ids_are_passed_as_is(fake_hub, tiny_checkpoint):
-    shutil.copytree(tiny_checkpoint, fake_hub.repo("distilbert/distilgpt2"), dirs_exist_ok=True)
-    shutil.copytree(tiny_checkpoint, fake_hub.repo("someone/my-gpt2"), dirs_exist_ok=True)
+def test_distilgpt2_and_full_ids_are_passed_as_is(hub, tiny_checkpoint):
+    hub.put("distilbert/distilgpt2", tiny_checkpoint)
+    hub.put("someone/my-gpt2", tiny_checkpoint)
     GPT2.from_pretrained("distilgpt2")
     GPT2.from_pretrained("someone/my-gpt2")
-    assert [c["repo_id"] for c in fake_hub.calls] == ["distilbert/distilgpt2", "someone/my-gpt2"]
+    infos = [path for method, path in hub.requests if path.startswith("/api/models/")]
+    assert [p.split("/")[3] + "/" + p.split("/")[4] for p in infos if "/revision/" in p] == [
+        "distilbert/distilgpt2", "someone/my-gpt2"]
 
 
-def test_revision_and_cache_dir_are_passed_through(fake_hub, tiny_checkpoint, tmp_path):
-    shutil.copytree(tiny_checkpoint, fake_hub.repo("openai-community/gpt2-medium"), dirs_exist_ok=True)
+def test_model_revisions_stay_pinnable_and_cache_dir_is_honoured(hub, tmp_path):
+    old = hub.put("openai-community/gpt2-medium", make_hf_checkpoint(tmp_path / "old", seed=1))
+    hub.put("openai-community/gpt2-medium", make_hf_checkpoint(tmp_path / "new", seed=2))
+    hub.put("openai-community/gpt2-medium", make_hf_checkpoint(tmp_path / "tagged", seed=3), branch="v1")
     cache = tmp_path / "my-cache"
-    model = GPT2.from_pretrained("gpt2-medium", revision="abc123", cache_dir=cache)
-    (call,) = fake_hub.calls
-    assert (call["repo_id"], call["revision"], Path(call["cache_dir"])) == (
-        "openai-community/gpt2-medium", "abc123", cache)
-    assert model.checkpoint_dir.is_relative_to(cache)
+    x = ids(TINY["vocab_size"])
+    outputs = {}
+    for revision in (old, None, "v1"):
+        model = GPT2.from_pretrained("gpt2-medium", revision=revision, cache_dir=cache).eval()
+        assert model.checkpoint_dir.is_relative_to(cache)
+        with torch.no_grad():
+            outputs[revision] = model(x)
+    for revision, seed in ((old, 1), (None, 2), ("v1", 3)):
+        ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / ["old", "new", "tagged"][seed - 1]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(outputs[revision], ref(x).logits, atol=ATOL, rtol=0)
+    assert not torch.allclose(outputs[old], outputs[None])
 
 
-def test_sharded_checkpoint_loads_from_the_hub(fake_hub, tmp_path):
+def test_sharded_checkpoint_loads_from_the_hub(hub, tmp_path):
     torch.manual_seed(2)
     ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
-    repo = fake_hub.repo("someone/sharded")
-    ref.save_pretrained(repo, max_shard_size="200KB")
-    index = json.loads((repo / "model.safetensors.index.json").read_text())
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) >= 2 and not (repo / "model.safetensors").exists()
+    assert len(shards) >= 2 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    hub.put("someone/sharded", tmp_path / "sharded")
 
     model = GPT2.from_pretrained("someone/sharded").eval()
 
-    fetched = sorted(p.name for p in model.checkpoint_dir.iterdir())
-    assert fetched == sorted(["config.json", "model.safetensors.index.json", *shards])
+    assert resolved(hub) == sorted(["config.json", "model.safetensors.index.json", *shards])
     x = ids(TINY["vocab_size"])
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x).logits, atol=ATOL, rtol=0)
 
 
-def test_unknown_hub_id_raises_not_found_naming_it(fake_hub):
-    with pytest.raises(CheckpointNotFoundError, match=r"'someone/missing'.*Repository Not Found"):
+def test_tokenizer_fetches_only_vocab_and_merges(hub, gpt2_vocab, tmp_path):
+    hub.put("openai-community/gpt2", {"vocab.json": gpt2_vocab / "vocab.json", "merges.txt": gpt2_vocab / "merges.txt",
+                                      "tokenizer.json": "{}", "pytorch_model.bin": b"never fetched"})
+    tok = load_tokenizer("gpt2", cache_dir=tmp_path / "cache")
+    assert resolved(hub) == ["merges.txt", "vocab.json"]
+    assert tok.encode_ordinary("Hello world") == [15496, 995]
+
+
+def test_offline_loads_from_the_cache_without_a_request(hub, monkeypatch, tmp_path):
+    checkpoint = gpt2_stand_in(tmp_path / "gpt2")
+    hub.put("openai-community/gpt2", checkpoint)
+    online = GPT2.from_pretrained("gpt2").eval()
+    load_tokenizer("gpt2")
+    hub.requests.clear()
+    go_offline(monkeypatch)
+
+    offline = GPT2.from_pretrained("gpt2").eval()
+    tok = load_tokenizer("gpt2")
+
+    assert hub.requests == []
+    x = torch.tensor([tok.encode_ordinary("Hello world, offline")])
+    with torch.no_grad():
+        torch.testing.assert_close(offline(x), online(x), atol=0, rtol=0)
+    with pytest.raises(CheckpointNotFoundError) as info:
+        GPT2.from_pretrained("someone/never-downloaded")
+    message = str(info.value)
+    assert "\n" not in message and "someone/never-downloaded" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_unknown_hub_id_is_one_line_naming_it(hub):
+    with pytest.raises(CheckpointNotFoundError) as info:
         GPT2.from_pretrained("someone/missing")
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(r"'someone/missing' is not a local folder.* hub model someone/missing \(revision main\).*"
+                     r"HTTP 404 RepoNotFound", message), message
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_http_error_on_a_file_is_one_line_naming_repo_and_file(status, hub, tiny_checkpoint):
+    hub.put("openai-community/gpt2", tiny_checkpoint)
+    hub.fail(r"/resolve/.*/model\.safetensors$", status)
+    with pytest.raises(CheckpointNotFoundError) as info:
+        GPT2.from_pretrained("gpt2")
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(rf"hub model openai-community/gpt2 \(revision main\).*file model\.safetensors: HTTP {status}",
+                     message), message
+    if status == 500:
+        assert hub.sleeps, "the client retries a 500 before giving up"
+
+
+def test_refused_connection_is_one_line_naming_the_repo(hub, monkeypatch, tmp_path):
+    point_hub_client_at(monkeypatch, closed_port_url(), tmp_path / "empty-home")
+    with pytest.raises(CheckpointNotFoundError) as info:
+        GPT2.from_pretrained("gpt2")
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.search(r"config\.json.* of the hub model openai-community/gpt2 .*cannot connect to "
+                     r"http://127\.0\.0\.1:\d+ \(.*refused.*\)", message, flags=re.IGNORECASE), message
+    with pytest.raises(CheckpointNotFoundError, match=r"vocab\.json, merges\.txt of the hub model openai-community"):
+        load_tokenizer("gpt2")
 
 
 def test_model_files_patterns_cover_only_safe_files():
@@ -248,19 +276,21 @@ class MarkerOnUnpickle:
         return (open, (str(self.marker), "w"))
 
 
-def test_missing_folder_is_not_found_without_a_hub_call(no_hub, tmp_path):
+def test_missing_folder_is_not_found_without_a_hub_call(hub, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(CheckpointNotFoundError, match=re.escape(str(missing))):
         GPT2.from_pretrained(missing)
     with pytest.raises(CheckpointNotFoundError, match=r"nowhere"):
         GPT2.from_pretrained("./nowhere")
+    assert hub.requests == []
 
 
-def test_file_instead_of_folder(no_hub, tmp_path):
+def test_file_instead_of_folder(hub, tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"x")
     with pytest.raises(CheckpointNotFoundError, match=re.escape(str(path)) + ".*is a file"):
         GPT2.from_pretrained(path)
+    assert hub.requests == []
 
 
 def test_missing_config_and_missing_weights(tiny_checkpoint, tmp_path):

@@ -31,7 +31,22 @@ def gpt2_stand_in(tmp_path_factory, gpt2_vocab) -> Path:
                               vocab_size=50257, n_embd=32, n_head=2, n_positions=160)
 
 
-def test_setup_commands_are_exactly_two_and_ci_runs_the_test_one():
+def pip_installs(text: str) -> list[str]:
+    """What each ``pip install`` in ``text`` installs, flags dropped (``torch==2.13.0``, ``-e .[test]``)."""
+    found = []
+    for match in re.finditer(r"pip install ([^&\n]+)", text):
+        words = [w for w in shlex.split(match.group(1)) if w not in ("--disable-pip-version-check", "-q")]
+        found.append(" ".join(words))
+    return found
+
+
+def extras(install: str) -> set[str]:
+    match = re.fullmatch(r"-e \.(?:\[([\w,-]+)\])?", install)
+    assert match, f"unexpected install of the project: {install!r}"
+    return set(filter(None, (match.group(1) or "").split(",")))
+
+
+def test_setup_commands_are_exactly_two_and_ci_installs_what_they_install():
     blocks = [b.strip() for b in bash_blocks()]
     setup = blocks[:2]
     assert setup[0].startswith("pip install torch==2.13.0") and "gpt2lora quickstart" in setup[0]
@@ -40,6 +55,24 @@ def test_setup_commands_are_exactly_two_and_ci_runs_the_test_one():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert re.search(rf"^{re.escape(test_command)}$", ci, flags=re.MULTILINE), "CI must run the README's test command"
     assert ci.index("torch==2.13.0") < ci.index("pip install --disable-pip-version-check -q -e")
+    readme_installs, ci_installs = pip_installs(setup[0]) + pip_installs(setup[1]), pip_installs(ci)
+    assert [i for i in ci_installs if not i.startswith("-e")] == [i for i in readme_installs if not i.startswith("-e")]
+    readme_extras = set().union(*(extras(i) for i in readme_installs if i.startswith("-e")))
+    ci_extras = set().union(*(extras(i) for i in ci_installs if i.startswith("-e")))
+    assert ci_extras == readme_extras | {"test"}, "CI installs exactly the README's set-up plus the test extra"
+
+
+def test_the_setup_install_covers_hub_datasets_and_plots():
+    """The README's plain ``pip install -e .`` must be enough for the hub's parquet datasets and the run plots."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert {"pyarrow", "matplotlib", "huggingface_hub", "pyyaml"} <= names
+    assert set(project["optional-dependencies"]) == {"test", "tensorboard", "wandb"}
+    assert "gpt2lora[tensorboard,wandb]" in project["optional-dependencies"]["test"]
+    text = README.read_text(encoding="utf-8")
+    assert "pyarrow and matplotlib are dependencies rather than extras" in text
 
 
 def test_usage_example_generates(gpt2_stand_in, capsys):

@@ -51,7 +51,8 @@ SPECIAL = {"model": ("gpt2-medium", "gpt2-medium"), "device": ("cpu", "cpu"), "p
            "lora_style": ("from_scratch", "from_scratch"), "lora_train_bias": ("all", "all"),
            "schedule": ("constant", "constant"), "optimizer": ("sgd", "sgd"), "best_metric": ("accuracy", "accuracy"),
            "prompt_init": ("random", "random"), "out": ("elsewhere", "elsewhere"), "run_name": ("r1", "r1"),
-           "resume": ("auto", "auto"), "revision": ("v1", "v1"), "model_revision": ("abc", "abc")}
+           "resume": ("auto", "auto"), "revision": ("v1", "v1"), "model_revision": ("abc", "abc"),
+           "report_to": ("tensorboard,wandb", ("tensorboard", "wandb"))}
 
 
 def _read(config: RunConfig, setting):

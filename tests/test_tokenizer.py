@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import read_jsonl
-from test_hub import FakeHub
 
 from gpt2lora import CheckpointError, CheckpointNotFoundError, load_tokenizer
 from gpt2lora.tokenizer import byte_decoder
@@ -100,24 +99,19 @@ def test_byte_alphabet_is_a_bijection():
     assert table["!"] == ord("!") and table["Ġ"] == ord(" ") and table["Ċ"] == ord("\n")
 
 
-def test_hub_path_fetches_only_vocab_and_merges(monkeypatch, tmp_path, gpt2_vocab):
-    import huggingface_hub
-
-    hub = FakeHub(tmp_path)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
-    repo = hub.repo("openai-community/gpt2")
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(gpt2_vocab / name, repo / name)
-    (repo / "tokenizer.json").write_text("{}")
-    (repo / "pytorch_model.bin").write_bytes(b"never fetched")
+def test_hub_path_fetches_only_vocab_and_merges_at_the_revision(hub, tmp_path, gpt2_vocab):
+    files = {"vocab.json": gpt2_vocab / "vocab.json", "merges.txt": gpt2_vocab / "merges.txt",
+             "tokenizer.json": "{}", "pytorch_model.bin": b"never fetched"}
+    hub.put("openai-community/gpt2", files, branch="r1")
     cache = tmp_path / "cache"
 
     tok = load_tokenizer("gpt2", revision="r1", cache_dir=cache)
 
-    (call,) = hub.calls
-    assert (call["repo_id"], call["revision"], Path(call["cache_dir"])) == ("openai-community/gpt2", "r1", cache)
-    assert sorted(call["allow_patterns"]) == ["merges.txt", "vocab.json"]
-    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["merges.txt", "vocab.json"]
+    fetched = sorted(path.rsplit("/", 1)[1] for method, path in hub.requests if method == "GET" and "/resolve/" in path)
+    assert fetched == ["merges.txt", "vocab.json"]
+    assert ("GET", "/api/models/openai-community/gpt2/revision/r1") in hub.requests
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file() and "snapshots" in p.parts) == ["merges.txt",
+                                                                                                   "vocab.json"]
     assert tok.encode_ordinary("Hello world") == [15496, 995]
 
 
