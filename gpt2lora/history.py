@@ -84,6 +84,8 @@ def rewrite(path: str | os.PathLike, history: History) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = sorted([("step", s) for s in history.steps] + [("eval", e) for e in history.evals],
                     key=lambda item: (item[1]["step"], item[0] == "eval"))
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while rewriting
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(json_safe({"type": kind, **record})) + "\n" for kind, record in merged)

@@ -393,7 +393,7 @@ def test_cli_killed_inside_a_history_append_resumes_auto_to_the_same_losses(tmp_
     # appends: steps 1-5, the epoch-end eval, steps 6-10; the 4th is step 4's line, after checkpoint 2
     killed = run_worker("cli", "--kill-in-history-append", "4", "--", *cli_smoke(out, "--run-name", "torn"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    log = out / "torn" / "checkpoints" / "history.jsonl"
+    log = out / "torn" / "history.jsonl"  # the run folder holds the one history file
     *whole, torn = log.read_text().splitlines()
     assert [json.loads(x)["step"] for x in whole] == [1, 2, 3]
     with pytest.raises(json.JSONDecodeError):
