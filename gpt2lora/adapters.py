@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig
+from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig, init_niter, is_residual_init
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from .hub import PICKLE_SUFFIXES, check_state, read_safetensors
 from .lora import (
@@ -66,8 +66,11 @@ PREFIX = "base_model.model."
 #: peft adds "classifier" to modules_to_save of every SEQ_CLS model; GPT-2 has none, so it is harmless.
 HEAD_MODULES = (HEAD_NAME, "classifier")
 #: peft features gpt2lora does not implement: a config that turns one on is refused, not misread.
-UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
                "exclude_modules", "trainable_token_indices", "target_parameters", "use_qalora")
+#: peft's ``init_lora_weights`` values gpt2lora reproduces (the others rewrite the base in ways it cannot).
+PEFT_INITS = {True: "kaiming", False: "kaiming", "true": "kaiming", "gaussian": "gaussian", "eva": "kaiming",
+              "orthogonal": "kaiming", "pissa": "pissa", "olora": "olora"}
 
 
 # --- names -------------------------------------------------------------------------------------------
@@ -93,6 +96,9 @@ def _adapter_layout(model: nn.Module, config: LoRAConfig, layers: list[str], wit
         module = model.get_submodule(name)
         layout[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (config.rank, module.in_features))
         layout[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (module.out_features, config.rank))
+        if config.use_dora:
+            layout[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector",
+                                                                (module.out_features,))
     params = dict(model.named_parameters())
     for owner in _bias_owners(model, layers, config.train_bias):
         peft_owner = f"{owner}.base_layer" if owner in layers else owner
@@ -130,6 +136,8 @@ def own_lora_layout(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int
         if not parts:
             layout[f"{name}.lora_A"] = (config.rank, module.in_features)
             layout[f"{name}.lora_B"] = (module.out_features, config.rank)
+            if config.use_dora:
+                layout[f"{name}.lora_magnitude_vector"] = (module.out_features,)
     names = [name for name, _ in layers]
     params = dict(model.named_parameters())
     for owner in _bias_owners(model, names, config.train_bias):
@@ -192,7 +200,8 @@ def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
         "use_rslora": config.use_rslora and not from_scratch,
         "bias": config.train_bias,
         "modules_to_save": [HEAD_NAME] if task == "SEQ_CLS" else None,
-        "init_lora_weights": True,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "use_dora": config.use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -340,6 +349,24 @@ def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple
     return targets + ((HEAD_TARGET,) if head else ()), (len(blocks) if len(blocks) < n_layer else None)
 
 
+def _peft_init(config: dict[str, Any], source: Path) -> str:
+    """gpt2lora's ``LoRAConfig.init`` for peft's ``init_lora_weights``.
+
+    The tensors in the file replace A and B anyway; what matters is whether the base must first hold the
+    residual of a PiSSA / OLoRA init (peft re-runs that init when it loads such an adapter, and so does
+    gpt2lora).
+    """
+    value = config.get("init_lora_weights", True)
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, str) and init_niter(key) is not None:
+        return key
+    if isinstance(key, (bool, str)) and key in PEFT_INITS:
+        return PEFT_INITS[key]
+    raise CheckpointError(f"{source}: field 'init_lora_weights' = {value!r} is an initialisation gpt2lora "
+                          f"cannot reproduce on the base; expected true, false, 'gaussian', 'pissa', "
+                          "'pissa_niter_N' or 'olora'")
+
+
 def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], source: Path,
                           n_layer: int) -> LoRAConfig:
     """The :class:`LoRAConfig` an ``adapter_config.json`` (written by peft or gpt2lora) describes."""
@@ -364,11 +391,13 @@ def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], sour
                                   f"{alpha * rank:g} and use_rslora false, got lora_alpha={lora_alpha!r}, "
                                   f"use_rslora={use_rslora}")
         use_rslora = metadata.get("gpt2lora_use_rslora") == "true"
+    use_dora = bool(_field(config, "use_dora", source, (bool,), default=False))
     try:
         return LoRAConfig(rank=rank, alpha=alpha, dropout=_field(config, "lora_dropout", source, (int, float),
                                                                   default=0.0),
                           targets=targets, last_n_blocks=last_n, use_rslora=use_rslora,
-                          train_bias=_field(config, "bias", source, (str,), default="none"), style=style)
+                          train_bias=_field(config, "bias", source, (str,), default="none"), style=style,
+                          use_dora=use_dora, init=_peft_init(config, source))
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from None
 
@@ -461,7 +490,10 @@ def _check_same_layout(model: nn.Module, current: LoRAConfig, wanted: LoRAConfig
     n_layer = len(model.transformer.h)
     pairs = {"rank": (wanted.rank, current.rank), "targets": (wanted.targets, current.targets),
              "blocks": (wanted.blocks(n_layer), current.blocks(n_layer)),
-             "scaling": (round(wanted.scaling, 9), round(current.scaling, 9)), "style": (wanted.style, current.style)}
+             "scaling": (round(wanted.scaling, 9), round(current.scaling, 9)), "style": (wanted.style, current.style),
+             "use_dora": (wanted.use_dora, current.use_dora)}
+    if is_residual_init(wanted.init) or is_residual_init(current.init):
+        pairs["init"] = (wanted.init, current.init)  # the base holds a residual for one of them
     for field, (theirs, ours) in pairs.items():
         if theirs != ours:
             raise CheckpointError(f"{source}: the adapter's LoRA {field} is {theirs!r} but the model already "
