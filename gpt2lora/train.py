@@ -37,6 +37,7 @@ from . import distributed
 from .batching import IGNORE_INDEX
 from .config import TrainConfig
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError, TrainingError
+from .lora import is_lora_b
 from .metrics import classification_metrics, mean_loss, peak_memory_mb, perplexity, throughput
 from .model import Transformer
 
@@ -84,16 +85,27 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: tensors with ≥ 2 dims get ``weight_decay``; biases, LayerNorms get none."""
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups: tensors with ≥ 2 dims get ``weight_decay``; biases, LayerNorms (1-D) get none.
+
+    With ``loraplus_lr_ratio`` (LoRA+) the groups are peft's ``create_loraplus_optimizer`` ones: LoRA B
+    matrices, and every 1-D tensor (biases, DoRA magnitudes), train at ``ratio × lr``; A matrices and the
+    other matrices (a classification head) at ``lr``. Each group's ``lr_scale`` is that factor.
+    """
     params = trainable_parameters(model)
     if not params:
         raise ConfigError("Trainer: the model has no trainable parameters (every requires_grad is False)")
     decay = [(n, p) for n, p in params if p.dim() >= 2]
     rest = [(n, p) for n, p in params if p.dim() < 2]
-    groups = [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd}
-              for g, wd in ((decay, weight_decay), (rest, 0.0)) if g]
-    return groups
+    if loraplus_lr_ratio is None:
+        plan = [(decay, weight_decay, 1.0), (rest, 0.0, 1.0)]
+    else:
+        plan = [([(n, p) for n, p in decay if not is_lora_b(n)], weight_decay, 1.0),
+                ([(n, p) for n, p in decay if is_lora_b(n)], weight_decay, float(loraplus_lr_ratio)),
+                (rest, 0.0, float(loraplus_lr_ratio))]
+    return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd, "lr_scale": scale}
+            for g, wd, scale in plan if g]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -101,7 +113,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
     For the SGD variants torch adds the decay to the gradient (L2), the classic SGD form.
     """
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, config.loraplus_lr_ratio)
+    for group in groups:
+        group["lr"] = config.lr * group["lr_scale"]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     momentum = config.momentum if config.optimizer == "sgd_momentum" else 0.0
@@ -583,6 +597,12 @@ class Trainer:
             if state.get(key) != expected:
                 raise ConfigError(f"TrainConfig.resume_from: {folder} has {key}={state.get(key)!r} but this run has "
                                   f"{expected!r}; resume with the same data and TrainConfig")
+        order = state.get("optimizer_param_order")
+        saved_ratio = (state.get("config") or {}).get("loraplus_lr_ratio")
+        if saved_ratio != self.config.loraplus_lr_ratio or (order is not None and order != self._optimizer_names()):
+            raise ConfigError(f"TrainConfig.resume_from: {folder} groups its optimizer state differently "
+                              f"(loraplus_lr_ratio={saved_ratio!r} there, {self.config.loraplus_lr_ratio!r} here); "
+                              "resume with the same TrainConfig")
         with torch.no_grad():
             for name, param in self.params:
                 tensor = weights.get(name)
@@ -823,7 +843,7 @@ class Trainer:
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False))
         lr = lr_at_step(pos.step, self.history.total_steps, cfg)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+ groups keep their ratio at every step
         skipped = not math.isfinite(norm)
         if math.isnan(norm) and not self.scaler.is_enabled():
             # inf norms are skipped below (and fp16's scaler skips its own overflows); NaN means broken values
