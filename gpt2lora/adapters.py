@@ -49,8 +49,11 @@ from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig, init_ni
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from .hub import PICKLE_SUFFIXES, check_state, read_safetensors
 from .lora import (
+    DEFAULT_ADAPTER,
     HEAD_NAME,
     LORA_LAYERS,
+    adapter_configs,
+    adapter_head,
     apply_lora,
     lora_layers,
     lora_modules,
@@ -207,21 +210,74 @@ def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
     }
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+def converted_config(config: LoRAConfig) -> LoRAConfig:
+    """The plain-LoRA config of a PiSSA / OLoRA adapter converted for the unmodified base: rank 2r, same scaling."""
+    if not is_residual_init(config.init):
+        return config
+    if config.style == "from_scratch":
+        alpha = config.alpha  # scaling = alpha whatever the rank
+    elif config.use_rslora:
+        alpha = config.alpha * math.sqrt(2)  # alpha / sqrt(r) stays the same at rank 2r
+    else:
+        alpha = config.alpha * 2
+    return dataclasses.replace(config, rank=2 * config.rank, alpha=alpha, init="kaiming")
+
+
+def adapter_state(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """The config and tensors adapter ``adapter`` is saved with, under the default adapter's names.
+
+    Names are those of a single-adapter model (``<layer>.lora_A``, ``score.weight``, biases), so one layout
+    serves every adapter. A PiSSA / OLoRA adapter is converted for the unmodified base, as peft's
+    ``path_initial_model_for_weight_conversion`` does: ``ΔW = s B A - s B0 A0 = s [B | -B0] [A ; A0]``, a
+    plain LoRA of rank 2r (see :func:`converted_config`); DoRA magnitudes need no change, since
+    ``W + ΔW`` is the same matrix.
+    """
+    configs = adapter_configs(model)
+    if adapter not in configs:
+        raise ConfigError(f"adapter_name: the model has no adapter {adapter!r}; it has {sorted(configs)}")
+    config = configs[adapter]
+    state: dict[str, Tensor] = {}
+    for layer, module in lora_modules(model):
+        slot = module.slots.get(adapter)
+        if slot is None:
+            continue
+        for pname, tensor in slot.tensors().items():
+            state[f"{layer}.{pname}"] = tensor.detach()
+        for (_, _, a, b), (a0, b0), part in zip(slot.pieces(), slot.initial(), slot.parts or (None,)):
+            prefix = f"{layer}.lora_{part}_" if part else f"{layer}.lora_"
+            state[prefix + "A"] = torch.cat([a.detach(), a0.to(a.device, a.dtype)], dim=0)
+            state[prefix + "B"] = torch.cat([b.detach(), -b0.to(b.device, b.dtype)], dim=1)
+    for name, param in model.named_parameters():
+        if name.endswith(".bias") and not name.startswith("adapter_heads."):
+            state[name] = param.detach()
+    head = adapter_head(model, adapter)
+    if head is not None:
+        for name, param in head.named_parameters():
+            state[f"{HEAD_NAME}.{name}"] = param.detach()
+    return converted_config(config), state
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write the adapter (LoRA or soft prompt, peft layout) or the trained tensors (other methods) to ``folder``.
 
-    A LoRA peft cannot express (see :func:`peft_unsupported`) goes into gpt2lora's own format, with a warning.
+    ``adapter_name`` picks one of several LoRA adapters (default: the active one). A LoRA peft cannot
+    express (see :func:`peft_unsupported`) goes into gpt2lora's own format, with a warning. A PiSSA / OLoRA
+    adapter is written as a plain LoRA of rank 2r for the unmodified base (see :func:`adapter_state`).
     """
     out = Path(folder)
     config = getattr(model, "lora_config", None)
+    if config is not None:
+        adapter = adapter_name if adapter_name is not None else getattr(model, "active_adapter", DEFAULT_ADAPTER)
+        config, state = adapter_state(model, adapter)
+    elif adapter_name is not None:
+        raise ConfigError(f"save_adapter: adapter_name={adapter_name!r} but the model has no LoRA adapters")
     reason = peft_unsupported(model, config) if config is not None else None
     if get_prompt(model) is not None:
         tensors, json_config = prompt_files(model)
         meta = {"format": "pt"}
     elif config is not None and reason is not None:
         layout = own_lora_layout(model, config)
-        params = dict(model.named_parameters())
-        tensors = {name: params[name] for name in layout}
+        tensors = {name: state[name] for name in layout}
         meta = {"format": "pt"}
         json_config = own_lora_config(model, config, list(tensors))
         warnings.warn(f"save_adapter: {reason}; wrote gpt2lora's own adapter format to {out} (load_adapter "
@@ -229,8 +285,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     elif config is not None:
         layers = target_names(model, config)
         layout = _adapter_layout(model, config, layers, with_head=_task_type(model) == "SEQ_CLS")
-        params = dict(model.named_parameters())
-        tensors = {key: params[name] for key, (name, _) in layout.items()}
+        tensors = {key: state[name] for key, (name, _) in layout.items()}
         meta = {"format": "pt", "gpt2lora_style": config.style, "gpt2lora_alpha": repr(float(config.alpha)),
                 "gpt2lora_use_rslora": str(config.use_rslora).lower()}
         json_config = peft_config(model, config)
