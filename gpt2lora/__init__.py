@@ -41,6 +41,7 @@ from .metrics import (
     squad_metrics,
 )
 from .model import GPT2, KVCache
+from .named import add_adapter, combine_adapters, delete_adapter, disable_adapters, set_adapter
 from .prompt import PromptConfig, apply_prompt
 from .report import markdown_table
 from .tokenizer import load_tokenizer
@@ -76,13 +77,17 @@ __all__ = [
     "TrainingError",
     "UnsafeCheckpointError",
     "accuracy",
+    "add_adapter",
     "alpaca_prompt",
     "apply_lora",
     "apply_prompt",
     "classification_metrics",
     "collate",
+    "combine_adapters",
     "confusion_matrix",
     "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
     "enable_gradient_checkpointing",
     "exact_match",
     "generate",
@@ -101,6 +106,7 @@ __all__ = [
     "rouge_l",
     "save_adapter",
     "save_pretrained",
+    "set_adapter",
     "squad_f1",
     "squad_metrics",
     "unmerge_lora",

@@ -54,7 +54,8 @@ from .lora import (
     LORA_LAYERS,
     adapter_configs,
     adapter_head,
-    apply_lora,
+    adapter_param_name,
+    check_adapter_name,
     lora_layers,
     lora_modules,
     set_lora_trainable,
@@ -459,27 +460,56 @@ def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], sour
 
 # --- loading -----------------------------------------------------------------------------------------
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load an adapter folder onto ``model`` (a fresh model, or one with the same LoRA layout) and return it.
 
     A peft ``LORA`` adapter (written by gpt2lora or by peft) applies LoRA when the model has none yet,
     then copies the tensors; gpt2lora's own format copies the trained tensors and sets the method's
     trainable set. Keys, shapes and the config are checked before anything in the model changes.
+
+    ``adapter_name`` loads a LoRA adapter as that named adapter beside the ones the model has (added, not
+    activated, unless it is the model's first; an existing adapter of that name gets the file's values).
+    Without it the adapter is ``"default"``, as before.
     """
     path = Path(folder)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     config, tensors, metadata = _read_folder(path)
     source = path / CONFIG_NAME
     peft_type = config.get("peft_type")
+    adapter = adapter_name or DEFAULT_ADAPTER
     if peft_type == "LORA":
-        return _load_lora(model, config, tensors, metadata, path)
+        return _load_lora(model, config, tensors, metadata, path, adapter)
+    if peft_type is None and config.get("format") == "gpt2lora" and config.get("method") == "lora":
+        return _load_own_lora(model, config, tensors, path, adapter)
+    if adapter_name is not None and (peft_type == "PROMPT_TUNING" or config.get("format") == "gpt2lora"):
+        raise CheckpointError(f"{source} is not a LoRA adapter; adapter_name={adapter_name!r} applies to LoRA "
+                              "adapters only")
     if peft_type == "PROMPT_TUNING":
         return _load_prompt(model, config, tensors, path)
-    if peft_type is None and config.get("format") == "gpt2lora" and config.get("method") == "lora":
-        return _load_own_lora(model, config, tensors, path)
     if peft_type is None and config.get("format") == "gpt2lora":
         return _load_trained(model, config, tensors, path)
     raise CheckpointError(f"{source}: unknown peft_type {peft_type!r}; gpt2lora loads 'LORA' and "
                           "'PROMPT_TUNING' adapters and its own format (no peft_type, \"format\": \"gpt2lora\")")
+
+
+def _install(model: nn.Module, config: LoRAConfig, adapter: str, current: LoRAConfig | None,
+             names: list[str], tensors: dict[str, Tensor], source: Path) -> nn.Module:
+    """Create adapter ``adapter`` unless it exists, copy the checked tensors (``names[i]`` <- ``tensors[i]``)."""
+    if current is None:
+        from .named import add_adapter
+
+        try:
+            add_adapter(model, adapter, config)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in zip(names, tensors.values(), strict=True):
+            target = params[adapter_param_name(name, adapter)]
+            target.copy_(tensor.to(target.dtype))
+    set_lora_trainable(model, model.lora_config.train_bias)
+    return model
 
 
 def _check_task(model: nn.Module, task: Any, source: Path) -> None:
@@ -491,7 +521,7 @@ def _check_task(model: nn.Module, task: Any, source: Path) -> None:
 
 
 def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str],
-               folder: Path) -> nn.Module:
+               folder: Path, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     source = folder / CONFIG_NAME
     n_layer = len(model.transformer.h)
     config = lora_config_from_peft(raw, metadata, source, n_layer)
@@ -503,7 +533,7 @@ def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor]
     with_head = HEAD_NAME in head_modules
     if with_head and _task_type(model) != "SEQ_CLS":
         raise CheckpointError(f"{source}: modules_to_save names {HEAD_NAME!r} but the model has no score head")
-    current = getattr(model, "lora_config", None)
+    current = adapter_configs(model).get(adapter)
     if current is not None:
         _check_same_layout(model, current, config, source)
     if HEAD_TARGET in config.targets and _task_type(model) == "SEQ_CLS":
@@ -527,14 +557,8 @@ def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor]
                                   "base model it was trained on")
     expected = {key: torch.empty(shape, device="meta") for key, (_, shape) in layout.items()}
     check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
-    if current is None:
-        apply_lora(model, config)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, (name, _) in layout.items():
-            params[name].copy_(tensors[key].to(params[name].dtype))
-    set_lora_trainable(model, model.lora_config.train_bias)
-    return model
+    return _install(model, config, adapter, current, [name for name, _ in layout.values()],
+                    {key: tensors[key] for key in layout}, source)
 
 
 def _check_same_layout(model: nn.Module, current: LoRAConfig, wanted: LoRAConfig, source: Path) -> None:
@@ -611,13 +635,14 @@ def _own_lora_config(raw: dict[str, Any], source: Path) -> LoRAConfig:
         raise CheckpointError(f"{source}: field 'lora': {err}") from None
 
 
-def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:
+def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path,
+                   adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """A LoRA in gpt2lora's own format (split q/k/v, head LoRA peft cannot hold)."""
     source = folder / CONFIG_NAME
     config = _own_lora_config(raw, source)
     _check_task(model, raw.get("task_type"), source)
     _check_no_prompt(model, source)
-    current = getattr(model, "lora_config", None)
+    current = adapter_configs(model).get(adapter)
     if current is not None:
         _check_same_layout(model, current, config, source)
     try:
@@ -626,14 +651,7 @@ def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Ten
         raise CheckpointError(f"{source}: {err}") from None
     expected = {name: torch.empty(shape, device="meta") for name, shape in layout.items()}
     check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
-    if current is None:
-        apply_lora(model, config)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in layout:
-            params[name].copy_(tensors[name].to(params[name].dtype))
-    set_lora_trainable(model, model.lora_config.train_bias)
-    return model
+    return _install(model, config, adapter, current, list(layout), {name: tensors[name] for name in layout}, source)
 
 
 def _load_prompt(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:

@@ -74,6 +74,8 @@ class Slot:
         self.parts = tuple(p for p in PARTS if p in parts)
         self.width = out_features // 3 if self.parts else out_features
         self.rank, self.scaling, self.use_dora = config.rank, config.scaling, config.use_dora
+        self.plain = not self.parts and not self.use_dora
+        """One pair over the whole layer, no DoRA: the forward's fused fast path applies."""
 
     def param_names(self) -> tuple[str, ...]:
         """Names of this adapter's tensors on ``owner``."""
@@ -160,6 +162,7 @@ class LoRALinear(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self._base = (base,)  # a tuple, so the plain layer (same weight and bias) is not registered twice
         self.lora_dropout: nn.Module | None = None
         self.slots: dict[str, Slot] = {}
         """Every adapter on this layer by name (insertion order)."""
@@ -173,6 +176,11 @@ class LoRALinear(nn.Module):
         """Whether an adapter's update (``merged_adapter``) is currently in ``weight``."""
         self.merged_adapter: str | None = None
         self._merge_factor: Tensor | None = None  # DoRA's m / ||W + dW|| at merge time, for the unmerge
+
+    @property
+    def base_layer(self) -> nn.Linear:
+        """The plain layer this wrapper was built around (it shares ``weight`` and ``bias``)."""
+        return self._base[0]
 
     # --- adapters on this layer ---
 
@@ -327,14 +335,14 @@ class LoRALinear(nn.Module):
         slot = None if self.merged or self.disabled else self.slots.get(self.active_adapter)
         if slot is None:
             return linear(x, self.weight, self.bias)
-        a = slot.dtype
-        if (not slot.parts and not slot.use_dora and x.dtype == self.weight.dtype == a
+        owner = slot.owner
+        if (slot.plain and x.dtype == self.weight.dtype == owner.lora_A.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
             # Scale the small (tokens, rank) product, then let BLAS accumulate B's product straight into
             # the base output (beta=1): no full-size update tensor, multiply or add. In-place is safe:
             # the base linear's backward keeps its inputs, not its output.
-            lora_a, lora_b = slot.pair()
-            drop = slot.dropout
+            lora_a, lora_b = owner.lora_A, owner.lora_B
+            drop = owner.lora_dropout
             h = drop(x) if drop is not None else x
             out = linear(x.reshape(-1, self.in_features), self.weight, self.bias)
             down = F.linear(h.reshape(-1, self.in_features), lora_a) * slot.scaling
@@ -749,6 +757,22 @@ def adapter_head(model: nn.Module, name: str) -> nn.Module | None:
         return head
     heads = getattr(model, "adapter_heads", None)
     return heads[name] if heads is not None and name in heads else None
+
+
+def adapter_param_name(canonical: str, adapter: str) -> str:
+    """Where adapter ``adapter`` keeps the tensor a single-adapter model names ``canonical``.
+
+    ``<layer>.lora_A`` -> ``<layer>.lora_extra.<adapter>.lora_A``, ``score.weight`` ->
+    ``adapter_heads.<adapter>.weight``; biases are the base model's, shared by every adapter.
+    """
+    if adapter == DEFAULT_ADAPTER:
+        return canonical
+    layer, _, pname = canonical.rpartition(".")
+    if pname.startswith("lora_"):
+        return f"{layer}.lora_extra.{adapter}.{pname}"
+    if canonical.startswith(f"{HEAD_NAME}."):
+        return f"adapter_heads.{adapter}.{canonical[len(HEAD_NAME) + 1:]}"
+    return canonical
 
 
 def set_lora_trainable(model: nn.Module, train_bias: str = "none") -> None:
