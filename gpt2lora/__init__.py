@@ -4,6 +4,7 @@ from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches, PaddingStats, collate, lm_example
 from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
 from .data import TASKS, Dataset, alpaca_prompt, load_split
+from .diagnostics import AdapterDiagnostics, diagnose, format_diagnostics, inspect_adapter
 from .distributed import is_main_process
 from .errors import (
     CheckpointError,
@@ -54,6 +55,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "TASKS",
+    "AdapterDiagnostics",
     "BucketedBatches",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -87,10 +89,13 @@ __all__ = [
     "confusion_matrix",
     "count_parameters",
     "delete_adapter",
+    "diagnose",
     "disable_adapters",
     "enable_gradient_checkpointing",
     "exact_match",
+    "format_diagnostics",
     "generate",
+    "inspect_adapter",
     "instruction_metrics",
     "is_main_process",
     "lm_example",

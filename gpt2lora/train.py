@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .batching import IGNORE_INDEX
 from .config import TrainConfig
+from .diagnostics import adapter_update_norm
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError, TrainingError
 from .lora import is_lora_b
 from .metrics import classification_metrics, mean_loss, peak_memory_mb, perplexity, throughput
@@ -885,6 +886,9 @@ class Trainer:
         cfg, pos = self.config, self._position
         metrics = self.evaluate(eval_data)
         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / self._n_batches, **metrics}
+        update = adapter_update_norm(self.model)  # "did LoRA learn?": sqrt(sum ||s B A||_F^2), None without LoRA
+        if update is not None:
+            record["adapter_update_norm"] = update
         self.history.evals.append(record)
         self._log({"type": "eval", **record})
         value = metrics[cfg.best_metric]
