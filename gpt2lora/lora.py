@@ -347,9 +347,12 @@ class LoRALinear(nn.Module):
             out = linear(x.reshape(-1, self.in_features), self.weight, self.bias)
             down = F.linear(h.reshape(-1, self.in_features), lora_a) * slot.scaling
             return out.addmm_(down, lora_b.t()).view(*x.shape[:-1], self.out_features)
-        out = linear(x, self.weight, self.bias)
         if slot.use_dora:
-            return self._dora_forward(slot, x, out)
+            fused = ((owner.lora_dropout is None or not owner.lora_dropout.training)
+                     and x.dtype == self.weight.dtype == owner.lora_A.dtype
+                     and not torch.is_autocast_enabled(x.device.type))
+            return self._dora_forward(slot, x, None if fused else linear(x, self.weight, self.bias))
+        out = linear(x, self.weight, self.bias)
         updates = []
         for start, stop, lora_a, lora_b in slot.pieces():
             h = slot.dropout(x) if slot.dropout is not None else x  # each pair its own mask, as separate layers
@@ -371,12 +374,20 @@ class LoRALinear(nn.Module):
             dtype = lora_a.dtype
             return torch.linalg.norm(self.weight.to(dtype) + slot.scaling * (lora_b @ lora_a), dim=1)
 
-    def _dora_forward(self, slot: Slot, x: Tensor, out: Tensor) -> Tensor:
+    def _dora_forward(self, slot: Slot, x: Tensor, out: Tensor | None) -> Tensor:
         lora_a, lora_b = slot.pair()
         drop = slot.dropout
         dropped = drop is not None and drop.training
-        h = drop(x) if dropped else x
         scale = slot.magnitude / self.dora_norm(slot)  # gradient reaches the magnitude only
+        if out is None:
+            # No dropout in play: y = m/||W + sBA|| * (x W^T + s x A^T B^T) + b, the B product accumulated into
+            # the base product in place and the rescale + bias one fused op (peft's formula rearranged).
+            rows = x.reshape(-1, self.in_features)
+            y = linear(rows, self.weight)
+            y = y.addmm_(F.linear(rows, lora_a) * slot.scaling, lora_b.t())
+            y = torch.addcmul(self.bias, y, scale) if self.bias is not None else y * scale
+            return y.view(*x.shape[:-1], self.out_features)
+        h = drop(x) if dropped else x
         hh = h.to(lora_a.dtype) if h.dtype != lora_a.dtype else h
         lora = F.linear(F.linear(hh, lora_a), lora_b)
         if dropped:

@@ -333,3 +333,27 @@ def test_dora_on_a_classifier_head_round_trips_in_own_format(clf_checkpoint, tmp
     assert loaded.lora_config == config
     ids, mask = batch("left")
     torch.testing.assert_close(logits_of(loaded, ids, mask), logits_of(model, ids, mask), rtol=0, atol=0)
+
+
+def test_dora_with_a_half_precision_base_and_under_autocast() -> None:
+    torch.manual_seed(0)
+    reference = LoRALinear(nn.Linear(64, 96), rank=4, alpha=8, use_dora=True)
+    with torch.no_grad():
+        reference.lora_B.normal_(std=0.1)
+        reference.lora_magnitude_vector.mul_(1.2)
+    x = torch.randn(3, 64)
+    expected = reference(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = reference(x)
+    assert cast.dtype == torch.bfloat16
+    torch.testing.assert_close(cast.float(), expected, rtol=0.05, atol=0.05)
+    half = LoRALinear(nn.Linear(64, 96).to(torch.bfloat16), rank=4, alpha=8, use_dora=True)
+    assert half.lora_magnitude_vector.dtype == torch.float32
+    with torch.no_grad():
+        half.weight.copy_(reference.weight)
+        half.bias.copy_(reference.bias)
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            getattr(half, name).copy_(getattr(reference, name))
+    out = half(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
