@@ -402,7 +402,9 @@ class LoRALinear(nn.Module):
         plan = routing.plan(self, x)
         if plan is None:
             return out
-        a_rows, b_rows, g_rows = plan
+        rows, stack_a, stack_b, stack_g = plan
+        a_rows, b_rows = stack_a[rows], stack_b[rows]  # (B, R, in), (B, out, R): one copy of each row's factors
+        g_rows = stack_g[rows] if stack_g is not None else None
         xr = x.reshape(x.size(0), -1, self.in_features).to(a_rows.dtype)
         up = torch.bmm(torch.bmm(xr, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (B, T, out)
         if g_rows is not None:  # DoRA rows: (m/||W + dW|| - 1) times the base output without bias
@@ -582,15 +584,16 @@ class RowRouting:
     """The adapter of every batch row in a mixed batch, and each layer's gathered factors for it.
 
     Built once per mixed forward / generation (inference only, so the factors cannot change meanwhile);
-    ``plan`` stacks each adapter's ``(A', B')`` (scaling folded in, ranks zero-padded to the largest) and
-    gathers one copy per row, so a layer's LoRA part is two batched matmuls whatever the number of adapters.
+    ``plan`` stacks each adapter's ``(A', B')`` once per layer (scaling folded in, ranks zero-padded to the
+    largest; slot 0 is zeros for rows without an adapter there) and the layer gathers one copy per row, so
+    its LoRA part is two batched matmuls whatever the number of adapters.
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
         self._plans: dict[int, Any] = {}
 
-    def plan(self, layer: LoRALinear, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    def plan(self, layer: LoRALinear, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
         key = id(layer)
         if key in self._plans:
             return self._plans[key]
@@ -618,7 +621,7 @@ class RowRouting:
                 dora = True
         index = {n: i for i, n in enumerate(present, start=1)}
         rows = torch.tensor([index.get(n, 0) for n in self.names], device=x.device)
-        plan = (stack_a[rows], stack_b[rows], stack_g[rows] if dora else None)
+        plan = (rows, stack_a, stack_b, stack_g if dora else None)
         self._plans[key] = plan
         return plan
 
