@@ -8,6 +8,7 @@ from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches, collate, lm_example
 from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
 from .data import TASKS, Dataset, alpaca_prompt, encode, load_split
+from .diagnostics import diagnose, format_diagnostics, inspect_adapter
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -27,6 +28,7 @@ from .lora import LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_
 from .methods import METHODS, prepare_model
 from .metrics import accuracy, confusion_matrix, perplexity, precision_recall_f1, squad_metrics
 from .model import GPT2
+from .named import add_adapter, combine_adapters, delete_adapter, disable_adapters, set_adapter
 from .prompt import PromptConfig, apply_prompt
 from .run import load_run_model, run, smoke_checkpoint
 from .runconfig import RunConfig
@@ -40,6 +42,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "TASKS",
+    "AdapterDiagnostics",
     "BucketedBatches",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -60,15 +63,22 @@ __all__ = [
     "TrainingError",
     "UnsafeCheckpointError",
     "accuracy",
+    "add_adapter",
     "alpaca_prompt",
     "apply_lora",
     "apply_prompt",
     "collate",
+    "combine_adapters",
     "confusion_matrix",
     "count_parameters",
+    "delete_adapter",
+    "diagnose",
+    "disable_adapters",
     "encode",
     "evaluate",
+    "format_diagnostics",
     "generate",
+    "inspect_adapter",
     "lm_example",
     "load_adapter",
     "load_run_model",
@@ -81,6 +91,7 @@ __all__ = [
     "run",
     "save_adapter",
     "save_pretrained",
+    "set_adapter",
     "smoke_checkpoint",
     "squad_metrics",
     "unmerge_lora",

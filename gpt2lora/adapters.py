@@ -45,13 +45,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig
+from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig, init_niter, is_residual_init
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from .hub import PICKLE_SUFFIXES, check_state, read_safetensors
 from .lora import (
+    DEFAULT_ADAPTER,
     HEAD_NAME,
     LORA_LAYERS,
-    apply_lora,
+    adapter_configs,
+    adapter_head,
+    adapter_param_name,
+    check_adapter_name,
     lora_layers,
     lora_modules,
     set_lora_trainable,
@@ -67,8 +71,11 @@ PREFIX = "base_model.model."
 #: peft adds "classifier" to modules_to_save of every SEQ_CLS model; GPT-2 has none, so it is harmless.
 HEAD_MODULES = (HEAD_NAME, "classifier")
 #: peft features gpt2lora does not implement: a config that turns one on is refused, not misread.
-UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
                "exclude_modules", "trainable_token_indices", "target_parameters", "use_qalora")
+#: peft's ``init_lora_weights`` values gpt2lora reproduces (the others rewrite the base in ways it cannot).
+PEFT_INITS = {True: "kaiming", False: "kaiming", "true": "kaiming", "gaussian": "gaussian", "eva": "kaiming",
+              "orthogonal": "kaiming", "pissa": "pissa", "olora": "olora"}
 
 
 # --- names -------------------------------------------------------------------------------------------
@@ -94,6 +101,9 @@ def _adapter_layout(model: nn.Module, config: LoRAConfig, layers: list[str], wit
         module = model.get_submodule(name)
         layout[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (config.rank, module.in_features))
         layout[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (module.out_features, config.rank))
+        if config.use_dora:
+            layout[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector",
+                                                                (module.out_features,))
     params = dict(model.named_parameters())
     for owner in _bias_owners(model, layers, config.train_bias):
         peft_owner = f"{owner}.base_layer" if owner in layers else owner
@@ -131,6 +141,8 @@ def own_lora_layout(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int
         if not parts:
             layout[f"{name}.lora_A"] = (config.rank, module.in_features)
             layout[f"{name}.lora_B"] = (module.out_features, config.rank)
+            if config.use_dora:
+                layout[f"{name}.lora_magnitude_vector"] = (module.out_features,)
     names = [name for name, _ in layers]
     params = dict(model.named_parameters())
     for owner in _bias_owners(model, names, config.train_bias):
@@ -193,27 +205,81 @@ def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
         "use_rslora": config.use_rslora and not from_scratch,
         "bias": config.train_bias,
         "modules_to_save": [HEAD_NAME] if task == "SEQ_CLS" else None,
-        "init_lora_weights": True,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "use_dora": config.use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+def converted_config(config: LoRAConfig) -> LoRAConfig:
+    """The plain-LoRA config of a PiSSA / OLoRA adapter converted for the unmodified base: rank 2r, same scaling."""
+    if not is_residual_init(config.init):
+        return config
+    if config.style == "from_scratch":
+        alpha = config.alpha  # scaling = alpha whatever the rank
+    elif config.use_rslora:
+        alpha = config.alpha * math.sqrt(2)  # alpha / sqrt(r) stays the same at rank 2r
+    else:
+        alpha = config.alpha * 2
+    return dataclasses.replace(config, rank=2 * config.rank, alpha=alpha, init="kaiming")
+
+
+def adapter_state(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """The config and tensors adapter ``adapter`` is saved with, under the default adapter's names.
+
+    Names are those of a single-adapter model (``<layer>.lora_A``, ``score.weight``, biases), so one layout
+    serves every adapter. A PiSSA / OLoRA adapter is converted for the unmodified base, as peft's
+    ``path_initial_model_for_weight_conversion`` does: ``ΔW = s B A - s B0 A0 = s [B | -B0] [A ; A0]``, a
+    plain LoRA of rank 2r (see :func:`converted_config`); DoRA magnitudes need no change, since
+    ``W + ΔW`` is the same matrix.
+    """
+    configs = adapter_configs(model)
+    if adapter not in configs:
+        raise ConfigError(f"adapter_name: the model has no adapter {adapter!r}; it has {sorted(configs)}")
+    config = configs[adapter]
+    state: dict[str, Tensor] = {}
+    for layer, module in lora_modules(model):
+        slot = module.slots.get(adapter)
+        if slot is None:
+            continue
+        for pname, tensor in slot.tensors().items():
+            state[f"{layer}.{pname}"] = tensor.detach()
+        for (_, _, a, b), (a0, b0), part in zip(slot.pieces(), slot.initial(), slot.parts or (None,)):
+            prefix = f"{layer}.lora_{part}_" if part else f"{layer}.lora_"
+            state[prefix + "A"] = torch.cat([a.detach(), a0.to(a.device, a.dtype)], dim=0)
+            state[prefix + "B"] = torch.cat([b.detach(), -b0.to(b.device, b.dtype)], dim=1)
+    for name, param in model.named_parameters():
+        if name.endswith(".bias") and not name.startswith("adapter_heads."):
+            state[name] = param.detach()
+    head = adapter_head(model, adapter)
+    if head is not None:
+        for name, param in head.named_parameters():
+            state[f"{HEAD_NAME}.{name}"] = param.detach()
+    return converted_config(config), state
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write the adapter (LoRA or soft prompt, peft layout) or the trained tensors (other methods) to ``folder``.
 
-    A LoRA peft cannot express (see :func:`peft_unsupported`) goes into gpt2lora's own format, with a warning.
+    ``adapter_name`` picks one of several LoRA adapters (default: the active one). A LoRA peft cannot
+    express (see :func:`peft_unsupported`) goes into gpt2lora's own format, with a warning. A PiSSA / OLoRA
+    adapter is written as a plain LoRA of rank 2r for the unmodified base (see :func:`adapter_state`).
     """
     out = Path(folder)
     config = getattr(model, "lora_config", None)
+    if config is not None:
+        adapter = adapter_name if adapter_name is not None else getattr(model, "active_adapter", DEFAULT_ADAPTER)
+        config, state = adapter_state(model, adapter)
+    elif adapter_name is not None:
+        raise ConfigError(f"save_adapter: adapter_name={adapter_name!r} but the model has no LoRA adapters")
     reason = peft_unsupported(model, config) if config is not None else None
     if get_prompt(model) is not None:
         tensors, json_config = prompt_files(model)
         meta = {"format": "pt"}
     elif config is not None and reason is not None:
         layout = own_lora_layout(model, config)
-        params = dict(model.named_parameters())
-        tensors = {name: params[name] for name in layout}
+        tensors = {name: state[name] for name in layout}
         meta = {"format": "pt"}
         json_config = own_lora_config(model, config, list(tensors))
         warnings.warn(f"save_adapter: {reason}; wrote gpt2lora's own adapter format to {out} (load_adapter "
@@ -221,8 +287,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     elif config is not None:
         layers = target_names(model, config)
         layout = _adapter_layout(model, config, layers, with_head=_task_type(model) == "SEQ_CLS")
-        params = dict(model.named_parameters())
-        tensors = {key: params[name] for key, (name, _) in layout.items()}
+        tensors = {key: state[name] for key, (name, _) in layout.items()}
         meta = {"format": "pt", "gpt2lora_style": config.style, "gpt2lora_alpha": repr(float(config.alpha)),
                 "gpt2lora_use_rslora": str(config.use_rslora).lower()}
         json_config = peft_config(model, config)
@@ -344,6 +409,24 @@ def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple
     return targets + ((HEAD_TARGET,) if head else ()), (len(blocks) if len(blocks) < n_layer else None)
 
 
+def _peft_init(config: dict[str, Any], source: Path) -> str:
+    """gpt2lora's ``LoRAConfig.init`` for peft's ``init_lora_weights``.
+
+    The tensors in the file replace A and B anyway; what matters is whether the base must first hold the
+    residual of a PiSSA / OLoRA init (peft re-runs that init when it loads such an adapter, and so does
+    gpt2lora).
+    """
+    value = config.get("init_lora_weights", True)
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, str) and init_niter(key) is not None:
+        return key
+    if isinstance(key, (bool, str)) and key in PEFT_INITS:
+        return PEFT_INITS[key]
+    raise CheckpointError(f"{source}: field 'init_lora_weights' = {value!r} is an initialisation gpt2lora "
+                          f"cannot reproduce on the base; expected true, false, 'gaussian', 'pissa', "
+                          "'pissa_niter_N' or 'olora'")
+
+
 def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], source: Path,
                           n_layer: int) -> LoRAConfig:
     """The :class:`LoRAConfig` an ``adapter_config.json`` (written by peft or gpt2lora) describes."""
@@ -368,39 +451,71 @@ def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], sour
                                   f"{alpha * rank:g} and use_rslora false, got lora_alpha={lora_alpha!r}, "
                                   f"use_rslora={use_rslora}")
         use_rslora = metadata.get("gpt2lora_use_rslora") == "true"
+    use_dora = bool(_field(config, "use_dora", source, (bool,), default=False))
     try:
         return LoRAConfig(rank=rank, alpha=alpha, dropout=_field(config, "lora_dropout", source, (int, float),
                                                                   default=0.0),
                           targets=targets, last_n_blocks=last_n, use_rslora=use_rslora,
-                          train_bias=_field(config, "bias", source, (str,), default="none"), style=style)
+                          train_bias=_field(config, "bias", source, (str,), default="none"), style=style,
+                          use_dora=use_dora, init=_peft_init(config, source))
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from None
 
 
 # --- loading -----------------------------------------------------------------------------------------
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike, allow_nonfinite: bool = False) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None,
+                 allow_nonfinite: bool = False) -> nn.Module:
     """Load an adapter folder onto ``model`` (a fresh model, or one with the same LoRA layout) and return it.
 
     A peft ``LORA`` adapter (written by gpt2lora or by peft) applies LoRA when the model has none yet,
     then copies the tensors; gpt2lora's own format copies the trained tensors and sets the method's
     trainable set. Keys, shapes, dtypes (floats only), the config and finite values (every tensor, soft
     prompts included; ``allow_nonfinite=True`` skips that) are checked before anything in the model changes.
+
+    ``adapter_name`` loads a LoRA adapter as that named adapter beside the ones the model has (added, not
+    activated, unless it is the model's first; an existing adapter of that name gets the file's values).
+    Without it the adapter is ``"default"``, as before.
     """
     path = Path(folder)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     config, tensors, metadata = _read_folder(path, allow_nonfinite)
     source = path / CONFIG_NAME
     peft_type = config.get("peft_type")
+    adapter = adapter_name or DEFAULT_ADAPTER
     if peft_type == "LORA":
-        return _load_lora(model, config, tensors, metadata, path)
+        return _load_lora(model, config, tensors, metadata, path, adapter)
+    if peft_type is None and config.get("format") == "gpt2lora" and config.get("method") == "lora":
+        return _load_own_lora(model, config, tensors, path, adapter)
+    if adapter_name is not None and (peft_type == "PROMPT_TUNING" or config.get("format") == "gpt2lora"):
+        raise CheckpointError(f"{source} is not a LoRA adapter; adapter_name={adapter_name!r} applies to LoRA "
+                              "adapters only")
     if peft_type == "PROMPT_TUNING":
         return _load_prompt(model, config, tensors, path)
-    if peft_type is None and config.get("format") == "gpt2lora" and config.get("method") == "lora":
-        return _load_own_lora(model, config, tensors, path)
     if peft_type is None and config.get("format") == "gpt2lora":
         return _load_trained(model, config, tensors, path)
     raise CheckpointError(f"{source}: unknown peft_type {peft_type!r}; gpt2lora loads 'LORA' and "
                           "'PROMPT_TUNING' adapters and its own format (no peft_type, \"format\": \"gpt2lora\")")
+
+
+def _install(model: nn.Module, config: LoRAConfig, adapter: str, current: LoRAConfig | None,
+             names: list[str], tensors: dict[str, Tensor], source: Path) -> nn.Module:
+    """Create adapter ``adapter`` unless it exists, copy the checked tensors (``names[i]`` <- ``tensors[i]``)."""
+    if current is None:
+        from .named import add_adapter
+
+        try:
+            add_adapter(model, adapter, config)
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in zip(names, tensors.values(), strict=True):
+            target = params[adapter_param_name(name, adapter)]
+            target.copy_(tensor.to(target.dtype))
+    set_lora_trainable(model, model.lora_config.train_bias)
+    return model
 
 
 def _check_task(model: nn.Module, task: Any, source: Path) -> None:
@@ -412,7 +527,7 @@ def _check_task(model: nn.Module, task: Any, source: Path) -> None:
 
 
 def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str],
-               folder: Path) -> nn.Module:
+               folder: Path, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     source = folder / CONFIG_NAME
     n_layer = len(model.transformer.h)
     config = lora_config_from_peft(raw, metadata, source, n_layer)
@@ -424,7 +539,7 @@ def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor]
     with_head = HEAD_NAME in head_modules
     if with_head and _task_type(model) != "SEQ_CLS":
         raise CheckpointError(f"{source}: modules_to_save names {HEAD_NAME!r} but the model has no score head")
-    current = getattr(model, "lora_config", None)
+    current = adapter_configs(model).get(adapter)
     if current is not None:
         _check_same_layout(model, current, config, source)
     if HEAD_TARGET in config.targets and _task_type(model) == "SEQ_CLS":
@@ -448,14 +563,8 @@ def _load_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor]
                                   "base model it was trained on")
     expected = {key: torch.empty(shape, device="meta") for key, (_, shape) in layout.items()}
     check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
-    if current is None:
-        apply_lora(model, config)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, (name, _) in layout.items():
-            params[name].copy_(tensors[key].to(params[name].dtype))
-    set_lora_trainable(model, model.lora_config.train_bias)
-    return model
+    return _install(model, config, adapter, current, [name for name, _ in layout.values()],
+                    {key: tensors[key] for key in layout}, source)
 
 
 def _check_same_layout(model: nn.Module, current: LoRAConfig, wanted: LoRAConfig, source: Path) -> None:
@@ -466,7 +575,10 @@ def _check_same_layout(model: nn.Module, current: LoRAConfig, wanted: LoRAConfig
     n_layer = len(model.transformer.h)
     pairs = {"rank": (wanted.rank, current.rank), "targets": (wanted.targets, current.targets),
              "blocks": (wanted.blocks(n_layer), current.blocks(n_layer)),
-             "scaling": (round(wanted.scaling, 9), round(current.scaling, 9)), "style": (wanted.style, current.style)}
+             "scaling": (round(wanted.scaling, 9), round(current.scaling, 9)), "style": (wanted.style, current.style),
+             "use_dora": (wanted.use_dora, current.use_dora)}
+    if is_residual_init(wanted.init) or is_residual_init(current.init):
+        pairs["init"] = (wanted.init, current.init)  # the base holds a residual for one of them
     for field, (theirs, ours) in pairs.items():
         if theirs != ours:
             raise CheckpointError(f"{source}: the adapter's LoRA {field} is {theirs!r} but the model already "
@@ -529,13 +641,14 @@ def _own_lora_config(raw: dict[str, Any], source: Path) -> LoRAConfig:
         raise CheckpointError(f"{source}: field 'lora': {err}") from None
 
 
-def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:
+def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path,
+                   adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """A LoRA in gpt2lora's own format (split q/k/v, head LoRA peft cannot hold)."""
     source = folder / CONFIG_NAME
     config = _own_lora_config(raw, source)
     _check_task(model, raw.get("task_type"), source)
     _check_no_prompt(model, source)
-    current = getattr(model, "lora_config", None)
+    current = adapter_configs(model).get(adapter)
     if current is not None:
         _check_same_layout(model, current, config, source)
     try:
@@ -544,14 +657,7 @@ def _load_own_lora(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Ten
         raise CheckpointError(f"{source}: {err}") from None
     expected = {name: torch.empty(shape, device="meta") for name, shape in layout.items()}
     check_state(expected, tensors, source=f"adapter {folder / WEIGHTS_NAME}")
-    if current is None:
-        apply_lora(model, config)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in layout:
-            params[name].copy_(tensors[name].to(params[name].dtype))
-    set_lora_trainable(model, model.lora_config.train_bias)
-    return model
+    return _install(model, config, adapter, current, list(layout), {name: tensors[name] for name in layout}, source)
 
 
 def _load_prompt(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> nn.Module:

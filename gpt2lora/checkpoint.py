@@ -177,14 +177,15 @@ def save_state(folder: str | os.PathLike, params: Sequence[tuple[str, nn.Paramet
 
 def load_state(path: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-               expected: Mapping[str, Any], allow_nonfinite: bool = False) -> tuple[Path, dict[str, Any]]:
+               expected: Mapping[str, Any], allow_nonfinite: bool = False,
+               validate: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]]:
     """Restore what :func:`save_state` wrote into ``params``, ``optimizer``, ``scaler`` and the RNGs.
 
     Tensors that are not floats, or hold NaN/inf (unless ``allow_nonfinite``), are refused by name.
 
     ``path``: a checkpoint folder or an ``out_dir`` (its latest). ``expected``: values the checkpoint
-    must hold to continue this run (total_steps, batches_per_epoch, optimizer). Returns the folder
-    and its JSON state (step, epoch, batch, bad_evals, best, history_steps, history_evals).
+    must hold to continue this run (total_steps, batches_per_epoch, optimizer); ``validate(folder, state)``
+    may refuse it too, before anything changes. Returns the folder and its JSON state (step, epoch, batch, bad_evals, best, history_steps, history_evals).
     """
     folder = find_checkpoint(path)
     try:
@@ -213,6 +214,8 @@ def load_state(path: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter
         if state.get(key) != value:
             raise ConfigError(f"TrainConfig.resume_from: {folder} has {key}={state.get(key)!r} but this run has "
                               f"{value!r}; resume with the same data and TrainConfig")
+    if validate is not None:
+        validate(folder, state)
     with torch.no_grad():
         for name, param in params:
             tensor = weights.get(name)

@@ -1,5 +1,5 @@
-"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``push``, ``sweep``, ``reproduce``,
-``judge``, ``quickstart``.
+"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``push``, ``inspect``, ``sweep``,
+``reproduce``, ``judge``, ``quickstart``.
 
 This is the only module that parses arguments. Run settings become flags straight from
 :data:`gpt2lora.runconfig.SETTINGS` with no defaults of their own (``argparse.SUPPRESS``): a flag left out
@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to push to (created if missing)")
 
+    inspect = sub.add_parser("inspect", help="did the adapter learn? matched layers, update norms, effective rank")
+    inspect.add_argument("path", metavar="RUN|ADAPTER_DIR", help="a run folder or an adapter folder")
+    inspect.add_argument("--model", default=None, help="base checkpoint to load it onto (default: the run's / the "
+                         "adapter's base_model_name_or_path)")
+    inspect.add_argument("--rows", type=positive_int, default=4, help="rows the output change is measured on")
+    inspect.add_argument("--max-layers", type=positive_int, default=None, help="show at most N layers")
+
     sweep = sub.add_parser("sweep", help="train a grid of methods/ranks/lrs into one comparison table")
     add_settings(sweep, TRAIN_KEYS)
     grid = sweep.add_argument_group("grid")
@@ -315,6 +322,12 @@ def _push(args: argparse.Namespace) -> None:
     print(f"pushed {len(result.uploaded)} files to {args.repo_id}@{result.revision}: {result.url}")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from .diagnostics import format_diagnostics, inspect_adapter
+
+    print(format_diagnostics(inspect_adapter(args.path, model=args.model, rows=args.rows), args.max_layers))
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from .sweep import Grid, sweep
 
@@ -349,7 +362,8 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "push": _push, "sweep": _sweep,
+    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "push": _push, "inspect": _inspect,
+    "sweep": _sweep,
     "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart}
 
 

@@ -153,6 +153,23 @@ HEAD_TARGET = "lm_head"
 LORA_TARGETS = (*BLOCK_TARGETS, *QKV_TARGETS, HEAD_TARGET)
 LORA_STYLES = ("peft", "from_scratch")
 LORA_BIAS = ("none", "all", "lora_only")
+#: Initialisations of A and B (``pissa_niter_N``, N >= 1, is PiSSA by a randomized SVD of N power iterations).
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora")
+#: Initialisations that move the principal part of W into the adapter and leave the residual in the base.
+RESIDUAL_INITS = ("pissa", "olora")
+
+
+def init_niter(init: str) -> int | None:
+    """Power iterations of ``pissa_niter_N`` (None for every other init name)."""
+    prefix = "pissa_niter_"
+    if isinstance(init, str) and init.startswith(prefix) and init[len(prefix):].isdigit():
+        return int(init[len(prefix):])
+    return None
+
+
+def is_residual_init(init: str) -> bool:
+    """Whether ``init`` rewrites the base weight (PiSSA, its randomized variant, OLoRA)."""
+    return init in RESIDUAL_INITS or init_niter(init) is not None
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,15 @@ class LoRAConfig:
     style: str = "peft"
     """``peft``: scaling alpha / rank, A ~ Kaiming-uniform over in_features. ``from_scratch``: scaling
     alpha, A within ±1/sqrt(rank), as in LLMs-from-scratch-style code. Layout is identical."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output feature times the direction of W + scaling B A (peft's
+    ``use_dora``). Defined on whole layers only, so not with the ``attn.q`` / ``attn.k`` / ``attn.v`` slices."""
+    init: str = "kaiming"
+    """How A and B start: ``kaiming`` (A as ``style`` says, B = 0), ``gaussian`` (A ~ N(0, 1/rank²), B = 0),
+    ``pissa`` (A, B from the top-rank SVD of W; W keeps the residual), ``pissa_niter_N`` (the same by a
+    randomized SVD with N power iterations, for large layers) or ``olora`` (A, B from a QR of W; W keeps the
+    residual). With pissa/olora the output is unchanged at initialisation and saving converts the adapter
+    to a plain LoRA of rank 2 * rank for the unmodified base."""
 
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
@@ -208,6 +234,13 @@ class LoRAConfig:
         _require(self.train_bias in LORA_BIAS, owner, "train_bias", f"one of {', '.join(LORA_BIAS)}",
                  self.train_bias)
         _require(self.style in LORA_STYLES, owner, "style", f"one of {', '.join(LORA_STYLES)}", self.style)
+        _require(isinstance(self.use_dora, bool), owner, "use_dora", "true or false", self.use_dora)
+        _require(not (self.use_dora and split), owner, "use_dora",
+                 f"targets DoRA can wrap: its magnitude is per output feature of a whole layer, and {split} "
+                 "adapt slices of the fused attn.c_attn (use attn.c_attn instead)", True)
+        niter = init_niter(self.init)
+        _require(isinstance(self.init, str) and (self.init in LORA_INITS or (niter is not None and niter >= 1)),
+                 owner, "init", f"one of {', '.join(LORA_INITS)}", self.init)
 
     @property
     def scaling(self) -> float:
@@ -302,6 +335,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them (non-reentrant
     ``torch.utils.checkpoint``): less activation memory for about one extra forward pass per step."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices (and every 1-D tensor: biases, DoRA magnitudes, as peft's
+    ``create_loraplus_optimizer`` groups them) train at ``loraplus_lr_ratio * lr`` (None = one learning rate)."""
     compile: bool = False
     """Run the training forward through ``torch.compile`` (off by default: on CPU the first step pays a
     long compile and the speed-up is small; see benchmarks/RESULTS.md, "Scale levers")."""
@@ -340,5 +376,9 @@ class TrainConfig:
         _require(self.precision in PRECISIONS, owner, "precision", f"one of {', '.join(PRECISIONS)}",
                  self.precision)
         _require(isinstance(self.seed, int), owner, "seed", "an integer", self.seed)
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None:
+            ok = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio)
+            _require(ok and ratio > 0, owner, "loraplus_lr_ratio", "a finite number > 0 or None", ratio)
         for name in ("gradient_checkpointing", "compile"):
             _require(isinstance(getattr(self, name), bool), owner, name, "True or False", getattr(self, name))

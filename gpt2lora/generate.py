@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,12 +72,14 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
 def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = 50256,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, adapter_names: list[str] | None = None) -> Tensor:
     """Prompt + continuation (B, T + new) for a batch of prompts.
 
     Prompts of different lengths are passed padded with an ``attention_mask`` (either side; they
     are left-aligned here). A row that produced ``eos_token_id`` is filled with it from then on,
     and generation stops early once every row has. ``temperature=0`` is greedy decoding.
+    ``adapter_names``: one LoRA adapter (or ``"__base__"``) per row, every step in one pass (see
+    :mod:`gpt2lora.named`).
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     # An id past the vocabulary is accepted (it never comes up): the default 50256 must work for
@@ -114,7 +117,12 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
     cache = KVCache(model.config, batch, virtual + prompt_len + max_new_tokens, weight.dtype, weight.device)
     # Decoding feeds one position per row: its products are bound by reading the weights, which
     # few_row_products does faster on CPU (and leaves to F.linear elsewhere).
-    with few_row_products():
+    routing = nullcontext()
+    if adapter_names is not None:
+        from .named import route_rows
+
+        routing = route_rows(model, adapter_names, batch)
+    with few_row_products(), routing:
         new_tokens = _decode(model, input_ids, attention_mask, cache, max_new_tokens,
                              lambda logits: next_token(logits, temperature, top_k, top_p, generator), eos_token_id)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

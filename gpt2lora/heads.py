@@ -53,11 +53,25 @@ class GPT2ForSequenceClassification(nn.Module):
         self.checkpoint_dir = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
-        """Class logits (B, num_labels) from the hidden state of each row's last real token."""
+                position_ids: Tensor | None = None, adapter_names: list[str] | None = None) -> Tensor:
+        """Class logits (B, num_labels) from the hidden state of each row's last real token.
+
+        ``adapter_names`` (one LoRA adapter name, or ``"__base__"``, per row; inference only): every row
+        through its own adapter and that adapter's head, in one pass (see :mod:`gpt2lora.named`).
+        """
+        if adapter_names is not None:
+            from .named import route_rows
+
+            with route_rows(self, adapter_names, input_ids.size(0)):
+                return self.forward(input_ids, attention_mask, position_ids)
         # Only the pooled row of each sequence goes through the last block's MLP and ln_f.
         pooled = self.transformer(input_ids, attention_mask, position_ids, last_token_only=True)  # (B, C)
-        return self.score(pooled)
+        if (getattr(self, "adapter_heads", None) is None and not getattr(self, "adapters_disabled", False)
+                and getattr(self, "lora_routing", None) is None):
+            return self.score(pooled)
+        from .named import head_logits  # several adapters with a head each, or the base head
+
+        return head_logits(self, pooled)
 
     def tie_weights(self) -> None:
         """Nothing is tied: the classification model has no LM head."""

@@ -403,10 +403,15 @@ def exportable_state(model: nn.Module) -> dict[str, Tensor]:
                               "cannot hold; save it with save_adapter instead")
     state = {}
     for key, tensor in expected_state(model).items():
-        if ".lora_" in key:
+        if ".lora_" in key or key.startswith("adapter_heads."):
             continue
         # LoRALinear keeps the base weight under "<name>.weight"; nothing else to rename.
         state[key] = tensor.detach()
+    heads = getattr(model, "adapter_heads", None)
+    active = getattr(model, "active_adapter", None)
+    if heads is not None and active in heads:  # a named adapter is merged: export its own head as score
+        for name, param in heads[active].named_parameters():
+            state[f"score.{name}"] = param.detach()
     return state
 
 

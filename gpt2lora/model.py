@@ -290,8 +290,18 @@ class GPT2(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, kv_cache: KVCache | None = None) -> Tensor:
-        """Next-token logits (B, T, vocab_size)."""
+                position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
+                adapter_names: list[str] | None = None) -> Tensor:
+        """Next-token logits (B, T, vocab_size).
+
+        ``adapter_names``: with several LoRA adapters, one name (or ``"__base__"``) per row, all rows in one
+        pass (inference only; see :mod:`gpt2lora.named`).
+        """
+        if adapter_names is not None:
+            from .named import route_rows
+
+            with route_rows(self, adapter_names, input_ids.size(0)):
+                return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, kv_cache))
         return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, kv_cache))
 
     def hf_config(self) -> dict[str, Any]:
@@ -325,10 +335,10 @@ class GPT2(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = 50256,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, adapter_names: list[str] | None = None) -> Tensor:
         """Continue each prompt; see :func:`gpt2lora.generate.generate`."""
         from .generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, generator=generator)
+                        eos_token_id=eos_token_id, generator=generator, adapter_names=adapter_names)

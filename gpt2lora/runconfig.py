@@ -122,6 +122,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("lora_style", "lora", "str", "peft (alpha/r, Kaiming-uniform A) or from_scratch (alpha, A within "
        "±1/sqrt(r))", "method", LORA_STYLES, field_="style"),
     _s("lora_train_bias", "lora", "str", "biases that train with LoRA", "method", LORA_BIAS, field_="train_bias"),
+    _s("dora", "lora", "bool", "DoRA: a learned magnitude per output feature times the direction of W + dW",
+       "method", field_="use_dora"),
+    _s("lora_init", "lora", "str", "how A and B start: kaiming (B = 0), gaussian, pissa, pissa_niter_N (fast "
+       "randomized SVD), olora (PiSSA/OLoRA keep the residual in the base weight)", "method", field_="init"),
     _s("last_n_blocks", "run", "int", "lora: only the last N blocks get LoRA; last_n_full: the last N blocks train",
        "method"),
     _s("num_virtual_tokens", "prompt", "int", "prompt: trainable vectors prepended to every sequence (the SST-2 "
@@ -146,6 +150,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("momentum", "train", "prob", "momentum of sgd_momentum", "training"),
     _s("betas", "train", "pair", "AdamW betas", "training"),
     _s("eps", "train", "float", "AdamW epsilon", "training"),
+    _s("loraplus_lr_ratio", "train", "float", "LoRA+: B matrices (and 1-D tensors) train at this ratio x lr",
+       "training"),
     _s("seed", "train", "int0", "seed of the head, LoRA initialisation, data order and dropout", "training"),
     _s("eval_every", "train", "int", "also evaluate every N optimizer steps (always at each epoch end)",
        "training", field_="eval_every_steps"),

@@ -34,10 +34,12 @@ from . import history as history_file
 from .checkpoint import BEST_NAME, CHECKPOINT_PREFIX, STATE_NAME, find_checkpoint, write_atomic
 from .config import TrainConfig, default_lr
 from .devices import autocast, resolve_device, resolve_precision
+from .diagnostics import adapter_update_norm
 from .errors import ConfigError, DataError, TrainingError
 from .evaluation import checked_batch, evaluate
 from .heads import is_classifier
 from .history import HISTORY_NAME, History
+from .lora import is_lora_b
 from .losses import lm_loss, summed_loss, target_count
 from .memory import MemoryMeter
 from .metrics import throughput
@@ -88,16 +90,27 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: tensors with ≥ 2 dims get ``weight_decay``; biases, LayerNorms get none."""
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups: tensors with ≥ 2 dims get ``weight_decay``; biases, LayerNorms (1-D) get none.
+
+    With ``loraplus_lr_ratio`` (LoRA+) the groups are peft's ``create_loraplus_optimizer`` ones: LoRA B
+    matrices, and every 1-D tensor (biases, DoRA magnitudes), train at ``ratio × lr``; A matrices and the
+    other matrices (a classification head) at ``lr``. Each group's ``lr_scale`` is that factor.
+    """
     params = trainable_parameters(model)
     if not params:
         raise ConfigError("Trainer: the model has no trainable parameters (every requires_grad is False)")
     decay = [(n, p) for n, p in params if p.dim() >= 2]
     rest = [(n, p) for n, p in params if p.dim() < 2]
-    groups = [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd}
-              for g, wd in ((decay, weight_decay), (rest, 0.0)) if g]
-    return groups
+    if loraplus_lr_ratio is None:
+        plan = [(decay, weight_decay, 1.0), (rest, 0.0, 1.0)]
+    else:
+        plan = [([(n, p) for n, p in decay if not is_lora_b(n)], weight_decay, 1.0),
+                ([(n, p) for n, p in decay if is_lora_b(n)], weight_decay, float(loraplus_lr_ratio)),
+                (rest, 0.0, float(loraplus_lr_ratio))]
+    return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd, "lr_scale": scale}
+            for g, wd, scale in plan if g]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -105,8 +118,10 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
     For the SGD variants torch adds the decay to the gradient (L2), the classic SGD form.
     """
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, config.loraplus_lr_ratio)
     lr = config.lr if config.lr is not None else default_lr(getattr(model, "training_method", None))
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
     momentum = config.momentum if config.optimizer == "sgd_momentum" else 0.0
@@ -320,13 +335,23 @@ class Trainer:
         expected = {"total_steps": self.history.total_steps, "batches_per_epoch": self._n_batches,
                     "optimizer": self.config.optimizer}
         folder, state = checkpoint.load_state(path, self.params, self.optimizer, self.scaler, self.device,
-                                              expected, allow_nonfinite)
+                                              expected, allow_nonfinite, validate=self._check_groups)
         self._position = _Position(state["step"], state["epoch"], state["batch"], state["bad_evals"])
         self.history.steps = state["history_steps"]
         self.history.evals = state["history_evals"]
         self.history.best = state["best"]
         self._last_checkpoint = folder
         return folder
+
+    def _check_groups(self, folder: Path, state: dict[str, Any]) -> None:
+        """A checkpoint's optimizer state fits only the same parameter groups (LoRA+ splits them)."""
+        order = state.get("optimizer_param_order")
+        saved_ratio = (state.get("config") or {}).get("loraplus_lr_ratio")
+        names = [n for g in self.optimizer.param_groups for n in g["names"]]
+        if saved_ratio != self.config.loraplus_lr_ratio or (order is not None and order != names):
+            raise ConfigError(f"TrainConfig.resume_from: {folder} groups its optimizer state differently "
+                              f"(loraplus_lr_ratio={saved_ratio!r} there, {self.config.loraplus_lr_ratio!r} here); "
+                              "resume with the same TrainConfig")
 
     def _save_step_checkpoint(self) -> None:
         assert self.out_dir is not None
@@ -530,7 +555,7 @@ class Trainer:
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False))
         lr = lr_at_step(pos.step, self.history.total_steps, cfg)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+ groups keep their ratio at every step
         skipped = not math.isfinite(norm)
         if math.isnan(norm) and not self.scaler.is_enabled():
             # inf norms are skipped below (and fp16's scaler skips its own overflows); NaN means broken values
@@ -576,6 +601,9 @@ class Trainer:
         cfg, pos = self.config, self._position
         metrics = self.evaluate(eval_data)
         record = {"step": pos.step, "epoch": pos.epoch + pos.batch / self._n_batches, **metrics}
+        update = adapter_update_norm(self.model)  # "did LoRA learn?": sqrt(sum ||s B A||_F^2), None without LoRA
+        if update is not None:
+            record["adapter_update_norm"] = update
         self.history.evals.append(record)
         self._log({"type": "eval", **record})
         if self.tracker is not None:

@@ -264,6 +264,11 @@ config_case("lora-target-typo", LoRAConfig, {"targets": ("attn.c_atn",)}, r"LoRA
 config_case("lora-dropout-1", LoRAConfig, {"dropout": 1.0}, r"LoRAConfig\.dropout: expected a number in \[0, 1\)")
 config_case("lora-style", LoRAConfig, {"style": "qlora"}, r"LoRAConfig\.style: expected one of")
 config_case("lora-alpha-bool", LoRAConfig, {"alpha": True}, r"LoRAConfig\.alpha: expected a positive number")
+config_case("lora-dora-split", LoRAConfig, {"use_dora": True, "targets": ("attn.v",)},
+            r"LoRAConfig\.use_dora: expected targets DoRA can wrap.*\['attn\.v'\]")
+config_case("lora-init-unknown", LoRAConfig, {"init": "svd"}, r"LoRAConfig\.init: expected one of .*, got 'svd'")
+config_case("train-loraplus-0", TrainConfig, {"loraplus_lr_ratio": 0},
+            r"TrainConfig\.loraplus_lr_ratio: expected a finite number > 0 or None, got 0")
 config_case("train-lr-0", TrainConfig, {"lr": 0}, r"TrainConfig\.lr: expected a finite number > 0, got 0")
 config_case("train-lr-inf", TrainConfig, {"lr": float("inf")}, r"TrainConfig\.lr: expected a finite number > 0, got inf")
 config_case("train-lr-nan", TrainConfig, {"lr": float("nan")}, r"TrainConfig\.lr: expected a .*number > 0, got nan")
