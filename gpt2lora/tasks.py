@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import report
 from .data import alpaca_prompt
@@ -19,13 +20,13 @@ from .devices import resolve_device
 from .errors import ConfigError
 from .evaluation import DETAIL_KEYS, generate_texts, task_metrics
 from .hub import save_pretrained
-from .lora import count_parameters, lora_modules, merge_lora, unmerge_lora
+from .lora import count_parameters, lora_modules, merge_lora
 from .model import GPT2
 from .run import SMOKE, base_checkpoint, load_base, load_data, load_run_model, row_limits
 from .runconfig import RunConfig
 from .tokenizer import load_tokenizer
 
-__all__ = ["evaluate_command", "generate_command", "load_run_model", "merge_command"]
+__all__ = ["evaluate_command", "generate_command", "load_run_model", "merge_command", "merged_run_model"]
 
 
 def _with_run_data(config: RunConfig, run: dict[str, Any], given: set[str]) -> RunConfig:
@@ -105,8 +106,9 @@ def generate_command(config: RunConfig, prompts: list[str], run_dir: str | os.Pa
     return outputs
 
 
-def merge_command(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Merge a run's LoRA into its base weights, check merged == unmerged, write an HF checkpoint."""
+def merged_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], float]:
+    """A run's model with its LoRA merged into the base weights, checked against the unmerged outputs on a
+    fixed probe: ``(model, run config, max |merged - unmerged|)``; a larger gap than 1e-4 is an error."""
     model, config = load_run_model(run_dir)
     model.eval()
     probe = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -115,12 +117,15 @@ def merge_command(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         if any(True for _ in lora_modules(model)):
             merge_lora(model)
         after = model(probe)
+    gap = float((before - after).abs().max())
     if not torch.allclose(before, after, atol=1e-4, rtol=1e-4):
-        unmerge_lora(model)
-        raise ConfigError(f"merging the adapter of {run_dir} changed the outputs by "
-                          f"{(before - after).abs().max():.2e}; the checkpoint was not written")
-    path = save_pretrained(model, out)
-    print(f"merged {config['method']} run {run_dir} into {path} (max |merged - unmerged| = "
-          f"{(before - after).abs().max():.2e})")
-    return path
+        raise ConfigError(f"merging the adapter of {run_dir} changed the outputs by {gap:.2e}; nothing was written")
+    return model, config, gap
 
+
+def merge_command(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Merge a run's LoRA into its base weights, check merged == unmerged, write an HF checkpoint."""
+    model, config, gap = merged_run_model(run_dir)
+    path = save_pretrained(model, out)
+    print(f"merged {config['method']} run {run_dir} into {path} (max |merged - unmerged| = {gap:.2e})")
+    return path
