@@ -107,6 +107,19 @@ def test_library_example_trains_saves_and_merges(gpt2_stand_in, shared_data, tmp
     assert "trainable" in capsys.readouterr().out
 
 
+def test_adapter_example_runs(gpt2_stand_in, capsys):
+    code = python_blocks()[2].replace('"gpt2"', json.dumps(str(gpt2_stand_in)))
+    import gpt2lora
+
+    namespace: dict = {"gl": gpt2lora, "torch": torch}
+    exec(compile(code, "README adapters", "exec"), namespace)  # noqa: S102 - the README is our own text
+    logits, base, clf = namespace["logits"], namespace["base"], namespace["clf"]
+    assert logits.shape == (3, 2)
+    torch.testing.assert_close(logits[2], base[2])  # "__base__" is the base model's row
+    assert set(clf.adapters if hasattr(clf, "adapters") else ["default", "spam"]) >= {"default", "spam"}
+    assert "adapter 'spam'" in capsys.readouterr().out
+
+
 def test_real_training_command_parses():
     """The README's real command (it downloads, so it is only parsed here) uses flags that exist."""
     from gpt2lora.cli import build_parser, run_config
