@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,13 @@ def test_wandb_offline_run_files_hold_the_same_series(tmp_path, monkeypatch):
     with make_trackers(["wandb"], tmp_path / "run", "sst2-lora", HPARAMS) as tracker:
         history = tiny_run(tracker)
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    # the W&B service writes the file from its own process: on a loaded machine the last records can land a
+    # moment after finish() returns, so read until the steps are there (bounded)
+    deadline = time.monotonic() + 60
     records = wandb_records(run_file)
+    while sum(r.WhichOneof("record_type") == "history" for r in records) < 6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = wandb_records(run_file)
     rows: dict[int, dict] = {}
     for record in records:
         if record.WhichOneof("record_type") == "history":
