@@ -2,13 +2,13 @@
 
 A language model's loss needs the logit row of position t only where token t+1 is a target (label not
 ``-100``): prompts and padding are often most of a batch. :func:`lm_head_loss` gathers the hidden
-states of those positions and runs the head + cross-entropy over them ``chunk_size`` rows at a time,
-in forward and again in backward (:class:`ChunkedHeadCrossEntropy`), so no (positions, vocab) tensor
-exists beyond one (chunk_size, vocab) block. Forward keeps the gathered hidden rows and one
-log-sum-exp per row; backward recomputes each block's logits and turns them into the gradient
-``softmax - one_hot`` in place. The result equals the full-logits loss and its gradients up to float
-rounding, for the hidden states and for the head weight (tied to ``wte`` in GPT-2: the weight's
-gradient from the head adds to the embedding's, as autograd does for a shared tensor).
+states of those positions and runs the head + cross-entropy over them ``chunk_size`` rows at a time
+(:class:`ChunkedHeadCrossEntropy`), so no (positions, vocab) tensor exists beyond one
+(chunk_size, vocab) block, in forward or backward: the gradients of the head's input (and weight) are
+formed block by block during the forward pass and kept instead of the logits. The result equals the
+full-logits loss and its gradients up to float rounding, for the hidden states and for the head
+weight (tied to ``wte`` in GPT-2: the weight's gradient from the head adds to the embedding's, as
+autograd does for a shared tensor).
 """
 
 from __future__ import annotations
@@ -57,47 +57,49 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk_size`` rows at a time.
 
     ``hidden`` (N, C), ``weight`` (V, C), ``targets`` (N,) → 0-dim fp32 sum. Logits are formed in
-    ``dtype`` and reduced in fp32, as under autocast.
+    ``dtype`` and reduced in fp32, as under autocast. When gradients are wanted (``grads``), forward
+    already turns each block of logits into its gradient ``softmax - one_hot`` in place and multiplies
+    it into the gradients of ``hidden`` (N, C) and ``weight`` (V, C), which it keeps instead of the
+    logits; backward only scales them by the incoming gradient. So the head costs the two (three with a
+    trained weight) matmuls of the plain computation, and its memory is one block plus those gradients.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int,
-                dtype: torch.dtype) -> Tensor:
+                dtype: torch.dtype, grads: bool) -> Tensor:
         h, w = hidden.to(dtype), weight.to(dtype)
-        lse = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        need_h, need_w = grads and hidden.requires_grad, grads and weight.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = torch.arange(min(chunk_size, h.size(0)), device=h.device)
         for start in range(0, h.size(0), chunk_size):
             stop = min(start + chunk_size, h.size(0))
-            logits = (h[start:stop] @ w.t()).float()
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1)
-            total += (lse[start:stop] - picked).sum()
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+            block = h[start:stop]
+            logits = (block @ w.t()).float()
+            picked = rows[:stop - start], targets[start:stop]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits[picked]).sum()
+            if not (need_h or need_w):
+                continue
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
+            grad[picked] -= 1.0
+            grad = grad.to(dtype)
+            if need_h:
+                grad_h[start:stop] = grad @ w
+            if need_w:
+                grad_w.addmm_(grad.t(), block) if dtype == torch.float32 else grad_w.add_(grad.t() @ block)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        rows = torch.arange(min(ctx.chunk_size, h.size(0)), device=h.device)
-        for start in range(0, h.size(0), ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, h.size(0))
-            block = h[start:stop]
-            # d(sum of -log softmax[target]) / d logits = softmax - one_hot, scaled by the incoming gradient
-            grad = (block @ w.t()).float().sub_(lse[start:stop].unsqueeze(1)).exp_()
-            grad[rows[:stop - start], targets[start:stop]] -= 1.0
-            grad = grad.mul_(grad_total).to(ctx.dtype)
-            if need_h:
-                grad_h[start:stop] = grad @ w
-            if need_w:
-                grad_w += (grad.t() @ block).float()
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+            grad_w = grad_w * grad_total.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None
 
 
 def head_operands(head: nn.Module | Tensor, rows: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -155,5 +157,6 @@ def lm_head_loss(hidden: Tensor, head: nn.Module | Tensor, labels: Tensor,
     else:
         rows, weight = operands
         dtype = _compute_dtype(hidden.device, rows.dtype)
-        total = ChunkedHeadCrossEntropy.apply(rows, weight, targets, chunk_size, dtype)
+        grads = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+        total = ChunkedHeadCrossEntropy.apply(rows, weight, targets, chunk_size, dtype, grads)
     return (total * scale if scale != 1.0 else total), count
