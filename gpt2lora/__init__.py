@@ -44,7 +44,8 @@ from .model import GPT2, KVCache
 from .prompt import PromptConfig, apply_prompt
 from .report import markdown_table
 from .tokenizer import load_tokenizer
-from .train import History, Trainer, enable_gradient_checkpointing, lr_at_step
+from .history import History
+from .train import Trainer, enable_gradient_checkpointing, lr_at_step
 
 __version__ = "0.1.0"
 

@@ -375,3 +375,51 @@ class BucketedBatches:
             examples_used += sum(len(self.packed_rows[r]) for r in rows) if self.packed_rows is not None else len(rows)
         fixed = examples_used * max_length if max_length is not None else None
         return PaddingStats(rows=rows_used, real_tokens=real, batch_tokens=batch_slots, fixed_tokens=fixed)
+
+
+def validate_batch(batch: Any, where: str, classification: bool, num_labels: int | None = None,
+                   n_positions: int | None = None, vocab_size: int | None = None,
+                   device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Check one batch (a dict with ``input_ids``, ``labels`` and optionally ``attention_mask``) and move it.
+
+    Raises :class:`DataError` naming ``where`` and the key at fault: a missing key, a non-integer or empty
+    ``input_ids``, rows longer than ``n_positions``, a mask of another shape, class ids outside
+    ``[0, num_labels)`` or token targets outside the vocabulary. Returns long tensors on ``device``.
+    """
+    if not isinstance(batch, Mapping):
+        raise DataError(f"{where}: expected a dict with input_ids, attention_mask, labels; got "
+                        f"{type(batch).__name__}")
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise DataError(f"{where}: missing key {key!r} (a batch needs input_ids, labels and "
+                            "optionally attention_mask)")
+    ids = torch.as_tensor(batch["input_ids"])
+    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"{where}: input_ids must be a non-empty (batch, tokens) integer tensor, got "
+                        f"shape {tuple(ids.shape)} dtype {ids.dtype}")
+    if n_positions is not None and ids.size(1) > n_positions:
+        raise DataError(f"{where}: rows of {ids.size(1)} tokens, longer than the model's n_positions="
+                        f"{n_positions}; truncate them (max_length)")
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if mask.shape != ids.shape:
+        raise DataError(f"{where}: attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+    labels = torch.as_tensor(batch["labels"]).long()
+    if classification:
+        if labels.shape != (ids.size(0),):
+            raise DataError(f"{where}: labels must be class ids of shape ({ids.size(0)},), got "
+                            f"{tuple(labels.shape)}")
+        bad = labels[(labels < 0) | (labels >= (num_labels or 2**62))]
+        if bad.numel():
+            raise DataError(f"{where}: labels contains class id {int(bad[0])}, outside [0, {num_labels - 1}] "
+                            f"(the model has num_labels={num_labels})")
+    else:
+        if labels.shape != ids.shape:
+            raise DataError(f"{where}: labels must have the shape of input_ids {tuple(ids.shape)} "
+                            f"(token targets, -100 = ignored), got {tuple(labels.shape)}")
+        bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (vocab_size or 2**62)))]
+        if bad.numel():
+            raise DataError(f"{where}: labels contains {int(bad[0])}, expected a token id in "
+                            f"[0, {vocab_size}) or {IGNORE_INDEX}")
+    return {"input_ids": ids.long().to(device), "attention_mask": mask.long().to(device),
+            "labels": labels.to(device)}

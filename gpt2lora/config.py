@@ -161,8 +161,9 @@ class LoRAConfig:
 
     rank: int = 8
     """Rank r of the update B @ A."""
-    alpha: float = 8.0
-    """Scale numerator: the update is multiplied by alpha / rank (peft style)."""
+    alpha: float | None = None
+    """Scale numerator: the update is multiplied by alpha / rank (peft style). None (the default) sets
+    alpha = rank, the choice the reference reports found best (scaling 1)."""
     dropout: float = 0.05
     """Dropout on the LoRA branch's input only; the frozen path never sees it."""
     targets: tuple[str, ...] = BLOCK_TARGETS
@@ -183,6 +184,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
         _positive_int(owner, "rank", self.rank)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.rank))
         ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0
         _require(ok, owner, "alpha", "a positive number", self.alpha)
         _probability(owner, "dropout", self.dropout)
@@ -224,6 +227,14 @@ class LoRAConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd", "sgd_momentum")
+#: Peak learning rate when none is given, by training method: small adapters and heads take a larger
+#: step than full fine-tuning of every weight.
+DEFAULT_LR = {"lora": 2e-4, "head": 2e-4, "embeddings": 2e-4, "prompt": 2e-4, "full": 5e-5, "last_n_full": 5e-5}
+
+
+def default_lr(method: str | None) -> float:
+    """The default peak learning rate of a training method (:data:`DEFAULT_LR`; ``full``'s when unknown)."""
+    return DEFAULT_LR.get(method or "full", DEFAULT_LR["full"])
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -232,11 +243,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class TrainConfig:
     """Optimiser, schedule and loop settings of :class:`gpt2lora.Trainer`."""
 
-    lr: float = 5e-5
-    """Peak learning rate, reached at the end of warmup."""
+    lr: float | None = None
+    """Peak learning rate, reached at the end of warmup. None: the default of the training method,
+    :data:`DEFAULT_LR` (2e-4 for lora / head / embeddings / prompt, 5e-5 for full / last_n_full)."""
     min_lr: float = 0.0
     """Learning rate at the first warmup step's start and at the end of the cosine decay."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.05
     """Share of optimizer steps spent warming up linearly from min_lr to lr, in [0, 1)."""
     schedule: str = "cosine"
     """After warmup: ``cosine`` decay to min_lr, or ``constant`` at lr."""
@@ -244,7 +256,7 @@ class TrainConfig:
     """Passes over the training batches (ignored when max_steps is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps instead of counting epochs."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Rows per batch, used by the data layer that builds the batches fit() receives."""
     grad_accum_steps: int = 1
     """Batches whose gradients are summed (averaged) into one optimizer step."""
@@ -274,6 +286,9 @@ class TrainConfig:
     """Stop after this many evaluations without improving best_metric (None = never)."""
     out_dir: str | None = None
     """Folder for checkpoints and history.jsonl (None = keep nothing on disk)."""
+    history_path: str | None = None
+    """The ``history.jsonl`` the loop appends each step and evaluation to (None = ``out_dir/history.jsonl``
+    when out_dir is set, else no file)."""
     save_every_steps: int | None = None
     """Write a checkpoint every N optimizer steps (each epoch end always writes one when out_dir is set)."""
     keep_checkpoints: int = 2
@@ -293,12 +308,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
-        for name in ("lr",):
-            value = getattr(self, name)
+        if self.lr is not None:
+            value = self.lr
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            _require(ok and value > 0, owner, name, "a finite number > 0", value)
-        _require(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr, owner, "min_lr",
-                 f"a number in [0, lr={self.lr}]", self.min_lr)
+            _require(ok and value > 0, owner, "lr", "a finite number > 0", value)
+        top = self.lr if self.lr is not None else math.inf
+        _require(isinstance(self.min_lr, (int, float)) and not isinstance(self.min_lr, bool)
+                 and 0 <= self.min_lr <= top, owner, "min_lr", f"a number in [0, lr={self.lr}]", self.min_lr)
         _probability(owner, "warmup_ratio", self.warmup_ratio)
         _require(self.schedule in SCHEDULES, owner, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _positive_int(owner, "epochs", self.epochs)

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from .errors import ConfigError, DataError
 
 KINDS = ("classification", "nli", "instruction", "qa")
+#: Task kinds trained with a classification head (the rest are language-model tasks).
+CLASSIFICATION_KINDS = ("classification", "nli")
 #: Fields of a record, by task kind.
 FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),

@@ -13,7 +13,20 @@ from .config import GPT2Config
 from .errors import ConfigError
 from .model import Transformer, init_weights, last_token_index
 
-__all__ = ["GPT2ForSequenceClassification", "last_token_index"]
+__all__ = ["GPT2ForSequenceClassification", "is_classifier", "label_count", "last_token_index"]
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` ends in a classification head (a ``score`` layer / ``num_labels``), not an LM head.
+
+    The one test of "is this a classifier?" that training, evaluation, adapters and the run layer use.
+    """
+    return isinstance(getattr(model, "score", None), nn.Module) or hasattr(model, "num_labels")
+
+
+def label_count(model: nn.Module) -> int:
+    """Number of classes of a classifier (``num_labels``, else the ``score`` layer's outputs)."""
+    return int(getattr(model, "num_labels", 0) or model.score.out_features)
 
 
 class GPT2ForSequenceClassification(nn.Module):

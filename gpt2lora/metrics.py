@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-import resource
 import string
-import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -227,12 +225,3 @@ def throughput(runtime_s: float, samples: int, steps: int, tokens: int) -> dict[
     rate = (lambda n: n / runtime_s) if runtime_s > 0 else (lambda n: 0.0)
     return {"runtime_s": runtime_s, "samples_per_s": rate(samples), "steps_per_s": rate(steps),
             "tokens_per_s": rate(tokens)}
-
-
-def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory in MiB: CUDA max allocated on a CUDA device, else the process's peak RSS."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

@@ -25,15 +25,16 @@ from torch import nn
 
 from . import __version__, distributed, report
 from .adapters import load_adapter, save_adapter
-from .batching import BucketedBatches, collate
+from .batching import BucketedBatches
 from .config import GPT2Config, LoRAConfig, TrainConfig
-from .data import TASKS, Dataset, Tokenizer, alpaca_prompt, data_root, encode, load_split, prompt_ids
+from .data import TASKS, Dataset, Tokenizer, alpaca_prompt, data_root, encode, load_split
+from .devices import resolve_device
 from .errors import CheckpointNotFoundError, ConfigError, DataError
+from .evaluation import DETAIL_KEYS, generate_texts, instruction_samples, task_metrics
 from .heads import GPT2ForSequenceClassification
 from .hub import save_pretrained
 from .lora import count_parameters, lora_modules, merge_lora, unmerge_lora
 from .methods import prepare_model
-from .metrics import instruction_metrics, squad_metrics
 from .model import GPT2
 from .prompt import PromptConfig
 from .tokenizer import load_tokenizer
@@ -46,8 +47,6 @@ SMOKE_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 512}
 SMOKE = {"classification": {"train": 300, "eval": 100, "gen": 8, "new_tokens": 8, "max_length": 128},
          "lm": {"train": 64, "eval": 16, "gen": 4, "new_tokens": 8, "max_length": 64}}
 VOCAB_ENV = "GPT2LORA_VOCAB"
-#: Per-row details of :func:`evaluate` kept out of result rows (QA samples, instruction responses).
-DETAIL_KEYS = ("samples", "responses")
 #: File of a run folder with every generated instruction response (what ``gpt2lora judge`` scores).
 RESPONSES_NAME = "responses.jsonl"
 #: Sub-folder of a run folder where training checkpoints go (what ``--resume`` continues from).
@@ -55,15 +54,6 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 # ---------------------------------------------------------------------------------------------- model
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-
 
 def smoke_checkpoint(out: str | os.PathLike, vocab: str | os.PathLike | None, seed: int = 0,
                      root: str | os.PathLike | None = None) -> Path:
@@ -168,76 +158,11 @@ def batches(examples: list[dict[str, Any]], batch_size: int, shuffle: bool, seed
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def generate_texts(model: GPT2, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                   device: torch.device, batch_size: int = 8, stop_at_newline: bool = False,
-                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   seed: int = 0) -> list[str]:
-    """Continuations of tokenised prompts (greedy by default), decoded up to EOS."""
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    limit = model.config.n_positions - max_new_tokens
-    if limit < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                          f"n_positions={model.config.n_positions}")
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [{"input_ids": p[-limit:], "label": 0} for p in prompts[start:start + batch_size]]
-        batch = collate(rows, tok.eot_token, padding_side="left")
-        out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_token_id=tok.eot_token, generator=generator)
-        for row in out[:, batch["input_ids"].size(1):].tolist():
-            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
-            text = tok.decode(row)
-            texts.append(text.split("\n")[0].strip() if stop_at_newline else text.strip())
-    return texts
-
-
 def evaluate(model: nn.Module, kind: str, tok: Tokenizer, eval_set: Dataset, limits: dict[str, Any],
              max_length: int, batch_size: int, device: torch.device, precision: str = "auto") -> dict[str, Any]:
-    """The metrics of a task kind, from :meth:`Trainer.evaluate` over every eval row (loss, accuracy and
-    macro precision / recall / F1, or loss and perplexity), plus EM / F1 of greedy answers for QA."""
-    examples = encode(eval_set, tok, max_length)
-    data = batches(examples, batch_size, shuffle=False, seed=0, pad_token_id=tok.eot_token)
-    trainer = Trainer(model, TrainConfig(device=str(device), precision=precision, progress=False))
-    start = time.perf_counter()
-    raw = trainer.evaluate(data)
-    runtime = time.perf_counter() - start
-    metrics: dict[str, Any] = {"eval_loss": raw["loss"]}
-    if kind in CLASSIFICATION_KINDS:
-        metrics.update(accuracy=raw["accuracy"], f1=raw["f1_macro"], precision=raw["precision_macro"],
-                       recall=raw["recall_macro"])
-    else:
-        metrics["perplexity"] = raw["perplexity"]
-    metrics.update(eval_time_s=runtime, eval_rows=len(examples),
-                   eval_samples_per_s=len(examples) / runtime if runtime else 0.0)
-    if kind == "qa":
-        rows = eval_set.records[:limits["gen"]]
-        new_tokens = limits["new_tokens"] or 32
-        prompts = [prompt_ids(tok, r, "qa", max_length) for r in rows]
-        answers = generate_texts(model, tok, prompts, new_tokens, device, stop_at_newline=True)
-        scores = squad_metrics(answers, [r["answers"] for r in rows])
-        metrics.update(exact_match=scores["exact_match"], squad_f1=scores["f1"], generated_rows=len(rows),
-                       samples=[{"question": r["question"], "answers": r["answers"], "prediction": a}
-                                for r, a in list(zip(rows, answers))[:5]])
-    if kind == "instruction":
-        # offline reference metrics; the responses are kept for `gpt2lora judge`
-        rows = eval_set.records[:limits["gen"]]
-        responses = generate_texts(model, tok, [prompt_ids(tok, r, "instruction", max_length) for r in rows],
-                                   limits["new_tokens"] or 128, device)
-        metrics.update(instruction_metrics(responses, [r["output"] for r in rows]), generated_rows=len(rows),
-                       responses=[{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
-                                   "response": text} for r, text in zip(rows, responses)])
-    return metrics
-
-
-def instruction_samples(model: GPT2, tok: Tokenizer, records: list[dict[str, Any]], max_new_tokens: int,
-                        max_length: int, device: torch.device) -> list[dict[str, str]]:
-    prompts = [prompt_ids(tok, r, "instruction", max_length) for r in records]
-    outputs = generate_texts(model, tok, prompts, max_new_tokens, device)
-    return [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"], "generated": o}
-            for r, o in zip(records, outputs)]
+    """:func:`gpt2lora.evaluation.task_metrics` with a run's row limits."""
+    return task_metrics(model, tok, eval_set, max_length, batch_size, device, precision,
+                        gen_rows=limits["gen"], max_new_tokens=limits["new_tokens"])
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2lora import checkpoint as checkpoint_module
 from gpt2lora import train as train_module
 from gpt2lora.batching import BucketedBatches
 from gpt2lora.config import GPT2Config, LoRAConfig, TrainConfig
@@ -78,7 +79,7 @@ def install_hooks(kill_at_step: int | None, kill_in_save: int | None, sigint_at_
     if kill_in_save is None:
         return
     save_calls = {"n": 0}
-    original_save = train_module.save_file
+    original_save = checkpoint_module.save_file
 
     def save_file(tensors, filename, metadata=None):
         save_calls["n"] += 1
@@ -88,7 +89,7 @@ def install_hooks(kill_at_step: int | None, kill_in_save: int | None, sigint_at_
             Path(filename).write_bytes(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_module.save_file = save_file
+    checkpoint_module.save_file = save_file
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ from gpt2lora.metrics import (
     exact_match,
     mean_loss,
     normalize_answer,
-    peak_memory_mb,
     per_class_scores,
     perplexity,
     precision_recall_f1,
@@ -137,13 +136,7 @@ def test_squad_exact_match_and_f1_hand_cases():
         exact_match("a", [])
 
 
-def test_throughput_and_memory():
+def test_throughput():
     speed = throughput(2.0, samples=64, steps=8, tokens=1000)
     assert speed == {"runtime_s": 2.0, "samples_per_s": 32.0, "steps_per_s": 4.0, "tokens_per_s": 500.0}
     assert throughput(0.0, 1, 1, 1)["samples_per_s"] == 0.0
-    before = peak_memory_mb("cpu")
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
-    block += 1
-    after = peak_memory_mb("cpu")
-    assert after >= before > 10  # a Python process with torch is far above 10 MiB
-    assert after >= block.numel() * 4 / 2**20

@@ -186,7 +186,9 @@ def test_generation_with_a_soft_prompt_matches_peft_and_the_uncached_forward(tin
     for row, n in enumerate(lengths):  # left padding, as generation wants it
         ids[row, width - n:] = tokens(1, n, seed=row)[0]
         mask[row, width - n:] = 1
-    new = 64 - N_VIRTUAL - width  # up to n_positions
+    # 4 positions short of n_positions: transformers 5.24 (peft 0.21.2) embeds one position past the last one it
+    # generates, which at exactly n_positions indexes out of wpe; the edge is not what this test is about
+    new = 64 - N_VIRTUAL - width - 4
     ours = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
     with torch.no_grad():
         theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import gpt2lora.checkpoint as checkpoint_module
 import gpt2lora.train as train_module
 from gpt2lora import (
     GPT2,
@@ -249,8 +250,8 @@ def ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     writes = []
-    real_write = train_module.write_atomic
-    train_module.write_atomic = lambda path, writers: writes.append(str(path)) or real_write(path, writers)
+    real_write = checkpoint_module.write_atomic
+    checkpoint_module.write_atomic = lambda path, writers: writes.append(str(path)) or real_write(path, writers)
     result = {"writes": writes}
     for kind in ("cls", "lm"):
         history, weights = run_kind(kind, Path(folder) / f"out-{kind}")

@@ -1,0 +1,175 @@
+"""Evaluation: loss and metrics over batches, and the generated answers of instruction / QA tasks.
+
+:func:`evaluate` is standalone — a model and batches, no Trainer — and is what :meth:`Trainer.evaluate`
+runs. :func:`task_metrics` adds what a task kind reports (accuracy/F1, perplexity, SQuAD EM/F1 of
+greedy answers, instruction responses) for a run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .batching import BucketedBatches, collate, validate_batch
+from .data import CLASSIFICATION_KINDS, Dataset, Tokenizer, encode, prompt_ids
+from .devices import autocast, resolve_precision
+from .errors import ConfigError, DataError
+from .heads import is_classifier, label_count
+from .losses import summed_loss
+from .metrics import classification_metrics, instruction_metrics, mean_loss, perplexity, squad_metrics
+
+#: Per-row details of :func:`task_metrics` kept out of result rows (QA samples, instruction responses).
+DETAIL_KEYS = ("samples", "responses")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def checked_batch(model: nn.Module, batch: Any, where: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """:func:`~gpt2lora.batching.validate_batch` with the limits ``model`` sets (labels, positions, vocab)."""
+    config = getattr(model, "config", None)
+    classification = is_classifier(model)
+    return validate_batch(batch, where, classification, label_count(model) if classification else None,
+                          getattr(config, "n_positions", None), getattr(config, "vocab_size", None), device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device | str | None = None,
+             precision: str = "fp32", dist: distributed.DistInfo | None = None) -> dict[str, float]:
+    """Loss + accuracy/precision/recall/F1 (classifier) or loss + perplexity + target tokens (LM).
+
+    ``device``: where the batches go (default: the model's). In a distributed run (``dist`` enabled)
+    every rank must pass the same batches: batch i is evaluated by rank i mod world_size and the sums
+    (and a confusion matrix) are all-reduced, so every rank gets the metrics. The model's train/eval
+    mode is restored afterwards.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    precision = resolve_precision(precision, device)
+    classification = is_classifier(model)
+    was_training = model.training
+    model.eval()
+    total, count, preds, golds = 0.0, 0, [], []
+    try:
+        for i, raw in enumerate(batches):
+            batch = checked_batch(model, raw, f"eval batch {i}", device)
+            if dist is not None and dist.enabled and i % dist.world_size != dist.rank:
+                continue  # sharded: batch i is evaluated by rank i mod world_size, then reduced below
+            with autocast(precision, device):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+            summed, n = summed_loss(logits, batch["labels"], classification)
+            total += float(summed)
+            count += n
+            if classification:
+                preds.extend(logits.argmax(-1).tolist())
+                golds.extend(batch["labels"].tolist())
+    finally:
+        model.train(was_training)
+    if dist is not None and dist.enabled:
+        total, count, preds, golds = _reduce(model, total, count, preds, golds, device)
+    if count == 0:
+        raise DataError("eval_data: no batches (or no target tokens) to evaluate")
+    loss = mean_loss(total, count)
+    if classification:
+        return {"loss": loss, **classification_metrics(preds, golds)}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}
+
+
+def _reduce(model: nn.Module, total: float, count: int, preds: list[int], golds: list[int],
+            device: torch.device) -> tuple[float, int, list[int], list[int]]:
+    """Every rank's eval sums, and its predictions as a summed confusion matrix (metrics need no order)."""
+    total, count = distributed.all_reduce_sum([total, count], device)
+    if not is_classifier(model):
+        return total, int(count), preds, golds
+    n = label_count(model)
+    confusion = torch.zeros(n * n, dtype=torch.int64, device=device)
+    if golds:
+        cells = torch.tensor(golds, device=device) * n + torch.tensor(preds, device=device)
+        confusion += torch.bincount(cells, minlength=n * n)
+    confusion = distributed.all_reduce_tensor(confusion).tolist()
+    golds = [cell // n for cell, c in enumerate(confusion) for _ in range(c)]
+    preds = [cell % n for cell, c in enumerate(confusion) for _ in range(c)]
+    return total, int(count), preds, golds
+
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                   device: torch.device, batch_size: int = 8, stop_at_newline: bool = False,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0) -> list[str]:
+    """Continuations of tokenised prompts (greedy by default), decoded up to EOS, in the prompts' order."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    limit = model.config.n_positions - max_new_tokens
+    if limit < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                          f"n_positions={model.config.n_positions}")
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [{"input_ids": p[-limit:], "label": 0} for p in prompts[start:start + batch_size]]
+        batch = collate(rows, tok.eot_token, padding_side="left")
+        out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_token_id=tok.eot_token, generator=generator)
+        for row in out[:, batch["input_ids"].size(1):].tolist():
+            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
+            text = tok.decode(row)
+            texts.append(text.split("\n")[0].strip() if stop_at_newline else text.strip())
+    return texts
+
+
+def instruction_samples(model: nn.Module, tok: Tokenizer, records: list[dict[str, Any]], max_new_tokens: int,
+                        max_length: int, device: torch.device) -> list[dict[str, str]]:
+    """Greedy responses to instruction records, with the instruction, input and reference."""
+    prompts = [prompt_ids(tok, r, "instruction", max_length) for r in records]
+    outputs = generate_texts(model, tok, prompts, max_new_tokens, device)
+    return [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"], "generated": o}
+            for r, o in zip(records, outputs)]
+
+
+def task_metrics(model: nn.Module, tok: Tokenizer, eval_set: Dataset, max_length: int, batch_size: int,
+                 device: torch.device, precision: str = "auto", gen_rows: int = 200,
+                 max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The metrics a task kind reports over every eval row.
+
+    Classification / NLI: loss, accuracy and macro precision / recall / F1. Instruction / QA: loss and
+    perplexity, plus, over the first ``gen_rows`` rows answered greedily with ``max_new_tokens`` tokens
+    (default 32 for QA, 128 for instructions), SQuAD EM / F1 with five samples, or ROUGE-L / exact match
+    with every response (kept for ``gpt2lora judge``).
+    """
+    kind = eval_set.kind
+    examples = encode(eval_set, tok, max_length)
+    data = BucketedBatches(examples, batch_size, shuffle=False, pad_token_id=tok.eot_token)
+    model.to(device)
+    start = time.perf_counter()
+    raw = evaluate(model, data, device=device, precision=precision)
+    runtime = time.perf_counter() - start
+    metrics: dict[str, Any] = {"eval_loss": raw["loss"]}
+    if kind in CLASSIFICATION_KINDS:
+        metrics.update(accuracy=raw["accuracy"], f1=raw["f1_macro"], precision=raw["precision_macro"],
+                       recall=raw["recall_macro"])
+    else:
+        metrics["perplexity"] = raw["perplexity"]
+    metrics.update(eval_time_s=runtime, eval_rows=len(examples),
+                   eval_samples_per_s=len(examples) / runtime if runtime else 0.0)
+    rows = eval_set.records[:gen_rows]
+    if kind == "qa":
+        prompts = [prompt_ids(tok, r, "qa", max_length) for r in rows]
+        answers = generate_texts(model, tok, prompts, max_new_tokens or 32, device, stop_at_newline=True)
+        scores = squad_metrics(answers, [r["answers"] for r in rows])
+        metrics.update(exact_match=scores["exact_match"], squad_f1=scores["f1"], generated_rows=len(rows),
+                       samples=[{"question": r["question"], "answers": r["answers"], "prediction": a}
+                                for r, a in list(zip(rows, answers))[:5]])
+    if kind == "instruction":
+        responses = generate_texts(model, tok, [prompt_ids(tok, r, "instruction", max_length) for r in rows],
+                                   max_new_tokens or 128, device)
+        metrics.update(instruction_metrics(responses, [r["output"] for r in rows]), generated_rows=len(rows),
+                       responses=[{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
+                                   "response": text} for r, text in zip(rows, responses)])
+    return metrics
