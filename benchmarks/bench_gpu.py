@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> str:
             body, _ = bench_lm.main(lm_args)
             parts += ["### LM fine-tuning (instruction / SQuAD LoRA steps, alpaca_2k epoch)", "", body]
         else:
-            parts += ["### LM fine-tuning", "", f"Not measured: {bench_lm.SHARED} lacks data/alpaca_2k, "
-                      "data/squad_v1 or gpt2-tokenizer (set GPT2LORA_SHARED, or copy them into ./shared)."]
+            parts += ["### LM fine-tuning", "", (f"Not measured: {bench_lm.SHARED} lacks data/alpaca_2k, "
+                                                 "data/squad_v1 or gpt2-tokenizer (set GPT2LORA_SHARED, or copy "
+                                                 "them into ./shared).")]
     if "memory" not in args.skip:
         results = [sst2_memory(method, args.shape, args.device, p, steps=1 if dry else 3)
                    for method in ("lora", "full") for p in (["fp32"] if dry else ["fp32", precision])]
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> str:
                    "own training script; the setting, not the code, is the same."), "", *memory_rows(results)]
     minutes = (time.perf_counter() - started) / 60
     command = "python benchmarks/bench_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = [f"Command: `bash benchmarks/gpu.sh` (`{command.strip()}`, {minutes:.1f} min; 1-minute load average "
-            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)  ",
+    head = [(f"Command: `bash benchmarks/gpu.sh` (`{command.strip()}`, {minutes:.1f} min; 1-minute load average "
+             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)  "),
             f"Device: {device_line(args.device)}; host: {machine_line()}  "]
     if args.tests:
         head.append(f"CUDA-only tests: {args.tests}  ")

@@ -370,8 +370,8 @@ def step_rows(results: list[LMStepResult]) -> list[str]:
 
 def epoch_rows(results: list[EpochEstimate]) -> list[str]:
     ours = results[0]
-    rows = ["| contender | batches | real tokens | computed slots (padding share) | sampled | est. epoch "
-            "| vs gpt2lora bucketed |", "|---|---|---|---|---|---|---|"]
+    rows = [("| contender | batches | real tokens | computed slots (padding share) | sampled | est. epoch "
+             "| vs gpt2lora bucketed |"), "|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r.name} | {r.batches} | {r.real_tokens:,} | {r.slots:,} ({1 - r.real_tokens / r.slots:.0%}) "
                     f"| {r.sampled} | {r.seconds:,.0f} s | {r.seconds / ours.seconds:.2f}× |")

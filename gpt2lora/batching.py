@@ -384,7 +384,9 @@ def validate_batch(batch: Any, where: str, classification: bool, num_labels: int
 
     Raises :class:`DataError` naming ``where`` and the key at fault: a missing key, a non-integer or empty
     ``input_ids``, rows longer than ``n_positions``, a mask of another shape, class ids outside
-    ``[0, num_labels)`` or token targets outside the vocabulary. Returns long tensors on ``device``.
+    ``[0, num_labels)`` or token targets outside the vocabulary, ``position_ids`` (packed rows, see
+    :func:`collate_packed`) of another shape or outside ``[0, n_positions)``. Returns long tensors on
+    ``device``, ``position_ids`` only when the batch has them.
     """
     if not isinstance(batch, Mapping):
         raise DataError(f"{where}: expected a dict with input_ids, attention_mask, labels; got "
@@ -421,5 +423,24 @@ def validate_batch(batch: Any, where: str, classification: bool, num_labels: int
         if bad.numel():
             raise DataError(f"{where}: labels contains {int(bad[0])}, expected a token id in "
                             f"[0, {vocab_size}) or {IGNORE_INDEX}")
-    return {"input_ids": ids.long().to(device), "attention_mask": mask.long().to(device),
-            "labels": labels.to(device)}
+    out = {"input_ids": ids.long().to(device), "attention_mask": mask.long().to(device), "labels": labels.to(device)}
+    if batch.get("position_ids") is not None:
+        positions = torch.as_tensor(batch["position_ids"])
+        if positions.shape != ids.shape or positions.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"{where}: position_ids must be an integer tensor of shape {tuple(ids.shape)} "
+                            f"(packed rows), got shape {tuple(positions.shape)} dtype {positions.dtype}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= (n_positions or 2**62)):
+            raise DataError(f"{where}: position_ids must lie in [0, {n_positions}) (the model's n_positions), "
+                            f"got values from {int(positions.min())} to {int(positions.max())}")
+        out["position_ids"] = positions.long().to(device)
+    return out
+
+
+def example_count(batch: Mapping[str, Tensor]) -> int:
+    """Examples in a collated batch: its rows, or for packed rows the examples laid end to end in them."""
+    positions = batch.get("position_ids")
+    if positions is None:
+        return int(batch["input_ids"].size(0))
+    mask = batch.get("attention_mask")
+    starts = positions == 0
+    return int((starts & mask.bool()).sum()) if mask is not None else int(starts.sum())

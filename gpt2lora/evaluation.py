@@ -20,7 +20,8 @@ from .data import CLASSIFICATION_KINDS, Dataset, Tokenizer, encode, prompt_ids
 from .devices import autocast, resolve_precision
 from .errors import ConfigError, DataError
 from .heads import is_classifier, label_count
-from .losses import summed_loss
+from .lm_head_loss import DEFAULT_CHUNK_SIZE
+from .losses import forward_loss
 from .metrics import classification_metrics, instruction_metrics, mean_loss, perplexity, squad_metrics
 
 #: Per-row details of :func:`task_metrics` kept out of result rows (QA samples, instruction responses).
@@ -42,9 +43,12 @@ def checked_batch(model: nn.Module, batch: Any, where: str, device: torch.device
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device | str | None = None,
-             precision: str = "fp32", dist: distributed.DistInfo | None = None) -> dict[str, float]:
+             precision: str = "fp32", dist: distributed.DistInfo | None = None,
+             loss_chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, float]:
     """Loss + accuracy/precision/recall/F1 (classifier) or loss + perplexity + target tokens (LM).
 
+    The loss is :func:`~gpt2lora.losses.forward_loss`'s, as in training: a language model's head runs at
+    target positions only, ``loss_chunk_size`` rows at a time; packed batches (with ``position_ids``) work.
     ``device``: where the batches go (default: the model's). In a distributed run (``dist`` enabled)
     every rank must pass the same batches: batch i is evaluated by rank i mod world_size and the sums
     (and a confusion matrix) are all-reduced, so every rank gets the metrics. The model's train/eval
@@ -62,8 +66,7 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
             if dist is not None and dist.enabled and i % dist.world_size != dist.rank:
                 continue  # sharded: batch i is evaluated by rank i mod world_size, then reduced below
             with autocast(precision, device):
-                logits = model(batch["input_ids"], batch["attention_mask"])
-            summed, n = summed_loss(logits, batch["labels"], classification)
+                summed, n, logits = forward_loss(model, batch, classification, loss_chunk_size)
             total += float(summed)
             count += n
             if classification:
