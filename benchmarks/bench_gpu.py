@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> str:
         if shared_data_present():
             lm_args = ["--device", args.device, "--precision", precision, "--no-write", "--shape", args.shape, *quick]
             if dry:
-                lm_args += ["--samples", "1", "--epoch-rows", "64", "--skip", "memory", "squad", "profile"]
+                lm_args += ["--samples", "1", "--epoch-rows", "64", "--skip", "memory", "squad", "profile", "generate"]
             else:
                 lm_args += ["--skip", "memory"]  # RSS workers are a CPU measurement; the steps record CUDA peaks
             body, _ = bench_lm.main(lm_args)

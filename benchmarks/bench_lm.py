@@ -48,7 +48,7 @@ from gpt2lora.data import encode
 
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", HERE.parent.parent / "shared"))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("step", "squad", "epoch", "memory", "profile")
+PARTS = ("step", "squad", "epoch", "memory", "profile", "generate")
 OURS, REF, FULL = "gpt2lora", "transformers+peft", "gpt2lora, full logits"
 MEMORY_CONFIGS = {"gpt2lora": "gpt2lora, LoRA r=8 (target-only chunked loss)",
                   "gpt2lora-full-logits": "gpt2lora, LoRA r=8, full logits (the loss before)",
@@ -345,6 +345,66 @@ def profile_step(side: Side, data: dict[str, torch.Tensor], top: int = 8) -> lis
     return [(name, t / total) for name, t in events[:top]]
 
 
+# --- evaluation generation ---
+
+def bench_generation(shape: str, prompts: int = 32, new_tokens: int = 16, batch: int = 8,
+                     device: str = "cpu") -> dict:
+    """Greedy SQuAD answers for evaluation: prompts in their own order vs length-sorted (``generate_texts``).
+
+    Both left-pad every batch; the texts must be identical. Random weights, so answers rarely end early:
+    the gain shown is the padding that sorting saves.
+    """
+    from gpt2lora.data import prompt_ids
+    from gpt2lora.evaluation import generate_texts
+
+    tok = gl.load_tokenizer(SHARED / "gpt2-tokenizer")
+    rows = gl.load_split(SHARED / "data" / "squad_v1", "validation", limit=prompts).records
+    cfg = gl.GPT2Config.from_hf_config(hf_config(shape).to_dict())
+    torch.manual_seed(0)
+    model = gl.GPT2(cfg).to(device).eval()
+    limit = vocab_limit(shape)
+    encoded = [prompt_ids(tok, r, "qa", cfg.n_positions - new_tokens) for r in rows]
+    if limit is not None:
+        encoded = [[i % limit for i in p] for p in encoded]
+    eot = tok.eot_token if limit is None else limit
+
+    def in_order() -> list[list[int]]:
+        out = []
+        for start in range(0, len(encoded), batch):
+            data = collate([{"input_ids": p, "label": 0} for p in encoded[start:start + batch]], eot,
+                           padding_side="left")
+            gen = model.generate(data["input_ids"].to(device), data["attention_mask"].to(device),
+                                 max_new_tokens=new_tokens, eos_token_id=eot)
+            out += gen[:, data["input_ids"].size(1):].tolist()
+        return out
+
+    class Tok:  # generate_texts decodes; compare token ids instead, through a tokenizer that returns them
+        eot_token = eot
+        n_vocab = cfg.vocab_size
+
+        @staticmethod
+        def decode(ids: list[int]) -> str:
+            return " ".join(map(str, ids))
+
+    def sorted_batches() -> list[str]:
+        return generate_texts(model, Tok, encoded, new_tokens, torch.device(device), batch_size=batch)
+
+    widths = {"in order": sum(max(len(p) for p in encoded[i:i + batch]) * len(encoded[i:i + batch])
+                              for i in range(0, len(encoded), batch))}
+    ranked = sorted(encoded, key=len, reverse=True)
+    widths["length-sorted"] = sum(len(ranked[i]) * len(ranked[i:i + batch]) for i in range(0, len(ranked), batch))
+    results: dict[str, list] = {}
+    timings = interleaved({"in order": lambda: results.__setitem__("in order", in_order()),
+                           "length-sorted": lambda: results.__setitem__("length-sorted", sorted_batches())},
+                          repeats=1, warmup=0)
+    expected = [" ".join(map(str, row[:row.index(eot)] if eot in row else row)).strip()
+                for row in results["in order"]]
+    if expected != results["length-sorted"]:
+        raise SystemExit("length-sorted generation gave other answers than generation in prompt order")
+    return {"prompts": len(encoded), "new_tokens": new_tokens, "batch": batch, "slots": widths,
+            "seconds": {name: t.median for name, t in timings.items()}}
+
+
 # --- report ---
 
 def step_rows(results: list[LMStepResult]) -> list[str]:
@@ -420,6 +480,15 @@ def section(results: dict, command: str, args: argparse.Namespace, load: tuple[f
                        f"the {args.batch} longest alpaca_2k rows ({args.batch} × {mem['width']}, {mem['targets']:,} "
                        "targets: the batch that sets a run's peak). Baseline = RSS after building model, optimizer "
                        "and batch; peak = VmHWM after resetting it there."), "", *memory_rows(results["memory"])]
+    if "generate" in results:
+        gen = results["generate"]
+        t, slots = gen["seconds"], gen["slots"]
+        lines += ["", (f"**Evaluation answers** (`evaluation.generate_texts`, greedy, {gen['prompts']} SQuAD validation "
+                       f"prompts, {gen['new_tokens']} new tokens, batch {gen['batch']}, left padding, random weights): "
+                       f"in the prompts' order {t['in order']:.1f} s ({slots['in order']:,} prompt slots), "
+                       f"length-sorted {t['length-sorted']:.1f} s ({slots['length-sorted']:,} slots): "
+                       f"{t['in order'] / t['length-sorted']:.2f}×, the same answers. A trained model also stops "
+                       "a QA batch once every row has written a newline (`stop_token_ids`).")]
     if "profile" in results:
         prof = results["profile"]
         ops = ", ".join(f"`{name}` {share:.0%}" for name, share in prof["ops"])
@@ -492,6 +561,9 @@ def main(argv: list[str] | None = None) -> tuple[str, dict]:
                               target_count(data["labels"]))
         results["profile"] = {"ops": ops, "flops": flops, "achieved": flops / min(times) / 1e9,
                               "peak": matmul_gflops(args.device)}
+    if "generate" not in args.skip:
+        sides.clear()
+        results["generate"] = bench_generation(args.shape, device=args.device)
     if "epoch" not in args.skip:
         results["epoch"] = bench_lm_epoch(fresh(False), alpaca, args.batch, args.max_length, args.samples, pad,
                                           device=args.device, tol=tol)

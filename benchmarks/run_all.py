@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> str:
     if "lm" not in args.skip:
         lm_args = ["--shape", small, "--no-write", *threads]
         if args.quick:
-            lm_args += ["--repeats", "1", "--samples", "1", "--skip", "squad", "profile", "--no-ablation"]
+            lm_args += ["--repeats", "1", "--samples", "1", "--skip", "squad", "profile", "generate", "--no-ablation"]
         if args.tiny:
             lm_args += ["--epoch-rows", "64"]
         body, results = bench_lm.main(lm_args)

@@ -101,29 +101,54 @@ def _reduce(model: nn.Module, total: float, count: int, preds: list[int], golds:
     return total, int(count), preds, golds
 
 
+def newline_token_ids(tok: Tokenizer, vocab_size: int | None = None) -> list[int]:
+    """Ids of every token (below ``vocab_size``) whose text holds a newline: where a one-line answer ends."""
+    n = tok.n_vocab if vocab_size is None else min(vocab_size, tok.n_vocab)
+    out = []
+    for i in range(n):
+        try:
+            if b"\n" in tok.decode_single_token_bytes(i):
+                out.append(i)
+        except KeyError:  # a hole in the vocabulary
+            continue
+    return out
+
+
 @torch.no_grad()
 def generate_texts(model: nn.Module, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                    device: torch.device, batch_size: int = 8, stop_at_newline: bool = False,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    seed: int = 0) -> list[str]:
-    """Continuations of tokenised prompts (greedy by default), decoded up to EOS, in the prompts' order."""
+    """Continuations of tokenised prompts (greedy by default), decoded up to EOS, in the prompts' order.
+
+    Prompts are answered in batches of similar length (sorted, longest first, left-padded), so little
+    padding is computed; each row's greedy answer is the one it gets alone, so the texts (and the EM / F1
+    computed from them) do not depend on ``batch_size``. ``stop_at_newline``: the text ends at its first
+    newline, and a row stops generating once it produced a token holding one. Sampling
+    (``temperature > 0``) draws from one generator over the sorted batches.
+    """
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     limit = model.config.n_positions - max_new_tokens
     if limit < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                           f"n_positions={model.config.n_positions}")
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [{"input_ids": p[-limit:], "label": 0} for p in prompts[start:start + batch_size]]
-        batch = collate(rows, tok.eot_token, padding_side="left")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"generate_texts batch_size: expected a positive integer, got {batch_size!r}")
+    stop = newline_token_ids(tok, model.config.vocab_size) if stop_at_newline else None
+    cut = [p[-limit:] for p in prompts]
+    order = sorted(range(len(cut)), key=lambda i: -len(cut[i]))  # stable: equal lengths keep their order
+    texts = [""] * len(cut)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": cut[i], "label": 0} for i in chunk], tok.eot_token, padding_side="left")
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_token_id=tok.eot_token, generator=generator)
-        for row in out[:, batch["input_ids"].size(1):].tolist():
+                             eos_token_id=tok.eot_token, generator=generator, stop_token_ids=stop)
+        for i, row in zip(chunk, out[:, batch["input_ids"].size(1):].tolist(), strict=True):
             row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
             text = tok.decode(row)
-            texts.append(text.split("\n")[0].strip() if stop_at_newline else text.strip())
+            texts[i] = text.split("\n")[0].strip() if stop_at_newline else text.strip()
     return texts
 
 

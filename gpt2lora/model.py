@@ -365,10 +365,10 @@ class GPT2(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = 50256,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, stop_token_ids: list[int] | None = None) -> Tensor:
         """Continue each prompt; see :func:`gpt2lora.generate.generate`."""
         from .generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, generator=generator)
+                        eos_token_id=eos_token_id, generator=generator, stop_token_ids=stop_token_ids)
