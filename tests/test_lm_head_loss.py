@@ -194,3 +194,24 @@ def test_chunk_size_must_be_a_positive_integer():
     with pytest.raises(ConfigError, match=r"lm_head_loss: hidden states \(1, 3, 4\) and labels \(3,\)"):
         lm_head_loss(hidden, weight, torch.zeros(3, dtype=torch.long))
     assert ChunkedHeadCrossEntropy.apply(hidden[0], weight, labels[0], 2, torch.float32, False).dim() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs on CUDA only")
+def test_chunked_loss_on_cuda_matches_cpu_and_bf16_autocast_tracks_it(checkpoint):
+    model = GPT2.from_pretrained(checkpoint)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), seed=0)
+    batch = lm_batch("right", seed=6)
+    cpu = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], loss_chunk_size=5)
+    cpu_grads = grads_of(model, cpu)
+    model.cuda()
+    on_gpu = {k: v.cuda() for k, v in batch.items()}
+    cuda = model(on_gpu["input_ids"], on_gpu["attention_mask"], labels=on_gpu["labels"], loss_chunk_size=5)
+    cuda_grads = grads_of(model, cuda)
+    assert float(cuda) == pytest.approx(float(cpu), rel=1e-5)
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(cuda_grads[name].cpu(), grad, atol=1e-4, rtol=1e-4, msg=name)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = model(on_gpu["input_ids"], on_gpu["attention_mask"], labels=on_gpu["labels"], loss_chunk_size=5)
+    assert half.dtype == torch.float32 and float(half) == pytest.approx(float(cpu), rel=3e-2)
+    half_grads = grads_of(model, half)
+    assert all(torch.isfinite(g).all() for g in half_grads.values())

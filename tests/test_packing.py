@@ -191,3 +191,16 @@ def test_packing_bad_input_names_the_setting():
         pack_rows([1, 2], 0)
     with pytest.raises(ConfigError, match="collate_packed: row 0 example 0 is a classification example"):
         collate_packed([classification])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs on CUDA only")
+def test_packed_rows_on_cuda_match_the_cpu(models):
+    ours, _ = models
+    examples = lm_rows([(3, 4), (2, 7), (4, 1), (3, 9)], seed=5)
+    batch = collate_packed([examples[:3], examples[3:]], pad_token_id=0)
+    with torch.no_grad():
+        cpu = ours(batch["input_ids"], batch["attention_mask"], batch["position_ids"], labels=batch["labels"])
+        gpu = ours.cuda()(*(batch[k].cuda() for k in ("input_ids", "attention_mask", "position_ids")),
+                          labels=batch["labels"].cuda())
+    ours.cpu()
+    assert float(gpu) == pytest.approx(float(cpu), rel=1e-5)
