@@ -54,11 +54,15 @@ class Side:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss: Callable[[dict[str, Tensor]], Tensor]
+    clip: float | None = None
+    """Clip the gradient norm to this before the update (None: no clipping)."""
 
     def step(self, batch: dict[str, Tensor]) -> float:
-        """One training step (forward, backward, AdamW update); returns the loss."""
+        """One training step (forward, backward, optional clipping, AdamW update); returns the loss."""
         loss = self.loss(batch)
         loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -167,3 +171,77 @@ def check_same_loss(sides: dict[str, Side], batch: dict[str, Tensor], tol: float
     if spread > tol:
         raise SystemExit(f"the contenders compute different losses on the same batch: {losses}")
     return losses
+
+
+# --- language modelling ---
+
+def target_count(labels: Tensor) -> int:
+    """Target tokens of a (B, T) label batch (the next-token shift drops the first position)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def ours_lm_loss(model: nn.Module, autocast: torch.dtype | None = None) -> Callable[[dict[str, Tensor]], Tensor]:
+    """gpt2lora's LM loss: the head at target positions only, in chunks (``GPT2.forward(labels=...)``)."""
+    def loss(batch: dict[str, Tensor]) -> Tensor:
+        with _autocast(batch, autocast):
+            total = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
+                          labels=batch["labels"])
+        return total / max(target_count(batch["labels"]), 1)
+    return loss
+
+
+def full_logits_lm_loss(model: nn.Module, autocast: torch.dtype | None = None
+                        ) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The LM loss as gpt2lora computed it before: full (B, T, vocab) logits, then cross-entropy."""
+    def loss(batch: dict[str, Tensor]) -> Tensor:
+        with _autocast(batch, autocast):
+            logits = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+        flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+        total = F.cross_entropy(flat, batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        return total / max(target_count(batch["labels"]), 1)
+    return loss
+
+
+def lm_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float = 0.0,
+            dropout: float | None = None, device: str = "cpu", autocast: torch.dtype | None = None,
+            seed: int = 0, full_logits: bool = False, clip: float | None = 1.0) -> dict[str, Side]:
+    """``{"gpt2lora": Side, "transformers+peft": Side}`` language models with LoRA on one random checkpoint.
+
+    ``full_logits``: also ``"gpt2lora, full logits"``, a copy of the gpt2lora model with the old loss path.
+    transformers + peft computes its loss with ``model(..., labels=...)``.
+    """
+    import peft
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(hf_config(shape, dropout))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ckpt"
+        hf.save_pretrained(folder)
+        models = [gl.GPT2.from_pretrained(folder) for _ in range(2 if full_logits else 1)]
+    lora = gl.LoRAConfig(rank=rank, alpha=alpha, dropout=lora_dropout, targets=TARGETS)
+    for model in models:
+        model.to(device).train()
+        gl.apply_lora(model, lora, seed=seed)
+    ours = models[0]
+    sides = {"gpt2lora": Side("gpt2lora", ours, adamw(ours), ours_lm_loss(ours, autocast), clip)}
+    if full_logits:
+        sides["gpt2lora, full logits"] = Side("gpt2lora, full logits", models[1], adamw(models[1]),
+                                              full_logits_lm_loss(models[1], autocast), clip)
+    reference = peft.get_peft_model(hf, peft.LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(TARGETS),
+        fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_" in name:
+                params[f"base_model.model.{name}.default.weight"].copy_(p)
+    trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
+    expected = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    if trainable != expected:
+        raise SystemExit(f"peft trains {trainable} parameters, gpt2lora {expected}: configurations differ")
+    reference.to(device).train()
+    sides["transformers+peft"] = Side("transformers+peft", reference, adamw(reference),
+                                      reference_loss(reference, autocast), clip)
+    return sides

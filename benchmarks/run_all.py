@@ -5,7 +5,9 @@
     python benchmarks/run_all.py --tiny --quick --output /tmp/r.md   # seconds-scale smoke on tiny shapes
 
 Sections: training step (bench_train), epoch on SST-2 (bench_epoch), generation (bench_generate), memory
-(bench_memory, one process per configuration) and GPU (bench_train on CUDA in bf16 when a GPU is present).
+(bench_memory, one process per configuration), LM fine-tuning (bench_lm: instruction / SQuAD steps, an
+alpaca_2k epoch, LM memory) and GPU (bench_train on CUDA in bf16 when a GPU is present; the full GPU run
+is benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_epoch
 import bench_generate
+import bench_lm
 import bench_memory
 import bench_train
 from common import HEADER, RESULTS, machine_line
@@ -33,6 +36,9 @@ GOALS = {
     "epoch_ref": 5.0,    # epoch vs the reference recipe (padded to 128)
     "epoch_dyn": 1.1,    # epoch vs transformers + peft with dynamic padding
     "generate": 2.0,     # greedy batch 1 vs transformers
+    "lm_step": 1.5,      # LM LoRA step on identical batches vs transformers + peft labels=
+    "lm_memory": 0.3,    # LM step training-added peak memory vs transformers + peft (at most)
+    "lm_epoch": 2.5,     # epoch over 2,000 alpaca_2k rows vs transformers + peft with dynamic padding
 }
 
 
@@ -54,6 +60,27 @@ Speed-ups in gpt2lora (each kept every parity test green, tests in `tests/test_s
   about 10-20 % off a wrapped c_fc's forward + backward in isolation;
 * already in place: no dropout module when LoRA dropout is 0, the padding mask built once per forward
   (and none at all when nothing is padded), no fp32 upcasts.\
+"""
+
+
+LM_NOTES = """\
+What changed for language models (tests in `tests/test_lm_head_loss.py`, `tests/test_packing.py`): the LM
+head and its cross-entropy run only at positions whose next token is a target (prompt and padding
+positions never reach the 50,257-wide head), 512 rows at a time, and each block's logits are turned into
+the head's input gradient (and weight gradient, when the head trains) during the forward pass, so
+neither forward nor backward holds a (positions, vocab) tensor and the head costs the two matmuls of the
+plain computation. Losses are summed and divided by the target tokens of the whole optimizer step
+(accumulation and DDP included). Packing lays examples end to end in rows of max_length with
+positions restarting per example and attention kept inside each example (block-diagonal causal mask).\
+"""
+
+GPU_NOT_MEASURED = """\
+Not measured: no GPU has been available to this project's sessions yet. `bash benchmarks/gpu.sh` (under
+8 minutes on one GPU) runs the CUDA-only tests, the training-step and LM benchmarks with `--device cuda
+--precision bf16` against transformers + peft in bf16, and the SST-2 report's memory configuration
+(gpt2 classifier, B=16, T=128, LoRA r=4 on attn.c_attn vs full fine-tuning, peak CUDA memory beside the
+published 0.49 GB / 1.89 GB), and writes this section. Until then there are no GPU figures: no bf16 step
+times or TFLOP/s, no CUDA peak memory, no check that the CUDA-only tests pass.\
 """
 
 
@@ -84,6 +111,28 @@ def generation_speedup(body: str, batch: int = 1) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def lm_goals(results: dict, first: int) -> list[str]:
+    """Numbered goal lines of bench_lm's results: LM step, LM memory, alpaca epoch."""
+    out = []
+    if "step" in results:
+        r = results["step"][0]
+        out.append(f"LM LoRA step on identical batches ({r.task}, B={r.batch}, T={r.width}, fp32 CPU) vs "
+                   f"transformers + peft: {verdict(r.speedup(), GOALS['lm_step'])}.")
+    memory = results.get("memory", {})
+    if "gpt2lora" in memory and "peft" in memory:
+        ratio = bench_lm.added_mib(memory["gpt2lora"]) / bench_lm.added_mib(memory["peft"])
+        met = ratio <= GOALS["lm_memory"]
+        out.append(f"LM step training-added peak memory vs transformers + peft: **{'met' if met else 'not met'}** "
+                   f"({ratio:.2f}× {'≤' if met else '>'} {GOALS['lm_memory']:g}×).")
+    if "epoch" in results:
+        ours = min(results["epoch"][:2], key=lambda r: r.seconds)
+        dynamic = results["epoch"][2]
+        out.append(f"Epoch over 2,000 alpaca_2k rows vs transformers + peft with dynamic padding: "
+                   f"{verdict(dynamic.seconds / ours.seconds, GOALS['lm_epoch'])} (faster gpt2lora contender: "
+                   f"{ours.name}).")
+    return [f"{first + i}. {line}" for i, line in enumerate(out)]
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, repeats and sampled batches")
@@ -91,7 +140,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"file to write (default {RESULTS.name} for a full run, nothing for --quick)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "epoch", "generate", "memory", "gpu"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["train", "epoch", "generate", "memory", "lm", "gpu"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     output = args.output if args.output is not None else (None if args.quick else RESULTS)
@@ -149,15 +199,23 @@ def main(argv: list[str] | None = None) -> str:
                      f"(peak {ours['peak_kib'] / 1024:,.0f} vs {ref['peak_kib'] / 1024:,.0f} MiB; training adds "
                      f"{adds[0]:,.0f} vs {adds[1]:,.0f} MiB).")
 
+    if "lm" not in args.skip:
+        lm_args = ["--shape", small, "--no-write", *threads]
+        if args.quick:
+            lm_args += ["--repeats", "1", "--samples", "1", "--skip", "squad", "profile", "generate", "--no-ablation"]
+        if args.tiny:
+            lm_args += ["--epoch-rows", "64"]
+        body, results = bench_lm.main(lm_args)
+        sections["LM fine-tuning"] = retitle(body, command) + "\n\n" + LM_NOTES
+        goals += lm_goals(results, 5)
+
     if "gpu" not in args.skip:
         if torch.cuda.is_available():
             body, _ = bench_train.main(["--shape", small, "--device", "cuda", "--precision", "bf16", "--no-write",
                                         "--lengths", "128", "512", "--repeats", "1" if args.quick else "5"])
             sections["GPU"] = body
         else:
-            sections["GPU"] = ("Not measured: no GPU on this machine. On one, `python benchmarks/bench_train.py "
-                               "--device cuda --precision bf16` adds peak CUDA memory allocated and achieved "
-                               "TFLOP/s (nominal FLOPs, see `step_flops`) to the training-step table.")
+            sections["GPU"] = GPU_NOT_MEASURED
 
     minutes = (time.perf_counter() - started) / 60
     summary = "\n".join([

@@ -1,4 +1,4 @@
-"""Examples to batches: prompt masking for LM rows, dynamic padding, length-bucketed shuffling.
+"""Examples to batches: prompt masking for LM rows, dynamic padding, length-bucketed shuffling, packing.
 
 An *example* is a dict with ``"input_ids": list[int]`` and either ``"label": int`` (classification)
 or ``"labels": list[int]`` (language modelling: as long as ``input_ids``, ``-100`` = not a target).
@@ -7,6 +7,7 @@ Labels stay aligned with ``input_ids`` as in Hugging Face; the loss shifts them 
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -140,17 +141,89 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 50256, pa
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Example indices of each packed row: every row's lengths sum to at most ``max_length``.
+
+    Best-fit decreasing: longest example first, each into the fullest row it still fits in (ties: the
+    earliest row), else a new row. Deterministic; leaves little room unused when short examples can
+    fill the gaps the long ones leave.
+    """
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ConfigError(f"pack_rows max_length: expected a positive integer, got {max_length!r}")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        if n > max_length:
+            raise DataError(f"example {i} has {n} tokens, more than max_length={max_length}; packed rows hold "
+                            "whole examples, so truncate it first (lm_example max_length) or raise max_length")
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        bisect.insort(free, (room - n, row))
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], pad_token_id: int = 50256,
+                   pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """Pad packed rows (each a list of LM examples laid end to end) to the longest row, on the right.
+
+    Returns ``input_ids``, ``attention_mask`` (1 on real tokens), ``labels`` and ``position_ids`` (B, T).
+    Positions restart at 0 for every example, which tells the model where each one begins (it then
+    attends within each example only; see :func:`gpt2lora.model.packed_segments`). The label of each
+    example's first token is -100: it would be predicted from the previous example's last token. So
+    every example's loss terms are those it has alone. The padding tail gets positions of its own.
+    """
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ConfigError(f"collate_packed pad_to_multiple_of: expected a positive integer, got "
+                          f"{pad_to_multiple_of!r}")
+    if len(rows) == 0 or any(len(row) == 0 for row in rows):
+        raise DataError("collate_packed: got an empty batch or an empty row; each row needs an example")
+    seqs = []
+    for r, row in enumerate(rows):
+        for k, ex in enumerate(row):
+            if example_kind(ex, k) != "lm":
+                raise ConfigError(f"collate_packed: row {r} example {k} is a classification example ('label'); "
+                                  "packing is for language-model examples ('labels') only")
+        seqs.append([(list(ex["input_ids"]), list(ex["labels"])) for ex in row])
+    width = max(sum(len(ids) for ids, _ in row) for row in seqs)
+    if pad_to_multiple_of:
+        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    for r, row in enumerate(seqs):
+        at = 0
+        for ids, targets in row:
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[r, at:at + n] = 1
+            labels[r, at + 1:at + n] = torch.as_tensor(targets[1:], dtype=torch.long)
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "position_ids": position_ids}
+
+
 @dataclass(frozen=True)
 class PaddingStats:
     """Token slots of one epoch of batches: real tokens, dynamic padding, and fixed-length padding."""
 
     rows: int
+    """Batch rows (packed rows under packing)."""
     real_tokens: int
     """Tokens that are not padding."""
     batch_tokens: int
     """Slots of the dynamically padded batches (real + padding)."""
     fixed_tokens: int | None
-    """Slots if every row were padded to ``max_length`` (None when no max_length was given)."""
+    """Slots if every example had a row of ``max_length`` to itself (None when no max_length was given)."""
 
     @property
     def padding_share(self) -> float:
@@ -173,12 +246,20 @@ class BucketedBatches:
     into batches, and shuffle the batch order. Rows of similar length share a batch, so little padding
     is computed, while batches stay random. ``shuffle=False`` keeps row and batch order (rows are
     still sorted inside each mega-batch when ``sort_by_length``).
+
+    ``packing=True`` (language-model examples only): the examples are first packed, once, into rows of
+    at most ``max_length`` tokens (:func:`pack_rows`), and those rows are what gets shuffled, bucketed
+    and batched as above, ``batch_size`` packed rows per batch, collated by :func:`collate_packed`
+    (positions restart per example, attention stays inside each example). The packing does not change
+    between epochs, so ``len()`` and a resumed position stay valid; :meth:`padding_stats` reports the
+    padding left. ``batch_indices`` then indexes :attr:`packed_rows`.
     """
 
     def __init__(self, examples: Sequence[Mapping[str, Any]], batch_size: int, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, pad_token_id: int = 50256,
                  mega_batch_factor: int = 50, padding_side: str = "right",
-                 pad_to_multiple_of: int | None = None, sort_by_length: bool = True) -> None:
+                 pad_to_multiple_of: int | None = None, sort_by_length: bool = True,
+                 packing: bool = False, max_length: int | None = None) -> None:
         for name, value in (("batch_size", batch_size), ("mega_batch_factor", mega_batch_factor)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"BucketedBatches {name}: expected a positive integer, got {value!r}")
@@ -202,23 +283,53 @@ class BucketedBatches:
         self.sort_by_length = sort_by_length
         self.epoch = 0
         self.lengths = [len(ex["input_ids"]) for ex in self.examples]
-        if drop_last and len(self.examples) < batch_size:
-            raise DataError(f"BucketedBatches: {len(self.examples)} examples make no full batch of "
+        self.packing = self._check_packing(packing, max_length)
+        self.max_length = max_length
+        self.packed_rows: list[list[int]] | None = None
+        """Under packing: the example indices of every packed row (fixed for the object's lifetime)."""
+        self._row_lengths = self.lengths
+        if self.packing:
+            self.packed_rows = pack_rows(self.lengths, max_length)
+            self._row_lengths = [sum(self.lengths[i] for i in row) for row in self.packed_rows]
+        if drop_last and len(self._row_lengths) < batch_size:
+            rows = "packed rows" if self.packing else "examples"
+            raise DataError(f"BucketedBatches: {len(self._row_lengths)} {rows} make no full batch of "
                             f"batch_size={batch_size} with drop_last=True")
+
+    def _check_packing(self, packing: Any, max_length: Any) -> bool:
+        if not isinstance(packing, bool):
+            raise ConfigError(f"BucketedBatches packing: expected True or False, got {packing!r}")
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
+            raise ConfigError(f"BucketedBatches max_length: expected a positive integer or None, got {max_length!r}")
+        if not packing:
+            return False
+        if self.kind != "lm":
+            raise ConfigError("BucketedBatches packing=True: packing is for language-model examples ('labels'); "
+                              "these are classification examples ('label'), batched one per row; set packing=False")
+        if max_length is None:
+            raise ConfigError("BucketedBatches packing=True needs max_length (the tokens of one packed row)")
+        if self.padding_side != "right":
+            raise ConfigError(f"BucketedBatches padding_side={self.padding_side!r} with packing=True: packed rows "
+                              "are padded on the right")
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (deterministic in seed and epoch)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.examples)
+        n = len(self._row_lengths)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def batch_indices(self, epoch: int | None = None) -> list[list[int]]:
-        """Row indices of every batch of an epoch (the current one by default), in yield order."""
+        """Row indices of every batch of an epoch (the current one by default), in yield order.
+
+        A row is an example, or under packing an index into :attr:`packed_rows`.
+        """
         epoch = self.epoch if epoch is None else epoch
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.examples)))
+        order = list(range(len(self._row_lengths)))
         if self.shuffle:
             rng.shuffle(order)
         mega = self.batch_size * self.mega_batch_factor
@@ -226,7 +337,7 @@ class BucketedBatches:
         for start in range(0, len(order), mega):
             chunk = order[start:start + mega]
             if self.sort_by_length:
-                chunk.sort(key=lambda i: self.lengths[i], reverse=True)
+                chunk.sort(key=lambda i: self._row_lengths[i], reverse=True)
             batches.extend(chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -237,24 +348,32 @@ class BucketedBatches:
     def iter_from(self, start: int) -> Iterator[dict[str, Tensor]]:
         """The current epoch's batches from batch ``start`` on, without collating the skipped ones."""
         for rows in self.batch_indices()[start:]:
-            yield collate([self.examples[i] for i in rows], self.pad_token_id, self.padding_side,
-                          self.pad_to_multiple_of)
+            if self.packed_rows is not None:
+                yield collate_packed([[self.examples[i] for i in self.packed_rows[r]] for r in rows],
+                                     self.pad_token_id, self.pad_to_multiple_of)
+            else:
+                yield collate([self.examples[i] for i in rows], self.pad_token_id, self.padding_side,
+                              self.pad_to_multiple_of)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         return self.iter_from(0)
 
     def padding_stats(self, max_length: int | None = None) -> PaddingStats:
-        """Real vs padded token slots over the current epoch's batches (and vs padding to ``max_length``)."""
-        real = batch_slots = rows_used = 0
+        """Real vs padded token slots over the current epoch's batches (and vs padding each example to
+        ``max_length``, by default the packing length under packing)."""
+        if max_length is None and self.packing:
+            max_length = self.max_length
+        real = batch_slots = rows_used = examples_used = 0
         for rows in self.batch_indices():
-            lengths = [self.lengths[i] for i in rows]
+            lengths = [self._row_lengths[i] for i in rows]
             width = max(lengths)
             if self.pad_to_multiple_of:
                 width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
             real += sum(lengths)
             batch_slots += width * len(rows)
             rows_used += len(rows)
-        fixed = rows_used * max_length if max_length is not None else None
+            examples_used += sum(len(self.packed_rows[r]) for r in rows) if self.packed_rows is not None else len(rows)
+        fixed = examples_used * max_length if max_length is not None else None
         return PaddingStats(rows=rows_used, real_tokens=real, batch_tokens=batch_slots, fixed_tokens=fixed)
 
 
@@ -265,7 +384,9 @@ def validate_batch(batch: Any, where: str, classification: bool, num_labels: int
 
     Raises :class:`DataError` naming ``where`` and the key at fault: a missing key, a non-integer or empty
     ``input_ids``, rows longer than ``n_positions``, a mask of another shape, class ids outside
-    ``[0, num_labels)`` or token targets outside the vocabulary. Returns long tensors on ``device``.
+    ``[0, num_labels)`` or token targets outside the vocabulary, ``position_ids`` (packed rows, see
+    :func:`collate_packed`) of another shape or outside ``[0, n_positions)``. Returns long tensors on
+    ``device``, ``position_ids`` only when the batch has them.
     """
     if not isinstance(batch, Mapping):
         raise DataError(f"{where}: expected a dict with input_ids, attention_mask, labels; got "
@@ -302,5 +423,24 @@ def validate_batch(batch: Any, where: str, classification: bool, num_labels: int
         if bad.numel():
             raise DataError(f"{where}: labels contains {int(bad[0])}, expected a token id in "
                             f"[0, {vocab_size}) or {IGNORE_INDEX}")
-    return {"input_ids": ids.long().to(device), "attention_mask": mask.long().to(device),
-            "labels": labels.to(device)}
+    out = {"input_ids": ids.long().to(device), "attention_mask": mask.long().to(device), "labels": labels.to(device)}
+    if batch.get("position_ids") is not None:
+        positions = torch.as_tensor(batch["position_ids"])
+        if positions.shape != ids.shape or positions.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"{where}: position_ids must be an integer tensor of shape {tuple(ids.shape)} "
+                            f"(packed rows), got shape {tuple(positions.shape)} dtype {positions.dtype}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= (n_positions or 2**62)):
+            raise DataError(f"{where}: position_ids must lie in [0, {n_positions}) (the model's n_positions), "
+                            f"got values from {int(positions.min())} to {int(positions.max())}")
+        out["position_ids"] = positions.long().to(device)
+    return out
+
+
+def example_count(batch: Mapping[str, Tensor]) -> int:
+    """Examples in a collated batch: its rows, or for packed rows the examples laid end to end in them."""
+    positions = batch.get("position_ids")
+    if positions is None:
+        return int(batch["input_ids"].size(0))
+    mask = batch.get("attention_mask")
+    starts = positions == 0
+    return int((starts & mask.bool()).sum()) if mask is not None else int(starts.sum())

@@ -341,9 +341,14 @@ class TrainConfig:
     compile: bool = False
     """Run the training forward through ``torch.compile`` (off by default: on CPU the first step pays a
     long compile and the speed-up is small; see benchmarks/RESULTS.md, "Scale levers")."""
+    loss_chunk_size: int = 512
+    """Language models: target positions whose (rows, vocab) logits the loss computes at a time (the LM head
+    runs at target positions only; see :mod:`gpt2lora.lm_head_loss`). Smaller: less memory, more, smaller
+    matmuls."""
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
+        _positive_int(owner, "loss_chunk_size", self.loss_chunk_size)
         if self.lr is not None:
             value = self.lr
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -20,7 +20,8 @@ from .data import CLASSIFICATION_KINDS, Dataset, Tokenizer, encode, prompt_ids
 from .devices import autocast, resolve_precision
 from .errors import ConfigError, DataError
 from .heads import is_classifier, label_count
-from .losses import summed_loss
+from .lm_head_loss import DEFAULT_CHUNK_SIZE
+from .losses import forward_loss
 from .metrics import classification_metrics, instruction_metrics, mean_loss, perplexity, squad_metrics
 
 #: Per-row details of :func:`task_metrics` kept out of result rows (QA samples, instruction responses).
@@ -42,9 +43,12 @@ def checked_batch(model: nn.Module, batch: Any, where: str, device: torch.device
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device | str | None = None,
-             precision: str = "fp32", dist: distributed.DistInfo | None = None) -> dict[str, float]:
+             precision: str = "fp32", dist: distributed.DistInfo | None = None,
+             loss_chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, float]:
     """Loss + accuracy/precision/recall/F1 (classifier) or loss + perplexity + target tokens (LM).
 
+    The loss is :func:`~gpt2lora.losses.forward_loss`'s, as in training: a language model's head runs at
+    target positions only, ``loss_chunk_size`` rows at a time; packed batches (with ``position_ids``) work.
     ``device``: where the batches go (default: the model's). In a distributed run (``dist`` enabled)
     every rank must pass the same batches: batch i is evaluated by rank i mod world_size and the sums
     (and a confusion matrix) are all-reduced, so every rank gets the metrics. The model's train/eval
@@ -62,8 +66,7 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
             if dist is not None and dist.enabled and i % dist.world_size != dist.rank:
                 continue  # sharded: batch i is evaluated by rank i mod world_size, then reduced below
             with autocast(precision, device):
-                logits = model(batch["input_ids"], batch["attention_mask"])
-            summed, n = summed_loss(logits, batch["labels"], classification)
+                summed, n, logits = forward_loss(model, batch, classification, loss_chunk_size)
             total += float(summed)
             count += n
             if classification:
@@ -98,29 +101,54 @@ def _reduce(model: nn.Module, total: float, count: int, preds: list[int], golds:
     return total, int(count), preds, golds
 
 
+def newline_token_ids(tok: Tokenizer, vocab_size: int | None = None) -> list[int]:
+    """Ids of every token (below ``vocab_size``) whose text holds a newline: where a one-line answer ends."""
+    n = tok.n_vocab if vocab_size is None else min(vocab_size, tok.n_vocab)
+    out = []
+    for i in range(n):
+        try:
+            if b"\n" in tok.decode_single_token_bytes(i):
+                out.append(i)
+        except KeyError:  # a hole in the vocabulary
+            continue
+    return out
+
+
 @torch.no_grad()
 def generate_texts(model: nn.Module, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                    device: torch.device, batch_size: int = 8, stop_at_newline: bool = False,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    seed: int = 0) -> list[str]:
-    """Continuations of tokenised prompts (greedy by default), decoded up to EOS, in the prompts' order."""
+    """Continuations of tokenised prompts (greedy by default), decoded up to EOS, in the prompts' order.
+
+    Prompts are answered in batches of similar length (sorted, longest first, left-padded), so little
+    padding is computed; each row's greedy answer is the one it gets alone, so the texts (and the EM / F1
+    computed from them) do not depend on ``batch_size``. ``stop_at_newline``: the text ends at its first
+    newline, and a row stops generating once it produced a token holding one. Sampling
+    (``temperature > 0``) draws from one generator over the sorted batches.
+    """
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     limit = model.config.n_positions - max_new_tokens
     if limit < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                           f"n_positions={model.config.n_positions}")
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [{"input_ids": p[-limit:], "label": 0} for p in prompts[start:start + batch_size]]
-        batch = collate(rows, tok.eot_token, padding_side="left")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"generate_texts batch_size: expected a positive integer, got {batch_size!r}")
+    stop = newline_token_ids(tok, model.config.vocab_size) if stop_at_newline else None
+    cut = [p[-limit:] for p in prompts]
+    order = sorted(range(len(cut)), key=lambda i: -len(cut[i]))  # stable: equal lengths keep their order
+    texts = [""] * len(cut)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": cut[i], "label": 0} for i in chunk], tok.eot_token, padding_side="left")
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_token_id=tok.eot_token, generator=generator)
-        for row in out[:, batch["input_ids"].size(1):].tolist():
+                             eos_token_id=tok.eot_token, generator=generator, stop_token_ids=stop)
+        for i, row in zip(chunk, out[:, batch["input_ids"].size(1):].tolist(), strict=True):
             row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
             text = tok.decode(row)
-            texts.append(text.split("\n")[0].strip() if stop_at_newline else text.strip())
+            texts[i] = text.split("\n")[0].strip() if stop_at_newline else text.strip()
     return texts
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -68,20 +68,33 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _stop_tensor(stop_token_ids: Sequence[int] | None, like: Tensor) -> Tensor | None:
+    if stop_token_ids is None:
+        return None
+    ids = list(stop_token_ids) if isinstance(stop_token_ids, (list, tuple, set, frozenset)) else None
+    if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ConfigError(f"stop_token_ids: expected a list of non-negative token ids or None, got "
+                          f"{stop_token_ids!r}")
+    return torch.tensor(sorted(ids), dtype=torch.long, device=like.device) if ids else None
+
+
 @torch.inference_mode()
 def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = 50256,
-             generator: torch.Generator | None = None, adapter_names: list[str] | None = None) -> Tensor:
+             generator: torch.Generator | None = None, stop_token_ids: Sequence[int] | None = None,
+             adapter_names: list[str] | None = None) -> Tensor:
     """Prompt + continuation (B, T + new) for a batch of prompts.
 
     Prompts of different lengths are passed padded with an ``attention_mask`` (either side; they
     are left-aligned here). A row that produced ``eos_token_id`` is filled with it from then on,
-    and generation stops early once every row has. ``temperature=0`` is greedy decoding.
-    ``adapter_names``: one LoRA adapter (or ``"__base__"``) per row, every step in one pass (see
-    :mod:`gpt2lora.named`).
+    and generation stops early once every row has. A row that produced one of ``stop_token_ids``
+    keeps that token and is finished too (e.g. every token holding a newline, for one-line answers).
+    ``temperature=0`` is greedy decoding. ``adapter_names``: one LoRA adapter (or ``"__base__"``) per row,
+    every step in one pass (see :mod:`gpt2lora.named`).
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    stop = _stop_tensor(stop_token_ids, input_ids)
     # An id past the vocabulary is accepted (it never comes up): the default 50256 must work for
     # small test vocabularies too.
     if eos_token_id is not None and (not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool)
@@ -124,12 +137,14 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
         routing = route_rows(model, adapter_names, batch)
     with few_row_products(), routing:
         new_tokens = _decode(model, input_ids, attention_mask, cache, max_new_tokens,
-                             lambda logits: next_token(logits, temperature, top_k, top_p, generator), eos_token_id)
+                             lambda logits: next_token(logits, temperature, top_k, top_p, generator), eos_token_id,
+                             stop)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
 def _decode(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache, max_new_tokens: int,
-            choose: Callable[[Tensor], Tensor], eos_token_id: int | None) -> list[Tensor]:
+            choose: Callable[[Tensor], Tensor], eos_token_id: int | None,
+            stop: Tensor | None = None) -> list[Tensor]:
     """The new tokens, one (B,) tensor per step: prefill the cache, then feed back each choice."""
     batch = input_ids.size(0)
     hidden = model.transformer(input_ids, attention_mask, kv_cache=cache)
@@ -141,8 +156,10 @@ def _decode(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None, cache
         if eos_token_id is not None:
             token = token.masked_fill(finished, eos_token_id)
             finished |= token == eos_token_id
+        if stop is not None:
+            finished |= torch.isin(token, stop)
         new_tokens.append(token)
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        if step == max_new_tokens - 1 or ((eos_token_id is not None or stop is not None) and bool(finished.all())):
             break
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)

@@ -18,7 +18,7 @@ class History:
     """What a :meth:`Trainer.fit` run did: per-step records, evaluations, best result, speed and memory.
 
     ``steps``: dicts with ``step`` (1-based count of optimizer steps), ``epoch``, ``loss`` (mean over
-    the step's batches), ``lr`` (= ``lr_at_step(step - 1)``), ``grad_norm`` (before clipping) and
+    every target row / token of the step's batches), ``lr`` (= ``lr_at_step(step - 1)``), ``grad_norm`` (before clipping) and
     ``skipped`` (true when a non-finite gradient norm skipped the update). ``evals``: dicts with
     ``step``, ``epoch`` and the metrics of :func:`gpt2lora.evaluation.evaluate`.
     """

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .errors import ConfigError
+from .lm_head_loss import DEFAULT_CHUNK_SIZE, lm_head_loss
 from .rowlinear import Linear
 
 if TYPE_CHECKING:
@@ -140,11 +141,24 @@ def position_ids_from_mask(attention_mask: Tensor, length: int) -> Tensor:
     return positions[:, -length:]
 
 
-def attention_bias(attention_mask: Tensor, query_length: int) -> Tensor:
+def packed_segments(position_ids: Tensor) -> Tensor | None:
+    """Which packed sequence each position belongs to, (B, T) counting from 0; None if no row holds several.
+
+    A new sequence starts wherever a position is not the previous one + 1, as when packed examples
+    restart at 0 (the rule transformers applies to ``position_ids`` given without an attention mask).
+    """
+    starts = torch.diff(position_ids, dim=-1) != 1  # (B, T - 1)
+    if not bool(starts.any()):
+        return None
+    return F.pad(starts.long().cumsum(-1), (1, 0))
+
+
+def attention_bias(attention_mask: Tensor, query_length: int, segments: Tensor | None = None) -> Tensor:
     """Boolean mask (B, 1, T, S): causal, padding keys hidden, and each query always sees itself.
 
     Letting a padding query see itself keeps every row of the softmax non-empty (no NaN); real
-    queries never see padding keys, so their outputs are unaffected.
+    queries never see padding keys, so their outputs are unaffected. ``segments`` (B, S, no cache):
+    a query sees only keys of its own packed sequence (block-diagonal causal attention).
     """
     B, S = attention_mask.shape
     past = S - query_length
@@ -153,6 +167,8 @@ def attention_bias(attention_mask: Tensor, query_length: int) -> Tensor:
     key_pos = torch.arange(S, device=device).view(1, S)
     causal = key_pos <= query_pos  # (T, S)
     visible = causal & attention_mask.bool().view(B, 1, 1, S)
+    if segments is not None:
+        visible = visible & (segments.view(B, 1, S, 1) == segments.view(B, 1, 1, S))
     return visible | (key_pos == query_pos)
 
 
@@ -184,8 +200,16 @@ class Transformer(nn.Module):
         ``attention_mask`` (B, S) marks real tokens with 1 and padding with 0; with a cache it covers
         the cached positions too (S = cached + T). ``inputs_embeds`` replaces the token lookup. With a
         soft prompt its vectors go in front of the tokens and are dropped from the output again.
+
+        Packed rows (see :func:`gpt2lora.batching.collate_packed`): ``position_ids`` that restart inside a
+        row (without a cache) start a new sequence there, and no position attends across that boundary.
         """
         past = kv_cache.length if kv_cache is not None else 0
+        segments = packed_segments(position_ids) if position_ids is not None and kv_cache is None else None
+        if segments is not None and (last_token_only or self.prompt is not None):
+            what = "a classifier's pooled last token" if last_token_only else "a soft prompt (method 'prompt')"
+            raise ConfigError(f"position_ids restart inside a row (packed examples), which {what} does not "
+                              "support; pack only language-model rows and train without a soft prompt")
         if inputs_embeds is None:
             self._check_input_ids(input_ids)
             inputs_embeds = self.wte(input_ids)
@@ -220,7 +244,11 @@ class Transformer(nn.Module):
             else:
                 position_ids = position_ids_from_mask(attention_mask, T)
         x = self.drop(inputs_embeds + self.wpe(position_ids))
-        if attention_mask is None:
+        if segments is not None:
+            keys = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                                 device=x.device)
+            mask, is_causal = attention_bias(keys, T, segments.expand(B, T)), False
+        elif attention_mask is None:
             mask, is_causal = None, T > 1 and past == 0
             if T > 1 and past > 0:
                 mask = attention_bias(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T)
@@ -291,9 +319,14 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
+                labels: Tensor | None = None, loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
                 adapter_names: list[str] | None = None) -> Tensor:
-        """Next-token logits (B, T, vocab_size).
+        """Next-token logits (B, T, vocab_size); with ``labels``, the *summed* loss instead (no logits).
 
+        ``labels`` (B, T) as in Hugging Face (aligned with the input, ``-100`` = not a target): returns the
+        0-dim fp32 sum of the next-token cross-entropy over the target tokens, the head applied at
+        those positions only, ``loss_chunk_size`` rows at a time (:func:`gpt2lora.lm_head_loss.lm_head_loss`).
+        Divide by :func:`~gpt2lora.lm_head_loss.count_targets` for the mean transformers' ``labels=`` gives.
         ``adapter_names``: with several LoRA adapters, one name (or ``"__base__"``) per row, all rows in one
         pass (inference only; see :mod:`gpt2lora.named`).
         """
@@ -301,8 +334,13 @@ class GPT2(nn.Module):
             from .named import route_rows
 
             with route_rows(self, adapter_names, input_ids.size(0)):
-                return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, kv_cache))
-        return self.lm_head(self.transformer(input_ids, attention_mask, position_ids, kv_cache))
+                return self.forward(input_ids, attention_mask, position_ids, kv_cache, labels, loss_chunk_size)
+        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
+        if labels is None:
+            return self.lm_head(hidden)
+        if kv_cache is not None:
+            raise ConfigError("GPT2.forward: labels (a training loss) cannot be combined with a kv_cache")
+        return lm_head_loss(hidden, self.lm_head, labels, loss_chunk_size)[0]
 
     def hf_config(self) -> dict[str, Any]:
         """The ``config.json`` this model is saved with."""
@@ -335,10 +373,12 @@ class GPT2(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = 50256,
-                 generator: torch.Generator | None = None, adapter_names: list[str] | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, stop_token_ids: list[int] | None = None,
+                 adapter_names: list[str] | None = None) -> Tensor:
         """Continue each prompt; see :func:`gpt2lora.generate.generate`."""
         from .generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, generator=generator, adapter_names=adapter_names)
+                        eos_token_id=eos_token_id, generator=generator, stop_token_ids=stop_token_ids,
+                        adapter_names=adapter_names)

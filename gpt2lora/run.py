@@ -140,9 +140,11 @@ def load_data(config: RunConfig, split: str, limit: int | None, announce: bool =
     return load_split(task, "test", **kwargs)
 
 
-def batches(examples: list[dict[str, Any]], batch_size: int, shuffle: bool, seed: int,
-            pad_token_id: int) -> BucketedBatches:
-    return BucketedBatches(examples, batch_size, shuffle=shuffle, seed=seed, pad_token_id=pad_token_id)
+def batches(examples: list[dict[str, Any]], batch_size: int, shuffle: bool, seed: int, pad_token_id: int,
+            pack_to: int | None = None) -> BucketedBatches:
+    """Length-bucketed batches; with ``pack_to``, language-model examples packed into rows of that length."""
+    return BucketedBatches(examples, batch_size, shuffle=shuffle, seed=seed, pad_token_id=pad_token_id,
+                           packing=pack_to is not None, max_length=pack_to)
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -287,6 +289,9 @@ def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str,
     torch.manual_seed(config.train.seed)
     resume = resume_target(config) if folder is None else None  # checked first: a bad path fails before downloads
     parts = _prepare(config)
+    if config.pack and parts.kind in CLASSIFICATION_KINDS:
+        raise ConfigError(f"--pack (pack = true): packing is for language-model tasks (instruction, qa); "
+                          f"{config.label} is a {parts.kind} task")
     lora = config.lora_config
     label = method_label(config.method, lora, config.last_n_blocks)
     if folder is not None:
@@ -315,13 +320,16 @@ def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str,
                                 history_path=str(folder / HISTORY_NAME), progress=not config.quiet,
                                 resume_from=str(resume[1]) if resume else None)
     tok, max_length = parts.tok, parts.max_length
-    train_data = batches(encode(parts.train_set, tok, max_length), train.batch_size, True, train.seed, tok.eot_token)
+    train_data = batches(encode(parts.train_set, tok, max_length), train.batch_size, True, train.seed, tok.eot_token,
+                         pack_to=max_length if config.pack else None)
     eval_data = batches(encode(parts.eval_set, tok, max_length), config.eval_batch_size or train.batch_size, False,
                         0, tok.eot_token)
     with make_trackers(config.report_to, folder, folder.name, hparams=to_settings(config)) as tracker:
         history = Trainer(model, train, tracker=tracker or None).fit(train_data, eval_data)
     metrics = _metrics(parts)
     row = _result_row(parts, label, metrics, params, history, folder)
+    row["padding_share"] = train_data.padding_stats().padding_share  # of the training batches' token slots
+    row["train_batches"] = len(train_data)  # per epoch; packing puts several examples in a row
     if not distributed.is_main_process():
         return row  # under torchrun only rank 0 writes the run folder
     save_adapter(model, folder / "adapter")
@@ -341,7 +349,9 @@ def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str,
     plots = [p for p in (report.plot_losses(history.steps, history.evals, folder / "loss.png", f"{parts.eval_set.name}: "
                                             f"{label}"),
                          report.plot_lr(history.steps, folder / "lr.png")) if p is not None] if config.plots else []
-    report.write_summary(folder, [row], f"{parts.eval_set.name}: {label}", _notes(parts, params, history), plots=plots)
+    notes = _notes(parts, params, history) + [(f"padding: {100 * row['padding_share']:.1f}% of the training batches' "
+                                              f"token slots{' (examples packed into rows)' if config.pack else ''}")]
+    report.write_summary(folder, [row], f"{parts.eval_set.name}: {label}", notes, plots=plots)
     return row
 
 

@@ -110,6 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("eval_split", "run", "str", "split to evaluate on (falls back to test when there is no validation split)",
        "data"),
     _s("max_length", "run", "int", "tokens per row after truncation", "data"),
+    _s("pack", "run", "bool", "language-model tasks: pack examples into rows of max_length (attention and "
+       "positions stay inside each example, so each example's loss is its unpacked loss)", "data"),
     # method
     _s("method", "run", "str", "what trains (none: evaluate the base model only)", "method", RUN_METHODS),
     _s("rank", "lora", "int", "LoRA rank r", "method"),
@@ -159,6 +161,8 @@ SETTINGS: tuple[Setting, ...] = (
        "training"),
     _s("early_stopping", "train", "int", "stop after N evaluations without improving best_metric", "training",
        field_="early_stopping_patience"),
+    _s("loss_chunk_size", "train", "int", "language models: rows of the LM head computed at a time, at target "
+       "positions only", "training"),
     _s("gradient_checkpointing", "train", "bool", "recompute each block's activations in backward: less memory, "
        "~1 more forward per step", "training"),
     _s("compile", "train", "bool", "torch.compile the training forward (rarely pays back its compile time on a "
@@ -215,6 +219,7 @@ class RunConfig:
     eval_rows: int | None = None
     eval_split: str = "validation"
     max_length: int = 128
+    pack: bool = False
     method: str = "lora"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     last_n_blocks: int | None = None
@@ -345,7 +350,7 @@ def _field_value(setting: Setting, value: Any) -> Any:
         return tuple(value)
     if setting.type == "map":
         return tuple(dict(value).items())
-    if setting.key == "quiet" or setting.key == "plots":
+    if setting.type == "bool":
         return bool(value)
     return value
 

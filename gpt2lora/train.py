@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed
 from . import history as history_file
+from .batching import example_count
 from .checkpoint import BEST_NAME, CHECKPOINT_PREFIX, STATE_NAME, find_checkpoint, write_atomic
 from .config import TrainConfig, default_lr
 from .devices import autocast, resolve_device, resolve_precision
@@ -40,7 +41,7 @@ from .evaluation import checked_batch, evaluate
 from .heads import is_classifier
 from .history import HISTORY_NAME, History
 from .lora import is_lora_b
-from .losses import lm_loss, summed_loss, target_count
+from .losses import forward_loss, lm_loss, step_targets
 from .memory import MemoryMeter
 from .metrics import throughput
 from .model import Transformer
@@ -182,9 +183,10 @@ class Trainer:
     """Trains a gpt2lora model (full fine-tuning or LoRA: whatever has ``requires_grad``).
 
     Classification models (with ``score`` / ``num_labels``) use cross-entropy on (B, num_labels)
-    logits against class ids (B,); language models use the shifted token cross-entropy of
-    :func:`gpt2lora.losses.summed_loss`. With gradient accumulation each batch's mean loss is divided by
-    the number of batches in the step, so a step's gradient is the mean of its batches' gradients.
+    logits against class ids (B,); language models the shifted token cross-entropy at target positions
+    only (:func:`gpt2lora.losses.forward_loss`; packed rows with ``position_ids`` too). A step's loss is
+    the sum over every target (row or token) of all its ``grad_accum_steps`` batches divided by their
+    count, so accumulating k batches updates the weights as one batch of the same rows would.
     ``TrainConfig.lr=None`` takes the default of the model's training method (:data:`~gpt2lora.config.DEFAULT_LR`).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1, or an already initialised ``torch.distributed`` group) the
@@ -245,12 +247,14 @@ class Trainer:
     def _prepare(self, batch: Any, where: str) -> dict[str, Tensor]:
         return checked_batch(self.model, batch, where, self.device)
 
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The training forward: compiled when asked (falling back to eager if compiling fails), DDP-wrapped."""
+    def _forward_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The summed training loss (:func:`~gpt2lora.losses.forward_loss`) through the training forward:
+        compiled when asked (falling back to eager if compiling fails), DDP-wrapped."""
         module = self.model if self._train_module is None else self._train_module
+        chunk = self.config.loss_chunk_size
         if module is not self._eager_module:
             try:
-                return module(input_ids, attention_mask)
+                return forward_loss(module, batch, self.classification, chunk)[0]
             except Exception as err:
                 if not _is_compiler_failure(err):
                     raise
@@ -258,7 +262,7 @@ class Trainer:
                 warnings.warn(f"TrainConfig.compile: torch.compile failed ({type(err).__name__}: {first[:200]}); "
                               "training continues without compiling", RuntimeWarning, stacklevel=2)
                 self._train_module = self._eager_module
-        return self._eager_module(input_ids, attention_mask)
+        return forward_loss(self._eager_module, batch, self.classification, chunk)[0]
 
     def _prepare_train_module(self) -> None:
         if self._train_module is not None:
@@ -271,18 +275,17 @@ class Trainer:
         self._eager_module = module
         self._train_module = compile_module(module) if self.config.compile else module
 
-    def _step_loss(self, batch: dict[str, Tensor], where: str) -> tuple[Tensor, float]:
-        """(loss to backpropagate, mean loss of the whole batch) of one training batch.
+    def _step_loss(self, batch: dict[str, Tensor], step_total: int) -> tuple[Tensor, float]:
+        """(loss to backpropagate, its value) of one micro-batch of a step with ``step_total`` targets.
 
-        Alone, both are the batch's mean loss. Under DDP each rank runs its slice of the rows and scales
-        its *summed* loss by ``world_size / N`` (N = rows, or target tokens for a language model, of the
-        global batch), so DDP's gradient average equals the gradient of the global mean even when the
-        slices hold different numbers of tokens; the logged value is all-reduced (same on every rank).
+        The loss is the batch's *summed* loss over ``step_total``, the rows (classifier) or target tokens
+        (language model) of every micro-batch of the optimizer step, so the backward passes of a step add
+        up to the gradient of the step's mean over all its targets (token-exact accumulation). Under DDP
+        each rank runs its slice of the rows and scales its summed loss by ``world_size / step_total``, so
+        DDP's gradient average is that same gradient however the tokens fall on the ranks; the value is
+        all-reduced (the same on every rank). The values of a step's micro-batches add up to its loss.
         """
         labels = batch["labels"]
-        total = target_count(labels, self.classification)
-        if total == 0:
-            raise DataError(f"{where}: no target tokens (every label after the first position is -100)")
         start, stop, weight = 0, labels.size(0), 1.0
         if self.dist.enabled:
             start, stop = distributed.shard_bounds(labels.size(0), self.dist)
@@ -290,13 +293,12 @@ class Trainer:
                 start, stop, weight = 0, 1, 0.0
         part = {key: value[start:stop] for key, value in batch.items()}
         with autocast(self.precision, self.device):
-            logits = self._forward(part["input_ids"], part["attention_mask"])
-        summed, _ = summed_loss(logits, part["labels"], self.classification)
+            summed = self._forward_loss(part)
         if not self.dist.enabled:
-            loss = summed / total
+            loss = summed / step_total
             return loss, float(loss.detach())
-        loss = summed * (weight * self.dist.world_size / total)
-        value = distributed.all_reduce_sum([float(summed.detach()) * weight], self.device)[0] / total
+        loss = summed * (weight * self.dist.world_size / step_total)
+        value = distributed.all_reduce_sum([float(summed.detach()) * weight], self.device)[0] / step_total
         return loss, value
 
     # --- evaluation ---
@@ -308,7 +310,7 @@ class Trainer:
         distributed run every rank must call it with the same batches (each evaluates its share, then
         the sums are all-reduced).
         """
-        return evaluate(self.model, eval_data, self.device, self.precision, self.dist)
+        return evaluate(self.model, eval_data, self.device, self.precision, self.dist, self.config.loss_chunk_size)
 
     # --- checkpoints ---
 
@@ -534,20 +536,24 @@ class Trainer:
         pos, cfg = self._position, self.config
         started, tokens_before = time.perf_counter(), counts["tokens"]
         loss_sum = 0.0
-        for k, raw in enumerate(group):
-            where = f"batch {pos.batch + k} of epoch {pos.epoch}"
-            batch = self._prepare(raw, where)
+        wheres = [f"batch {pos.batch + k} of epoch {pos.epoch}" for k in range(len(group))]
+        batches = [self._prepare(raw, where) for raw, where in zip(group, wheres)]
+        step_total = step_targets(batches, self.classification)
+        if step_total == 0:  # a micro-batch without targets adds zero; a whole step without any is an error
+            where = wheres[0] if len(group) == 1 else f"batches {pos.batch}-{pos.batch + len(group) - 1} of epoch {pos.epoch}"
+            raise DataError(f"{where}: no target tokens (every label after the first position is -100)")
+        for k, (batch, where) in enumerate(zip(batches, wheres)):
             # DDP all-reduces gradients only after the step's last batch (forward and backward inside no_sync)
             last = k == len(group) - 1 or self._ddp is None
             with nullcontext() if last else self._ddp.no_sync():
-                loss, value = self._step_loss(batch, where)
+                loss, value = self._step_loss(batch, step_total)
                 if not math.isfinite(value):
                     raise TrainingError(f"non-finite loss ({value}) at step {pos.step + 1} ({where}); training "
                                         f"stopped, the last good checkpoint is {self._last_good()}. Lower "
                                         "TrainConfig.lr, set grad_clip, or use precision='fp32'.")
-                self.scaler.scale(loss / len(group)).backward()
+                self.scaler.scale(loss).backward()
             loss_sum += value
-            counts["samples"] += batch["input_ids"].size(0)
+            counts["samples"] += example_count(batch)
             counts["tokens"] += int(batch["attention_mask"].sum())
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.params]
@@ -573,7 +579,7 @@ class Trainer:
         pos.step += 1
         counts["steps"] += 1
         record = {"step": pos.step, "epoch": pos.epoch + (pos.batch + len(group)) / self._n_batches,
-                  "loss": loss_sum / len(group), "lr": lr, "grad_norm": norm, "skipped": skipped}
+                  "loss": loss_sum, "lr": lr, "grad_norm": norm, "skipped": skipped}
         self.history.steps.append(record)
         self._log({"type": "step", **record})
         if self.tracker is not None:

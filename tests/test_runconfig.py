@@ -163,3 +163,34 @@ def test_subcommands_show_only_the_flags_they_use():
     assert "--train-rows" not in helps["eval"] and "--eval-rows" in helps["eval"]
     for flag in ("--lora-style", "--schedule", "--lora-train-bias", "--print-config", "--betas"):
         assert flag in helps["train"]
+
+
+def test_pack_trains_an_lm_task_and_is_refused_for_classification(tmp_path, capsys):
+    """`--pack` reaches the batches of a QA run (fewer, fuller rows; the padding share left is reported); on a
+    classification task it is one clear line naming the setting."""
+    import json
+
+    from conftest import DATA, VOCAB, require_shared
+
+    from gpt2lora.cli import main
+
+    common = ["--smoke", "--data-root", str(require_shared(DATA)), "--vocab", str(require_shared(VOCAB)),
+              "--out", str(tmp_path), "--quiet", "--max-steps", "2", "--train-rows", "40", "--eval-rows", "8"]
+    qa = tmp_path / "short_qa"  # answers of a few tokens: several examples fit one 64-token row
+    qa.mkdir()
+    rows = [{"context": f"Item {i} is {'red' if i % 2 else 'blue'}{' and small' * (i % 4)}.",
+             "question": f"What colour is item {i}?", "answers": ["red" if i % 2 else "blue"]} for i in range(40)]
+    for split in ("train", "validation"):
+        (qa / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["train", "--data", str(qa), *common, "--run-name", "packed", "--pack"]) == 0
+    assert main(["train", "--data", str(qa), *common, "--run-name", "plain"]) == 0
+    packed = json.loads((tmp_path / "packed" / "metrics.json").read_text())["result"]
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())["result"]
+    # 40 short examples, 16 rows per batch: 3 batches unpacked, 1 when 4-5 examples share a 64-token row
+    assert packed["train_batches"] < plain["train_batches"] == 3
+    assert 0 <= packed["padding_share"] < 1 and "packed into rows" in (tmp_path / "packed" / "summary.md").read_text()
+    assert json.loads((tmp_path / "packed" / "config.json").read_text())["settings"]["pack"] is True
+    capsys.readouterr()
+    assert main(["train", "--task", "sst2", *common, "--run-name", "cls", "--pack"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pack" in err and "classification" in err

@@ -30,7 +30,7 @@ from gpt2lora import (
     Trainer,
     apply_lora,
 )
-from gpt2lora.batching import collate, lm_example
+from gpt2lora.batching import BucketedBatches, collate, lm_example
 from gpt2lora.distributed import DistInfo, setup, shard_bounds
 from gpt2lora.errors import ConfigError
 
@@ -258,12 +258,35 @@ def free_port() -> int:
 
 
 def run_kind(kind: str, out_dir: Path | None) -> tuple[train_module.History, dict[str, torch.Tensor]]:
-    model = tiny_model(kind)
-    data = batches(kind)
+    """``cls`` / ``lm``: uneven batches; ``lm-packed``: packed rows (3 per batch: 2 on rank 0, 1 on rank 1)."""
+    model = tiny_model("lm" if kind == "lm-packed" else kind)
+    if kind == "lm-packed":
+        data = BucketedBatches(rows(24, "lm"), batch_size=3, seed=0, pad_token_id=PAD, packing=True, max_length=30)
+        evals = BucketedBatches(rows(8, "lm", seed=1), batch_size=3, shuffle=False, pad_token_id=PAD, packing=True,
+                                max_length=30)
+    else:
+        data, evals = batches(kind), batches(kind, sizes=(3, 4, 2), seed=1)
     cfg = config(grad_accum_steps=2, epochs=2, best_metric="accuracy" if kind == "cls" else "loss",
                  out_dir=str(out_dir) if out_dir else None, save_every_steps=1)
-    history = Trainer(model, cfg).fit(data, batches(kind, sizes=(3, 4, 2), seed=1))
+    history = Trainer(model, cfg).fit(data, evals)
     return history, trainable(model)
+
+
+def uneven_accumulation(one_batch: bool) -> dict[str, torch.Tensor]:
+    """One SGD step over micro-batches with 26 and 2 target tokens (accumulated), or over their rows as one batch."""
+    g = torch.Generator().manual_seed(9)
+
+    def example(prompt: int, response: int) -> dict:
+        ids = torch.randint(1, TINY["vocab_size"], (prompt + response,), generator=g).tolist()
+        return lm_example(ids[:prompt], ids[prompt:], eos_token_id=7)
+
+    many = [example(2, 12), example(3, 10), example(2, 2)]
+    few = [example(12, 1), example(9, 0)]
+    data = [collate(many + few, pad_token_id=PAD)] if one_batch else [collate(many, PAD), collate(few, PAD)]
+    model = tiny_model("lm")
+    Trainer(model, config(optimizer="sgd", lr=0.5, grad_clip=None, weight_decay=0.0, warmup_ratio=0.0,
+                          schedule="constant", epochs=1, grad_accum_steps=1 if one_batch else 2)).fit(data)
+    return trainable(model)
 
 
 def ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -274,10 +297,12 @@ def ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
     real_write = checkpoint_module.write_atomic
     checkpoint_module.write_atomic = lambda path, writers: writes.append(str(path)) or real_write(path, writers)
     result = {"writes": writes}
-    for kind in ("cls", "lm"):
+    for kind in ("cls", "lm", "lm-packed"):
         history, weights = run_kind(kind, Path(folder) / f"out-{kind}")
         result[kind] = {"steps": history.steps, "evals": history.evals}
         save_file({n: t.contiguous() for n, t in weights.items()}, str(Path(folder) / f"weights-{kind}-{rank}.safetensors"))
+    save_file({n: t.contiguous() for n, t in uneven_accumulation(one_batch=False).items()},
+              str(Path(folder) / f"weights-accumulated-{rank}.safetensors"))
     (Path(folder) / f"result-{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     torch.distributed.destroy_process_group()
 
@@ -290,7 +315,7 @@ def ddp_results(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["cls", "lm"])
+@pytest.mark.parametrize("kind", ["cls", "lm", "lm-packed"])
 def test_two_processes_train_like_one_on_the_same_global_batches(ddp_results, kind):
     single, weights = run_kind(kind, None)
     results = [json.loads((ddp_results / f"result-{r}.json").read_text()) for r in (0, 1)]
@@ -309,6 +334,17 @@ def test_two_processes_train_like_one_on_the_same_global_batches(ddp_results, ki
         ddp_weights = load_file(str(ddp_results / f"weights-{kind}-{rank}.safetensors"))
         assert ddp_weights.keys() == weights.keys()
         for name, tensor in weights.items():
+            torch.testing.assert_close(ddp_weights[name], tensor, atol=2e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_uneven_batches_equal_one_batch_of_their_rows(ddp_results):
+    """Token-exact across ranks and micro-batches: the 2-target micro-batch weighs 2 tokens' worth, not half."""
+    one_batch = uneven_accumulation(one_batch=True)
+    for rank in (0, 1):
+        ddp_weights = load_file(str(ddp_results / f"weights-accumulated-{rank}.safetensors"))
+        assert ddp_weights.keys() == one_batch.keys()
+        for name, tensor in one_batch.items():
             torch.testing.assert_close(ddp_weights[name], tensor, atol=2e-6, rtol=0)
 
 
