@@ -52,6 +52,7 @@ PARTS = ("step", "squad", "epoch", "memory", "profile", "generate")
 OURS, REF, FULL = "gpt2lora", "transformers+peft", "gpt2lora, full logits"
 MEMORY_CONFIGS = {"gpt2lora": "gpt2lora, LoRA r=8 (target-only chunked loss)",
                   "gpt2lora-full-logits": "gpt2lora, LoRA r=8, full logits (the loss before)",
+                  "gpt2lora-checkpointing": "gpt2lora, LoRA r=8, gradient checkpointing on",
                   "peft": "transformers + peft, LoRA r=8 (labels=)"}
 
 
@@ -207,15 +208,22 @@ def bench_lm_epoch(sides: dict[str, Side], examples: list[dict], batch: int, max
                    pad: int, seed: int = 0, device: str = "cpu", tol: float = 1e-4) -> list[EpochEstimate]:
     """Estimated epoch time of every plan: mean time of sampled batches × batches (contenders interleaved).
 
-    Fixed-width plans time one batch (all their batches have the same shape).    packed batch's loss is checked against transformers + peft on the same examples unpadded.
+    Plans whose batches nearly all have the same size (90 % of them within 10 % of the largest: padded to
+    max_length, full packed rows) time one batch. Before timing, the loss of the first rows of each plan's
+    first batch (one packed row, or two rows) is checked against transformers + peft on the same examples
+    unpadded (untrained sides: call this before they step).
     """
     lengths = [len(ex["input_ids"]) for ex in examples]
     plans = epoch_plans(examples, batch, max_length, seed)
-    picks = {p.name: stratified([b["width"] for b in p.batches],
-                                1 if len({b["width"] for b in p.batches}) == 1 else samples) for p in plans}
+    picks = {}
+    for p in plans:  # one sample where every batch has (nearly) the same shape: fixed padding, full packed rows
+        widths = sorted(b["width"] * len(b["rows"]) for b in p.batches)
+        uniform = widths[len(widths) // 10] >= 0.9 * widths[-1]  # 90 % of batches within 10 % of the largest
+        picks[p.name] = stratified([b["width"] * len(b["rows"]) for b in p.batches], 1 if uniform else samples)
     checks = {}
-    for plan in plans:  # each plan's first batch: its loss must equal the reference's on the same rows unpadded
-        spec = plan.batches[picks[plan.name][0]]
+    for plan in plans:  # the first rows of each plan's first batch: same loss as the reference's on them unpadded
+        first = plan.batches[picks[plan.name][0]]
+        spec = {"rows": first["rows"][:1 if plan.packed else 2], "width": first["width"]}
         flat = [i for row in spec["rows"] for i in row] if plan.packed else spec["rows"]
         ref = check_same_loss({REF: sides[REF]}, to_device(collate([examples[i] for i in flat], pad), device))[REF]
         got = check_same_loss({plan.side: sides[plan.side]},
@@ -252,18 +260,25 @@ def widest_batch(examples: list[dict], batch: int, pad: int) -> dict[str, torch.
     return collate([examples[i] for i in rows], pad)
 
 
-def measure_memory(config: str, shape: str, batch: int, max_length: int, rows: int, steps: int) -> dict:
+MEMORY_BATCHES = ("step", "widest")
+"""``step``: the instruction step's batch (8 random rows padded to their longest); ``widest``: the 8 longest."""
+
+
+def measure_memory(config: str, shape: str, batch: int, max_length: int, rows: int, steps: int,
+                   which: str = "step") -> dict:
     """Inside a worker: RSS after building model, optimizer and batch, then the peak over ``steps`` steps."""
     from pairs import adamw, full_logits_lm_loss, ours_lm_loss, reference_loss
 
     examples = task_examples("alpaca_2k", rows, max_length, vocab_limit(shape))
-    data = widest_batch(examples, batch, pad_id(shape))
+    data = (widest_batch(examples, batch, pad_id(shape)) if which == "widest"
+            else step_batch(examples, batch, seed=0, pad=pad_id(shape)))
     torch.manual_seed(0)
     hf = hf_config(shape)
     if config.startswith("gpt2lora"):
         model = gl.GPT2(gl.GPT2Config.from_hf_config(hf.to_dict()))
         gl.apply_lora(model, gl.LoRAConfig(rank=8, alpha=16, dropout=0.0, targets=TARGETS), seed=0)
         loss = full_logits_lm_loss(model) if config == "gpt2lora-full-logits" else ours_lm_loss(model)
+        model.transformer.gradient_checkpointing = config == "gpt2lora-checkpointing"
     else:
         import peft
         import transformers
@@ -284,18 +299,22 @@ def measure_memory(config: str, shape: str, batch: int, max_length: int, rows: i
 
 
 def bench_lm_memory(shape: str, batch: int, max_length: int, rows: int, steps: int = 1,
-                    threads: int | None = None, configs: tuple[str, ...] = tuple(MEMORY_CONFIGS)) -> dict[str, dict]:
-    results = {}
-    for config in configs:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--shape", shape, "--batch",
-               str(batch), "--max-length", str(max_length), "--epoch-rows", str(rows), "--memory-steps", str(steps)]
-        if threads is not None:
-            cmd += ["--threads", str(threads)]
-        out = subprocess.run(cmd, check=False, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if out.returncode != 0:
-            raise SystemExit(f"memory worker {config} failed:\n{out.stderr[-3000:]}")
-        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+                    threads: int | None = None, configs: tuple[str, ...] = tuple(MEMORY_CONFIGS),
+                    batches: tuple[str, ...] = MEMORY_BATCHES) -> dict[str, dict[str, dict]]:
+    """``{batch kind: {configuration: worker result}}``, each configuration in a fresh process."""
+    results: dict[str, dict[str, dict]] = {}
+    for which in batches:
+        for config in configs:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--shape", shape, "--batch",
+                   str(batch), "--max-length", str(max_length), "--epoch-rows", str(rows), "--memory-steps",
+                   str(steps), "--memory-batch", which]
+            if threads is not None:
+                cmd += ["--threads", str(threads)]
+            out = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if out.returncode != 0:
+                raise SystemExit(f"memory worker {config} ({which} batch) failed:\n{out.stderr[-3000:]}")
+            results.setdefault(which, {})[config] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -349,7 +368,7 @@ def profile_step(side: Side, data: dict[str, torch.Tensor], top: int = 8) -> lis
 
 def bench_generation(shape: str, prompts: int = 32, new_tokens: int = 16, batch: int = 8,
                      device: str = "cpu") -> dict:
-    """Greedy SQuAD answers for evaluation: prompts in their own order vs length-sorted (``generate_texts``).
+    """Greedy instruction answers for evaluation: prompts in their own order vs length-sorted (``generate_texts``).
 
     Both left-pad every batch; the texts must be identical. Random weights, so answers rarely end early:
     the gain shown is the padding that sorting saves.
@@ -358,12 +377,23 @@ def bench_generation(shape: str, prompts: int = 32, new_tokens: int = 16, batch:
     from gpt2lora.evaluation import generate_texts
 
     tok = gl.load_tokenizer(SHARED / "gpt2-tokenizer")
-    rows = gl.load_split(SHARED / "data" / "squad_v1", "validation", limit=prompts).records
     cfg = gl.GPT2Config.from_hf_config(hf_config(shape).to_dict())
+
+    def task_prompts(task: str, kind: str, n: int) -> list[list[int]]:
+        rows = gl.load_split(SHARED / "data" / task, "validation", limit=n).records
+        return [prompt_ids(tok, r, kind, cfg.n_positions - new_tokens) for r in rows]
+
+    def slots(lengths: list[int]) -> int:
+        return sum(max(lengths[i:i + batch]) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
+
+    saved = {}
+    for task, kind in (("alpaca_2k", "instruction"), ("squad_v1", "qa")):
+        lengths = [len(p) for p in task_prompts(task, kind, 200)]
+        saved[kind] = 1 - slots(sorted(lengths, reverse=True)) / slots(lengths)
     torch.manual_seed(0)
     model = gl.GPT2(cfg).to(device).eval()
     limit = vocab_limit(shape)
-    encoded = [prompt_ids(tok, r, "qa", cfg.n_positions - new_tokens) for r in rows]
+    encoded = task_prompts("alpaca_2k", "instruction", prompts)
     if limit is not None:
         encoded = [[i % limit for i in p] for p in encoded]
     eot = tok.eot_token if limit is None else limit
@@ -389,10 +419,8 @@ def bench_generation(shape: str, prompts: int = 32, new_tokens: int = 16, batch:
     def sorted_batches() -> list[str]:
         return generate_texts(model, Tok, encoded, new_tokens, torch.device(device), batch_size=batch)
 
-    widths = {"in order": sum(max(len(p) for p in encoded[i:i + batch]) * len(encoded[i:i + batch])
-                              for i in range(0, len(encoded), batch))}
-    ranked = sorted(encoded, key=len, reverse=True)
-    widths["length-sorted"] = sum(len(ranked[i]) * len(ranked[i:i + batch]) for i in range(0, len(ranked), batch))
+    lengths = [len(p) for p in encoded]
+    widths = {"in order": slots(lengths), "length-sorted": slots(sorted(lengths, reverse=True))}
     results: dict[str, list] = {}
     timings = interleaved({"in order": lambda: results.__setitem__("in order", in_order()),
                            "length-sorted": lambda: results.__setitem__("length-sorted", sorted_batches())},
@@ -402,7 +430,7 @@ def bench_generation(shape: str, prompts: int = 32, new_tokens: int = 16, batch:
     if expected != results["length-sorted"]:
         raise SystemExit("length-sorted generation gave other answers than generation in prompt order")
     return {"prompts": len(encoded), "new_tokens": new_tokens, "batch": batch, "slots": widths,
-            "seconds": {name: t.median for name, t in timings.items()}}
+            "seconds": {name: t.median for name, t in timings.items()}, "saved_slots": saved}
 
 
 # --- report ---
@@ -438,14 +466,19 @@ def epoch_rows(results: list[EpochEstimate]) -> list[str]:
     return rows
 
 
-def memory_rows(results: dict[str, dict]) -> list[str]:
-    rows = ["| configuration | baseline RSS | peak RSS | training adds | vs transformers + peft |",
-            "|---|---|---|---|---|"]
-    ref = added_mib(results["peft"]) if "peft" in results else None
-    for config, r in results.items():
-        ratio = f"{added_mib(r) / ref:.2f}×" if ref else "–"
-        rows.append(f"| {MEMORY_CONFIGS[config]} | {r['baseline_kib'] / 1024:,.0f} MiB | {r['peak_kib'] / 1024:,.0f} MiB "
-                    f"| {added_mib(r):,.0f} MiB | {ratio} |")
+def memory_rows(results: dict[str, dict[str, dict]]) -> list[str]:
+    """One row per configuration, training-added peak RSS (and its ratio to the reference) per batch kind."""
+    kinds = list(results)
+    head = "| configuration |" + "".join(
+        f" {kind} batch ({next(iter(results[kind].values()))['width']} tokens wide): training adds |" for kind in kinds)
+    rows = [head + " peak RSS (last batch) |", "|---|" + "---|" * (len(kinds) + 1)]
+    for config in results[kinds[0]]:
+        row = f"| {MEMORY_CONFIGS[config]} |"
+        for kind in kinds:
+            r, ref = results[kind][config], results[kind].get("peft")
+            ratio = f" ({added_mib(r) / added_mib(ref):.2f}×)" if ref else ""
+            row += f" {added_mib(r):,.0f} MiB{ratio} |"
+        rows.append(row + f" {results[kinds[-1]][config]['peak_kib'] / 1024:,.0f} MiB |")
     return rows
 
 
@@ -470,25 +503,30 @@ def section(results: dict, command: str, args: argparse.Namespace, load: tuple[f
         lines += ["", (f"**Epoch over {args.epoch_rows:,} alpaca_2k rows** (train, validation and test files), "
                        f"batch {args.batch} (packed: {args.batch} rows of up to {args.max_length} tokens). "
                        "Estimated: batches sampled at the midpoints of equal slices of the width ranking "
-                       f"({args.samples} per contender, 1 where every batch has the same shape), timed once each, "
-                       "contenders interleaved; mean × batches. Token counts are exact. The packed loss was "
-                       "checked against transformers + peft on the same examples unpacked."),
+                       f"({args.samples} per contender, 1 where every batch has nearly the same size), timed once each, "
+                       "contenders interleaved; mean × batches. Token counts are exact. Each contender's loss on rows of its "
+                       "first batch (a packed row: its examples) was checked against transformers + peft on the same "
+                       "examples unpadded."),
                   "", *epoch_rows(results["epoch"])]
     if "memory" in results:
-        mem = next(iter(results["memory"].values()))
+        mem = results["memory"]
+        described = "; ".join(f"{kind}: {next(iter(mem[kind].values()))['targets']:,} targets" for kind in mem)
         lines += ["", (f"**Training-added peak memory**: one process per configuration, {args.memory_steps} step(s) on "
-                       f"the {args.batch} longest alpaca_2k rows ({args.batch} × {mem['width']}, {mem['targets']:,} "
-                       "targets: the batch that sets a run's peak). Baseline = RSS after building model, optimizer "
-                       "and batch; peak = VmHWM after resetting it there."), "", *memory_rows(results["memory"])]
+                       f"the instruction step's batch (`step`) and on the {args.batch} longest alpaca_2k rows "
+                       f"(`widest`, the batch that sets a run's peak) ({described}). Baseline = RSS after building "
+                       "model, optimizer and batch; peak = VmHWM after resetting it there; in brackets the ratio to "
+                       "transformers + peft."), "", *memory_rows(mem)]
     if "generate" in results:
         gen = results["generate"]
         t, slots = gen["seconds"], gen["slots"]
-        lines += ["", (f"**Evaluation answers** (`evaluation.generate_texts`, greedy, {gen['prompts']} SQuAD validation "
-                       f"prompts, {gen['new_tokens']} new tokens, batch {gen['batch']}, left padding, random weights): "
-                       f"in the prompts' order {t['in order']:.1f} s ({slots['in order']:,} prompt slots), "
+        saved = ", ".join(f"{task} {share:.0%}" for task, share in gen["saved_slots"].items())
+        lines += ["", (f"**Evaluation answers** (`evaluation.generate_texts`, greedy, {gen['prompts']} alpaca_2k "
+                       f"validation prompts, {gen['new_tokens']} new tokens, batch {gen['batch']}, left padding, random "
+                       f"weights): in the prompts' order {t['in order']:.1f} s ({slots['in order']:,} prompt slots), "
                        f"length-sorted {t['length-sorted']:.1f} s ({slots['length-sorted']:,} slots): "
-                       f"{t['in order'] / t['length-sorted']:.2f}×, the same answers. A trained model also stops "
-                       "a QA batch once every row has written a newline (`stop_token_ids`).")]
+                       f"{t['in order'] / t['length-sorted']:.2f}×, the same answers. Prompt slots sorting saves over "
+                       f"the first 200 validation prompts at batch 8: {saved}. A trained model also stops a QA "
+                       "batch once every row has written a newline (`stop_token_ids`).")]
     if "profile" in results:
         prof = results["profile"]
         ops = ", ".join(f"`{name}` {share:.0%}" for name, share in prof["ops"])
@@ -505,10 +543,13 @@ def main(argv: list[str] | None = None) -> tuple[str, dict]:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per side (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per side (median)")
     parser.add_argument("--epoch-rows", type=int, default=2000)
-    parser.add_argument("--samples", type=int, default=3, help="batches timed per epoch contender")
+    parser.add_argument("--samples", type=int, default=2, help="batches timed per epoch contender")
     parser.add_argument("--memory-steps", type=int, default=1)
+    parser.add_argument("--memory-batch", choices=MEMORY_BATCHES, default="step", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-batches", nargs="+", choices=MEMORY_BATCHES, default=list(MEMORY_BATCHES))
+    parser.add_argument("--memory-configs", nargs="+", choices=sorted(MEMORY_CONFIGS), default=list(MEMORY_CONFIGS))
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     parser.add_argument("--no-ablation", action="store_true", help="leave out the full-logits gpt2lora side")
     parser.add_argument("--device", default="cpu")
@@ -521,7 +562,7 @@ def main(argv: list[str] | None = None) -> tuple[str, dict]:
         torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(measure_memory(args.worker, args.shape, args.batch, args.max_length, args.epoch_rows,
-                                        args.memory_steps)))
+                                        args.memory_steps, args.memory_batch)))
         return "", {}
     load_before = os.getloadavg()[0]
     autocast = PRECISIONS[args.precision]
@@ -571,7 +612,8 @@ def main(argv: list[str] | None = None) -> tuple[str, dict]:
     sides.clear()
     if "memory" not in args.skip and args.device == "cpu":
         results["memory"] = bench_lm_memory(args.shape, args.batch, args.max_length, args.epoch_rows,
-                                            args.memory_steps, args.threads)
+                                            args.memory_steps, args.threads, tuple(args.memory_configs),
+                                            tuple(args.memory_batches))
     command = "python benchmarks/bench_lm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = section(results, command.strip(), args, (load_before, os.getloadavg()[0]))
     if not args.no_write:

@@ -119,11 +119,12 @@ def lm_goals(results: dict, first: int) -> list[str]:
         out.append(f"LM LoRA step on identical batches ({r.task}, B={r.batch}, T={r.width}, fp32 CPU) vs "
                    f"transformers + peft: {verdict(r.speedup(), GOALS['lm_step'])}.")
     memory = results.get("memory", {})
-    if "gpt2lora" in memory and "peft" in memory:
-        ratio = bench_lm.added_mib(memory["gpt2lora"]) / bench_lm.added_mib(memory["peft"])
-        met = ratio <= GOALS["lm_memory"]
+    if "gpt2lora" in memory.get("step", {}) and "peft" in memory.get("step", {}):
+        ratios = {kind: bench_lm.added_mib(m["gpt2lora"]) / bench_lm.added_mib(m["peft"]) for kind, m in memory.items()}
+        met = ratios["step"] <= GOALS["lm_memory"]
+        widest = f"; on the widest batch {ratios['widest']:.2f}×" if "widest" in ratios else ""
         out.append(f"LM step training-added peak memory vs transformers + peft: **{'met' if met else 'not met'}** "
-                   f"({ratio:.2f}× {'≤' if met else '>'} {GOALS['lm_memory']:g}×).")
+                   f"({ratios['step']:.2f}× {'≤' if met else '>'} {GOALS['lm_memory']:g}× on the step's batch{widest}).")
     if "epoch" in results:
         ours = min(results["epoch"][:2], key=lambda r: r.seconds)
         dynamic = results["epoch"][2]
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> str:
     if "lm" not in args.skip:
         lm_args = ["--shape", small, "--no-write", *threads]
         if args.quick:
-            lm_args += ["--repeats", "1", "--samples", "1", "--skip", "squad", "profile", "generate", "--no-ablation"]
+            lm_args += ["--repeats", "1", "--samples", "1", "--skip", "squad", "profile", "generate", "--no-ablation",
+                        "--memory-batches", "step", "--memory-configs", "gpt2lora", "peft"]
         if args.tiny:
             lm_args += ["--epoch-rows", "64"]
         body, results = bench_lm.main(lm_args)

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .errors import ConfigError
-from .lm_head_loss import DEFAULT_CHUNK_SIZE, lm_head_loss
+from .lm_head_loss import DEFAULT_CHUNK_SIZE, check_chunk_size, lm_head_loss
 from .rowlinear import Linear
 
 if TYPE_CHECKING:
@@ -335,11 +335,13 @@ class GPT2(nn.Module):
 
             with route_rows(self, adapter_names, input_ids.size(0)):
                 return self.forward(input_ids, attention_mask, position_ids, kv_cache, labels, loss_chunk_size)
+        if labels is not None:
+            check_chunk_size(loss_chunk_size, "GPT2.forward loss_chunk_size")
+            if kv_cache is not None:
+                raise ConfigError("GPT2.forward: labels (a training loss) cannot be combined with a kv_cache")
         hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
         if labels is None:
             return self.lm_head(hidden)
-        if kv_cache is not None:
-            raise ConfigError("GPT2.forward: labels (a training loss) cannot be combined with a kv_cache")
         return lm_head_loss(hidden, self.lm_head, labels, loss_chunk_size)[0]
 
     def hf_config(self) -> dict[str, Any]:

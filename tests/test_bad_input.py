@@ -560,6 +560,30 @@ def _(ctx):
     return lambda: BucketedBatches([{"input_ids": [1], "label": 0}], batch_size=0), {}
 
 
+@case("pack-classification", "batch", ConfigError,
+      r"BucketedBatches packing=True: packing is for language-model examples \('labels'\)")
+def _(ctx):
+    return lambda: BucketedBatches([{"input_ids": [1, 2], "label": 0}], 1, packing=True, max_length=8), {}
+
+
+@case("pack-example-too-long", "batch", DataError, r"example 1 has 9 tokens, more than max_length=8")
+def _(ctx):
+    rows = [lm_example([1], [2, 3]), lm_example([1, 2, 3], [4, 5, 6, 7, 8])]
+    return lambda: BucketedBatches(rows, 2, packing=True, max_length=8), {}
+
+
+@case("loss-chunk-size", "training", ConfigError, r"TrainConfig\.loss_chunk_size: expected a positive integer, got 0")
+def _(ctx):
+    return lambda: TrainConfig(loss_chunk_size=0), {}
+
+
+@case("forward-loss-chunk-size", "model", ConfigError, r"loss_chunk_size: expected a positive integer .*got -1")
+def _(ctx):
+    model = ctx.model()
+    ids = torch.ones(1, 4, dtype=torch.long)
+    return lambda: model(ids, labels=ids, loss_chunk_size=-1), {}
+
+
 # --- model, tokenizer, generation -----------------------------------------------------------------------
 
 @case("forward-too-long", "model", ConfigError, r"n_positions=64")

@@ -102,7 +102,9 @@ def test_run_all_writes_goals_and_sections(tmp_path):
     for title in ("## Goals", "## Training step", "## Epoch on SST-2", "## GPU"):
         assert title in text
     assert "1. Training step (tiny" in text and "2. Epoch on 2,000 SST-2 rows" in text
-    assert text.count("**met**") + text.count("**not met**") == 3
+    assert "5. LM LoRA step" in text and "6. LM step training-added peak memory" in text and "7. Epoch over" in text
+    assert "## LM fine-tuning" in text
+    assert text.count("**met**") + text.count("**not met**") == 6
     assert "this section alone: `python benchmarks/bench_train.py --shape tiny" in text
 
 
@@ -151,3 +153,99 @@ def test_scale_section_reports_the_measured_ratios():
     assert "pays back after about 20 steps" in text  # (12 - 2) s extra / 0.5 s saved per step
     assert "Largest loss difference over the 2 steps: 4.0e-07" in text
     assert "1.60× the samples/s of one 1-thread process and 0.80× one process with 2 threads" in text
+
+
+# --- bench_lm, bench_gpu ---
+
+def test_lm_step_sides_follow_the_same_trajectory():
+    """Without dropout the chunked loss, the full-logits ablation and transformers + peft take identical steps."""
+    import bench_lm
+
+    require_shared(DATA / "alpaca_2k")
+    examples = bench_lm.task_examples("alpaca_2k", 24, 128, vocab_limit=pairs.pad_id("tiny"))
+    sides = pairs.lm_pair("tiny", dropout=0.0, full_logits=True)
+    data = bench_lm.step_batch(examples, 4, seed=0, pad=pairs.pad_id("tiny"))
+    result = bench_lm.bench_lm_step("instruction", sides, data, repeats=2, warmup=1)
+    losses = list(result.losses.values())
+    assert len(losses) == 3 and all(len(v) == 3 for v in losses)
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], abs=1e-4)
+    assert losses[0][-1] < losses[0][0]
+    assert result.targets == pairs.target_count(data["labels"]) > 0
+    rows = bench_lm.step_rows([result])
+    assert rows[2].startswith("| instruction | 4 × ") and rows[2].count("×") >= 3
+
+
+def test_lm_epoch_counts_tokens_exactly_and_checks_every_contender():
+    import bench_lm
+
+    require_shared(DATA / "alpaca_2k")
+    pad = pairs.pad_id("tiny")
+    examples = bench_lm.task_examples("alpaca_2k", 40, 128, vocab_limit=pad)
+    sides = pairs.lm_pair("tiny", dropout=0.0)
+    results = bench_lm.bench_lm_epoch(sides, examples, batch=4, max_length=256, samples=1, pad=pad)
+    bucketed, packed, dynamic, padded = results
+    real = sum(len(ex["input_ids"]) for ex in examples)
+    assert {r.real_tokens for r in results} == {real}
+    assert bucketed.batches == dynamic.batches == padded.batches == 10 and packed.batches < 10
+    assert padded.slots == 40 * 256
+    assert real <= packed.slots <= bucketed.slots <= dynamic.slots < padded.slots
+    assert all(r.sampled >= 1 and r.seconds > 0 for r in results)
+    assert bench_lm.stratified([5, 1, 9, 3], 2) == [3, 2]  # midpoints of the two halves of the ranking
+
+
+def test_lm_generation_parts_give_the_same_answers_and_fewer_slots():
+    import bench_lm
+
+    require_shared(DATA / "squad_v1")
+    gen = bench_lm.bench_generation("tiny", prompts=6, new_tokens=3, batch=4)
+    assert gen["slots"]["length-sorted"] <= gen["slots"]["in order"]
+    assert set(gen["seconds"]) == {"in order", "length-sorted"}
+    assert 0 <= gen["saved_slots"]["qa"] < 1 and 0 <= gen["saved_slots"]["instruction"] < 1
+
+
+def test_lm_goal_lines_and_flops():
+    import bench_lm
+    from common import Timing
+
+    step = bench_lm.LMStepResult("instruction", 8, 100, 700, 300, {}, {
+        "gpt2lora": Timing("a", [1.0]), "transformers+peft": Timing("b", [1.6])})
+    memory = {"step": {"gpt2lora": {"peak_kib": 2048, "baseline_kib": 1024},
+                       "peft": {"peak_kib": 5120, "baseline_kib": 1024}}}
+    epoch = [bench_lm.EpochEstimate(n, 1, 1, 1, s, 1, 0.0) for n, s in (("b", 10.0), ("p", 20.0), ("d", 30.0))]
+    lines = run_all.lm_goals({"step": [step], "memory": memory, "epoch": epoch}, 5)
+    assert lines[0].startswith("5. LM LoRA step") and "**met** (1.60× ≥ 1.5×)" in lines[0]
+    assert lines[1].startswith("6.") and "**met** (0.25× ≤ 0.3×" in lines[1]
+    assert lines[2].startswith("7.") and "**met** (3.00× ≥ 2.5×)" in lines[2] and "contender: b" in lines[2]
+    # tiny: C=64, L=2, V=1000; 2 rows of 10 tokens, 7 targets
+    linear, attention, head = 12 * 64 * 64 * 2, 4 * 2 * 10 ** 2 * 64 * 2, 2 * 1000 * 64 * 7
+    assert bench_lm.lm_step_flops("tiny", 2, 10, 7) == 4 * linear * 20 + 3 * attention + 2 * head
+
+
+def test_gpu_script_dry_run_on_the_cpu(tmp_path):
+    import bench_gpu
+
+    body = bench_gpu.main(["--device", "cpu", "--shape", "tiny", "--skip", "train", "lm", "--tests", "2 skipped",
+                           "--output", str(tmp_path / "R.md")])
+    text = (tmp_path / "R.md").read_text(encoding="utf-8")
+    assert "## GPU" in text and body.strip() in text
+    assert "CUDA-only tests: 2 skipped" in body and "not measured (CPU)" in body and "0.49 GB" in body
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        if not torch.cuda.is_available():
+            bench_gpu.main(["--device", "cuda", "--no-write"])
+        else:
+            raise SystemExit("CUDA is not available (skipped on a GPU machine)")
+
+
+@pytest.mark.slow
+def test_lm_memory_workers_measure_every_configuration():
+    import bench_lm
+
+    require_shared(DATA / "alpaca_2k")
+    results = bench_lm.bench_lm_memory("tiny", batch=2, max_length=64, rows=16, steps=1, threads=1,
+                                       configs=("gpt2lora", "peft"), batches=("step",))
+    for r in results["step"].values():
+        assert r["peak_kib"] >= r["baseline_kib"] > 0 and len(r["losses"]) == 1
+    # each worker builds its own random model (memory does not depend on the values): losses near ln(vocab)
+    assert all(abs(r["losses"][0] - math.log(1000)) < 1.0 for r in results["step"].values())
+    assert "| gpt2lora, LoRA r=8 (target-only chunked loss) |" in "\n".join(bench_lm.memory_rows(results))
