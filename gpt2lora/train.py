@@ -613,7 +613,7 @@ class Trainer:
         self.history.evals.append(record)
         self._log({"type": "eval", **record})
         if self.tracker is not None:
-            self.tracker.log_metrics(pos.step, {f"eval/{k}": v for k, v in metrics.items()})
+            self.tracker.log_metrics(pos.step, {f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch")})
         value = metrics[cfg.best_metric]
         best = self.history.best
         lower = cfg.best_metric in LOWER_IS_BETTER
