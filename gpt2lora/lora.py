@@ -368,11 +368,19 @@ class LoRALinear(nn.Module):
         return out + torch.cat(full, dim=-1).to(out.dtype)
 
     def dora_norm(self, slot: Slot) -> Tensor:
-        """``‖W + s B A‖`` over input features, one value per output feature, without gradient."""
+        """``‖W + s B A‖`` over input features, one value per output feature, without gradient.
+
+        Computed as ``sqrt(‖W_j‖² + 2s B_j·(W A^T)_j + s² B_j (A A^T) B_j^T)``: two reads of W and r x r work
+        instead of forming W + s B A (an (out, in) temporary) every step.
+        """
         with torch.no_grad():
             lora_a, lora_b = slot.pair()
-            dtype = lora_a.dtype
-            return torch.linalg.norm(self.weight.to(dtype) + slot.scaling * (lora_b @ lora_a), dim=1)
+            weight = self.weight.to(lora_a.dtype)
+            s = slot.scaling
+            rows = torch.linalg.vector_norm(weight, dim=1).square()
+            cross = (lora_b * F.linear(weight, lora_a)).sum(dim=1)
+            quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(dim=1)
+            return (rows + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
 
     def _dora_forward(self, slot: Slot, x: Tensor, out: Tensor | None) -> Tensor:
         lora_a, lora_b = slot.pair()
