@@ -368,11 +368,19 @@ class LoRALinear(nn.Module):
         return out + torch.cat(full, dim=-1).to(out.dtype)
 
     def dora_norm(self, slot: Slot) -> Tensor:
-        """``‖W + s B A‖`` over input features, one value per output feature, without gradient."""
+        """``‖W + s B A‖`` over input features, one value per output feature, without gradient.
+
+        Computed as ``sqrt(‖W_j‖² + 2s B_j·(W A^T)_j + s² B_j (A A^T) B_j^T)``: two reads of W and r x r work
+        instead of forming W + s B A (an (out, in) temporary) every step.
+        """
         with torch.no_grad():
             lora_a, lora_b = slot.pair()
-            dtype = lora_a.dtype
-            return torch.linalg.norm(self.weight.to(dtype) + slot.scaling * (lora_b @ lora_a), dim=1)
+            weight = self.weight.to(lora_a.dtype)
+            s = slot.scaling
+            rows = torch.linalg.vector_norm(weight, dim=1).square()
+            cross = (lora_b * F.linear(weight, lora_a)).sum(dim=1)
+            quad = ((lora_b @ (lora_a @ lora_a.t())) * lora_b).sum(dim=1)
+            return (rows + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
 
     def _dora_forward(self, slot: Slot, x: Tensor, out: Tensor | None) -> Tensor:
         lora_a, lora_b = slot.pair()
@@ -398,18 +406,19 @@ class LoRALinear(nn.Module):
         return out + update.to(out.dtype)
 
     def _mixed(self, x: Tensor, out: Tensor, routing: RowRouting) -> Tensor:
-        """Each row with its own adapter in one pass: per-row A and B gathered, two batched matmuls."""
+        """Each row with its own adapter in one pass (see :class:`RowRouting`)."""
         plan = routing.plan(self, x)
         if plan is None:
             return out
-        rows, stack_a, stack_b, stack_g = plan
-        a_rows, b_rows = stack_a[rows], stack_b[rows]  # (B, R, in), (B, out, R): one copy of each row's factors
-        g_rows = stack_g[rows] if stack_g is not None else None
-        xr = x.reshape(x.size(0), -1, self.in_features).to(a_rows.dtype)
-        up = torch.bmm(torch.bmm(xr, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (B, T, out)
-        if g_rows is not None:  # DoRA rows: (m/||W + dW|| - 1) times the base output without bias
+        xr = x.reshape(x.size(0), -1, self.in_features).to(plan.flat_a.dtype)  # (B, T, in)
+        if plan.mask is not None:
+            up = F.linear(F.linear(xr, plan.flat_a) * plan.mask.unsqueeze(1), plan.flat_b)  # (B, T, out)
+        else:
+            a_rows, b_rows = plan.gathered()
+            up = torch.bmm(torch.bmm(xr, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
+        if plan.g_rows is not None:  # DoRA rows: (m/||W + dW|| - 1) times the base output without bias
             base = out - self.bias if self.bias is not None else out
-            up = up + g_rows.unsqueeze(1) * base.reshape(up.shape).to(up.dtype)
+            up = up + plan.g_rows.unsqueeze(1) * base.reshape(up.shape).to(up.dtype)
         return out + up.view(out.shape).to(out.dtype)
 
     # --- weights ---
@@ -580,20 +589,53 @@ LoRALayer = LoRALinear
 LORA_LAYERS = (LoRALinear,)
 
 
-class RowRouting:
-    """The adapter of every batch row in a mixed batch, and each layer's gathered factors for it.
+#: Mixed batches compute every present adapter's LoRA product for every row and mask the other adapters'
+#: columns out while the adapters' ranks add up to at most this (a few adapters: two plain matmuls, no
+#: per-row copies); beyond it each row's factors are gathered and multiplied with batched matmuls.
+DENSE_WIDTH = 256
 
-    Built once per mixed forward / generation (inference only, so the factors cannot change meanwhile);
-    ``plan`` stacks each adapter's ``(A', B')`` once per layer (scaling folded in, ranks zero-padded to the
-    largest; slot 0 is zeros for rows without an adapter there) and the layer gathers one copy per row, so
-    its LoRA part is two batched matmuls whatever the number of adapters.
+
+@dataclass(eq=False)
+class MixedPlan:
+    """One layer's factors for the rows of a mixed batch (see :class:`RowRouting`)."""
+
+    flat_a: Tensor
+    """(K R, in): the A' of the K adapters present in the batch, each zero-padded to R rows."""
+    flat_b: Tensor
+    """(out, K R): their B' (scaling, and DoRA's m/||W + dW||, folded in), in the same column blocks."""
+    mask: Tensor | None
+    """(B, K R): ones on the columns of each row's adapter (dense path), None on the gather path."""
+    rows: Tensor
+    """(B,): each row's adapter as 1..K, 0 for none on this layer (gather path)."""
+    g_rows: Tensor | None
+    """(B, out): DoRA's m/||W + dW|| - 1 for each row's adapter (0 for the others); None without DoRA."""
+    rank: int
+
+    def gathered(self) -> tuple[Tensor, Tensor]:
+        """Each row's (A', B') as (B, R, in) and (B, out, R): slot 0 is zeros."""
+        k = self.flat_a.shape[0] // self.rank
+        a = self.flat_a.view(k, self.rank, -1)
+        b = self.flat_b.view(self.flat_b.shape[0], k, self.rank).permute(1, 0, 2)
+        a = torch.cat([a.new_zeros(1, *a.shape[1:]), a])
+        b = torch.cat([b.new_zeros(1, *b.shape[1:]), b])
+        return a[self.rows], b[self.rows]
+
+
+class RowRouting:
+    """The adapter of every batch row in a mixed batch, and each layer's factors for them.
+
+    Built once per mixed forward / generation (inference only, so the factors cannot change meanwhile). Per
+    layer :meth:`plan` stacks the ``(A', B')`` of the adapters present (scaling folded in, ranks zero-padded
+    to the largest) once; the layer then computes ``((x A'^T) ⊙ mask) B'^T`` for the whole batch, which for
+    each row is its own adapter's update (two matmuls whatever the number of adapters), or with many
+    adapters gathers each row's factors for two batched matmuls.
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
-        self._plans: dict[int, Any] = {}
+        self._plans: dict[int, MixedPlan | None] = {}
 
-    def plan(self, layer: LoRALinear, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+    def plan(self, layer: LoRALinear, x: Tensor) -> MixedPlan | None:
         key = id(layer)
         if key in self._plans:
             return self._plans[key]
@@ -607,21 +649,27 @@ class RowRouting:
         factors = [layer.effective_factors(n) for n in present]
         dtype = factors[0][0].dtype
         width = max(a.shape[0] for a, _ in factors)
-        stack_a = torch.zeros(len(present) + 1, width, layer.in_features, dtype=dtype, device=x.device)
-        stack_b = torch.zeros(len(present) + 1, layer.out_features, width, dtype=dtype, device=x.device)
-        stack_g = torch.zeros(len(present) + 1, layer.out_features, dtype=dtype, device=x.device)
+        k = len(present)
+        flat_a = torch.zeros(k * width, layer.in_features, dtype=dtype, device=x.device)
+        flat_b = torch.zeros(layer.out_features, k * width, dtype=dtype, device=x.device)
+        gains = torch.zeros(k + 1, layer.out_features, dtype=dtype, device=x.device)
         dora = False
-        for i, (name, (a, b)) in enumerate(zip(present, factors, strict=True), start=1):
-            stack_a[i, :a.shape[0]] = a
-            stack_b[i, :, :a.shape[0]] = b
+        for i, (name, (a, b)) in enumerate(zip(present, factors, strict=True)):
+            cols = slice(i * width, i * width + a.shape[0])
+            flat_a[cols] = a
+            flat_b[:, cols] = b
             if layer.slots[name].use_dora:
                 factor = layer.dora_factor(name).to(dtype)
-                stack_b[i] *= factor.unsqueeze(1)
-                stack_g[i] = factor - 1
+                flat_b[:, cols] *= factor.unsqueeze(1)
+                gains[i + 1] = factor - 1
                 dora = True
         index = {n: i for i, n in enumerate(present, start=1)}
         rows = torch.tensor([index.get(n, 0) for n in self.names], device=x.device)
-        plan = (rows, stack_a, stack_b, stack_g if dora else None)
+        mask = None
+        if k * width <= DENSE_WIDTH:
+            blocks = torch.arange(k * width, device=x.device) // width + 1  # column -> adapter 1..k
+            mask = (blocks.unsqueeze(0) == rows.unsqueeze(1)).to(dtype)
+        plan = MixedPlan(flat_a, flat_b, mask, rows, gains[rows] if dora else None, width)
         self._plans[key] = plan
         return plan
 

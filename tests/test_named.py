@@ -13,6 +13,7 @@ import transformers
 from conftest import TINY, make_hf_checkpoint
 from torch import nn
 
+import gpt2lora.lora
 from gpt2lora import (
     GPT2,
     ConfigError,
@@ -274,7 +275,11 @@ def test_mixed_batch_equals_rows_alone_and_peft(tiny_checkpoint, clf_checkpoint,
     torch.testing.assert_close(theirs, mixed, rtol=0, atol=1e-4)
 
 
-def test_mixed_batch_with_split_pairs_and_a_head_lora(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_mixed_batch_with_split_pairs_and_a_head_lora(tiny_checkpoint, monkeypatch, path) -> None:
+    """Both ways a layer computes a mixed batch: masked products of every adapter, or gathered per-row factors."""
+    if path == "gather":
+        monkeypatch.setattr(gpt2lora.lora, "DENSE_WIDTH", 0)
     adapters = {**PEFT_ADAPTERS, "split": SPLIT,
                 "head": LoRAConfig(rank=2, alpha=2, dropout=0.0, targets=("lm_head", "attn.c_proj"), use_dora=True)}
     model = multi("lm", tiny_checkpoint, adapters)
