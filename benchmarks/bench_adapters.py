@@ -230,9 +230,10 @@ def report(shape: str, batch: int, length: int, new_tokens: int, repeats: int, d
                    "single-adapter forward; mixed generation "
                    f"{g['gpt2lora adapter_names'].median / g['peft adapter_names'].median:.2f}× peft's. "
                    f"Largest logit difference from peft: {mixed['forward_gap']:.1e}; generated tokens equal peft's: "
-                   f"{mixed['generate_same']}. gpt2lora gathers each row's A and B once per call and runs every "
-                   "wrapped layer's LoRA part as two batched matmuls over all rows; peft runs one sub-batch per "
-                   "adapter in each layer (index, two matmuls, scatter).")]
+                   f"{mixed['generate_same']}. gpt2lora stacks the present adapters' A and B once per call and "
+                   "runs every wrapped layer's LoRA part as two matmuls over all rows, masking each row to its own "
+                   "adapter's columns; peft runs one sub-batch per adapter in each layer (index, two matmuls, "
+                   "scatter).")]
     return "\n".join(lines)
 
 

@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "adapter's base_model_name_or_path)")
     inspect.add_argument("--rows", type=positive_int, default=4, help="rows the output change is measured on")
     inspect.add_argument("--max-layers", type=positive_int, default=None, help="show at most N layers")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sweep = sub.add_parser("sweep", help="train a grid of methods/ranks/lrs into one comparison table")
     add_settings(sweep, TRAIN_KEYS)
@@ -325,7 +326,13 @@ def _push(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from .diagnostics import format_diagnostics, inspect_adapter
 
-    print(format_diagnostics(inspect_adapter(args.path, model=args.model, rows=args.rows), args.max_layers))
+    report = inspect_adapter(args.path, model=args.model, rows=args.rows)
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_diagnostics(report, args.max_layers))
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed, report
 from .adapters import load_adapter, save_adapter
 from .batching import BucketedBatches
-from .config import GPT2Config, LoRAConfig
+from .config import GPT2Config, LoRAConfig, is_residual_init
 from .data import CLASSIFICATION_KINDS, TASKS, Dataset, Tokenizer, data_root, encode, load_split
 from .devices import resolve_device
 from .errors import CheckpointNotFoundError, ConfigError, DataError
@@ -435,6 +435,11 @@ def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any
     if config["method"] == EVAL_ONLY:
         return model, config
     lora = LoRAConfig(**{**config["lora"], "targets": tuple(config["lora"]["targets"])}) if config["lora"] else None
+    if lora is not None and is_residual_init(lora.init):
+        # a PiSSA / OLoRA adapter is saved converted for the unmodified base (plain LoRA of rank 2r):
+        # load_adapter applies the file's own configuration
+        load_adapter(model, Path(run_dir) / "adapter")
+        return model, config
     prompt = PromptConfig(**config["prompt"]) if config.get("prompt") else None
     prepare_model(model, config["method"], lora=lora, last_n=config["last_n"], seed=config["train"]["seed"],
                   prompt=prompt)

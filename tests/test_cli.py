@@ -134,8 +134,11 @@ def test_sweep_writes_one_comparison_table_and_plots(tmp_path):
     summary = (folder / "summary.md").read_text()
     assert "| Method | rank |" in summary and "Foundation (no fine-tuning)" in summary
     assert (folder / "results.csv").read_text().count("\n") == 5
-    if "matplotlib" in sys.modules or (folder / "accuracy_vs_rank.png").exists():
-        assert (folder / "accuracy_vs_rank.png").read_bytes()[:8] == PNG
+    for plot in ("accuracy_vs_rank", "accuracy_vs_trainable_params", "accuracy_vs_train_time"):
+        assert (folder / f"{plot}.png").read_bytes()[:8] == PNG, plot  # matplotlib is a dependency
+        assert f"]({plot}.png)" in summary
+    assert "Memory added" in summary and all(r["memory_added_mb"] >= 0 for r in rows[1:])
+    assert rows[3]["memory_added_mb"] < rows[2]["memory_added_mb"] + 50  # head-only adds no more than LoRA
     assert len([p for p in folder.iterdir() if (p / "adapter").is_dir()]) == 3
 
 

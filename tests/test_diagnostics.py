@@ -191,3 +191,28 @@ def test_inspect_command_on_a_trained_dora_run(tmp_path) -> None:
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DoRA" in proc.stdout and "untrained" not in proc.stdout.lower()
+    proc = subprocess.run([sys.executable, "-m", "gpt2lora.cli", "inspect", str(tmp_path / "dora"), "--json"],
+                          check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["update_norm"] > 0
+
+
+def test_a_pissa_run_reloads_from_its_converted_adapter(tmp_path) -> None:
+    """A PiSSA run's adapter is saved for the unmodified base; load_run_model (eval, merge, push) rebuilds the
+    trained model from it: the same logits as the model the run evaluated."""
+    from conftest import DATA, VOCAB, require_shared
+
+    from gpt2lora.cli import main
+    from gpt2lora.run import load_run_model
+
+    assert main(["train", "--task", "sst2", "--smoke", "--vocab", str(require_shared(VOCAB)), "--data-root",
+                 str(require_shared(DATA)), "--out", str(tmp_path), "--run-name", "pissa", "--quiet", "--max-steps",
+                 "2", "--lora-init", "pissa", "--rank", "2", "--eval-rows", "32"]) == 0
+    model, config = load_run_model(tmp_path / "pissa")
+    assert config["lora"]["init"] == "pissa"
+    ranks = {int(p.shape[0]) for n, p in model.named_parameters() if "lora_A" in n}
+    assert ranks == {4}  # rank 2 converted to a plain rank-2r LoRA for the unmodified base
+    saved = json.loads((tmp_path / "pissa" / "metrics.json").read_text())["result"]
+    again = main(["eval", "--run", str(tmp_path / "pissa"), "--eval-rows", "32"])
+    assert again == 0
+    evaluated = json.loads((tmp_path / "pissa" / "eval-sst2-validation.json").read_text())["result"]
+    assert evaluated["eval_loss"] == pytest.approx(saved["eval_loss"], abs=1e-5)
