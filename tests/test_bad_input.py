@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from battery import Battery
 from conftest import TINY
 from safetensors.torch import load_file, save_file
 
@@ -90,24 +91,9 @@ class Ctx:
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-@dataclass
-class Case:
-    family: str
-    make: Callable[[Ctx], tuple[Callable[[], Any], dict[str, Any]]]
-    """Builds the bad input; returns the call and the values the pattern refers to as {name}."""
-    error: type[BaseException]
-    pattern: str
-
-
-CASES: dict[str, Case] = {}
-
-
-def case(name: str, family: str, error: type[BaseException], pattern: str):
-    def register(make):
-        assert name not in CASES, name
-        CASES[name] = Case(family, make, error, pattern)
-        return make
-    return register
+BATTERY = Battery()
+CASES = BATTERY.cases
+case = BATTERY.case
 
 
 def cls_ckpt_model(ctx: Ctx, num_labels: int = 2) -> GPT2ForSequenceClassification:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from battery import Battery
 from conftest import TINY
 from safetensors.torch import load_file, save_file
 
@@ -69,23 +70,9 @@ class Ctx:
         return save_adapter(model, self.tmp / name)
 
 
-@dataclass
-class Case:
-    family: str
-    make: Callable[[Ctx], tuple[Callable[[], Any], dict[str, Any]]]
-    error: type[BaseException]
-    pattern: str
-
-
-CASES: dict[str, Case] = {}
-
-
-def case(name: str, family: str, error: type[BaseException], pattern: str):
-    def register(make):
-        assert name not in CASES, name
-        CASES[name] = Case(family, make, error, pattern)
-        return make
-    return register
+BATTERY = Battery()
+CASES = BATTERY.cases
+case = BATTERY.case
 
 
 def poke(name: str, value: float, count: int = 1) -> Callable[[dict[str, torch.Tensor]], None]:
