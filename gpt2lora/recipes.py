@@ -104,6 +104,7 @@ FIGURES: dict[str, Figure] = {f: Figure(*spec) for f, spec in {
     "eval_samples_per_s": ("Eval samples/s", "eval_samples_per_s", 1.0, "/s"),
     "eval_steps_per_s": ("Eval steps/s", "eval_steps_per_s", 1.0, "/s"),
     "peak_memory_gb": ("Peak memory (GB)", "peak_memory_mb", 1 / 1024, "GB"),
+    "memory_added_gb": ("Memory added by training (GB)", "memory_added_mb", 1 / 1024, "GB"),
 }.items()}
 
 _TOP_KEYS = {"name", "title", "description", "notes", "source", "defaults", "rows"}
@@ -326,7 +327,7 @@ SMOKE_CAPS = {"train_rows": 24, "eval_rows": 16, "gen_rows": 2, "max_new_tokens"
               "batch_size": 8, "max_steps": 3}
 #: Result keys shown for a row that published nothing (the warmup and batch-size comparisons).
 MEASURED_ONLY = ("accuracy", "f1", "eval_loss", "exact_match", "squad_f1", "rouge_l_f1", "judge_score",
-                 "trainable_params", "train_time_s", "peak_memory_gb")
+                 "trainable_params", "train_time_s", "peak_memory_gb", "memory_added_gb")
 
 
 def _slug(text: str) -> str:
@@ -471,8 +472,8 @@ def measured(result: Mapping[str, Any], name: str) -> float | None:
     """This run's value of a published figure, in the figure's unit."""
     figure = FIGURES[name]
     value = result.get(figure.key)
-    if name == "peak_memory_gb":
-        value = result.get("peak_memory_mb")
+    if name in ("peak_memory_gb", "memory_added_gb"):
+        value = result.get(figure.key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     return value * figure.factor
@@ -484,6 +485,8 @@ def comparison_rows(recipe: Recipe, results: list[dict[str, Any]]) -> list[dict[
     lines = []
     for row, result in zip(recipe.rows, results):
         names = list(row.published) or [n for n in MEASURED_ONLY if measured(result, n) is not None]
+        if "peak_memory_gb" in names and "memory_added_gb" not in names:  # the peak's companion, per run
+            names.insert(names.index("peak_memory_gb") + 1, "memory_added_gb")
         for name in names:
             figure, value = FIGURES[name], measured(result, name)
             published = row.published.get(name)

@@ -233,3 +233,20 @@ def test_quickstart_command_learns_the_task(tmp_path):
     assert lora["accuracy"] > foundation["accuracy"] + 0.1 and full["accuracy"] > foundation["accuracy"] + 0.1
     assert lora["trainable_params"] < 0.2 * full["trainable_params"]
     assert "| LoRA (r=8, α=16) |" in proc.stdout and "max |merged - unmerged|" in proc.stdout
+
+
+def test_a_run_on_local_data_is_named_after_it(tmp_path):
+    """`train --data ./my_reviews` (no --task): the run folder, summary title and notes name the data, not a preset;
+    the kind comes from the columns."""
+    rows = [json.loads(line) for line in (require_shared(DATA) / "sst2" / "train.jsonl").read_text().splitlines()[:60]]
+    data = tmp_path / "my_reviews"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run_cli("train", "--data", str(data), *smoke_args(tmp_path / "runs"), "--max-steps", "2")
+    (folder,) = [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]  # .smoke-base-0 aside
+    assert folder.name.startswith("my_reviews-lora-")
+    summary = (folder / "summary.md").read_text()
+    assert summary.startswith("# my_reviews: LoRA") and f"data {data}" in summary and "sst2" not in summary
+    config = json.loads((folder / "config.json").read_text())
+    assert config["kind"] == "classification" and config["settings"]["data"] == str(data)

@@ -313,3 +313,19 @@ def test_bad_files(tmp_path):
 
 def test_every_figure_name_is_documented_once():
     assert len({f.label for f in FIGURES.values()}) == len(FIGURES)
+
+
+def test_reports_show_the_memory_training_added_beside_the_published_peak():
+    from gpt2lora.recipes import comparison_rows
+
+    recipe = load_recipe("sst2_methods")
+    results = [{"peak_memory_mb": 2048.0 + i, "memory_added_mb": 512.0 + i, "accuracy": 0.5} for i in
+               range(len(recipe.rows))]
+    lines = comparison_rows(recipe, results)
+    for i, row in enumerate(recipe.rows):
+        figures = [line["figure"] for line in lines if line["row"] == row.name]
+        if "peak_memory_gb" not in row.published:
+            continue
+        assert figures[figures.index("peak_memory_gb") + 1] == "memory_added_gb"
+        added = next(line for line in lines if line["row"] == row.name and line["figure"] == "memory_added_gb")
+        assert added["published_text"] == "not published" and added["this_run"] == pytest.approx((512 + i) / 1024)
