@@ -214,3 +214,25 @@ def gpt2_stand_in(folder: Path, seed: int = 0, **shape) -> Path:
     """A tiny random GPT-2 with the real vocabulary and tokenizer files, to serve as the hub's ``gpt2``."""
     return make_hf_checkpoint(folder, seed=seed, with_tokenizer=True, **{
         "vocab_size": 50257, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 128, **shape})
+
+
+def ours(kind: str, checkpoint: Path) -> torch.nn.Module:
+    """gpt2lora's model of a test checkpoint in eval mode: the LM (``kind="lm"``) or the classifier."""
+    from gpt2lora import GPT2, GPT2ForSequenceClassification
+
+    return (GPT2 if kind == "lm" else GPT2ForSequenceClassification).from_pretrained(checkpoint).eval()
+
+
+def hf_twin(kind: str, checkpoint: Path) -> torch.nn.Module:
+    """transformers' model of the same checkpoint in eval mode (the reference)."""
+    import transformers
+
+    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.GPT2ForSequenceClassification
+    return cls.from_pretrained(checkpoint).eval()
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of gpt2lora's or transformers' (and peft's) models alike, without gradients."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out if isinstance(out, torch.Tensor) else out.logits

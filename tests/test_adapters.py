@@ -9,8 +9,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import transformers
-from conftest import TINY, make_hf_checkpoint
+from conftest import TINY, make_hf_checkpoint, ours
+from conftest import hf_twin as theirs
+from conftest import logits_of as logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,7 +21,6 @@ from gpt2lora import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
-    GPT2ForSequenceClassification,
     LoRAConfig,
     UnsafeCheckpointError,
     apply_lora,
@@ -43,22 +43,6 @@ def clf_checkpoint(tmp_path_factory) -> Path:
 def tokens(batch: int = 2, length: int = 7) -> torch.Tensor:
     # ids start at 1: the test checkpoints use 0 as padding, which transformers' pooling looks for
     return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(0))
-
-
-def ours(kind: str, checkpoint: Path) -> nn.Module:
-    cls = GPT2 if kind == "lm" else GPT2ForSequenceClassification
-    return cls.from_pretrained(checkpoint).eval()
-
-
-def theirs(kind: str, checkpoint: Path) -> nn.Module:
-    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.GPT2ForSequenceClassification
-    return cls.from_pretrained(checkpoint).eval()
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def train_a_little(model: nn.Module, seed: int = 0) -> None:

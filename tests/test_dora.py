@@ -9,7 +9,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from conftest import TINY, make_hf_checkpoint, ours
+from conftest import hf_twin as hf_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -48,16 +49,6 @@ def batch(side: str, rows: int = 3, length: int = 7, seed: int = 0) -> tuple[tor
         else:
             mask[row, :2 * row] = 0
     return ids.masked_fill(mask == 0, 0), mask
-
-
-def ours(kind: str, checkpoint: Path) -> nn.Module:
-    cls = GPT2 if kind == "lm" else GPT2ForSequenceClassification
-    return cls.from_pretrained(checkpoint).eval()
-
-
-def hf_model(kind: str, checkpoint: Path) -> nn.Module:
-    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.GPT2ForSequenceClassification
-    return cls.from_pretrained(checkpoint).eval()
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

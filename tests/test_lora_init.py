@@ -12,13 +12,13 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from conftest import TINY, make_hf_checkpoint, ours
+from conftest import hf_twin as hf_model
+from conftest import logits_of as logits
 from torch import nn
 
 from gpt2lora import (
-    GPT2,
     ConfigError,
-    GPT2ForSequenceClassification,
     LoRAConfig,
     LoRALinear,
     apply_lora,
@@ -46,21 +46,6 @@ def ids(rows: int = 3, length: int = 6) -> torch.Tensor:
 
 def checkpoint_for(kind: str, tiny: Path, clf: Path) -> Path:
     return tiny if kind == "lm" else clf
-
-
-def ours(kind: str, checkpoint: Path) -> nn.Module:
-    return (GPT2 if kind == "lm" else GPT2ForSequenceClassification).from_pretrained(checkpoint).eval()
-
-
-def hf_model(kind: str, checkpoint: Path) -> nn.Module:
-    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.GPT2ForSequenceClassification
-    return cls.from_pretrained(checkpoint).eval()
-
-
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=x)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def train_a_little(model: nn.Module, seed: int = 0) -> None:

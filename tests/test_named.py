@@ -10,7 +10,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from conftest import TINY, make_hf_checkpoint, ours
+from conftest import hf_twin as hf_model
 from torch import nn
 
 import gpt2lora.lora
@@ -47,15 +48,6 @@ SPLIT = LoRAConfig(rank=2, alpha=4, dropout=0.0, targets=("attn.q", "attn.v", "m
 def clf_checkpoint(tmp_path_factory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=8, cls="GPT2ForSequenceClassification",
                               num_labels=3)
-
-
-def ours(kind: str, checkpoint: Path) -> nn.Module:
-    return (GPT2 if kind == "lm" else GPT2ForSequenceClassification).from_pretrained(checkpoint).eval()
-
-
-def hf_model(kind: str, checkpoint: Path) -> nn.Module:
-    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.GPT2ForSequenceClassification
-    return cls.from_pretrained(checkpoint).eval()
 
 
 def padded(rows: int = 8, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
