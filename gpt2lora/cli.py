@@ -103,14 +103,30 @@ def add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
         _add_flag(group, setting)
 
 
+def _default_text(setting: Setting) -> str:
+    """`` (default: X)`` from the RunConfig defaults, for the help; empty where the help already says it."""
+    from .runconfig import RunConfig, to_settings
+
+    defaults = to_settings(RunConfig())
+    value = defaults["lora"].get(setting.field) if setting.section == "lora" else defaults.get(setting.key)
+    if value is None or value == {} or setting.type == "bool" or "default" in setting.help:
+        return ""
+    if setting.type == "clip":
+        value = value if value is not False else 0
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value)) if value else "none"
+    return f" (default: {value})"
+
+
 def _add_flag(group: argparse._ArgumentGroup, setting: Setting) -> None:
-    kwargs: dict[str, Any] = {"dest": setting.key, "default": argparse.SUPPRESS, "help": setting.help}
+    kwargs: dict[str, Any] = {"dest": setting.key, "default": argparse.SUPPRESS,
+                              "help": setting.help + _default_text(setting)}
     if setting.type == "bool":
         kwargs["action"] = "store_false" if setting.option.startswith("--no-") else "store_true"
     else:
         kwargs["type"] = _CONVERTERS[setting.type]
         if setting.type == "list":
-            kwargs["nargs"] = "+"
+            kwargs.update(nargs="+", metavar="LAYER")
         elif setting.type == "pair":
             kwargs.update(nargs=2, metavar=("BETA1", "BETA2"))
         elif setting.type == "map":
@@ -119,6 +135,8 @@ def _add_flag(group: argparse._ArgumentGroup, setting: Setting) -> None:
             kwargs["metavar"] = "tensorboard,wandb,none"
         if setting.choices and setting.type != "backends":
             kwargs["choices"] = setting.choices
+            if setting.type == "list":
+                kwargs["help"] += f"; choose among {', '.join(setting.choices)}"
     group.add_argument(setting.option, **kwargs)
 
 
