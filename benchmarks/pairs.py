@@ -125,23 +125,31 @@ def lora_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float 
 def peft_side(hf: nn.Module, ours: nn.Module, rank: int, alpha: float, lora_dropout: float,
               device: str, autocast: torch.dtype | None) -> Side:
     """Wrap ``hf`` with peft LoRA on the same targets and copy ``ours``'s A/B (and head) into it."""
+    model = peft_twin(hf, ours, rank, alpha, lora_dropout, "SEQ_CLS", device)
+    return Side("transformers+peft", model, adamw(model), reference_loss(model, autocast))
+
+
+def peft_twin(hf: nn.Module, ours: nn.Module, rank: int, alpha: float, lora_dropout: float, task_type: str,
+              device: str) -> nn.Module:
+    """``hf`` wrapped with peft LoRA on :data:`TARGETS`, holding ``ours``'s A/B (and classifier head), in train
+    mode on ``device``; exits when the two sides would train different parameter counts."""
     import peft
 
     model = peft.get_peft_model(hf, peft.LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(TARGETS),
-        fan_in_fan_out=True, task_type="SEQ_CLS"))
+        fan_in_fan_out=True, task_type=task_type))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if ".lora_" in name:
                 params[f"base_model.model.{name}.default.weight"].copy_(p)
-        params["base_model.model.score.modules_to_save.default.weight"].copy_(ours.score.weight)
+        if task_type == "SEQ_CLS":
+            params["base_model.model.score.modules_to_save.default.weight"].copy_(ours.score.weight)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     expected = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     if trainable != expected:
         raise SystemExit(f"peft trains {trainable} parameters, gpt2lora {expected}: configurations differ")
-    model.to(device).train()
-    return Side("transformers+peft", model, adamw(model), reference_loss(model, autocast))
+    return model.to(device).train()
 
 
 def random_batch(shape: str, batch: int, length: int, device: str = "cpu", seed: int = 0,
@@ -210,7 +218,6 @@ def lm_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float = 
     ``full_logits``: also ``"gpt2lora, full logits"``, a copy of the gpt2lora model with the old loss path.
     transformers + peft computes its loss with ``model(..., labels=...)``.
     """
-    import peft
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -229,19 +236,7 @@ def lm_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float = 
     if full_logits:
         sides["gpt2lora, full logits"] = Side("gpt2lora, full logits", models[1], adamw(models[1]),
                                               full_logits_lm_loss(models[1], autocast), clip)
-    reference = peft.get_peft_model(hf, peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(TARGETS),
-        fan_in_fan_out=True, task_type="CAUSAL_LM"))
-    params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if ".lora_" in name:
-                params[f"base_model.model.{name}.default.weight"].copy_(p)
-    trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
-    expected = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    if trainable != expected:
-        raise SystemExit(f"peft trains {trainable} parameters, gpt2lora {expected}: configurations differ")
-    reference.to(device).train()
+    reference = peft_twin(hf, ours, rank, alpha, lora_dropout, "CAUSAL_LM", device)
     sides["transformers+peft"] = Side("transformers+peft", reference, adamw(reference),
                                       reference_loss(reference, autocast), clip)
     return sides
