@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,9 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attention
 from .config import GPT2Config
+from .dropout import Dropout
 from .errors import ConfigError
 from .lm_head_loss import DEFAULT_CHUNK_SIZE, check_chunk_size, lm_head_loss
+from .recompute import recompute_cheap_outputs
 from .rowlinear import Linear
 
 if TYPE_CHECKING:
@@ -48,7 +53,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
@@ -59,9 +64,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = attention(q, k, v, attn_mask, is_causal, self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -80,8 +83,7 @@ class CausalSelfAttention(nn.Module):
             mask = (torch.arange(T, device=x.device) <= rows.unsqueeze(1)).view(B, 1, 1, T)
         else:
             mask = attn_mask.expand(B, -1, -1, -1)[batch, :, rows].unsqueeze(2)  # (B, 1, 1, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = attention(q, k, v, mask, False, self.attn_pdrop if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, 1, C)))
 
 
@@ -98,7 +100,7 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, config.inner_dim)
         self.act = activation(config.activation_function)
         self.c_proj = Linear(config.inner_dim, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -122,6 +124,11 @@ class Block(nn.Module):
         picked = x[torch.arange(x.size(0), device=x.device), rows].unsqueeze(1)  # (B, 1, C)
         x = picked + self.attn.forward_rows(self.ln_1(x), attn_mask, rows)
         return x + self.mlp(self.ln_2(x))
+
+
+def cheap_layers(blocks: Iterable[Block]) -> list[nn.Module]:
+    """The LayerNorms and MLP activations of ``blocks``: layers whose outputs are cheaper to recompute than keep."""
+    return [layer for block in blocks for layer in (block.ln_1, block.ln_2, block.mlp.act)]
 
 
 def last_token_index(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
@@ -180,13 +187,16 @@ class Transformer(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
+        self.drop = Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.prompt: nn.Module | None = None
         """Soft prompt of method ``prompt`` (see :mod:`gpt2lora.prompt`), prepended to every row."""
         self.gradient_checkpointing = False
         """Recompute block activations in backward (training with grad enabled only, never with a cache)."""
+        self.recompute_cheap_outputs = True
+        """In training, save the inputs of ``ln_1``, ``ln_2`` and the MLP activation in place of their outputs
+        and recompute those in backward (see :mod:`gpt2lora.recompute`): exact, less memory."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
@@ -254,14 +264,18 @@ class Transformer(nn.Module):
                 mask = attention_bias(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T)
         else:
             mask, is_causal = attention_bias(attention_mask, T), False
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
-        for layer, block in enumerate(self.h[:-1] if last_token_only else self.h):
-            if recompute:
+        training = self.training and torch.is_grad_enabled() and kv_cache is None
+        blocks = self.h[:-1] if last_token_only else self.h
+        if training and self.gradient_checkpointing:
+            for layer, block in enumerate(blocks):
                 # Non-reentrant: works when the input needs no grad (frozen base + LoRA) and replays
                 # dropout with the saved RNG state, so losses and gradients equal the plain pass.
                 x = checkpoint(block, x, mask, is_causal, None, layer, use_reentrant=False)
-            else:
-                x = block(x, mask, is_causal, kv_cache, layer)
+        else:
+            cheap = training and self.recompute_cheap_outputs and not torch.compiler.is_compiling()
+            with recompute_cheap_outputs(cheap_layers(blocks)) if cheap else nullcontext():
+                for layer, block in enumerate(blocks):
+                    x = block(x, mask, is_causal, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         if last_token_only:

@@ -1,0 +1,90 @@
+"""Dropout that saves a 1-byte keep mask and, on the CPU, draws one 32-bit random number per element.
+
+torch's CPU dropout draws a uniform double per element (``bernoulli_``, two 32-bit draws) and keeps
+the scaled float mask for backward: 4 bytes per activation element. :func:`dropout` draws one 31-bit
+integer per element, keeps ``draw >= round(p · 2³¹)`` as a bool mask and saves only that, so its
+backward holds a quarter of the memory and the forward makes half the random draws. The keep
+probability is ``1 - round(p · 2³¹) / 2³¹`` (within 2.4e-10 of ``1 - p``), and the draws come from
+torch's default generator: ``torch.manual_seed`` makes masks repeat and gradient checkpointing
+replays them. On other devices :func:`dropout` is ``F.dropout`` (their fused kernels already save a
+bool mask).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+DRAW_RANGE = 2 ** 31
+"""``Tensor.random_()`` on int32 draws uniformly from [0, 2³¹)."""
+
+
+def drop_threshold(p: float) -> int:
+    """Draws below this are dropped: ``round(p · 2³¹)``."""
+    return round(p * DRAW_RANGE)
+
+
+def fill_keep_mask(keep: Tensor, p: float, rows: int | None = None) -> Tensor:
+    """Fill the bool tensor ``keep`` with True where an element is kept (probability ``1 - p``).
+
+    On the CPU the int32 draws are made ``rows`` leading-dimension rows at a time (all at once when
+    None), so the transient draws stay small beside a large mask.
+    """
+    if keep.device.type != "cpu":
+        return keep.bernoulli_(1.0 - p)
+    threshold = drop_threshold(p)
+    step = keep.size(0) if rows is None or keep.dim() == 0 else max(1, rows)
+    flat = keep.unsqueeze(0) if keep.dim() == 0 else keep
+    for start in range(0, flat.size(0), step):
+        part = flat[start:start + step]
+        draws = torch.empty(part.shape, dtype=torch.int32, device=keep.device).random_()
+        torch.ge(draws, threshold, out=part)
+    return keep
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """A new bool mask of ``shape``: True with probability ``1 - p``."""
+    return fill_keep_mask(torch.empty(shape, dtype=torch.bool, device=device), p)
+
+
+def scaled_mask(keep: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``keep * scale`` as a ``dtype`` tensor (the bool read as bytes: torch converts those vectorised)."""
+    return keep.view(torch.uint8).to(dtype).mul_(scale)
+
+
+class MaskedScale(torch.autograd.Function):
+    """``x * keep * scale`` whose backward saves only the bool ``keep``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * scaled_mask(keep, scale, x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return grad * scaled_mask(keep, ctx.scale, grad.dtype), None, None
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout (zero with probability ``p``, scale the rest by ``1 / (1 - p)``), as ``F.dropout``."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    return MaskedScale.apply(x, keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same arguments, state and repr) running :func:`dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inplace:
+            return F.dropout(x, self.p, self.training, inplace=True)
+        return dropout(x, self.p, self.training)
