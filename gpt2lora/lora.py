@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig, is_residual_init
 from .errors import ConfigError
 from .lora_init import check_rank_fits, initial_factors
+from .lora_product import LoRAProduct
 from .rowlinear import linear
 
 #: Name of the classification head; LoRA never wraps or freezes it.
@@ -225,6 +226,7 @@ class LoRALinear(nn.Module):
                 self.lora_extra = nn.ModuleDict()
             owner = AdapterFactors()
             self.lora_extra[name] = owner
+        # torch's own dropout, not gpt2lora.dropout: the same masks as peft's under the same seed
         owner.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         if owner.lora_dropout is not None:
             owner.lora_dropout.train(self.training)
@@ -343,10 +345,13 @@ class LoRALinear(nn.Module):
             # the base linear's backward keeps its inputs, not its output.
             lora_a, lora_b = owner.lora_A, owner.lora_B
             drop = owner.lora_dropout
-            h = drop(x) if drop is not None else x
-            out = linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-            down = F.linear(h.reshape(-1, self.in_features), lora_a) * slot.scaling
-            return out.addmm_(down, lora_b.t()).view(*x.shape[:-1], self.out_features)
+            rows = x.reshape(-1, self.in_features)
+            h = drop(rows) if drop is not None else rows
+            if torch.is_grad_enabled():  # the input gradient of both paths in one product (see lora_product)
+                out = LoRAProduct.apply(rows, h, self.weight, self.bias, lora_a, lora_b, slot.scaling)
+            else:
+                out = linear(rows, self.weight, self.bias).addmm_(F.linear(h, lora_a) * slot.scaling, lora_b.t())
+            return out.view(*x.shape[:-1], self.out_features)
         if slot.use_dora:
             fused = ((owner.lora_dropout is None or not owner.lora_dropout.training)
                      and x.dtype == self.weight.dtype == owner.lora_A.dtype
