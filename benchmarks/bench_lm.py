@@ -45,6 +45,7 @@ from pairs import SHAPES, TARGETS, Side, check_same_loss, hf_config, lm_pair, pa
 import gpt2lora as gl
 from gpt2lora.batching import collate, collate_packed
 from gpt2lora.data import encode
+from gpt2lora.lm_head_loss import DEFAULT_CHUNK_SIZE
 
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", HERE.parent.parent / "shared"))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -490,7 +491,7 @@ def section(results: dict, command: str, args: argparse.Namespace, load: tuple[f
         (f"{args.shape} shape (random weights), LoRA r=8 alpha=16 on {', '.join(TARGETS)}, no LoRA dropout, "
          f"model dropout as in GPT-2's config (0.1), torch AdamW, clip 1.0, {device}, batch {args.batch}, "
          f"max_length {args.max_length}. gpt2lora: `GPT2.forward(..., labels=...)` (LM head + cross-entropy at "
-         "target positions only, 512 rows at a time) / target count; transformers + peft: `GPT2LMHeadModel` + "
+         f"target positions only, {DEFAULT_CHUNK_SIZE} rows at a time) / target count; transformers + peft: `GPT2LMHeadModel` + "
          "`LoraConfig(task_type=CAUSAL_LM)`, `model(..., labels=...).loss`. Every comparison first checks both "
          "sides compute the same loss (eval mode, within 1e-4)."),
     ]

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section
 
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, TrainConfig, Trainer, apply_lora
+from gpt2lora.recompute import count_saved_tensors
 from gpt2lora.train import enable_gradient_checkpointing, lm_loss
 
 TITLE = "Scale levers"
@@ -68,24 +69,15 @@ def worker_memory(args: argparse.Namespace) -> dict:
     model = lora_model(args.preset, dropout=0.1).train()
     enable_gradient_checkpointing(model, bool(args.checkpointing))
     batch = lm_batches(1, args.batch, args.seq, model.config.vocab_size)[0]
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:  # weights are not activations
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
     before = rss_mb()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_tensors(model.parameters()) as saved:  # weights are not activations
         logits = model(batch["input_ids"])
     loss, _ = lm_loss(logits, batch["labels"])
     loss.backward()
     seconds = time.perf_counter() - start
     grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
-    return {"checkpointing": bool(args.checkpointing), "saved_mb": sum(saved.values()) / 2**20,
+    return {"checkpointing": bool(args.checkpointing), "saved_mb": saved.bytes / 2**20,
             "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(), "step_s": seconds, "loss": loss.item(),
             "grad_norm_sum": sum(grads.values())}
 

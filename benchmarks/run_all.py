@@ -66,7 +66,7 @@ Speed-ups in gpt2lora (each kept every parity test green, tests in `tests/test_s
 LM_NOTES = """\
 What changed for language models (tests in `tests/test_lm_head_loss.py`, `tests/test_packing.py`): the LM
 head and its cross-entropy run only at positions whose next token is a target (prompt and padding
-positions never reach the 50,257-wide head), 512 rows at a time, and each block's logits are turned into
+positions never reach the 50,257-wide head), 128 rows at a time, and each block's logits are turned into
 the head's input gradient (and weight gradient, when the head trains) during the forward pass, so
 neither forward nor backward holds a (positions, vocab) tensor and the head costs the two matmuls of the
 plain computation. Losses are summed and divided by the target tokens of the whole optimizer step

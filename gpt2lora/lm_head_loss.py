@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from .batching import IGNORE_INDEX
 from .errors import ConfigError
 
-DEFAULT_CHUNK_SIZE = 512
-"""Rows of one (rows, vocab) logits block: 512 × 50,257 fp32 logits are about 100 MB."""
+DEFAULT_CHUNK_SIZE = 128
+"""Rows of one (rows, vocab) logits block: 128 × 50,257 fp32 logits are about 26 MB (as fast as 512 on a CPU)."""
 
 
 def check_chunk_size(chunk_size: Any, owner: str = "chunk_size") -> int:

@@ -12,6 +12,7 @@ from gpt2lora.config import GPT2Config, LoRAConfig
 from gpt2lora.lm_head_loss import ChunkedHeadCrossEntropy, count_targets, lm_head_loss, target_rows
 from gpt2lora.lora import apply_lora
 from gpt2lora.model import GPT2
+from gpt2lora.recompute import count_saved_tensors
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 V = TINY["vocab_size"]
@@ -154,17 +155,9 @@ def test_bf16_autocast_tracks_fp32():
 
 def saved_bytes(fn) -> tuple[int, int]:
     """Bytes autograd keeps for backward while ``fn`` runs forward, and the largest saved tensor's size."""
-    total, largest = 0, 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total, largest
-        total += t.numel() * t.element_size()
-        largest = max(largest, t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_tensors() as saved:
         fn()
-    return total, largest
+    return saved.bytes, max(numel for numel, _ in saved.tensors)
 
 
 def test_an_lm_step_saves_no_logits_for_backward():

@@ -33,6 +33,7 @@ from gpt2lora import (
 from gpt2lora.batching import BucketedBatches, collate, lm_example
 from gpt2lora.distributed import DistInfo, setup, shard_bounds
 from gpt2lora.errors import ConfigError
+from gpt2lora.recompute import count_saved_tensors
 
 PAD = 0
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -113,19 +114,12 @@ def saved_bytes_and_grads(model: torch.nn.Module, batch: dict, on: bool) -> tupl
     for m in model.modules():
         if hasattr(m, "gradient_checkpointing"):
             m.gradient_checkpointing = on
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_tensors(model.parameters()) as saved:
         logits = model(batch["input_ids"], batch["attention_mask"])
     torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    return total, grads
+    return saved.bytes, grads
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
