@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +46,32 @@ class KVCache:
 
 
 
+@dataclass(frozen=True)
+class Unpadded:
+    """Where the real tokens of a padded (B, T) batch are: training runs the block layers on those rows only.
+
+    ``tokens`` holds the flat positions ``b * T + t`` of the real tokens (attention mask 1), in order.
+    """
+
+    tokens: Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, attention_mask: Tensor) -> Unpadded:
+        B, T = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), B, T)
+
+    def gather(self, padded: Tensor) -> Tensor:
+        """(B, T, F) → (real tokens, F)."""
+        return padded.reshape(self.batch * self.length, -1).index_select(0, self.tokens)
+
+    def scatter(self, rows: Tensor) -> Tensor:
+        """(real tokens, F) → (B, T, F), zeros at padding."""
+        padded = rows.new_zeros(self.batch * self.length, rows.size(-1))
+        return padded.index_copy(0, self.tokens, rows).view(self.batch, self.length, -1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -56,9 +83,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+                kv_cache: KVCache | None = None, layer: int = 0, unpadded: Unpadded | None = None) -> Tensor:
+        """``x`` (B, T, C), or (real tokens, C) with ``unpadded``: attention sees them in their padded rows."""
+        qkv = self.c_attn(x)
+        if unpadded is not None:
+            qkv = unpadded.scatter(qkv)
+        B, T, C = qkv.size(0), qkv.size(1), self.n_embd
+        q, k, v = qkv.split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -66,6 +97,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
         y = attention(q, k, v, attn_mask, is_causal, self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
+        if unpadded is not None:
+            y = unpadded.gather(y)
         return self.resid_dropout(self.c_proj(y))
 
     def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
@@ -115,8 +148,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer)
+                kv_cache: KVCache | None = None, layer: int = 0, unpadded: Unpadded | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, kv_cache, layer, unpadded)
         return x + self.mlp(self.ln_2(x))
 
     def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
@@ -203,6 +236,9 @@ class Transformer(nn.Module):
                 inputs_embeds: Tensor | None = None, last_token_only: bool = False) -> Tensor:
         """Hidden states (B, T, n_embd) after ``ln_f``.
 
+        Training with padding (``attention_mask`` has zeros, grad enabled): the block layers run on the real
+        tokens only (:class:`Unpadded`), and the states at padding positions are zeros.
+
         ``last_token_only``: only each row's state at its last real token, (B, n_embd), as classification
         reads it; the last block's attention still reads every position, while its projection, MLP and
         ``ln_f`` run on that one row per sequence.
@@ -266,20 +302,28 @@ class Transformer(nn.Module):
             mask, is_causal = attention_bias(attention_mask, T), False
         training = self.training and torch.is_grad_enabled() and kv_cache is None
         blocks = self.h[:-1] if last_token_only else self.h
+        # Padding slots carry nothing a real token reads: in training the block layers skip them.
+        unpadded = Unpadded.of(attention_mask) if training and attention_mask is not None and blocks else None
+        if unpadded is not None:
+            x = unpadded.gather(x)
         if training and self.gradient_checkpointing:
             for layer, block in enumerate(blocks):
                 # Non-reentrant: works when the input needs no grad (frozen base + LoRA) and replays
                 # dropout with the saved RNG state, so losses and gradients equal the plain pass.
-                x = checkpoint(block, x, mask, is_causal, None, layer, use_reentrant=False)
+                x = checkpoint(block, x, mask, is_causal, None, layer, unpadded, use_reentrant=False)
         else:
             cheap = training and self.recompute_cheap_outputs and not torch.compiler.is_compiling()
             with recompute_cheap_outputs(cheap_layers(blocks)) if cheap else nullcontext():
                 for layer, block in enumerate(blocks):
-                    x = block(x, mask, is_causal, kv_cache, layer)
+                    x = block(x, mask, is_causal, kv_cache, layer, unpadded)
+        if unpadded is not None and last_token_only:
+            x = unpadded.scatter(x)
         if kv_cache is not None:
             kv_cache.length += T
         if last_token_only:
             return self.ln_f(self.h[-1].forward_rows(x, mask, rows)).squeeze(1)  # (B, C)
+        if unpadded is not None:  # hidden states at padding are zeros
+            return unpadded.scatter(self.ln_f(x))[:, n_prompt:]
         return self.ln_f(x[:, n_prompt:])
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
