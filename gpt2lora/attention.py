@@ -68,6 +68,8 @@ def _probabilities(q: Tensor, k: Tensor, hidden: Tensor | None, scale: float) ->
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if hidden is not None:
         scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+    if scores.dtype in (torch.float16, torch.bfloat16):  # normalise in fp32, as SDPA's math path does
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     return torch.softmax(scores, dim=-1)
 
 

@@ -89,6 +89,18 @@ def test_attention_dropout_keeps_no_float_probabilities():
     assert shapes["gpt2lora"].bytes < shapes["sdpa"].bytes / 2
 
 
+def test_bf16_attention_dropout_tracks_fp32():
+    q, k, v = qkv(B=2, H=2, T=16, D=8, dtype=torch.float32)
+    keep = keep_mask((2, 2, 16, 16), 0.1)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril_()
+    exact = DropoutAttention.apply(q, k, v, causal, keep, 0.1)
+    half = DropoutAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal, keep, 0.1)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), exact, rtol=0, atol=5e-2)
+    (grad,) = torch.autograd.grad(half.float().sum(), q)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
 def test_causal_attention_dropout_matches_its_reference_under_the_same_seed():
     q, k, v = qkv(dtype=torch.float32)
     torch.manual_seed(3)
