@@ -325,14 +325,16 @@ def added_mib(r: dict) -> float:
 
 # --- profile and matmul peak ---
 
-def lm_step_flops(shape: str, batch: int, width: int, targets: int) -> float:
+def lm_step_flops(shape: str, batch: int, width: int, targets: int, real_tokens: int | None = None) -> float:
     """Useful FLOPs of one LoRA LM step: blocks and attention as in bench_train, the head at targets only.
 
-    Forward 2 FLOPs per block weight per token (+ 4·B·T²·C attention per layer), backward as much again
-    for the input gradients (attention: twice); the head 2·V·C per target forward and again backward.
+    Forward 2 FLOPs per block weight per real token (``real_tokens``; every slot when None: gpt2lora's
+    block layers skip padding in training) + 4·B·T²·C attention per layer over the padded width, backward
+    as much again for the input gradients (attention: twice); the head 2·V·C per target forward and again
+    backward.
     """
     cfg = hf_config(shape)
-    tokens = batch * width
+    tokens = batch * width if real_tokens is None else real_tokens
     linear = 12 * cfg.n_embd ** 2 * cfg.n_layer
     attention = 4 * batch * width ** 2 * cfg.n_embd * cfg.n_layer
     head = 2 * cfg.vocab_size * cfg.n_embd * targets
@@ -532,8 +534,8 @@ def section(results: dict, command: str, args: argparse.Namespace, load: tuple[f
         prof = results["profile"]
         ops = ", ".join(f"`{name}` {share:.0%}" for name, share in prof["ops"])
         lines += ["", (f"**Where the time goes** (torch.profiler, one gpt2lora instruction step, self CPU time): {ops}. "
-                       f"The step's useful work is {prof['flops'] / 1e9:,.0f} GFLOP (blocks and attention forward + "
-                       "input gradients, the head at target positions; see `lm_step_flops`): "
+                       f"The step's useful work is {prof['flops'] / 1e9:,.0f} GFLOP (blocks at real tokens and attention "
+                       "forward + input gradients, the head at target positions; see `lm_step_flops`): "
                        f"{prof['achieved']:.0f} GFLOP/s against {prof['peak']:.0f} GFLOP/s for a lone (2048×768)·"
                        f"(768×3072) fp32 matmul measured in the same run ({prof['achieved'] / prof['peak']:.0%} of it).")]
     return "\n".join(lines)
@@ -600,7 +602,7 @@ def main(argv: list[str] | None = None) -> tuple[str, dict]:
             sync(args.device)
             times.append(time.perf_counter() - start)
         flops = lm_step_flops(args.shape, data["input_ids"].size(0), data["input_ids"].size(1),
-                              target_count(data["labels"]))
+                              target_count(data["labels"]), int(data["attention_mask"].sum()))
         results["profile"] = {"ops": ops, "flops": flops, "achieved": flops / min(times) / 1e9,
                               "peak": matmul_gflops(args.device)}
     if "generate" not in args.skip:

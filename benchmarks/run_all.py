@@ -71,7 +71,14 @@ the head's input gradient (and weight gradient, when the head trains) during the
 neither forward nor backward holds a (positions, vocab) tensor and the head costs the two matmuls of the
 plain computation. Losses are summed and divided by the target tokens of the whole optimizer step
 (accumulation and DDP included). Packing lays examples end to end in rows of max_length with
-positions restarting per example and attention kept inside each example (block-diagonal causal mask).\
+positions restarting per example and attention kept inside each example (block-diagonal causal mask).
+Training also keeps little for backward and computes nothing at padding (tests in
+`tests/test_attention_dropout.py`, `tests/test_unpadded.py`): the block layers run on real tokens only
+(attention sees them in their padded rows); attention with dropout on the CPU recomputes its
+probabilities in backward instead of keeping three float (B, heads, T, T) tensors per layer; dropout
+keeps a 1-byte mask drawn with one 31-bit number per element; a LoRA layer accumulates its low-rank
+input gradient into the base one in place; and the outputs of ln_1, ln_2 and the GELU are recomputed
+from their inputs, which their own backward keeps anyway.\
 """
 
 GPU_NOT_MEASURED = """\

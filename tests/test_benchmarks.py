@@ -220,6 +220,8 @@ def test_lm_goal_lines_and_flops():
     # tiny: C=64, L=2, V=1000; 2 rows of 10 tokens, 7 targets
     linear, attention, head = 12 * 64 * 64 * 2, 4 * 2 * 10 ** 2 * 64 * 2, 2 * 1000 * 64 * 7
     assert bench_lm.lm_step_flops("tiny", 2, 10, 7) == 4 * linear * 20 + 3 * attention + 2 * head
+    # 13 real tokens: the block layers skip the 7 padding slots, attention still spans the padded width
+    assert bench_lm.lm_step_flops("tiny", 2, 10, 7, 13) == 4 * linear * 13 + 3 * attention + 2 * head
 
 
 def test_gpu_script_dry_run_on_the_cpu(tmp_path):
