@@ -298,6 +298,7 @@ def ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
     save_file({n: t.contiguous() for n, t in uneven_accumulation(one_batch=False).items()},
               str(Path(folder) / f"weights-accumulated-{rank}.safetensors"))
     (Path(folder) / f"result-{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort)
     torch.distributed.destroy_process_group()
 
 
@@ -381,6 +382,7 @@ def ctrl_c_worker(rank: int, world: int, port: int, folder: str) -> None:
         outcome = str(err)
     (Path(folder) / f"ctrl-c-{rank}.json").write_text(json.dumps(
         {"outcome": outcome, "steps": [s["step"] for s in trainer.history.steps]}), encoding="utf-8")
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort)
     torch.distributed.destroy_process_group()
 
 

@@ -139,6 +139,7 @@ def ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
     with make_trackers(["tensorboard"], Path(folder) / "run", "ddp") as trackers:
         (Path(folder) / f"made-{rank}").write_text(str(len(trackers.trackers)))
         tiny_run(Trackers([*trackers.trackers, FileRecorder(Path(folder) / f"calls-{rank}.jsonl")]), steps=4)
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort)
     torch.distributed.destroy_process_group()
 
 
