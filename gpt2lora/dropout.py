@@ -37,12 +37,8 @@ def fill_keep_mask(keep: Tensor, p: float, rows: int | None = None) -> Tensor:
     if keep.device.type != "cpu":
         return keep.bernoulli_(1.0 - p)
     threshold = drop_threshold(p)
-    step = keep.size(0) if rows is None or keep.dim() == 0 else max(1, rows)
-    flat = keep.unsqueeze(0) if keep.dim() == 0 else keep
-    for start in range(0, flat.size(0), step):
-        part = flat[start:start + step]
-        draws = torch.empty(part.shape, dtype=torch.int32, device=keep.device).random_()
-        torch.ge(draws, threshold, out=part)
+    for part in keep.split(rows) if rows is not None and keep.dim() > 0 else (keep,):
+        torch.ge(torch.empty_like(part, dtype=torch.int32).random_(), threshold, out=part)
     return keep
 
 

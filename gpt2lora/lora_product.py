@@ -33,7 +33,6 @@ class LoRAProduct(torch.autograd.Function):
         out.addmm_(down, lora_b.t())
         ctx.same_input = h is x
         ctx.scaling = scaling
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(x if weight.requires_grad else None, h, weight, lora_a, lora_b, down)
         return out
 
@@ -46,17 +45,16 @@ class LoRAProduct(torch.autograd.Function):
         grad_x = grad_h = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
             grad_x = grad @ weight
-        if need_h or (need_x and ctx.same_input):
-            if ctx.same_input:
-                grad_x.addmm_(grad_up, lora_a, alpha=ctx.scaling)
-            else:
-                grad_h = torch.mm(grad_up, lora_a).mul_(ctx.scaling)
+        if ctx.same_input and need_x:  # one tensor passed twice: its whole gradient goes to x
+            grad_x.addmm_(grad_up, lora_a, alpha=ctx.scaling)
+        elif need_h:
+            grad_h = torch.mm(grad_up, lora_a).mul_(ctx.scaling)
         if need_a:
             grad_a = (grad_up.t() @ h).mul_(ctx.scaling)
         if need_b:
             grad_b = grad.t() @ down
         if need_w:
             grad_w = grad.t() @ x
-        if need_bias and ctx.has_bias:
+        if need_bias:  # False for a None bias
             grad_bias = grad.sum(0)
         return grad_x, grad_h, grad_w, grad_bias, grad_a, grad_b, None

@@ -54,17 +54,15 @@ class OutputRegistry:
             self.outputs[id(output)] = (weakref.ref(output), layer, inputs[0])
 
     def pack(self, tensor: Tensor) -> Tensor | Recipe:
+        """``tensor`` itself, or a :class:`Recipe` when it is (a view of) a watched output; counters see either."""
+        saved: Tensor | Recipe = tensor
         base = tensor._base if tensor._base is not None else tensor
         entry = self.outputs.get(id(base))
-        if entry is None or entry[0]() is not base:
-            return tensor
-        _, layer, source = entry
-        device = tensor.device.type
-        return Recipe(layer, source, source._version, tensor.size(), tensor.stride(), tensor.storage_offset(),
-                      (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
-
-    def pack_and_count(self, tensor: Tensor) -> Tensor | Recipe:
-        saved = self.pack(tensor)
+        if entry is not None and entry[0]() is base:
+            _, layer, source = entry
+            device = tensor.device.type
+            saved = Recipe(layer, source, source._version, tensor.size(), tensor.stride(), tensor.storage_offset(),
+                           (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
         for counter in _COUNTERS:
             counter.see(saved)
         return saved
@@ -84,7 +82,7 @@ def recompute_cheap_outputs(layers: Iterable[nn.Module]) -> Iterator[None]:
     registry = OutputRegistry()
     handles = [layer.register_forward_hook(registry.record) for layer in layers]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(registry.pack_and_count, registry.unpack):
+        with torch.autograd.graph.saved_tensors_hooks(registry.pack, registry.unpack):
             yield
     finally:
         for handle in handles:

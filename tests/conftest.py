@@ -23,6 +23,20 @@ torch.set_num_threads(TEST_THREADS)
 #: Small shapes used across the suite. "odd" has 3 heads of 32, a short context and eps 1e-6.
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 512}
 ODD = {"n_layer": 3, "n_head": 3, "n_embd": 96, "n_positions": 40, "vocab_size": 300, "layer_norm_epsilon": 1e-6}
+#: GPT2Config overrides that switch every model dropout off (exact comparisons between two passes).
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices train faster on one thread; on a loaded 2-core machine, far faster (no spin-waits).
+
+    Modules that train many tiny models use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def require_shared(path: Path) -> Path:
@@ -214,6 +228,21 @@ def gpt2_stand_in(folder: Path, seed: int = 0, **shape) -> Path:
     """A tiny random GPT-2 with the real vocabulary and tokenizer files, to serve as the hub's ``gpt2``."""
     return make_hf_checkpoint(folder, seed=seed, with_tokenizer=True, **{
         "vocab_size": 50257, "n_embd": 32, "n_head": 2, "n_layer": 2, "n_positions": 128, **shape})
+
+
+def tiny_lora_lm(dropout: float = 0.0) -> torch.nn.Module:
+    """A TINY GPT-2 (model dropout ``dropout``) with rank-4 LoRA on the four block layers, no LoRA dropout,
+    and B drawn non-zero (seeded) so that every factor gets a gradient from the first step."""
+    from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora
+    from gpt2lora.config import BLOCK_TARGETS
+
+    model = GPT2(GPT2Config(**TINY, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=BLOCK_TARGETS), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    return model
 
 
 def ours(kind: str, checkpoint: Path) -> torch.nn.Module:

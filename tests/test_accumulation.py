@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import NO_DROPOUT, TINY
 
 from gpt2lora import ConfigError, DataError
 from gpt2lora.batching import BucketedBatches, collate, collate_packed, example_count, lm_example
@@ -14,16 +14,10 @@ from gpt2lora.lora import apply_lora
 from gpt2lora.model import GPT2
 from gpt2lora.train import Trainer
 
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sgd(**overrides) -> TrainConfig:

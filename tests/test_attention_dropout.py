@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, tiny_lora_lm
 
 import gpt2lora.attention as attention_module
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora
@@ -164,19 +164,6 @@ def test_lora_product_equals_the_autograd_formulation(trained_base, bias, droppe
         torch.testing.assert_close(mine, theirs)
 
 
-def lm_model(dropout: float = 0.1) -> GPT2:
-    config = GPT2Config(**{**TINY, "n_positions": 64},
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    model = GPT2(config)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0,
-                                 targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    return model.train()
-
-
 def lm_batch(B=4, T=40):
     ids = torch.randint(1, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(B, T, dtype=torch.long)
@@ -200,7 +187,7 @@ def step_grads(model: GPT2, recompute: bool, seed: int = 5) -> tuple[float, dict
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_recomputing_layernorm_and_gelu_outputs_changes_no_gradient_and_saves_less(method):
-    model = lm_model()
+    model = tiny_lora_lm(dropout=0.1).train()
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -19,13 +19,7 @@ from gpt2lora.lora import apply_lora
 from gpt2lora.model import GPT2
 from gpt2lora.train import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def classifier_run(seed: int = 7, data_seed: int = 0) -> tuple[list[float], dict[str, torch.Tensor]]:

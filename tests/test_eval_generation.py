@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, read_jsonl, require_shared
+from conftest import DATA, NO_DROPOUT, read_jsonl, require_shared
 
 from gpt2lora import ConfigError
 from gpt2lora.config import GPT2Config
@@ -12,8 +12,6 @@ from gpt2lora.data import qa_prompt_ids
 from gpt2lora.evaluation import generate_texts, newline_token_ids
 from gpt2lora.metrics import squad_metrics
 from gpt2lora.model import GPT2
-
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
 @pytest.fixture(scope="module")

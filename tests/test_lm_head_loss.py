@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_hf_checkpoint
+from conftest import NO_DROPOUT, TINY, make_hf_checkpoint
 
 from gpt2lora import ConfigError
 from gpt2lora.config import GPT2Config, LoRAConfig
@@ -14,7 +14,6 @@ from gpt2lora.lora import apply_lora
 from gpt2lora.model import GPT2
 from gpt2lora.recompute import count_saved_tensors
 
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 V = TINY["vocab_size"]
 
 

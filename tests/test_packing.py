@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, TINY, make_hf_checkpoint, read_jsonl, require_shared
+from conftest import DATA, NO_DROPOUT, TINY, make_hf_checkpoint, read_jsonl, require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,8 +13,6 @@ from gpt2lora.batching import IGNORE_INDEX, BucketedBatches, collate, collate_pa
 from gpt2lora.config import GPT2Config
 from gpt2lora.heads import GPT2ForSequenceClassification
 from gpt2lora.model import GPT2, packed_segments
-
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
 def lm_rows(lengths: list[tuple[int, int]], seed: int = 0) -> list[dict]:

@@ -36,15 +36,9 @@ from gpt2lora.errors import ConfigError
 from gpt2lora.recompute import count_saved_tensors
 
 PAD = 0
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(n: int, kind: str, seed: int = 0) -> list[dict]:

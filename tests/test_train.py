@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DATA, TINY, make_hf_checkpoint, read_jsonl, require_shared
+from conftest import DATA, NO_DROPOUT, TINY, make_hf_checkpoint, read_jsonl, require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,17 +27,9 @@ from gpt2lora.train import (
     warmup_steps,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices train faster on one thread; on a loaded 2-core machine, far faster (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 PAD = 0  # make_hf_checkpoint's pad_token_id: real tokens below are drawn from 1..vocab-1
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import NO_DROPOUT, TINY, tiny_lora_lm
 
 from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, LoRAConfig, apply_lora
+from gpt2lora.config import BLOCK_TARGETS
 from gpt2lora.model import Unpadded
 from gpt2lora.prompt import PromptConfig, apply_prompt
 from gpt2lora.recompute import count_saved_tensors
-
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def padded_batch(side: str, B: int = 4, T: int = 20, vocab: int = TINY["vocab_size"]):
@@ -27,16 +25,6 @@ def padded_batch(side: str, B: int = 4, T: int = 20, vocab: int = TINY["vocab_si
     # A row's first token is predicted from nothing: left of it is padding, whose state training leaves at zero.
     first = torch.arange(T) == (mask.argmax(dim=1, keepdim=True))
     return ids, mask, labels.masked_fill(first, -100)
-
-
-def lora_lm(seed: int = 0) -> GPT2:
-    model = GPT2(GPT2Config(**TINY, **NO_DROPOUT))
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=TARGETS), seed=seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
-    return model
 
 
 def loss_and_grads(model: torch.nn.Module, train: bool, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -59,7 +47,7 @@ def assert_same(a, b) -> None:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_lm_training_on_real_tokens_equals_the_padded_pass(side):
-    model = lora_lm()
+    model = tiny_lora_lm()
     ids, mask, labels = padded_batch(side)
     step = lambda m: m(ids, mask, labels=labels)
     assert_same(loss_and_grads(model, True, step), loss_and_grads(model, False, step))
@@ -69,7 +57,7 @@ def test_lm_training_on_real_tokens_equals_the_padded_pass(side):
 
 
 def test_hidden_states_at_padding_are_zeros_in_training_and_real_ones_unchanged():
-    model = lora_lm()
+    model = tiny_lora_lm()
     ids, mask, _ = padded_batch("right")
     trained = model.train().transformer(ids, mask)
     plain = model.eval().transformer(ids, mask)
@@ -80,7 +68,7 @@ def test_hidden_states_at_padding_are_zeros_in_training_and_real_ones_unchanged(
 
 def test_classifier_with_a_soft_prompt_and_packed_rows_match_the_padded_pass():
     clf = GPT2ForSequenceClassification(GPT2Config(**TINY, **NO_DROPOUT), num_labels=3)
-    apply_lora(clf, LoRAConfig(rank=2, alpha=4, dropout=0.0, targets=TARGETS), seed=0)
+    apply_lora(clf, LoRAConfig(rank=2, alpha=4, dropout=0.0, targets=BLOCK_TARGETS), seed=0)
     ids, mask, _ = padded_batch("left")
     target = torch.tensor([0, 2, 1, 1])
     step = lambda m: torch.nn.functional.cross_entropy(m(ids, mask), target)
@@ -91,7 +79,7 @@ def test_classifier_with_a_soft_prompt_and_packed_rows_match_the_padded_pass():
     step = lambda m: m(ids, mask, labels=labels)
     assert_same(loss_and_grads(lm, True, step), loss_and_grads(lm, False, step))
 
-    packed = lora_lm()
+    packed = tiny_lora_lm()
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0]] * 2)
     row_mask = torch.ones(2, 10, dtype=torch.long)
     row_mask[1, 8:] = 0  # the second packed row ends in padding
@@ -101,7 +89,7 @@ def test_classifier_with_a_soft_prompt_and_packed_rows_match_the_padded_pass():
 
 
 def test_training_on_real_tokens_saves_less_for_backward():
-    model = lora_lm()
+    model = tiny_lora_lm()
     ids, mask, labels = padded_batch("right")
     saved = {}
     for train in (True, False):
