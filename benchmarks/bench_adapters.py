@@ -68,13 +68,13 @@ def _copy_into_peft(ours: torch.nn.Module, twin: torch.nn.Module) -> None:
     names = {"lora_A": "lora_A.{}.weight", "lora_B": "lora_B.{}.weight",
              "lora_magnitude_vector": "lora_magnitude_vector.{}.weight"}
     with torch.no_grad():
-        for layer, module in gl.lora.lora_modules(ours):
+        for layer, module in gl.peft.lora.lora_modules(ours):
             for name, slot in module.slots.items():
                 peft_name = "default" if name == "default" and "default" in twin.peft_config else name
                 for pname, tensor in slot.tensors().items():
                     params[f"base_model.model.{layer}.{names[pname].format(peft_name)}"].copy_(tensor)
         for name in getattr(ours, "lora_configs", {}):
-            head = gl.lora.adapter_head(ours, name)
+            head = gl.peft.lora.adapter_head(ours, name)
             key = f"base_model.model.score.modules_to_save.{name}.weight"
             if head is not None and key in params:
                 params[key].copy_(head.weight)
@@ -128,7 +128,7 @@ def _multi(folder: Path, shape: str, kind: str, rank: int) -> tuple[torch.nn.Mod
     for seed, (name, config) in enumerate(configs.items()):
         gl.add_adapter(ours, name, config, seed=seed)
         with torch.no_grad():
-            for _, module in gl.lora.lora_modules(ours):
+            for _, module in gl.peft.lora.lora_modules(ours):
                 module.slots[name].pair()[1].normal_(0, 0.02, generator=g)
     ours.eval()
     twin = _peft(folder, kind, configs).eval()

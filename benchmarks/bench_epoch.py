@@ -39,7 +39,7 @@ from common import machine_line, write_section
 from pairs import SHAPES, check_same_loss, lora_pair, pad_id
 
 import gpt2lora as gl
-from gpt2lora.data import encode
+from gpt2lora.data.tasks import encode
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", REPO.parent / "shared"))

@@ -88,7 +88,7 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
 
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with and without the few-row linear path (``rowlinear.few_row_products``) that generate uses."""
-    module = sys.modules["gpt2lora.generate"]  # the package's `generate` attribute is the function
+    module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
     few_row = module.few_row_products
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}

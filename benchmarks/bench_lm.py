@@ -43,9 +43,9 @@ from common import Timing, interleaved, machine_line, write_section
 from pairs import SHAPES, TARGETS, Side, check_same_loss, hf_config, lm_pair, pad_id, target_count
 
 import gpt2lora as gl
-from gpt2lora.batching import collate, collate_packed
-from gpt2lora.data import encode
-from gpt2lora.lm_head_loss import DEFAULT_CHUNK_SIZE
+from gpt2lora.constants import DEFAULT_LOSS_CHUNK_SIZE
+from gpt2lora.data.batching import collate, collate_packed
+from gpt2lora.data.tasks import encode
 
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", HERE.parent.parent / "shared"))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -376,8 +376,8 @@ def bench_generation(shape: str, prompts: int = 32, new_tokens: int = 16, batch:
     Both left-pad every batch; the texts must be identical. Random weights, so answers rarely end early:
     the gain shown is the padding that sorting saves.
     """
-    from gpt2lora.data import prompt_ids
-    from gpt2lora.evaluation import generate_texts
+    from gpt2lora.data.tasks import prompt_ids
+    from gpt2lora.training.evaluation import generate_texts
 
     tok = gl.load_tokenizer(SHARED / "gpt2-tokenizer")
     cfg = gl.GPT2Config.from_hf_config(hf_config(shape).to_dict())
@@ -493,7 +493,7 @@ def section(results: dict, command: str, args: argparse.Namespace, load: tuple[f
         (f"{args.shape} shape (random weights), LoRA r=8 alpha=16 on {', '.join(TARGETS)}, no LoRA dropout, "
          f"model dropout as in GPT-2's config (0.1), torch AdamW, clip 1.0, {device}, batch {args.batch}, "
          f"max_length {args.max_length}. gpt2lora: `GPT2.forward(..., labels=...)` (LM head + cross-entropy at "
-         f"target positions only, {DEFAULT_CHUNK_SIZE} rows at a time) / target count; transformers + peft: `GPT2LMHeadModel` + "
+         f"target positions only, {DEFAULT_LOSS_CHUNK_SIZE} rows at a time) / target count; transformers + peft: `GPT2LMHeadModel` + "
          "`LoraConfig(task_type=CAUSAL_LM)`, `model(..., labels=...).loss`. Every comparison first checks both "
          "sides compute the same loss (eval mode, within 1e-4)."),
     ]

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_section
 
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, TrainConfig, Trainer, apply_lora
-from gpt2lora.recompute import count_saved_tensors
-from gpt2lora.train import enable_gradient_checkpointing, lm_loss
+from gpt2lora.ops.recompute import count_saved_tensors
+from gpt2lora.training.trainer import enable_gradient_checkpointing, lm_loss
 
 TITLE = "Scale levers"
 HERE = Path(__file__).resolve()
@@ -182,7 +182,7 @@ def scale_section(results: dict) -> str:
                    "each block's input and the final LayerNorm/head inputs stay. The peak RSS also holds what does "
                    "not shrink: the logits (batch × tokens × 50,257 floats) and their log-softmax for the loss, and "
                    "one block's recomputed activations during backward. Dropout 0.1 (model and LoRA) is on and the "
-                   "loss is the same: the recomputation replays the RNG (tests/test_scale.py checks losses and "
+                   "loss is the same: the recomputation replays the RNG (tests/training/test_scale.py checks losses and "
                    "gradients). The time cost is one extra forward of each block per step (at most ~1.3×)."), ""]
     if "compile" in results:
         c = results["compile"]

@@ -51,7 +51,7 @@ GPT-2's `gelu_new` written as Python tensor arithmetic: in one profiled step its
 (forward and backward) took about 6 s against 1-2 s of elementwise work in gpt2lora's (26 s vs 16-20 s
 profiled, on the busy machine). gpt2lora uses torch's fused tanh GELU, the same function.
 
-Speed-ups in gpt2lora (each kept every parity test green, tests in `tests/test_speedups.py`):
+Speed-ups in gpt2lora (each kept every parity test green, tests in `tests/ops/test_speedups.py`):
 * classification runs the last block's attention projection, MLP and `ln_f` on the pooled row of each
   sequence only (`Transformer(..., last_token_only=True)`); keys and values still come from every position,
   so logits and gradients equal the full pass (checked to 1e-5, padded on either side, with a soft prompt);
@@ -64,7 +64,7 @@ Speed-ups in gpt2lora (each kept every parity test green, tests in `tests/test_s
 
 
 LM_NOTES = """\
-What changed for language models (tests in `tests/test_lm_head_loss.py`, `tests/test_packing.py`): the LM
+What changed for language models (tests in `tests/ops/test_lm_head_loss.py`, `tests/data/test_packing.py`): the LM
 head and its cross-entropy run only at positions whose next token is a target (prompt and padding
 positions never reach the 50,257-wide head), 128 rows at a time, and each block's logits are turned into
 the head's input gradient (and weight gradient, when the head trains) during the forward pass, so
@@ -73,7 +73,7 @@ plain computation. Losses are summed and divided by the target tokens of the who
 (accumulation and DDP included). Packing lays examples end to end in rows of max_length with
 positions restarting per example and attention kept inside each example (block-diagonal causal mask).
 Training also keeps little for backward and computes nothing at padding (tests in
-`tests/test_attention_dropout.py`, `tests/test_unpadded.py`): the block layers run on real tokens only
+`tests/ops/test_attention_dropout.py`, `tests/model/test_unpadded.py`): the block layers run on real tokens only
 (attention sees them in their padded rows); attention with dropout on the CPU recomputes its
 probabilities in backward instead of keeping three float (B, heads, T, T) tensors per layer; dropout
 keeps a 1-byte mask drawn with one 31-bit number per element; a LoRA layer accumulates its low-rank

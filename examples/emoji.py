@@ -9,7 +9,7 @@ The table is what the reports compare: accuracy, trainable parameters and their 
 import argparse
 
 import gpt2lora as gl
-from gpt2lora.report import markdown_table
+from gpt2lora.app.report import markdown_table
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="gpt2")

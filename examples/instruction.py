@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import gpt2lora as gl
-from gpt2lora.evaluation import instruction_samples
+from gpt2lora.training.evaluation import instruction_samples
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--task", default="alpaca_2k", choices=("alpaca_2k", "alpaca", "alpaca_gpt4_demo",

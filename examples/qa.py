@@ -13,8 +13,8 @@ import argparse
 import torch
 
 import gpt2lora as gl
-from gpt2lora.data import prompt_ids
-from gpt2lora.evaluation import generate_texts
+from gpt2lora.data.tasks import prompt_ids
+from gpt2lora.training.evaluation import generate_texts
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="gpt2")

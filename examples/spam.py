@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import gpt2lora as gl
-from gpt2lora.metrics import per_class_scores
+from gpt2lora.training.metrics import per_class_scores
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--task", default="sms_spam", choices=("sms_spam", "enron_spam"))

@@ -1,14 +1,14 @@
 """gpt2lora: GPT-2 in plain PyTorch with LoRA, matching transformers + peft numerically.
 
 The names here are what users call; everything else stays importable from its module
-(``gpt2lora.batching.PaddingStats``, ``gpt2lora.train.lr_at_step``, ``gpt2lora.report.markdown_table`` ...).
+(``gpt2lora.data.batching.PaddingStats``, ``gpt2lora.training.trainer.lr_at_step``, ``gpt2lora.app.report.markdown_table`` ...).
 """
 
-from .adapters import load_adapter, save_adapter
-from .batching import BucketedBatches, collate, lm_example
+from .app.run import load_run_model, run, smoke_checkpoint
+from .app.runconfig import RunConfig
 from .config import PRESETS, GPT2Config, LoRAConfig, TrainConfig
-from .data import TASKS, Dataset, alpaca_prompt, encode, load_split
-from .diagnostics import diagnose, format_diagnostics, inspect_adapter
+from .data.batching import BucketedBatches, collate, lm_example
+from .data.tasks import TASKS, Dataset, alpaca_prompt, encode, load_split
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -19,21 +19,21 @@ from .errors import (
     TrainingError,
     UnsafeCheckpointError,
 )
-from .evaluation import evaluate
-from .generate import generate
-from .heads import GPT2ForSequenceClassification
-from .history import History
-from .hub import save_pretrained
-from .lora import LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_lora
-from .methods import METHODS, prepare_model
-from .metrics import accuracy, confusion_matrix, perplexity, precision_recall_f1, squad_metrics
-from .model import GPT2
-from .named import add_adapter, combine_adapters, delete_adapter, disable_adapters, set_adapter
-from .prompt import PromptConfig, apply_prompt
-from .run import load_run_model, run, smoke_checkpoint
-from .runconfig import RunConfig
-from .tokenizer import load_tokenizer
-from .train import Trainer
+from .model.classifier import GPT2ForSequenceClassification
+from .model.generate import generate
+from .model.gpt2 import GPT2
+from .model.hub import save_pretrained
+from .model.tokenizer import load_tokenizer
+from .peft.diagnostics import AdapterDiagnostics, diagnose, format_diagnostics, inspect_adapter
+from .peft.files import load_adapter, save_adapter
+from .peft.lora import LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_lora
+from .peft.methods import METHODS, prepare_model
+from .peft.named import add_adapter, combine_adapters, delete_adapter, disable_adapters, set_adapter
+from .peft.prompt import PromptConfig, apply_prompt
+from .training.evaluation import evaluate
+from .training.history import History
+from .training.metrics import accuracy, confusion_matrix, perplexity, precision_recall_f1, squad_metrics
+from .training.trainer import Trainer
 
 __version__ = "0.1.0"
 

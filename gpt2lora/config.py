@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .constants import DEFAULT_LOSS_CHUNK_SIZE
 from .errors import ConfigError
-from .lm_head_loss import DEFAULT_CHUNK_SIZE
 
 #: Activation names accepted in a checkpoint's ``config.json``.
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu")
@@ -342,9 +342,9 @@ class TrainConfig:
     compile: bool = False
     """Run the training forward through ``torch.compile`` (off by default: on CPU the first step pays a
     long compile and the speed-up is small; see benchmarks/RESULTS.md, "Scale levers")."""
-    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE
     """Language models: target positions whose (rows, vocab) logits the loss computes at a time (the LM head
-    runs at target positions only; see :mod:`gpt2lora.lm_head_loss`). Smaller: less memory, more, smaller
+    runs at target positions only; see :mod:`gpt2lora.ops.lm_head_loss`). Smaller: less memory, more, smaller
     matmuls."""
 
     def __post_init__(self) -> None:

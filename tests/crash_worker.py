@@ -34,13 +34,13 @@ from typing import Self
 
 import torch
 
-from gpt2lora import checkpoint as checkpoint_module
-from gpt2lora import history as history_module
-from gpt2lora import train as train_module
-from gpt2lora.batching import BucketedBatches
 from gpt2lora.config import GPT2Config, LoRAConfig, TrainConfig
-from gpt2lora.heads import GPT2ForSequenceClassification
-from gpt2lora.lora import apply_lora
+from gpt2lora.data.batching import BucketedBatches
+from gpt2lora.model.classifier import GPT2ForSequenceClassification
+from gpt2lora.peft.lora import apply_lora
+from gpt2lora.training import checkpoint as checkpoint_module
+from gpt2lora.training import history as history_module
+from gpt2lora.training import trainer as train_module
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 32, "vocab_size": 97}
 PAD = 0
@@ -164,7 +164,7 @@ def install_kill_hooks(in_optimizer_step: int | None, in_history_append: int | N
 
         def open_(file, mode="r", *args, **kwargs):
             handle = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - the caller closes it
-            if Path(file).name == train_module.HISTORY_NAME and "a" in mode:
+            if Path(file).name == train_module.HISTORY_FILE and "a" in mode:
                 appends["n"] += 1
                 if appends["n"] == in_history_append:
                     return TornFile(handle)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     install_kill_hooks(args.kill_in_optimizer_step, args.kill_in_history_append, args.kill_after_checkpoint,
                        args.kill_in_swap)
     if args.mode == "cli":
-        from gpt2lora.cli import main as cli_main
+        from gpt2lora.app.cli import main as cli_main
 
         return cli_main(rest)
     trainer = train_module.Trainer(build_model(), build_config(args.out, args.resume, args.keep, args.eval))

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -441,3 +442,10 @@ class _Handler(BaseHTTPRequestHandler):
         prefix = f"{self.hub.url}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
         self._json(200, {"success": True, "commitOid": new, "commitUrl": f"{prefix}/commit/{new}",
                          "pullRequestUrl": None})
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed

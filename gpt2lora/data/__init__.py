@@ -1,0 +1,1 @@
+"""Task presets, file readers, formatting and tokenisation, hub datasets, batching."""

@@ -1,0 +1,58 @@
+"""What other layers attach to a model: the KV cache generation fills, and the adapter router.
+
+The adapter layer (:mod:`gpt2lora.peft`) sets ``model.adapter_router`` when it adds adapters; the model calls
+it for mixed-adapter batches and adapter-specific heads, so nothing in :mod:`gpt2lora.model` imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..config import GPT2Config
+from ..errors import ConfigError
+
+
+class AdapterRouter(Protocol):
+    """What the adapter layer attaches to a model as ``adapter_router`` (see :mod:`gpt2lora.peft.lora`): the
+    model calls it for mixed-adapter batches and adapter-specific classification heads, so the model layer
+    never imports the adapter layer."""
+
+    def route_rows(self, model: nn.Module, adapter_names: Sequence[str], batch: int) -> AbstractContextManager:
+        """A context within which row i of every forward uses adapter ``adapter_names[i]``."""
+
+    def head_logits(self, model: nn.Module, pooled: Tensor) -> Tensor | None:
+        """A classifier's logits from its pooled states when adapters carry their own heads, else None."""
+
+
+def row_adapters(model: nn.Module, adapter_names: Sequence[str], batch: int) -> AbstractContextManager:
+    """The adapter router's per-row context for ``adapter_names``; refused on a model without adapters."""
+    router = getattr(model, "adapter_router", None)
+    if router is None:
+        raise ConfigError("adapter_names: the model has no LoRA adapters; call apply_lora, add_adapter or "
+                          "load_adapter first")
+    return router.route_rows(model, adapter_names, batch)
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for the longest sequence a generation needs."""
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+        """Number of positions already stored."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's ``k``/``v`` (B, nh, T, hs) and return every position so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

@@ -1,0 +1,2 @@
+"""The Trainer loop, losses, evaluation, checkpoints, history, memory, distributed training, tracking,
+metrics."""

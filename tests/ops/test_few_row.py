@@ -1,0 +1,129 @@
+"""The few-row linear path generate uses on CPU: same products as F.linear, taken only where it should be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import left_padded, make_hf_checkpoint
+
+from gpt2lora import GPT2, LoRAConfig, apply_lora, generate, merge_lora
+from gpt2lora.ops import few_row
+from gpt2lora.ops.few_row import Linear, few_row_products, linear_by_halves
+
+transformers = pytest.importorskip("transformers")
+
+# Big enough that every block weight and the head pass MIN_WEIGHT_SIZE; an odd vocabulary like GPT-2's.
+WIDE = {"n_embd": 256, "n_head": 4, "n_layer": 2, "vocab_size": 1001, "n_positions": 48}
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("out_features", [512, 513])
+@pytest.mark.parametrize("rows_shape", [(1, 256), (3, 256), (2, 1, 256)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_by_halves_equals_linear(layout, out_features, rows_shape, with_bias):
+    g = torch.Generator().manual_seed(out_features)
+    if layout == "out_in":  # contiguous (out, in), like the tied LM head
+        weight = torch.randn(out_features, 256, generator=g)
+    else:  # a view of (in, out) storage, like the Conv1D matrices as loaded
+        weight = torch.randn(256, out_features, generator=g).t()
+    bias = torch.randn(out_features, generator=g) if with_bias else None
+    x = torch.randn(*rows_shape, generator=g)
+    with torch.no_grad():
+        assert few_row.takes_few_row_path(x, weight) is True
+    got = linear_by_halves(x, weight, bias)
+    assert got.shape == (*rows_shape[:-1], out_features)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_path_is_not_taken_for_layouts_it_cannot_split():
+    x = torch.randn(1, 257)
+    assert few_row.takes_few_row_path(x, torch.randn(257, 512).t()) is False  # odd input width
+    assert few_row.takes_few_row_path(x, torch.randn(512, 514)[:, :257]) is False  # strided rows
+    assert few_row.takes_few_row_path(x, torch.randn(512, 257)) is True
+    assert few_row.takes_few_row_path(x.double(), torch.randn(512, 257)) is False  # dtypes differ
+    with torch.enable_grad():
+        assert few_row.takes_few_row_path(x, torch.randn(512, 257)) is False
+
+
+def counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = few_row.linear_by_halves
+
+    def counted(x, weight, bias=None):
+        calls.append(weight.size(0))
+        return original(x, weight, bias)
+
+    monkeypatch.setattr(few_row, "linear_by_halves", counted)
+    return calls
+
+
+def test_path_is_taken_only_inside_the_context_for_few_rows_without_gradients(monkeypatch):
+    calls = counting(monkeypatch)
+    layer = Linear(256, 512)
+    few, many = torch.randn(4, 256), torch.randn(few_row.MAX_ROWS + 1, 256)
+    with torch.no_grad():
+        expected = F.linear(few, layer.weight, layer.bias)
+        assert torch.equal(layer(few), expected)  # outside the context: F.linear itself
+    assert calls == []
+    with torch.no_grad(), few_row_products():
+        torch.testing.assert_close(layer(few), expected, atol=1e-4, rtol=1e-5)
+        layer(many)
+        Linear(16, 16)(torch.randn(1, 16))  # a small weight stays on F.linear
+    assert calls == [512]
+    with few_row_products():
+        out = layer(few)  # gradients wanted: untouched
+        out.sum().backward()
+    assert calls == [512] and layer.weight.grad is not None
+    assert torch.equal(out.detach(), expected)
+    assert few_row._decoding is False  # the context restores the flag
+
+
+def test_model_layers_are_plain_linears_with_the_same_state_dict(wide_checkpoint):
+    model = GPT2.from_pretrained(wide_checkpoint)
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    assert isinstance(model.lm_head, Linear)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(wide_checkpoint)
+    ours = {k.removeprefix("transformer."): v.shape for k, v in model.state_dict().items()}
+    theirs = {k.removeprefix("transformer."): v.shape for k, v in ref.state_dict().items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert set(ours) == set(theirs)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("wide") / "ckpt", **WIDE)
+
+
+@pytest.mark.parametrize("lengths", [[7], [7, 3, 5]])
+def test_generation_on_the_path_matches_transformers(wide_checkpoint, monkeypatch, lengths):
+    calls = counting(monkeypatch)
+    ours = GPT2.from_pretrained(wide_checkpoint).eval()
+    ref = transformers.GPT2LMHeadModel.from_pretrained(wide_checkpoint).eval()
+    ids, mask = left_padded(lengths, WIDE["vocab_size"], pad=0, seed=len(lengths))
+    width = ids.size(1)
+    new = WIDE["n_positions"] - width
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=None)
+    with torch.no_grad():
+        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+    # every decoding step ran the four block layers of each block and the (odd-sized) head on the path
+    assert calls.count(WIDE["vocab_size"]) == new
+    assert calls.count(3 * WIDE["n_embd"]) >= new * WIDE["n_layer"]
+
+
+def test_lora_generation_on_the_path_equals_merged(wide_checkpoint):
+    model = apply_lora(GPT2.from_pretrained(wide_checkpoint), LoRAConfig(rank=4, alpha=8)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(1, WIDE["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full_logits = model(ids)
+    unmerged = generate(model, ids, max_new_tokens=20, eos_token_id=None)
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), full_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(generate(model, ids, max_new_tokens=20, eos_token_id=None), unmerged)

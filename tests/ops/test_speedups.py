@@ -1,0 +1,161 @@
+"""Hot-path speed-ups keep their results: pooled-rows last block and the fused LoRA forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_hf_checkpoint
+
+from gpt2lora import ConfigError, GPT2ForSequenceClassification, LoRAConfig, LoRALinear, apply_lora
+from gpt2lora.model.gpt2 import KVCache, last_token_index
+from gpt2lora.peft.prompt import PromptConfig, apply_prompt
+
+
+def padded(side: str, batch: int = 4, length: int = 9, vocab: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and a mask with rows of lengths length, length-2, ..., padded on ``side``."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        pad = 2 * row
+        if pad:
+            if side == "right":
+                mask[row, length - pad:] = 0
+            else:
+                mask[row, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture(scope="module")
+def cls_checkpoint(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("cls") / "ckpt", seed=4, cls="GPT2ForSequenceClassification",
+                              num_labels=3, n_layer=3)
+
+
+def full_path_pooled(model, ids, mask):
+    """The pooled hidden state computed the long way: every position through every block, then gathered."""
+    hidden = model.transformer(ids, mask)  # (B, T, C)
+    index = last_token_index(mask, ids.size(0), ids.size(1), ids.device)
+    return hidden[torch.arange(ids.size(0)), index]
+
+
+@pytest.mark.parametrize("side", ["right", "left", "none"])
+def test_last_token_only_equals_full_path_values_and_grads(cls_checkpoint, side):
+    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8), seed=0)
+    with torch.no_grad():  # B != 0 so the LoRA branch contributes
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    ids, mask = padded(side)
+    if side == "none":
+        mask = None
+    fast = model.transformer(ids, mask, last_token_only=True)
+    slow = full_path_pooled(model, ids, mask)
+    assert fast.shape == slow.shape == (4, model.config.n_embd)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+    params = [p for p in model.parameters() if p.requires_grad and p is not model.score.weight]
+    grads_fast = torch.autograd.grad(model.score(fast).square().sum(), params)
+    grads_slow = torch.autograd.grad(model.score(slow).square().sum(), params)
+    assert any(g.abs().sum() > 0 for g in grads_slow)
+    for a, b in zip(grads_fast, grads_slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_classifier_logits_match_transformers_when_padded(cls_checkpoint, side):
+    import transformers
+
+    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+    theirs = transformers.GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+    ids, mask = padded(side)
+    # transformers counts positions from the first column; give it positions over real tokens.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(ids, mask)
+    assert got.shape == (4, 3)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_last_token_only_with_dropout_trains_and_matches_in_eval(cls_checkpoint):
+    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
+    ids, mask = padded("right")
+    model.train()  # checkpoint dropout is 0.1: the pooled path must run (and differ from eval) in training
+    torch.manual_seed(0)
+    train_out = model(ids, mask)
+    model.eval()
+    eval_out = model(ids, mask)
+    assert not torch.allclose(train_out, eval_out)
+    torch.testing.assert_close(model.score(full_path_pooled(model, ids, mask)), eval_out, atol=1e-5, rtol=1e-5)
+
+
+def test_last_token_only_with_soft_prompt_equals_full_path(cls_checkpoint):
+    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+    apply_prompt(model, PromptConfig(num_virtual_tokens=3), seed=0)
+    for side in ("right", "left"):
+        ids, mask = padded(side)
+        torch.testing.assert_close(model.transformer(ids, mask, last_token_only=True),
+                                   full_path_pooled(model, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_last_token_only_rejects_a_kv_cache(cls_checkpoint):
+    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
+    cache = KVCache(model.config, 1, 8, torch.float32, "cpu")
+    with pytest.raises(ConfigError, match="last_token_only.*kv_cache"):
+        model.transformer(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache, last_token_only=True)
+
+
+def lora_reference(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b + scaling * (x A^T) B^T``, written out."""
+    return F.linear(x, layer.weight, layer.bias) + layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+def test_lora_forward_matches_formula_values_and_grads(bias, shape):
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 7, bias=bias), rank=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    got = layer(x)
+    expected = lora_reference(layer, x)
+    assert got.shape == (*shape[:-1], 7)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    wrt = [x, layer.lora_A, layer.lora_B]
+    for a, b in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(expected, wrt, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_forward_same_on_fused_and_autocast_paths():
+    """The fused fp32 path and the cast path used under autocast compute the same thing (bf16 tolerance)."""
+    torch.manual_seed(1)
+    layer = LoRALinear(torch.nn.Linear(16, 8), rank=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 16)
+    fused = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = layer(x)
+    assert cast.dtype == torch.bfloat16
+    torch.testing.assert_close(cast.float(), fused, atol=5e-2, rtol=5e-2)
+
+
+def test_lora_forward_frozen_input_still_trains_adapter():
+    """With an input that needs no grad (the first block's), the in-place accumulate still gives A/B grads."""
+    torch.manual_seed(2)
+    layer = LoRALinear(torch.nn.Linear(6, 4), rank=2, alpha=2)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6)
+    layer(x).sum().backward()
+    expected_b = layer.scaling * (x @ layer.lora_A.t()).sum(0).expand(4, 2)
+    torch.testing.assert_close(layer.lora_B.grad, expected_b.detach(), atol=1e-5, rtol=1e-5)
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
