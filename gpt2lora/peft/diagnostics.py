@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import BLOCK_TARGETS, HEAD_TARGET, LoRAConfig
 from ..errors import CheckpointError, ConfigError, GPT2LoRAError
+from ..model.classifier import is_classifier
 from .lora import adapter_configs, lora_layers, lora_modules
 
 #: Rows of random tokens the output change is measured on when no sample is given.
@@ -268,7 +269,7 @@ def _file_layers(raw: dict[str, Any], tensors: dict[str, Tensor]) -> set[str]:
 
 def _model_layers(model: nn.Module) -> set[str]:
     names = {f"transformer.h.{i}.{t}" for i in range(len(model.transformer.h)) for t in BLOCK_TARGETS}
-    return names | {"lm_head" if hasattr(model, "lm_head") else "score"}
+    return names | {"score" if is_classifier(model) else "lm_head"}
 
 
 def _peft_entries(raw: dict[str, Any], model: nn.Module) -> list[str]:

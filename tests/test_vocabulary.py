@@ -1,0 +1,44 @@
+"""One word per concept across the package: each rule names the one place a concept is decided."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import gpt2lora as gl
+from gpt2lora.config import GPT2Config
+from gpt2lora.model.classifier import is_classifier
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gpt2lora"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def occurrences(pattern: str) -> list[str]:
+    """``path:line`` of every source line in the package matching ``pattern`` (a regex)."""
+    found = []
+    for path in MODULES:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(pattern, line):
+                found.append(f"{path.relative_to(PACKAGE)}:{number}")
+    return found
+
+
+def test_one_is_classifier_in_the_model_layer():
+    defined = [f"{p.relative_to(PACKAGE)}:{node.name}" for p in MODULES
+               for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.FunctionDef)
+               and "is_classifier" in node.name]
+    assert defined == ["model/classifier.py:is_classifier"]
+    sniffing = occurrences(r'getattr\((model|module), ("score"|HEAD_NAME), None\), nn\.Module\)'
+                           r'|hasattr\(model, "(num_labels|lm_head)"\)')
+    assert [where.split(":")[0] for where in sniffing] == ["model/classifier.py"]
+
+
+def test_is_classifier_on_models_and_adapters():
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=64)
+    assert not is_classifier(gl.GPT2(config))
+    clf = gl.GPT2ForSequenceClassification(config, num_labels=3)
+    assert is_classifier(clf)
+    gl.apply_lora(clf, gl.LoRAConfig(rank=2, targets=("attn.c_attn", "lm_head")))  # LoRA on the head itself
+    assert is_classifier(clf)
+
