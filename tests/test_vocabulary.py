@@ -42,3 +42,12 @@ def test_is_classifier_on_models_and_adapters():
     gl.apply_lora(clf, gl.LoRAConfig(rank=2, targets=("attn.c_attn", "lm_head")))  # LoRA on the head itself
     assert is_classifier(clf)
 
+
+def test_no_two_classes_share_a_name():
+    """A ``Protocol`` and the class that implements it may share a name; unrelated classes may not."""
+    classes: dict[str, list[str]] = {}
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and "Protocol" not in {ast.unparse(b) for b in node.bases}:
+                classes.setdefault(node.name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: where for name, where in classes.items() if len(where) > 1} == {}
