@@ -388,3 +388,16 @@ class TrainConfig:
             _require(ok and ratio > 0, owner, "loraplus_lr_ratio", "a finite number > 0 or None", ratio)
         for name in ("gradient_checkpointing", "compile"):
             _require(isinstance(getattr(self, name), bool), owner, name, "True or False", getattr(self, name))
+
+    def with_default_lr(self, method: str | None) -> TrainConfig:
+        """This config with ``lr`` resolved: its own, else the default of training ``method`` (:func:`default_lr`).
+
+        The one place a missing learning rate is filled in (the Trainer, its optimizer and ``RunConfig`` call it).
+        """
+        if self.lr is not None:
+            return self
+        lr = default_lr(method)
+        if self.min_lr > lr:
+            raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above the default lr {lr} of method "
+                              f"{method or 'full'!r}; set lr too")
+        return dataclasses.replace(self, lr=lr)

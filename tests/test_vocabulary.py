@@ -6,9 +6,15 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 import gpt2lora as gl
-from gpt2lora.config import GPT2Config
+from gpt2lora.config import DEFAULT_LR, GPT2Config
+from gpt2lora.devices import set_threads
+from gpt2lora.errors import ConfigError
 from gpt2lora.model.classifier import is_classifier
+from gpt2lora.training.trainer import build_optimizer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpt2lora"
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -51,3 +57,33 @@ def test_no_two_classes_share_a_name():
             if isinstance(node, ast.ClassDef) and "Protocol" not in {ast.unparse(b) for b in node.bases}:
                 classes.setdefault(node.name, []).append(str(path.relative_to(PACKAGE)))
     assert {name: where for name, where in classes.items() if len(where) > 1} == {}
+
+
+def test_default_lr_and_threads_are_resolved_in_one_place():
+    assert [w.split(":")[0] for w in occurrences(r"\bdefault_lr\(")] == ["config.py"] * 2  # def + its one call
+    assert [w.split(":")[0] for w in occurrences(r"set_num_threads\(")] == ["devices.py"]
+
+
+def test_the_optimizer_and_the_trainer_agree_on_the_default_lr():
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=64)
+    model = gl.apply_lora(gl.GPT2ForSequenceClassification(config, num_labels=2), gl.LoRAConfig(rank=2))
+    trainer = gl.Trainer(model, gl.TrainConfig())
+    assert trainer.config.lr == DEFAULT_LR["lora"]
+    assert build_optimizer(model, gl.TrainConfig()).param_groups[0]["lr"] == DEFAULT_LR["lora"]
+    assert gl.TrainConfig(lr=1e-3).with_default_lr("lora").lr == 1e-3
+    with pytest.raises(ConfigError, match=r"min_lr=0.001 is above the default lr 5e-05 of method 'full'"):
+        gl.TrainConfig(min_lr=1e-3).with_default_lr(None)
+
+
+def test_set_threads():
+    before = torch.get_num_threads()
+    try:
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+        set_threads(None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match=r"^--threads: expected a positive integer, got 0$"):
+        set_threads(0, "--threads")
+

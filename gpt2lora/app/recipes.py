@@ -45,6 +45,7 @@ from typing import Any
 from ..config import LoRAConfig
 from ..constants import RESPONSES_FILE
 from ..data.tasks import TASKS
+from ..devices import set_threads
 from ..errors import ConfigError
 from .runconfig import RUN_METHODS, SETTINGS, RunConfig, from_settings, to_toml
 
@@ -550,10 +551,7 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
 def run_recipe(recipe: Recipe, options: RecipeOptions, command: str = "gpt2lora reproduce",
                judge: Callable[[Path], float | None] | None = None) -> Path:
     """Run every row of ``recipe`` into ``<options.out>/<recipe name>-<time>/`` and write its report."""
-    if options.threads:
-        import torch
-
-        torch.set_num_threads(options.threads)
+    set_threads(options.threads, "threads")
     name = options.run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(options.out) / name
     if folder.exists() and any(folder.iterdir()):

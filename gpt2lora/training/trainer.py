@@ -10,7 +10,6 @@ evaluation (:mod:`gpt2lora.training.evaluation`), checkpoints (:mod:`gpt2lora.tr
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import TrainConfig, default_lr
+from ..config import TrainConfig
 from ..constants import BEST_CHECKPOINT, CHECKPOINT_PREFIX, HISTORY_FILE, TRAINER_STATE_FILE
 from ..data.batching import example_count
 from ..devices import autocast, resolve_device, resolve_precision
@@ -121,7 +120,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     For the SGD variants torch adds the decay to the gradient (L2), the classic SGD form.
     """
     groups = parameter_groups(model, config.weight_decay, config.loraplus_lr_ratio)
-    lr = config.lr if config.lr is not None else default_lr(getattr(model, "training_method", None))
+    lr = config.with_default_lr(training_method(model)).lr
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if config.optimizer == "adamw":
@@ -204,12 +203,7 @@ class Trainer:
             raise ConfigError(f"Trainer config: expected a TrainConfig, got {type(config).__name__}")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Trainer model: expected a torch.nn.Module, got {type(model).__name__}")
-        if config.lr is None:
-            lr = default_lr(training_method(model))
-            if config.min_lr > lr:
-                raise ConfigError(f"TrainConfig.min_lr={config.min_lr} is above the default lr {lr} of method "
-                                  f"{training_method(model)!r}; set lr too")
-            config = dataclasses.replace(config, lr=lr)
+        config = config.with_default_lr(training_method(model))
         self.model = model
         self.config = config
         self.device = resolve_device(config.device, "TrainConfig.device")
