@@ -87,3 +87,16 @@ def test_set_threads():
     with pytest.raises(ConfigError, match=r"^--threads: expected a positive integer, got 0$"):
         set_threads(0, "--threads")
 
+
+def test_a_batch_has_an_objective_and_a_task_a_kind():
+    from gpt2lora.data.batching import example_objective
+    from gpt2lora.data.tasks import TASKS
+
+    lm = [gl.lm_example([1, 2], [3], eos_token_id=0), gl.lm_example([4], [5, 6], eos_token_id=0)]
+    classification = [{"input_ids": [1, 2], "label": 1}, {"input_ids": [3], "label": 0}]
+    assert [example_objective(ex) for ex in lm + classification] == ["lm"] * 2 + ["classification"] * 2
+    assert gl.BucketedBatches(lm, batch_size=2).objective == "lm"
+    assert gl.BucketedBatches(classification, batch_size=2).objective == "classification"
+    assert not hasattr(gl.BucketedBatches(lm, batch_size=2), "kind")
+    assert {preset.kind for preset in TASKS.values()} == {"classification", "nli", "instruction", "qa"}
+    assert occurrences(r"\bexample_kind\b|\.kind\b.*\"lm\"") == []

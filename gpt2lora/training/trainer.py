@@ -385,8 +385,8 @@ class Trainer:
         cfg = self.config
         names = CLASSIFICATION_METRICS if self.classification else LM_METRICS
         if cfg.best_metric not in names:
-            kind = "classification" if self.classification else "language-model"
-            raise ConfigError(f"TrainConfig.best_metric={cfg.best_metric!r} is not a {kind} metric; choose one "
+            objective = "classification" if self.classification else "language-model"
+            raise ConfigError(f"TrainConfig.best_metric={cfg.best_metric!r} is not a {objective} metric; choose one "
                               f"of {', '.join(names)}")
         if cfg.early_stopping_patience is not None and eval_data is None:
             raise ConfigError("TrainConfig.early_stopping_patience is set but fit() got no eval_data")
