@@ -291,7 +291,10 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps instead of counting epochs."""
     batch_size: int = 16
-    """Rows per batch, used by the data layer that builds the batches fit() receives."""
+    """Rows per batch when :meth:`Trainer.fit` / :meth:`Trainer.evaluate` get a list of examples: the Trainer
+    batches them itself (:class:`~gpt2lora.data.batching.BucketedBatches`, shuffled by ``seed`` for training).
+    Batches given ready-made (collated dicts, a ``BucketedBatches``) are used as they come, whatever their rows;
+    under torchrun this is the global batch."""
     grad_accum_steps: int = 1
     """Batches whose gradients are summed (averaged) into one optimizer step."""
     grad_clip: float | None = 1.0

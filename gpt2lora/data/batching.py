@@ -101,6 +101,17 @@ def example_objective(example: Mapping[str, Any], index: int = 0) -> str:
     raise DataError(f"{where}: missing key 'label' (class id) or 'labels' (token targets)")
 
 
+def is_example_list(data: Any) -> bool:
+    """Whether ``data`` is a list of examples (one row each, as ``encode`` / :func:`lm_example` give them)
+    rather than of batches: its first item's ``input_ids`` is a flat row of token ids."""
+    if not isinstance(data, (list, tuple)) or not data or not isinstance(data[0], Mapping):
+        return False
+    ids = data[0].get("input_ids")
+    if isinstance(ids, Tensor):
+        return ids.dim() == 1
+    return isinstance(ids, (list, tuple)) and bool(ids) and isinstance(ids[0], int)
+
+
 def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 50256, padding_side: str = "right",
             pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
     """Pad a list of examples to the longest row of the batch (dynamic padding).

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import TrainConfig
 from ..constants import BEST_CHECKPOINT, CHECKPOINT_PREFIX, HISTORY_FILE, TRAINER_STATE_FILE
-from ..data.batching import example_count
+from ..data.batching import BucketedBatches, example_count, is_example_list
 from ..devices import autocast, resolve_device, resolve_precision
 from ..errors import ConfigError, DataError, TrainingError
 from ..model.classifier import is_classifier
@@ -127,6 +127,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
     momentum = config.momentum if config.optimizer == "sgd_momentum" else 0.0
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    """A token id the model embeds (its pad, else its end-of-text id, else 0) for padding the batches the
+    Trainer builds; padded positions are masked, so which id it is does not change any result."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    for candidate in (getattr(model, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(candidate, int) and candidate >= 0 and (vocab is None or candidate < vocab):
+            return candidate
+    return 0
 
 
 def training_method(model: nn.Module) -> str:
@@ -305,7 +316,15 @@ class Trainer:
         distributed run every rank must call it with the same batches (each evaluates its share, then
         the sums are all-reduced).
         """
-        return evaluate(self.model, eval_data, self.device, self.precision, self.dist, self.config.loss_chunk_size)
+        return evaluate(self.model, self._as_batches(eval_data, shuffle=False), self.device, self.precision,
+                        self.dist, self.config.loss_chunk_size)
+
+    def _as_batches(self, data: Any, shuffle: bool) -> Any:
+        """``data`` when it holds batches; a list of examples batched at ``config.batch_size`` rows."""
+        if not is_example_list(data):
+            return data
+        return BucketedBatches(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed,
+                               pad_token_id=_pad_token_id(self.model))
 
     # --- checkpoints ---
 
@@ -398,7 +417,10 @@ class Trainer:
 
     def fit(self, train_data: Iterable[Mapping[str, Any]],
             eval_data: Iterable[Mapping[str, Any]] | None = None) -> History:
-        """Train on ``train_data`` (batches, in the order given; ``set_epoch(e)`` is called if it exists).
+        """Train on ``train_data``: batches, in the order given (``set_epoch(e)`` is called if it exists), or a
+        list of examples, which the Trainer batches at ``config.batch_size`` rows (length-bucketed, shuffled per
+        epoch by ``config.seed``); ``eval_data`` likewise (examples in order). Ready-made batches are used as
+        they come: their rows, not ``batch_size``, make a batch.
 
         Ctrl-C (SIGINT, main thread only) finishes the current optimizer step, writes a checkpoint there
         when ``out_dir`` is set, logs where, and re-raises :class:`KeyboardInterrupt` (``self.history``
@@ -409,6 +431,9 @@ class Trainer:
         if self.optimizer is None:
             raise ConfigError("Trainer.fit: the model has no trainable parameters (every requires_grad is False)")
         self._check_eval_config(eval_data)
+        train_data = self._as_batches(train_data, shuffle=True)
+        if eval_data is not None:
+            eval_data = self._as_batches(eval_data, shuffle=False)
         self._n_batches = self._count_batches(train_data)
         per_epoch = math.ceil(self._n_batches / cfg.grad_accum_steps)
         self.history = History(total_steps=cfg.max_steps or cfg.epochs * per_epoch)
