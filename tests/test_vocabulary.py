@@ -100,3 +100,25 @@ def test_a_batch_has_an_objective_and_a_task_a_kind():
     assert not hasattr(gl.BucketedBatches(lm, batch_size=2), "kind")
     assert {preset.kind for preset in TASKS.values()} == {"classification", "nli", "instruction", "qa"}
     assert occurrences(r"\bexample_kind\b|\.kind\b.*\"lm\"") == []
+
+
+def test_metric_names_are_the_same_end_to_end():
+    from gpt2lora.app.publish import CARD_METRICS
+    from gpt2lora.app.recipes import FIGURES
+    from gpt2lora.app.report import COLUMNS, MAIN_METRICS
+    from gpt2lora.training.metrics import CLASSIFICATION_RESULT_METRICS, current_metric_names
+    from gpt2lora.training.trainer import CLASSIFICATION_METRICS
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=64)
+    clf = gl.GPT2ForSequenceClassification(config, num_labels=2)
+    batch = gl.collate([{"input_ids": [1, 2, 3], "label": 0}, {"input_ids": [4, 5], "label": 1}], pad_token_id=0)
+    names = set(CLASSIFICATION_RESULT_METRICS)
+    assert names <= set(gl.evaluate(clf, [batch])) and names <= set(CLASSIFICATION_METRICS)
+    assert names <= {key for key, _, _ in COLUMNS} and "loss" in MAIN_METRICS
+    assert names - {"loss"} <= set(CARD_METRICS)
+    assert names <= {figure.key for figure in FIGURES.values()}
+    # "eval_loss" and "f1" survive only as the published reports' figure names and older run folders' keys
+    assert sorted({w.split(":")[0] for w in occurrences(r'"eval_loss"')}) == ["app/recipes.py", "training/metrics.py"]
+    assert current_metric_names({"eval_loss": 0.5, "f1": 0.7, "squad_f1": 0.1}) == {"loss": 0.5, "f1_macro": 0.7,
+                                                                                     "squad_f1": 0.1}
+    assert current_metric_names({"loss": 0.5, "eval_loss": 0.9}) == {"loss": 0.5, "eval_loss": 0.9}

@@ -26,6 +26,7 @@ from ..config import HUB_IDS
 from ..constants import ADAPTER_FILES, CARD_FILE, TOKENIZER_FILES
 from ..errors import CheckpointNotFoundError, ConfigError, GPT2LoRAError, HubError
 from ..model.hub import hub_error_reason, resolve_checkpoint
+from ..training.metrics import current_metric_names
 
 #: Files a push owns on the hub: a later push may replace or delete them; anything else is left alone.
 MANAGED = (*ADAPTER_FILES, "config.json", "model.safetensors", "model.safetensors.index.json",
@@ -33,7 +34,7 @@ MANAGED = (*ADAPTER_FILES, "config.json", "model.safetensors", "model.safetensor
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 REPO_ID = re.compile(rf"{_NAME}/{_NAME}")
 #: result-row keys -> metric ids of the hub's card metadata.
-CARD_METRICS = {"accuracy": "accuracy", "f1": "f1", "precision": "precision", "recall": "recall",
+CARD_METRICS = {"accuracy": "accuracy", "f1_macro": "f1", "precision_macro": "precision", "recall_macro": "recall",
                 "perplexity": "perplexity", "exact_match": "exact_match", "rouge_l": "rouge", "judge_score": "judge"}
 #: The training settings the card lists, from the run's config.json ``train`` section.
 TRAIN_SETTINGS = ("optimizer", "lr", "min_lr", "warmup_ratio", "schedule", "epochs", "max_steps", "batch_size",
@@ -126,7 +127,7 @@ def model_card(run: str | os.PathLike, repo_id: str, merged: bool) -> str:
     run = Path(run)
     config = _read_json(run / "config.json", "a run folder written by 'gpt2lora train' has config.json")
     metrics_path = run / "metrics.json"
-    result = _read_json(metrics_path, "").get("result", {}) if metrics_path.is_file() else {}
+    result = current_metric_names(_read_json(metrics_path, "").get("result", {})) if metrics_path.is_file() else {}
     kind = config.get("kind")
     classifier = kind in ("classification", "nli")
     base = hub_base_model(config.get("base_model"))

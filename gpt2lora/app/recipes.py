@@ -84,13 +84,15 @@ class Figure:
     unit: str = ""
 
 
-#: Published figures a row may list, by name. Fractions stay fractions (0.8693, not 86.93).
+#: Published figures a row may list, by the name the published report gives (HF Trainer's words: ``f1``,
+#: ``eval_loss``), and the key of a gpt2lora result row that holds the figure (``f1_macro``, ``loss``).
+#: Fractions stay fractions (0.8693, not 86.93).
 FIGURES: dict[str, Figure] = {f: Figure(*spec) for f, spec in {
     "accuracy": ("Accuracy", "accuracy", 1.0, "fraction"),
-    "f1": ("F1 (macro)", "f1", 1.0, "fraction"),
-    "precision": ("Precision (macro)", "precision", 1.0, "fraction"),
-    "recall": ("Recall (macro)", "recall", 1.0, "fraction"),
-    "eval_loss": ("Eval loss", "eval_loss", 1.0, ""),
+    "f1": ("F1 (macro)", "f1_macro", 1.0, "fraction"),
+    "precision": ("Precision (macro)", "precision_macro", 1.0, "fraction"),
+    "recall": ("Recall (macro)", "recall_macro", 1.0, "fraction"),
+    "eval_loss": ("Eval loss", "loss", 1.0, ""),
     "train_loss": ("Training loss (mean over the run)", "train_loss", 1.0, ""),
     "exact_match": ("Exact match", "exact_match", 1.0, "fraction"),
     "squad_f1": ("SQuAD F1", "squad_f1", 1.0, "fraction"),

@@ -215,4 +215,4 @@ def test_a_pissa_run_reloads_from_its_converted_adapter(tmp_path) -> None:
     again = main(["eval", "--run", str(tmp_path / "pissa"), "--eval-rows", "32"])
     assert again == 0
     evaluated = json.loads((tmp_path / "pissa" / "eval-sst2-validation.json").read_text())["result"]
-    assert evaluated["eval_loss"] == pytest.approx(saved["eval_loss"], abs=1e-5)
+    assert evaluated["loss"] == pytest.approx(saved["loss"], abs=1e-5)
