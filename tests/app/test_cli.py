@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, VOCAB, require_shared
+from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora.app.cli import main
 

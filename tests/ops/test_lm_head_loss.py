@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NO_DROPOUT, TINY, make_hf_checkpoint
+from helpers import NO_DROPOUT, TINY, make_hf_checkpoint
 
 from gpt2lora import ConfigError
 from gpt2lora.config import GPT2Config, LoRAConfig
