@@ -9,9 +9,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as theirs
-from conftest import logits_of as logits
+from helpers import TINY, make_hf_checkpoint, ours
+from helpers import hf_twin as theirs
+from helpers import logits_of as logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn

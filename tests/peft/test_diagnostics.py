@@ -11,7 +11,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import TINY, make_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (
@@ -175,7 +175,7 @@ def test_inspect_command_on_a_trained_dora_run(tmp_path) -> None:
     import subprocess
     import sys
 
-    from conftest import DATA, REPO, VOCAB, require_shared
+    from helpers import DATA, REPO, VOCAB, require_shared
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     train = [sys.executable, "-m", "gpt2lora.app.cli", "train", "--task", "sst2", "--smoke", "--vocab",
@@ -199,7 +199,7 @@ def test_inspect_command_on_a_trained_dora_run(tmp_path) -> None:
 def test_a_pissa_run_reloads_from_its_converted_adapter(tmp_path) -> None:
     """A PiSSA run's adapter is saved for the unmodified base; load_run_model (eval, merge, push) rebuilds the
     trained model from it: the same logits as the model the run evaluated."""
-    from conftest import DATA, VOCAB, require_shared
+    from helpers import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
     from gpt2lora.app.run import load_run_model

@@ -9,8 +9,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as hf_model
+from helpers import TINY, make_hf_checkpoint, ours
+from helpers import hf_twin as hf_model
 from safetensors.torch import load_file
 from torch import nn
 

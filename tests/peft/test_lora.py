@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import TINY, make_hf_checkpoint
 from safetensors import safe_open
 from torch import nn
 

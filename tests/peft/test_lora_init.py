@@ -12,9 +12,9 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as hf_model
-from conftest import logits_of as logits
+from helpers import TINY, make_hf_checkpoint, ours
+from helpers import hf_twin as hf_model
+from helpers import logits_of as logits
 from torch import nn
 
 from gpt2lora import (

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import TINY, make_hf_checkpoint
 from peft.optimizers import create_loraplus_optimizer
 
 from gpt2lora import ConfigError, GPT2ForSequenceClassification, LoRAConfig, TrainConfig, Trainer, apply_lora

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_hf_checkpoint
+from helpers import make_hf_checkpoint
 
 from gpt2lora import GPT2, ConfigError, GPT2Config, count_parameters
 from gpt2lora.config import LoRAConfig

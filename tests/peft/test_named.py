@@ -10,8 +10,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as hf_model
+from helpers import TINY, make_hf_checkpoint, ours
+from helpers import hf_twin as hf_model
 from torch import nn
 
 import gpt2lora.peft.lora

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import TINY, make_hf_checkpoint
 from safetensors.torch import load_file
 from torch import nn
 
@@ -303,7 +303,7 @@ def test_bad_prompt_adapters(tiny_checkpoint, clf_checkpoint, tmp_path) -> None:
 
 def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
     """``gpt2lora train --method prompt --num-virtual-tokens 6`` on the tiny smoke model, then ``eval``."""
-    from conftest import DATA, VOCAB, require_shared
+    from helpers import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
     from gpt2lora.app.commands import load_run_model
@@ -325,7 +325,7 @@ def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
 
 def test_cli_prompt_run_on_a_generation_task_generates(tmp_path, capsys) -> None:
     """A soft-prompt SQuAD run scores answers by generating them, and ``gpt2lora generate`` continues text."""
-    from conftest import DATA, VOCAB, require_shared
+    from helpers import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
 
