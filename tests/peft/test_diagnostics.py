@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers
-from helpers import TINY, make_hf_checkpoint
+from helpers import TINY
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (
@@ -30,12 +29,6 @@ from gpt2lora import (
 from gpt2lora.data.batching import collate
 from gpt2lora.peft.diagnostics import adapter_update_norm, effective_rank
 from gpt2lora.peft.lora import lora_modules
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=9, cls="GPT2ForSequenceClassification",
-                              num_labels=2)
 
 
 def perturb(model, seed: int = 0) -> None:
