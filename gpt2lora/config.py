@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEFAULT_LOSS_CHUNK_SIZE
+from .constants import DEFAULT_LOSS_CHUNK_SIZE, MODEL_CONFIG_FILE
 from .errors import ConfigError
 
 #: Activation names accepted in a checkpoint's ``config.json``.
@@ -105,7 +105,7 @@ class GPT2Config:
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> GPT2Config:
+    def from_hf_config(cls, hf: Mapping[str, Any], source: str = MODEL_CONFIG_FILE) -> GPT2Config:
         """Read the fields gpt2lora needs from a Hugging Face ``config.json`` dictionary."""
         if not isinstance(hf, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")

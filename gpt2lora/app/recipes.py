@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoRAConfig
-from ..constants import RESPONSES_FILE
+from ..constants import HISTORY_FILE, RECIPE_REPORT_FILE, RESPONSES_FILE, RESULTS_FILE
 from ..data.tasks import TASKS
 from ..devices import set_threads
 from ..errors import ConfigError
@@ -395,7 +395,7 @@ def row_config(recipe: Recipe, row: RecipeRow, seed: int, options: RecipeOptions
 
 def _train_loss(run_dir: Path) -> float | None:
     """Mean training loss over the run's optimizer steps (what transformers' Trainer reports)."""
-    path = run_dir / "history.jsonl"
+    path = run_dir / HISTORY_FILE
     if not path.is_file():
         return None
     losses = [r["loss"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())
@@ -541,9 +541,9 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
                      + "".join(f"\n  - {e}" for e in extra))
     if recipe.notes:
         parts.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in recipe.notes))
-    path = folder / "report.md"
+    path = folder / RECIPE_REPORT_FILE
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    (folder / "results.json").write_text(json.dumps({"recipe": recipe.name, "machine": info, "command": command,
+    (folder / RESULTS_FILE).write_text(json.dumps({"recipe": recipe.name, "machine": info, "command": command,
                                                      "smoke": bool(options.smoke), "comparison": lines,
                                                      "results": results}, indent=2, default=str) + "\n",
                                          encoding="utf-8")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..constants import SUMMARY_FILE
 from ..training.metrics import current_metric_names
 
 Row = Mapping[str, Any]
@@ -129,7 +130,7 @@ def write_summary(folder: str | os.PathLike, rows: Sequence[Row], title: str, no
         parts.append("\n".join(f"- {n}" for n in notes) + "\n")
     for plot in plots:
         parts.append(f"![{plot.stem}]({plot.name})\n")
-    path = folder / "summary.md"
+    path = folder / SUMMARY_FILE
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
 

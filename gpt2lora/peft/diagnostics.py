@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import BLOCK_TARGETS, HEAD_TARGET, LoRAConfig
+from ..constants import RUN_CONFIG_FILE
 from ..errors import CheckpointError, ConfigError, GPT2LoRAError
 from ..model.classifier import is_classifier
 from .lora import adapter_configs, lora_layers, lora_modules
@@ -246,11 +247,11 @@ def _resolve(path: Path, model: str | os.PathLike | None) -> tuple[Path, str | N
     import json
 
     run_config: dict[str, Any] = {}
-    if (path / "adapter").is_dir() and (path / "config.json").is_file():
+    if (path / "adapter").is_dir() and (path / RUN_CONFIG_FILE).is_file():
         try:
-            run_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            run_config = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {err}") from None
+            raise CheckpointError(f"{path / RUN_CONFIG_FILE} is not valid JSON: {err}") from None
         folder = path / "adapter"
     else:
         folder = path
