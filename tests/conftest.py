@@ -13,6 +13,7 @@ import torch
 from helpers import (
     CLF_LABELS,
     DATA,
+    NO_DROPOUT,
     ODD,
     VOCAB,
     make_hf_checkpoint,
@@ -48,6 +49,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def odd_checkpoint(tmp_path_factory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("odd") / "ckpt", seed=1, **ODD)
+
+
+@pytest.fixture(scope="session")
+def no_dropout_checkpoint(tmp_path_factory) -> Path:
+    """A tiny GPT2LMHeadModel checkpoint whose config switches every dropout off (exact two-pass comparisons)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("no-dropout") / "ckpt", seed=3, **NO_DROPOUT)
 
 
 @pytest.fixture(scope="session")
