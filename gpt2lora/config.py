@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import DEFAULT_LOSS_CHUNK_SIZE
+from .constants import DEFAULT_LOSS_CHUNK_SIZE, MODEL_CONFIG_FILE
 from .errors import ConfigError
 
 #: Activation names accepted in a checkpoint's ``config.json``.
@@ -105,7 +105,7 @@ class GPT2Config:
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> GPT2Config:
+    def from_hf_config(cls, hf: Mapping[str, Any], source: str = MODEL_CONFIG_FILE) -> GPT2Config:
         """Read the fields gpt2lora needs from a Hugging Face ``config.json`` dictionary."""
         if not isinstance(hf, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
@@ -291,7 +291,10 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps instead of counting epochs."""
     batch_size: int = 16
-    """Rows per batch, used by the data layer that builds the batches fit() receives."""
+    """Rows per batch when :meth:`Trainer.fit` / :meth:`Trainer.evaluate` get a list of examples: the Trainer
+    batches them itself (:class:`~gpt2lora.data.batching.BucketedBatches`, shuffled by ``seed`` for training).
+    Batches given ready-made (collated dicts, a ``BucketedBatches``) are used as they come, whatever their rows;
+    under torchrun this is the global batch."""
     grad_accum_steps: int = 1
     """Batches whose gradients are summed (averaged) into one optimizer step."""
     grad_clip: float | None = 1.0
@@ -388,3 +391,16 @@ class TrainConfig:
             _require(ok and ratio > 0, owner, "loraplus_lr_ratio", "a finite number > 0 or None", ratio)
         for name in ("gradient_checkpointing", "compile"):
             _require(isinstance(getattr(self, name), bool), owner, name, "True or False", getattr(self, name))
+
+    def with_default_lr(self, method: str | None) -> TrainConfig:
+        """This config with ``lr`` resolved: its own, else the default of training ``method`` (:func:`default_lr`).
+
+        The one place a missing learning rate is filled in (the Trainer, its optimizer and ``RunConfig`` call it).
+        """
+        if self.lr is not None:
+            return self
+        lr = default_lr(method)
+        if self.min_lr > lr:
+            raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above the default lr {lr} of method "
+                              f"{method or 'full'!r}; set lr too")
+        return dataclasses.replace(self, lr=lr)

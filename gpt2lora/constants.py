@@ -25,8 +25,18 @@ TRAINABLE_WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 # --- a run folder ---
+RUN_CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.md"
 HISTORY_FILE = "history.jsonl"
 RESPONSES_FILE = "responses.jsonl"
 JUDGE_SCORES_FILE = "judge.jsonl"
 JUDGE_SUMMARY_FILE = "judge.json"
 CARD_FILE = "README.md"
+#: A folder of several runs (a sweep, a recipe, the quickstart): every row, as JSON and CSV.
+RESULTS_FILE = "results.json"
+RESULTS_CSV_FILE = "results.csv"
+#: A recipe's comparison of the published figures with this run's.
+RECIPE_REPORT_FILE = "report.md"
+#: A data folder's class names, in class-id order.
+LABEL_NAMES_FILE = "label_names.json"

@@ -1,4 +1,5 @@
-"""Where a model runs and in which precision: the one resolver of ``device`` and ``precision`` settings."""
+"""Where a model runs, in which precision and on how many CPU threads: the one resolver of ``device``,
+``precision`` and ``threads`` settings."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ def resolve_device(name: str = "auto", setting: str = "device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{setting}={name!r} but CUDA is not available; use 'cpu' or 'auto'")
     return device
+
+
+def set_threads(threads: int | None, setting: str = "threads") -> None:
+    """Run torch's CPU ops on ``threads`` threads (None: leave torch's choice). The only place gpt2lora sets it.
+
+    torch's thread count belongs to the process, so only entry points call this (the ``gpt2lora`` command,
+    ``run``, ``run_recipe``), never a model or the Trainer.
+    """
+    if threads is None:
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"{setting}: expected a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
 
 
 def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..devices import set_threads
 from ..errors import ConfigError, GPT2LoRAError
 from .runconfig import PLACEMENT_KEYS, SETTINGS, RunConfig, Setting, from_settings
 
@@ -364,10 +365,6 @@ def _sweep(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from . import recipes
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     recipes.reproduce(args.name, list_only=args.list, data=args.data, smoke=args.smoke, vocab=args.vocab,
                       device=args.device, out=args.out, run_name=args.run_name, judge_endpoint=args.judge_endpoint,
                       judge_model=args.judge_model)
@@ -395,10 +392,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gpt2lora`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(getattr(args, "threads", None), "--threads")
     try:
         HANDLERS[args.command](args)
     except GPT2LoRAError as err:

@@ -23,17 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HUB_IDS
-from ..constants import ADAPTER_FILES, CARD_FILE, TOKENIZER_FILES
+from ..constants import (
+    ADAPTER_FILES,
+    CARD_FILE,
+    METRICS_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_WEIGHTS_FILE,
+    MODEL_WEIGHTS_INDEX_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    TOKENIZER_FILES,
+)
+from ..data.tasks import CLASSIFICATION_KINDS
 from ..errors import CheckpointNotFoundError, ConfigError, GPT2LoRAError, HubError
 from ..model.hub import hub_error_reason, resolve_checkpoint
+from ..training.metrics import current_metric_names
 
 #: Files a push owns on the hub: a later push may replace or delete them; anything else is left alone.
-MANAGED = (*ADAPTER_FILES, "config.json", "model.safetensors", "model.safetensors.index.json",
+MANAGED = (*ADAPTER_FILES, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE,
            "model-*.safetensors", *TOKENIZER_FILES, CARD_FILE)
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 REPO_ID = re.compile(rf"{_NAME}/{_NAME}")
 #: result-row keys -> metric ids of the hub's card metadata.
-CARD_METRICS = {"accuracy": "accuracy", "f1": "f1", "precision": "precision", "recall": "recall",
+CARD_METRICS = {"accuracy": "accuracy", "f1_macro": "f1", "precision_macro": "precision", "recall_macro": "recall",
                 "perplexity": "perplexity", "exact_match": "exact_match", "rouge_l": "rouge", "judge_score": "judge"}
 #: The training settings the card lists, from the run's config.json ``train`` section.
 TRAIN_SETTINGS = ("optimizer", "lr", "min_lr", "warmup_ratio", "schedule", "epochs", "max_steps", "batch_size",
@@ -94,7 +106,7 @@ def _dataset_id(config: Mapping[str, Any]) -> str | None:
 
 def _summary_body(run: Path, result: Mapping[str, Any]) -> str:
     """The run's summary.md without its title and plot links (the plots are not uploaded)."""
-    path = run / "summary.md"
+    path = run / SUMMARY_FILE
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines[1:] if not line.startswith("![")]
@@ -124,11 +136,11 @@ def model_card(run: str | os.PathLike, repo_id: str, merged: bool) -> str:
     import yaml  # a dependency of huggingface_hub
 
     run = Path(run)
-    config = _read_json(run / "config.json", "a run folder written by 'gpt2lora train' has config.json")
-    metrics_path = run / "metrics.json"
-    result = _read_json(metrics_path, "").get("result", {}) if metrics_path.is_file() else {}
+    config = _read_json(run / RUN_CONFIG_FILE, f"a run folder written by 'gpt2lora train' has {RUN_CONFIG_FILE}")
+    metrics_path = run / METRICS_FILE
+    result = current_metric_names(_read_json(metrics_path, "").get("result", {})) if metrics_path.is_file() else {}
     kind = config.get("kind")
-    classifier = kind in ("classification", "nli")
+    classifier = kind in CLASSIFICATION_KINDS
     base = hub_base_model(config.get("base_model"))
     dataset = _dataset_id(config)
     meta: dict[str, Any] = {"library_name": "transformers" if merged else "peft"}
@@ -169,7 +181,7 @@ def model_card(run: str | os.PathLike, repo_id: str, merged: bool) -> str:
 def check_run(run: str | os.PathLike, merged: bool = False) -> dict[str, Any]:
     """The run's config.json, once the run is known to hold what a push needs (a peft adapter unless ``merged``)."""
     run = Path(run)
-    config = _read_json(run / "config.json", "expected a run folder written by 'gpt2lora train'")
+    config = _read_json(run / RUN_CONFIG_FILE, "expected a run folder written by 'gpt2lora train'")
     adapter = run / "adapter"
     if not all((adapter / name).is_file() for name in ADAPTER_FILES):
         raise CheckpointNotFoundError(f"run {run} has no adapter to push ({adapter} needs "

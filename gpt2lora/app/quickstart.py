@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..config import GPT2Config, LoRAConfig, TrainConfig
+from ..constants import HISTORY_FILE, LABEL_NAMES_FILE, RESULTS_FILE, SUMMARY_FILE, TOKENIZER_FILES
 from ..data.batching import BucketedBatches, lm_example
 from ..data.tasks import Dataset, encode
 from ..errors import TrainingError
@@ -97,7 +98,7 @@ def pretrain(texts: list[str], folder: Path, seed: int, steps: int, progress: bo
                          weight_decay=0.01, device="cpu", precision="fp32", seed=seed, progress=progress)
     history = Trainer(model, config).fit(data)
     save_pretrained(model, folder)
-    write_history(folder / "history.jsonl", history)
+    write_history(folder / HISTORY_FILE, history)
     return folder, {"steps": len(history.steps), "first_loss": history.steps[0]["loss"],
                     "last_loss": sum(history.losses[-20:]) / len(history.losses[-20:]),
                     "runtime_s": history.runtime_s}
@@ -109,8 +110,9 @@ def write_byte_vocabulary(folder: Path) -> None:
     and encodes exactly as :class:`ByteTokenizer` does."""
     vocab = {char: byte for char, byte in byte_decoder().items()}
     vocab["<|endoftext|>"] = ByteTokenizer.eot_token
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    vocab_file, merges_file = TOKENIZER_FILES
+    (folder / vocab_file).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / merges_file).write_text("#version: 0.2\n", encoding="utf-8")
 
 
 #: The three fine-tuning runs of the quickstart: method and the settings that differ from the defaults.
@@ -179,7 +181,7 @@ def run_quickstart(out: str | os.PathLike = "runs/quickstart", seed: int = 0, pr
     for name, recs in splits.items():
         with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
-    (data_dir / "label_names.json").write_text(json.dumps(list(LABELS)), encoding="utf-8")
+    (data_dir / LABEL_NAMES_FILE).write_text(json.dumps(list(LABELS)), encoding="utf-8")
     print(f"[1/4] synthetic task: {len(splits['train'])} train / {len(splits['validation'])} validation / "
           f"{len(splits['test'])} test reviews in {data_dir}")
 
@@ -208,9 +210,9 @@ def run_quickstart(out: str | os.PathLike = "runs/quickstart", seed: int = 0, pr
              (f"LoRA merge check: max |merged - unmerged| = {diffs['merged_vs_unmerged']:.1e}, merged checkpoint "
              f"in {out / 'lora' / 'merged'}, adapter in {out / 'lora' / 'adapter'}"),
              f"total time {time.perf_counter() - started:.0f}s"]
-    report.write_json({"rows": rows_out, "merge_check": diffs, "pretraining": lm}, out / "results.json")
+    report.write_json({"rows": rows_out, "merge_check": diffs, "pretraining": lm}, out / RESULTS_FILE)
     report.write_summary(out, rows_out, "gpt2lora quickstart: LoRA vs full fine-tuning vs head only", notes)
     print()
     print(report.markdown_table(rows_out))
-    print(f"summary: {out / 'summary.md'}")
+    print(f"summary: {out / SUMMARY_FILE}")
     return rows_out

@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoRAConfig
-from ..constants import RESPONSES_FILE
+from ..constants import HISTORY_FILE, RECIPE_REPORT_FILE, RESPONSES_FILE, RESULTS_FILE
 from ..data.tasks import TASKS
+from ..devices import set_threads
 from ..errors import ConfigError
 from .runconfig import RUN_METHODS, SETTINGS, RunConfig, from_settings, to_toml
 
@@ -83,13 +84,15 @@ class Figure:
     unit: str = ""
 
 
-#: Published figures a row may list, by name. Fractions stay fractions (0.8693, not 86.93).
+#: Published figures a row may list, by the name the published report gives (HF Trainer's words: ``f1``,
+#: ``eval_loss``), and the key of a gpt2lora result row that holds the figure (``f1_macro``, ``loss``).
+#: Fractions stay fractions (0.8693, not 86.93).
 FIGURES: dict[str, Figure] = {f: Figure(*spec) for f, spec in {
     "accuracy": ("Accuracy", "accuracy", 1.0, "fraction"),
-    "f1": ("F1 (macro)", "f1", 1.0, "fraction"),
-    "precision": ("Precision (macro)", "precision", 1.0, "fraction"),
-    "recall": ("Recall (macro)", "recall", 1.0, "fraction"),
-    "eval_loss": ("Eval loss", "eval_loss", 1.0, ""),
+    "f1": ("F1 (macro)", "f1_macro", 1.0, "fraction"),
+    "precision": ("Precision (macro)", "precision_macro", 1.0, "fraction"),
+    "recall": ("Recall (macro)", "recall_macro", 1.0, "fraction"),
+    "eval_loss": ("Eval loss", "loss", 1.0, ""),
     "train_loss": ("Training loss (mean over the run)", "train_loss", 1.0, ""),
     "exact_match": ("Exact match", "exact_match", 1.0, "fraction"),
     "squad_f1": ("SQuAD F1", "squad_f1", 1.0, "fraction"),
@@ -392,7 +395,7 @@ def row_config(recipe: Recipe, row: RecipeRow, seed: int, options: RecipeOptions
 
 def _train_loss(run_dir: Path) -> float | None:
     """Mean training loss over the run's optimizer steps (what transformers' Trainer reports)."""
-    path = run_dir / "history.jsonl"
+    path = run_dir / HISTORY_FILE
     if not path.is_file():
         return None
     losses = [r["loss"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())
@@ -538,9 +541,9 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
                      + "".join(f"\n  - {e}" for e in extra))
     if recipe.notes:
         parts.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in recipe.notes))
-    path = folder / "report.md"
+    path = folder / RECIPE_REPORT_FILE
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    (folder / "results.json").write_text(json.dumps({"recipe": recipe.name, "machine": info, "command": command,
+    (folder / RESULTS_FILE).write_text(json.dumps({"recipe": recipe.name, "machine": info, "command": command,
                                                      "smoke": bool(options.smoke), "comparison": lines,
                                                      "results": results}, indent=2, default=str) + "\n",
                                          encoding="utf-8")
@@ -550,10 +553,7 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
 def run_recipe(recipe: Recipe, options: RecipeOptions, command: str = "gpt2lora reproduce",
                judge: Callable[[Path], float | None] | None = None) -> Path:
     """Run every row of ``recipe`` into ``<options.out>/<recipe name>-<time>/`` and write its report."""
-    if options.threads:
-        import torch
-
-        torch.set_num_threads(options.threads)
+    set_threads(options.threads, "threads")
     name = options.run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = Path(options.out) / name
     if folder.exists() and any(folder.iterdir()):

@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..constants import SUMMARY_FILE
+from ..training.metrics import current_metric_names
+
 Row = Mapping[str, Any]
 
 
@@ -45,11 +48,11 @@ def _memory(v: Any) -> str:
 #: (key, header, formatter) of every column a table can show, in order.
 COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("method", "Method", str),
-    ("eval_loss", "Eval loss", _num(4)),
+    ("loss", "Eval loss", _num(4)),
     ("accuracy", "Accuracy (%)", _pct),
-    ("f1", "F1", _num(4)),
-    ("precision", "Precision", _num(4)),
-    ("recall", "Recall", _num(4)),
+    ("f1_macro", "F1 (macro)", _num(4)),
+    ("precision_macro", "Precision (macro)", _num(4)),
+    ("recall_macro", "Recall (macro)", _num(4)),
     ("exact_match", "EM (%)", _pct),
     ("squad_f1", "F1 (%)", _pct),
     ("perplexity", "Perplexity", _num(2)),
@@ -63,7 +66,7 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("memory_added_mb", "Memory added", _memory),
 ]
 #: The headline metric of a results table, by preference: what a task kind is judged by.
-MAIN_METRICS = ("accuracy", "squad_f1", "rouge_l_f1", "eval_loss")
+MAIN_METRICS = ("accuracy", "squad_f1", "rouge_l_f1", "loss")
 
 
 def _present(value: Any) -> bool:
@@ -88,6 +91,7 @@ def table_columns(rows: Sequence[Row], extra: Sequence[str] = ()) -> list[tuple[
 
 def markdown_table(rows: Sequence[Row], extra: Sequence[str] = ()) -> str:
     """A GitHub markdown table of ``rows``; empty cells show "–"."""
+    rows = [current_metric_names(r) for r in rows]  # rows of older run folders too
     columns = table_columns(rows, extra)
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
@@ -126,7 +130,7 @@ def write_summary(folder: str | os.PathLike, rows: Sequence[Row], title: str, no
         parts.append("\n".join(f"- {n}" for n in notes) + "\n")
     for plot in plots:
         parts.append(f"![{plot.stem}]({plot.name})\n")
-    path = folder / "summary.md"
+    path = folder / SUMMARY_FILE
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
 
@@ -222,7 +226,7 @@ def plot_sweep(rows: Sequence[Row], x: str, metric: str, path: str | os.PathLike
 
 def main_metric(rows: Sequence[Row]) -> str:
     """The first of :data:`MAIN_METRICS` that some row has (accuracy, SQuAD F1, ROUGE-L, else eval loss)."""
-    return next((m for m in MAIN_METRICS if any(_present(r.get(m)) for r in rows)), "eval_loss")
+    return next((m for m in MAIN_METRICS if any(_present(r.get(m)) for r in rows)), "loss")
 
 
 def plot_tradeoffs(rows: Sequence[Row], metric: str, folder: str | os.PathLike,

@@ -28,7 +28,7 @@ from ..config import GPT2Config, LoRAConfig, is_residual_init
 from ..constants import HISTORY_FILE, RESPONSES_FILE
 from ..data.batching import BucketedBatches
 from ..data.tasks import CLASSIFICATION_KINDS, TASKS, Dataset, Tokenizer, data_root, encode, load_split
-from ..devices import resolve_device
+from ..devices import resolve_device, set_threads
 from ..errors import CheckpointNotFoundError, ConfigError, DataError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2
@@ -283,8 +283,7 @@ def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str,
     if not isinstance(config, RunConfig):
         raise ConfigError(f"run: expected a RunConfig, got {type(config).__name__}")
     config = config.resolved()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     distributed.setup(resolve_device(config.train.device, "--device").type)  # joins torchrun's group, if any
     torch.manual_seed(config.train.seed)
     resume = resume_target(config) if folder is None else None  # checked first: a bad path fails before downloads

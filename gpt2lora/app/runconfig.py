@@ -31,7 +31,6 @@ from ..config import (
     SCHEDULES,
     LoRAConfig,
     TrainConfig,
-    default_lr,
 )
 from ..data.tasks import TASKS
 from ..errors import ConfigError
@@ -294,13 +293,7 @@ class RunConfig:
         """The same run with every default made explicit: the task when none is named, and the method's
         learning rate. Two configs that train the same way resolve to equal objects."""
         task = self.task if self.task is not None or self.data is not None else DEFAULT_TASK
-        train = self.train
-        if train.lr is None:
-            lr = default_lr(self.method if self.method != EVAL_ONLY else "head")
-            if train.min_lr > lr:
-                raise ConfigError(f"min_lr {train.min_lr} is above the default lr {lr} of method {self.method}; "
-                                  "set lr too")
-            train = dataclasses.replace(train, lr=lr)
+        train = self.train.with_default_lr(self.method if self.method != EVAL_ONLY else "head")
         return dataclasses.replace(self, task=task, train=train)
 
 

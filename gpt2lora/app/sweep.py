@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from ..constants import RESULTS_CSV_FILE, RESULTS_FILE
 from . import report
 from .run import new_run_folder, run
 from .runconfig import EVAL_ONLY, RunConfig
@@ -79,8 +80,8 @@ def sweep(base: RunConfig, grid: Grid) -> list[dict[str, Any]]:
     plots = [p for x in ("rank", "last_n_blocks", "lr") if x in varied
              for p in [report.plot_sweep(trained, x, metric, folder / f"{metric}_vs_{x}.png")] if p is not None]
     plots += [p for p in report.plot_tradeoffs(trained, metric, folder) if p is not None]
-    report.write_csv(rows, folder / "results.csv")
-    report.write_json(rows, folder / "results.json")
+    report.write_csv(rows, folder / RESULTS_CSV_FILE)
+    report.write_json(rows, folder / RESULTS_FILE)
     report.write_summary(folder, rows, f"Sweep on {base.label}", [(f"{len(trained)} runs; varied: "
                          f"{', '.join(varied) or 'method only'}"), f"data: {base.data or base.task_or_data}"],
                          extra=varied, plots=plots)

@@ -71,8 +71,10 @@ def lm_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_token
     return {"input_ids": prompt + tail, "labels": [IGNORE_INDEX] * len(prompt) + tail}
 
 
-def example_kind(example: Mapping[str, Any], index: int = 0) -> str:
-    """``"classification"`` or ``"lm"``; checks the example's keys and values."""
+def example_objective(example: Mapping[str, Any], index: int = 0) -> str:
+    """The objective an example trains: ``"classification"`` (a ``label``) or ``"lm"`` (token ``labels``);
+    checks the example's keys and values. (A task's *kind*, :data:`gpt2lora.data.tasks.TASKS`, is another
+    word: classification and nli tasks give classification examples, instruction and qa tasks lm ones.)"""
     where = f"example {index}"
     if not isinstance(example, Mapping):
         raise DataError(f"{where}: expected a dict with input_ids and label/labels, got {type(example).__name__}")
@@ -99,6 +101,17 @@ def example_kind(example: Mapping[str, Any], index: int = 0) -> str:
     raise DataError(f"{where}: missing key 'label' (class id) or 'labels' (token targets)")
 
 
+def is_example_list(data: Any) -> bool:
+    """Whether ``data`` is a list of examples (one row each, as ``encode`` / :func:`lm_example` give them)
+    rather than of batches: its first item's ``input_ids`` is a flat row of token ids."""
+    if not isinstance(data, (list, tuple)) or not data or not isinstance(data[0], Mapping):
+        return False
+    ids = data[0].get("input_ids")
+    if isinstance(ids, Tensor):
+        return ids.dim() == 1
+    return isinstance(ids, (list, tuple)) and bool(ids) and isinstance(ids[0], int)
+
+
 def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 50256, padding_side: str = "right",
             pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
     """Pad a list of examples to the longest row of the batch (dynamic padding).
@@ -113,12 +126,12 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int = 50256, pa
         raise ConfigError(f"collate pad_to_multiple_of: expected a positive integer, got {pad_to_multiple_of!r}")
     if len(examples) == 0:
         raise DataError("collate: got no examples; a batch needs at least one")
-    kinds = [example_kind(ex, i) for i, ex in enumerate(examples)]
-    if len(set(kinds)) > 1:
-        other = kinds.index("lm" if kinds[0] == "classification" else "classification")
-        raise DataError(f"collate: example 0 is {kinds[0]} but example {other} is {kinds[other]}; "
+    objectives = [example_objective(ex, i) for i, ex in enumerate(examples)]
+    if len(set(objectives)) > 1:
+        other = objectives.index("lm" if objectives[0] == "classification" else "classification")
+        raise DataError(f"collate: example 0 is {objectives[0]} but example {other} is {objectives[other]}; "
                         "a batch mixes 'label' and 'labels'")
-    lm = kinds[0] == "lm"
+    lm = objectives[0] == "lm"
     width = max(len(ex["input_ids"]) for ex in examples)
     if pad_to_multiple_of:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
@@ -184,7 +197,7 @@ def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], pad_token_id: in
     seqs = []
     for r, row in enumerate(rows):
         for k, ex in enumerate(row):
-            if example_kind(ex, k) != "lm":
+            if example_objective(ex, k) != "lm":
                 raise ConfigError(f"collate_packed: row {r} example {k} is a classification example ('label'); "
                                   "packing is for language-model examples ('labels') only")
         seqs.append([(list(ex["input_ids"]), list(ex["labels"])) for ex in row])
@@ -266,10 +279,11 @@ class BucketedBatches:
         self.examples = list(examples)
         if not self.examples:
             raise DataError("BucketedBatches: got no examples")
-        kinds = {example_kind(ex, i) for i, ex in enumerate(self.examples)}
-        if len(kinds) > 1:
+        objectives = {example_objective(ex, i) for i, ex in enumerate(self.examples)}
+        if len(objectives) > 1:
             raise DataError("BucketedBatches: examples mix 'label' (classification) and 'labels' (LM)")
-        self.kind = kinds.pop()
+        self.objective = objectives.pop()
+        """``"classification"`` or ``"lm"``: what the examples train (:func:`example_objective`)."""
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -302,7 +316,7 @@ class BucketedBatches:
             raise ConfigError(f"BucketedBatches max_length: expected a positive integer or None, got {max_length!r}")
         if not packing:
             return False
-        if self.kind != "lm":
+        if self.objective != "lm":
             raise ConfigError("BucketedBatches packing=True: packing is for language-model examples ('labels'); "
                               "these are classification examples ('label'), batched one per row; set packing=False")
         if max_length is None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..constants import LABEL_NAMES_FILE
 from ..errors import ConfigError, DataError
 
 KINDS = ("classification", "nli", "instruction", "qa")
@@ -263,7 +264,7 @@ class Dataset:
     @property
     def num_labels(self) -> int | None:
         """Number of classes: the label names, else the largest label seen + 1 (None for LM tasks)."""
-        if self.kind not in ("classification", "nli"):
+        if self.kind not in CLASSIFICATION_KINDS:
             return None
         if self.label_names:
             return len(self.label_names)
@@ -345,7 +346,7 @@ def to_record(row: Mapping[str, Any], kind: str, columns: Mapping[str, str], lab
 
 
 def _read_label_names(folder: Path) -> tuple[str, ...]:
-    path = folder / "label_names.json"
+    path = folder / LABEL_NAMES_FILE
     if not path.is_file():
         return ()
     try:
@@ -442,7 +443,7 @@ def load_split(task: str | os.PathLike, split: str = "train", path: str | os.Pat
         if path.is_dir():
             folder_names = _read_label_names(path)
             if folder_names and label_names and len(folder_names) != len(label_names):
-                raise DataError(f"{path / 'label_names.json'} lists {len(folder_names)} labels but task "
+                raise DataError(f"{path / LABEL_NAMES_FILE} lists {len(folder_names)} labels but task "
                                 f"{name!r} has {len(label_names)}")
             label_names = label_names or folder_names
             path = split_file(path, split)
@@ -513,7 +514,7 @@ def encode(dataset: Dataset, tok: Tokenizer, max_length: int) -> list[dict[str, 
     if not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"max_length: expected an integer >= 2, got {max_length!r}")
     kind = dataset.kind
-    if kind in ("classification", "nli"):
+    if kind in CLASSIFICATION_KINDS:
         return [{"input_ids": prompt_ids(tok, r, kind, max_length), "label": r["label"]}
                 for r in dataset.records]
     from .batching import lm_example

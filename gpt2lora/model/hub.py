@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..config import HUB_IDS, GPT2Config
-from ..constants import MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, TOKENIZER_FILES
+from ..constants import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, TOKENIZER_FILES
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from .tensorcheck import (
     MODEL_DTYPES,
@@ -33,7 +33,7 @@ from .tensorcheck import (
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 #: Files fetched from the hub for a model: nothing else is downloaded.
-MODEL_FILES = ("config.json", MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, "model-*.safetensors", *TOKENIZER_FILES)
+MODEL_FILES = (MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, "model-*.safetensors", *TOKENIZER_FILES)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 #: Linear layers that GPT-2 checkpoints store as Conv1D, i.e. weight shaped (in, out).
@@ -127,7 +127,7 @@ def hub_error_reason(err: BaseException) -> str:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a checkpoint folder."""
-    path = folder / "config.json"
+    path = folder / MODEL_CONFIG_FILE
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path} not found: a checkpoint folder needs config.json")
     try:
@@ -352,12 +352,12 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)
     raw = read_config(folder)
     try:
-        config = GPT2Config.from_hf_config(raw, source=str(folder / "config.json"))
+        config = GPT2Config.from_hf_config(raw, source=str(folder / MODEL_CONFIG_FILE))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     files = weight_files(folder)
     header = read_header(files)
-    check_config_fits(config, header, folder / "config.json")
+    check_config_fits(config, header, folder / MODEL_CONFIG_FILE)
     target = weights_dtype(header, dtype, folder, raw.get("dtype", raw.get("torch_dtype")))
     layout = from_hf_names({k: torch.empty(t.shape, device="meta") for k, t in header.items()},
                            source=f"checkpoint {folder}")
@@ -425,7 +425,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
     hf_config = model.hf_config()
     if "lm_head.weight" in tensors:  # untied (e.g. by merging a LoRA on the head): say so to transformers
         hf_config["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     source = getattr(model, "checkpoint_dir", None)
     for name in TOKENIZER_FILES:
         if source is not None and (Path(source) / name).is_file() and Path(source) != out:

@@ -70,7 +70,7 @@ def ranks_from_files(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, i
 @functools.lru_cache(maxsize=8)
 def _encoding_from_folder(folder: str, stamp: tuple[int, ...]) -> tiktoken.Encoding:
     # ``stamp`` (file sizes and mtimes) is part of the cache key so edited files are read again.
-    ranks, eot = ranks_from_files(Path(folder) / "vocab.json", Path(folder) / "merges.txt")
+    ranks, eot = ranks_from_files(*(Path(folder) / name for name in TOKENIZER_FILES))
     return tiktoken.Encoding(name=f"gpt2lora:{folder}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={ENDOFTEXT: eot})
 

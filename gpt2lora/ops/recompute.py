@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 
 @dataclass
-class Recipe:
+class RecomputeRule:
     """A saved tensor to recompute: ``layer(input)`` seen through ``size``/``stride``/``offset``."""
 
     layer: nn.Module
@@ -53,23 +53,23 @@ class OutputRegistry:
         if isinstance(output, Tensor) and len(inputs) == 1 and isinstance(inputs[0], Tensor):
             self.outputs[id(output)] = (weakref.ref(output), layer, inputs[0])
 
-    def pack(self, tensor: Tensor) -> Tensor | Recipe:
-        """``tensor`` itself, or a :class:`Recipe` when it is (a view of) a watched output; counters see either."""
-        saved: Tensor | Recipe = tensor
+    def pack(self, tensor: Tensor) -> Tensor | RecomputeRule:
+        """``tensor`` itself, or a :class:`RecomputeRule` when it is (a view of) a watched output; counters see either."""
+        saved: Tensor | RecomputeRule = tensor
         base = tensor._base if tensor._base is not None else tensor
         entry = self.outputs.get(id(base))
         if entry is not None and entry[0]() is base:
             _, layer, source = entry
             device = tensor.device.type
-            saved = Recipe(layer, source, source._version, tensor.size(), tensor.stride(), tensor.storage_offset(),
+            saved = RecomputeRule(layer, source, source._version, tensor.size(), tensor.stride(), tensor.storage_offset(),
                            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
         for counter in _COUNTERS:
             counter.see(saved)
         return saved
 
     @staticmethod
-    def unpack(saved: Tensor | Recipe) -> Tensor:
-        return saved.compute() if isinstance(saved, Recipe) else saved
+    def unpack(saved: Tensor | RecomputeRule) -> Tensor:
+        return saved.compute() if isinstance(saved, RecomputeRule) else saved
 
 
 @contextmanager
@@ -110,8 +110,8 @@ class SavedTensors:
     def tensors(self) -> list[tuple[int, torch.dtype]]:
         return [(numel, dtype) for _, numel, dtype in self._storages.values()]
 
-    def see(self, saved: Tensor | Recipe) -> None:
-        if isinstance(saved, Recipe):
+    def see(self, saved: Tensor | RecomputeRule) -> None:
+        if isinstance(saved, RecomputeRule):
             self.recomputed += 1
             return
         storage = saved.untyped_storage()

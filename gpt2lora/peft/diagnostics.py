@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import BLOCK_TARGETS, HEAD_TARGET, LoRAConfig
+from ..constants import RUN_CONFIG_FILE
 from ..errors import CheckpointError, ConfigError, GPT2LoRAError
+from ..model.classifier import is_classifier
 from .lora import adapter_configs, lora_layers, lora_modules
 
 #: Rows of random tokens the output change is measured on when no sample is given.
@@ -245,11 +247,11 @@ def _resolve(path: Path, model: str | os.PathLike | None) -> tuple[Path, str | N
     import json
 
     run_config: dict[str, Any] = {}
-    if (path / "adapter").is_dir() and (path / "config.json").is_file():
+    if (path / "adapter").is_dir() and (path / RUN_CONFIG_FILE).is_file():
         try:
-            run_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            run_config = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {err}") from None
+            raise CheckpointError(f"{path / RUN_CONFIG_FILE} is not valid JSON: {err}") from None
         folder = path / "adapter"
     else:
         folder = path
@@ -268,7 +270,7 @@ def _file_layers(raw: dict[str, Any], tensors: dict[str, Tensor]) -> set[str]:
 
 def _model_layers(model: nn.Module) -> set[str]:
     names = {f"transformer.h.{i}.{t}" for i in range(len(model.transformer.h)) for t in BLOCK_TARGETS}
-    return names | {"lm_head" if hasattr(model, "lm_head") else "score"}
+    return names | {"score" if is_classifier(model) else "lm_head"}
 
 
 def _peft_entries(raw: dict[str, Any], model: nn.Module) -> list[str]:

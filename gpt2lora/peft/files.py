@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig, init_niter, is_residual_init
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
+from ..model.classifier import is_classifier
 from ..model.hub import PICKLE_SUFFIXES, check_state, read_safetensors
 from ..model.tensorcheck import check_finite, check_floating
 from .lora import (
@@ -80,7 +81,7 @@ PEFT_INITS = {True: "kaiming", False: "kaiming", "true": "kaiming", "gaussian": 
 # --- names -------------------------------------------------------------------------------------------
 
 def _task_type(model: nn.Module) -> str:
-    return "SEQ_CLS" if isinstance(getattr(model, HEAD_NAME, None), nn.Module) else "CAUSAL_LM"
+    return "SEQ_CLS" if is_classifier(model) else "CAUSAL_LM"
 
 
 def _bias_owners(model: nn.Module, layers: list[str], train_bias: str) -> list[str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import LoRAConfig
 from ..errors import ConfigError
+from ..model.classifier import is_classifier
 from .lora import apply_lora, lora_modules
 from .prompt import PromptConfig, apply_prompt, get_prompt
 
@@ -39,7 +40,7 @@ def _n_layer(model: nn.Module) -> int:
 
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Parameter-name prefixes of the output head that is a tensor of its own (none for a tied LM head)."""
-    if isinstance(getattr(model, "score", None), nn.Module):
+    if is_classifier(model):
         return ("score.",)
     lm_head = getattr(model, "lm_head", None)
     if isinstance(lm_head, nn.Module) and lm_head.weight is not model.transformer.wte.weight:

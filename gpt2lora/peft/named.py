@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import HEAD_TARGET, LORA_TARGETS, QKV_TARGETS, LoRAConfig, is_residual_init
 from ..errors import ConfigError
+from ..model.classifier import is_classifier
 from .lora import (
     DEFAULT_ADAPTER,
     HEAD_NAME,
@@ -49,10 +50,6 @@ def _known(model: nn.Module, name: str, verb: str) -> LoRAConfig:
     if name not in configs:
         raise ConfigError(f"{verb}: the model has no adapter {name!r}; it has {sorted(configs)}")
     return configs[name]
-
-
-def _is_classifier(model: nn.Module) -> bool:
-    return isinstance(getattr(model, HEAD_NAME, None), nn.Module)
 
 
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | None = None) -> nn.Module:
@@ -83,7 +80,7 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
         raise ConfigError(f"add_adapter {name!r}: {who} a residual in the base weights (PiSSA / OLoRA), which "
                           "other adapters would see as their base; save_adapter converts such an adapter to "
                           "plain LoRA, so load it onto a fresh model instead")
-    if _is_classifier(model) and configs:
+    if is_classifier(model) and configs:
         theirs = HEAD_TARGET in next(iter(configs.values())).targets
         if (HEAD_TARGET in config.targets) != theirs:
             raise ConfigError(f"add_adapter {name!r}: on a classifier every adapter must {'' if theirs else 'not '}"
@@ -91,7 +88,7 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     add_to_layers(model, name, config, generator)
     keep_base_head(model)
-    if _is_classifier(model) and not _score_has_lora(model):
+    if is_classifier(model) and not _score_has_lora(model):
         if "adapter_heads" not in model._modules:
             model.adapter_heads = nn.ModuleDict()
         head = copy.deepcopy(model.get_submodule(HEAD_NAME))
@@ -147,7 +144,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     heads = getattr(model, "adapter_heads", None)
     if heads is not None and name in heads:
         del heads[name]
-    if name == DEFAULT_ADAPTER and _is_classifier(model) and not _score_has_lora(model):
+    if name == DEFAULT_ADAPTER and is_classifier(model) and not _score_has_lora(model):
         with torch.no_grad():  # the default adapter's trained head goes; score is the base head again
             model.get_submodule(HEAD_NAME).weight.copy_(model.base_score_weight)
     model.lora_configs = {n: c for n, c in adapter_configs(model).items() if n != name}

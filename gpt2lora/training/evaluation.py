@@ -22,7 +22,14 @@ from ..errors import ConfigError, DataError
 from ..model.classifier import is_classifier, label_count
 from . import distributed
 from .losses import forward_loss
-from .metrics import classification_metrics, instruction_metrics, mean_loss, perplexity, squad_metrics
+from .metrics import (
+    CLASSIFICATION_RESULT_METRICS,
+    classification_metrics,
+    instruction_metrics,
+    mean_loss,
+    perplexity,
+    squad_metrics,
+)
 
 #: Per-row details of :func:`task_metrics` kept out of result rows (QA samples, instruction responses).
 DETAIL_KEYS = ("samples", "responses")
@@ -166,7 +173,8 @@ def task_metrics(model: nn.Module, tok: Tokenizer, eval_set: Dataset, max_length
                  max_new_tokens: int | None = None) -> dict[str, Any]:
     """The metrics a task kind reports over every eval row.
 
-    Classification / NLI: loss, accuracy and macro precision / recall / F1. Instruction / QA: loss and
+    Classification / NLI: ``loss``, ``accuracy``, ``f1_macro``, ``precision_macro``, ``recall_macro`` (the names
+    :func:`evaluate` gives). Instruction / QA: ``loss`` and
     perplexity, plus, over the first ``gen_rows`` rows answered greedily with ``max_new_tokens`` tokens
     (default 32 for QA, 128 for instructions), SQuAD EM / F1 with five samples, or ROUGE-L / exact match
     with every response (kept for ``gpt2lora judge``).
@@ -178,12 +186,8 @@ def task_metrics(model: nn.Module, tok: Tokenizer, eval_set: Dataset, max_length
     start = time.perf_counter()
     raw = evaluate(model, data, device=device, precision=precision)
     runtime = time.perf_counter() - start
-    metrics: dict[str, Any] = {"eval_loss": raw["loss"]}
-    if kind in CLASSIFICATION_KINDS:
-        metrics.update(accuracy=raw["accuracy"], f1=raw["f1_macro"], precision=raw["precision_macro"],
-                       recall=raw["recall_macro"])
-    else:
-        metrics["perplexity"] = raw["perplexity"]
+    names = CLASSIFICATION_RESULT_METRICS if kind in CLASSIFICATION_KINDS else ("loss", "perplexity")
+    metrics: dict[str, Any] = {name: raw[name] for name in names}  # evaluate's names, unchanged
     metrics.update(eval_time_s=runtime, eval_rows=len(examples),
                    eval_samples_per_s=len(examples) / runtime if runtime else 0.0)
     rows = eval_set.records[:gen_rows]

@@ -9,7 +9,8 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -100,6 +101,19 @@ def classification_metrics(predictions: Iterable[int] | torch.Tensor,
         p, r, f = precision_recall_f1(preds, golds, average)
         out.update({f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f})
     return out
+
+
+#: The metrics of a classifier's evaluation, as :func:`gpt2lora.evaluate`, the Trainer's history, run folders,
+#: reports and model cards all name them; a language model's are ``loss`` and ``perplexity``.
+CLASSIFICATION_RESULT_METRICS = ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro")
+#: Names that run folders written before these were one set gave the same metrics (HF Trainer's words).
+OLD_METRIC_NAMES = {"eval_loss": "loss", "f1": "f1_macro", "precision": "precision_macro", "recall": "recall_macro"}
+
+
+def current_metric_names(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` (a result read from a run folder) with older metric names read as today's ones."""
+    return {(OLD_METRIC_NAMES[k] if k in OLD_METRIC_NAMES and OLD_METRIC_NAMES[k] not in row else k): v
+            for k, v in row.items()}
 
 
 def mean_loss(total_loss: float, count: int) -> float:

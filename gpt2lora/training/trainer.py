@@ -10,7 +10,6 @@ evaluation (:mod:`gpt2lora.training.evaluation`), checkpoints (:mod:`gpt2lora.tr
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -29,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import TrainConfig, default_lr
+from ..config import TrainConfig
 from ..constants import BEST_CHECKPOINT, CHECKPOINT_PREFIX, HISTORY_FILE, TRAINER_STATE_FILE
-from ..data.batching import example_count
+from ..data.batching import BucketedBatches, example_count, is_example_list
 from ..devices import autocast, resolve_device, resolve_precision
 from ..errors import ConfigError, DataError, TrainingError
 from ..model.classifier import is_classifier
@@ -121,13 +120,24 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     For the SGD variants torch adds the decay to the gradient (L2), the classic SGD form.
     """
     groups = parameter_groups(model, config.weight_decay, config.loraplus_lr_ratio)
-    lr = config.lr if config.lr is not None else default_lr(getattr(model, "training_method", None))
+    lr = config.with_default_lr(training_method(model)).lr
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
     momentum = config.momentum if config.optimizer == "sgd_momentum" else 0.0
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    """A token id the model embeds (its pad, else its end-of-text id, else 0) for padding the batches the
+    Trainer builds; padded positions are masked, so which id it is does not change any result."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    for candidate in (getattr(model, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(candidate, int) and candidate >= 0 and (vocab is None or candidate < vocab):
+            return candidate
+    return 0
 
 
 def training_method(model: nn.Module) -> str:
@@ -204,12 +214,7 @@ class Trainer:
             raise ConfigError(f"Trainer config: expected a TrainConfig, got {type(config).__name__}")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Trainer model: expected a torch.nn.Module, got {type(model).__name__}")
-        if config.lr is None:
-            lr = default_lr(training_method(model))
-            if config.min_lr > lr:
-                raise ConfigError(f"TrainConfig.min_lr={config.min_lr} is above the default lr {lr} of method "
-                                  f"{training_method(model)!r}; set lr too")
-            config = dataclasses.replace(config, lr=lr)
+        config = config.with_default_lr(training_method(model))
         self.model = model
         self.config = config
         self.device = resolve_device(config.device, "TrainConfig.device")
@@ -311,7 +316,15 @@ class Trainer:
         distributed run every rank must call it with the same batches (each evaluates its share, then
         the sums are all-reduced).
         """
-        return evaluate(self.model, eval_data, self.device, self.precision, self.dist, self.config.loss_chunk_size)
+        return evaluate(self.model, self._as_batches(eval_data, shuffle=False), self.device, self.precision,
+                        self.dist, self.config.loss_chunk_size)
+
+    def _as_batches(self, data: Any, shuffle: bool) -> Any:
+        """``data`` when it holds batches; a list of examples batched at ``config.batch_size`` rows."""
+        if not is_example_list(data):
+            return data
+        return BucketedBatches(data, self.config.batch_size, shuffle=shuffle, seed=self.config.seed,
+                               pad_token_id=_pad_token_id(self.model))
 
     # --- checkpoints ---
 
@@ -391,8 +404,8 @@ class Trainer:
         cfg = self.config
         names = CLASSIFICATION_METRICS if self.classification else LM_METRICS
         if cfg.best_metric not in names:
-            kind = "classification" if self.classification else "language-model"
-            raise ConfigError(f"TrainConfig.best_metric={cfg.best_metric!r} is not a {kind} metric; choose one "
+            objective = "classification" if self.classification else "language-model"
+            raise ConfigError(f"TrainConfig.best_metric={cfg.best_metric!r} is not a {objective} metric; choose one "
                               f"of {', '.join(names)}")
         if cfg.early_stopping_patience is not None and eval_data is None:
             raise ConfigError("TrainConfig.early_stopping_patience is set but fit() got no eval_data")
@@ -404,7 +417,10 @@ class Trainer:
 
     def fit(self, train_data: Iterable[Mapping[str, Any]],
             eval_data: Iterable[Mapping[str, Any]] | None = None) -> History:
-        """Train on ``train_data`` (batches, in the order given; ``set_epoch(e)`` is called if it exists).
+        """Train on ``train_data``: batches, in the order given (``set_epoch(e)`` is called if it exists), or a
+        list of examples, which the Trainer batches at ``config.batch_size`` rows (length-bucketed, shuffled per
+        epoch by ``config.seed``); ``eval_data`` likewise (examples in order). Ready-made batches are used as
+        they come: their rows, not ``batch_size``, make a batch.
 
         Ctrl-C (SIGINT, main thread only) finishes the current optimizer step, writes a checkpoint there
         when ``out_dir`` is set, logs where, and re-raises :class:`KeyboardInterrupt` (``self.history``
@@ -415,6 +431,9 @@ class Trainer:
         if self.optimizer is None:
             raise ConfigError("Trainer.fit: the model has no trainable parameters (every requires_grad is False)")
         self._check_eval_config(eval_data)
+        train_data = self._as_batches(train_data, shuffle=True)
+        if eval_data is not None:
+            eval_data = self._as_batches(eval_data, shuffle=False)
         self._n_batches = self._count_batches(train_data)
         per_epoch = math.ceil(self._n_batches / cfg.grad_accum_steps)
         self.history = History(total_steps=cfg.max_steps or cfg.epochs * per_epoch)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from battery import Battery
-from conftest import TINY
+from helpers import TINY
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (

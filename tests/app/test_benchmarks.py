@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA, REPO, require_shared
+from helpers import DATA, REPO, require_shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 

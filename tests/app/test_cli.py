@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, VOCAB, require_shared
+from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora.app.cli import main
 
@@ -34,9 +34,9 @@ def smoke_args(out: Path) -> list[str]:
 
 
 def check_classification_metrics(result: dict) -> None:
-    for key in ("accuracy", "f1", "precision", "recall"):
+    for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro"):
         assert 0.0 <= result[key] <= 1.0, (key, result[key])
-    assert math.isfinite(result["eval_loss"]) and result["eval_loss"] > 0
+    assert math.isfinite(result["loss"]) and result["loss"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_train_writes_the_run_folder(sst2_run):
     assert result["eval_rows"] == 100 and result["trainable_params"] > 0 and 0 < result["trainable_pct"] < 5
     assert result["train_time_s"] > 0 and result["samples_per_s"] > 0 and result["peak_memory_mb"] > 0
     summary = (sst2_run / "summary.md").read_text()
-    assert "| Method | Eval loss | Accuracy (%) | F1 | Precision | Recall | Trainable params" in summary
+    assert ("| Method | Eval loss | Accuracy (%) | F1 (macro) | Precision (macro) | Recall (macro) | Trainable params"
+            in summary)
     assert "LoRA (r=4, α=4)" in summary  # alpha follows the rank unless given
     if (sst2_run / "loss.png").exists() or "matplotlib" in sys.modules:
         assert (sst2_run / "loss.png").read_bytes()[:8] == PNG and (sst2_run / "lr.png").read_bytes()[:8] == PNG
@@ -75,7 +76,7 @@ def test_eval_of_the_run_reproduces_its_metrics(sst2_run):
     saved = json.loads((sst2_run / "eval-sst2-validation.json").read_text())["result"]
     trained = json.loads((sst2_run / "metrics.json").read_text())["result"]
     assert saved["eval_rows"] == 100
-    for key in ("eval_loss", "accuracy", "f1", "precision", "recall"):
+    for key in ("loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"):
         assert saved[key] == pytest.approx(trained[key], abs=1e-6), key
     assert f"{100 * trained['accuracy']:.2f}" in proc.stdout
 
@@ -85,7 +86,7 @@ def test_eval_of_the_foundation_model(tmp_path):
     result = json.loads((tmp_path / "foundation" / "eval-snli-validation.json").read_text())["result"]
     check_classification_metrics(result)
     assert result["method"].startswith("Foundation") and result["eval_rows"] == 60
-    assert result["eval_loss"] == pytest.approx(math.log(3), abs=0.3)  # random head: near chance
+    assert result["loss"] == pytest.approx(math.log(3), abs=0.3)  # random head: near chance
     assert "Foundation (no fine-tuning)" in proc.stdout
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DATA, REPO, VOCAB, require_shared
+from helpers import DATA, REPO, VOCAB, require_shared
 
 # script -> lines its output must hold (they carry the measured figures)
 CASES = {

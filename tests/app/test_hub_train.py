@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, go_offline, gpt2_stand_in, sst2_hub_files
+from helpers import REPO, go_offline, gpt2_stand_in, sst2_hub_files
 
 
 def gpt2lora_command() -> list[str]:

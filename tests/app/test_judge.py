@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import DATA, REPO, VOCAB, require_shared
+from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora.app.cli import main
 from gpt2lora.app.judge import JudgeConfig, judge_run, parse_score, read_responses

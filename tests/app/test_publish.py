@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import VOCAB, gpt2_stand_in, require_shared, sst2_hub_files
+from helpers import VOCAB, gpt2_stand_in, require_shared, sst2_hub_files
 
 from gpt2lora import load_tokenizer
 from gpt2lora.app.publish import check_repo_id, push_run

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_hf_checkpoint
+from helpers import REPO, make_hf_checkpoint
 
 README = REPO / "README.md"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, VOCAB, require_shared
+from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, count_parameters, prepare_model
 from gpt2lora.app.cli import main

@@ -10,9 +10,10 @@ import pytest
 from gpt2lora.app import report
 
 ROWS = [
-    {"method": "Foundation", "eval_loss": 1.8753, "accuracy": 0.5, "f1": 0.3333, "precision": 0.25, "recall": 0.5},
-    {"method": "LoRA (r=8)", "eval_loss": 0.6314, "accuracy": 0.6951, "f1": 0.6943, "precision": 0.6972,
-     "recall": 0.6951, "trainable_params": 148_000, "trainable_pct": 0.12, "train_time_s": 2464.95,
+    {"method": "Foundation", "loss": 1.8753, "accuracy": 0.5, "f1_macro": 0.3333, "precision_macro": 0.25,
+     "recall_macro": 0.5},
+    {"method": "LoRA (r=8)", "loss": 0.6314, "accuracy": 0.6951, "f1_macro": 0.6943, "precision_macro": 0.6972,
+     "recall_macro": 0.6951, "trainable_params": 148_000, "trainable_pct": 0.12, "train_time_s": 2464.95,
      "samples_per_s": 272.685, "steps_per_s": 4.349, "peak_memory_mb": 502.0, "rank": 8},
 ]
 
@@ -20,14 +21,22 @@ ROWS = [
 def test_markdown_table_has_the_report_columns_and_formats():
     table = report.markdown_table(ROWS).splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header == ["Method", "Eval loss", "Accuracy (%)", "F1", "Precision", "Recall", "Trainable params",
-                      "% of total", "Training time (s)", "Samples/s", "Steps/s", "Peak memory"]
+    assert header == ["Method", "Eval loss", "Accuracy (%)", "F1 (macro)", "Precision (macro)", "Recall (macro)",
+                      "Trainable params", "% of total", "Training time (s)", "Samples/s", "Steps/s", "Peak memory"]
     assert len(table) == 4 and table[1].count("---") == len(header)
     first = [c.strip() for c in table[2].strip("|").split("|")]
     assert first[:6] == ["Foundation", "1.8753", "50.00", "0.3333", "0.2500", "0.5000"]
     assert first[6:] == ["–"] * 6
     second = [c.strip() for c in table[3].strip("|").split("|")]
     assert second[2] == "69.51" and second[6] == "148K" and second[7] == "0.12%" and second[-1] == "502 MB"
+
+
+def test_rows_of_older_run_folders_read_as_todays_names():
+    renames = {"loss": "eval_loss", "f1_macro": "f1", "precision_macro": "precision", "recall_macro": "recall"}
+    old = [{renames.get(k, k): v for k, v in row.items()} for row in ROWS]
+    assert "eval_loss" in old[0] and "loss" not in old[0]
+    assert report.markdown_table(old) == report.markdown_table(ROWS)
+    assert report.main_metric([{"method": "lm", "loss": 2.0}]) == "loss"
 
 
 def test_table_shows_only_filled_columns_and_extra_keys():

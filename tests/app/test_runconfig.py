@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora.app.cli import build_parser, run_config
 from gpt2lora.app.recipes import parse_recipe, recipe_toml
@@ -174,8 +174,6 @@ def test_pack_trains_an_lm_task_and_is_refused_for_classification(tmp_path, caps
     """`--pack` reaches the batches of a QA run (fewer, fuller rows; the padding share left is reported); on a
     classification task it is one clear line naming the setting."""
     import json
-
-    from conftest import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
 

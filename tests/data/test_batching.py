@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, read_jsonl, require_shared
+from helpers import DATA, read_jsonl, require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

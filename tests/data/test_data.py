@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     card,
     go_offline,
     parquet_bytes,
@@ -31,13 +31,6 @@ from gpt2lora.data.tasks import (
     read_rows,
 )
 from gpt2lora.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def tok(gpt2_vocab):
-    from gpt2lora import load_tokenizer
-
-    return load_tokenizer(gpt2_vocab)
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from gpt2lora import DataError, GPT2LoRAError, load_tokenizer
+from gpt2lora import DataError, GPT2LoRAError
 from gpt2lora.data.batching import IGNORE_INDEX, BucketedBatches, collate, lm_example
 from gpt2lora.data.tasks import load_split, read_rows
 
@@ -96,24 +96,13 @@ def test_arbitrary_json_rows_load_or_fail_with_the_line(rows):
 
 # --- tokenizer ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tok(gpt2_vocab):
-    return load_tokenizer(gpt2_vocab)
-
-
-@pytest.fixture(scope="module")
-def reference(gpt2_vocab):
-    return tokenizers.ByteLevelBPETokenizer(str(gpt2_vocab / "vocab.json"), str(gpt2_vocab / "merges.txt"),
-                                            add_prefix_space=False)
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(TEXT)
-def test_tokenizer_round_trips_arbitrary_unicode_and_matches_byte_level_bpe(tok, reference, text):
+def test_tokenizer_round_trips_arbitrary_unicode_and_matches_byte_level_bpe(tok, hf_tokenizer, text):
     ids = tok.encode_ordinary(text)
     assert tok.decode(ids) == text
     assert all(0 <= i < tok.n_vocab for i in ids)
-    assert ids == reference.encode(text).ids
+    assert ids == hf_tokenizer.encode(text).ids
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

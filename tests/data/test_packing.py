@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, NO_DROPOUT, TINY, make_hf_checkpoint, read_jsonl, require_shared
+from helpers import DATA, TINY, read_jsonl, require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,11 +31,11 @@ def lm_rows(lengths: list[tuple[int, int]], seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(no_dropout_checkpoint):
     import transformers
 
-    folder = make_hf_checkpoint(tmp_path_factory.mktemp("pack") / "ckpt", seed=2, **NO_DROPOUT)
-    return GPT2.from_pretrained(folder).eval(), transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    return (GPT2.from_pretrained(no_dropout_checkpoint).eval(),
+            transformers.GPT2LMHeadModel.from_pretrained(no_dropout_checkpoint).eval())
 
 
 # --- rows ---

@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 from battery import Battery
-from conftest import TINY
+from helpers import TINY
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import CheckpointError, ConfigError, GPT2LoRAError

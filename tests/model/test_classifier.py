@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, make_hf_checkpoint
+from helpers import CLF_LABELS, TINY
 
 from gpt2lora import ConfigError
 from gpt2lora.model.classifier import GPT2ForSequenceClassification, last_token_index
 
-NUM_LABELS = 3
+NUM_LABELS = CLF_LABELS  # the shared clf_checkpoint's
 PAD = 0  # make_hf_checkpoint sets pad_token_id=0; transformers pools on the last token != pad id
-
-
-@pytest.fixture(scope="module")
-def cls_checkpoint(tmp_path_factory):
-    return make_hf_checkpoint(tmp_path_factory.mktemp("cls") / "ckpt", seed=3,
-                              cls="GPT2ForSequenceClassification", num_labels=NUM_LABELS)
 
 
 def hf_classifier(folder):
@@ -46,31 +40,31 @@ def test_last_token_index_reads_the_mask_on_either_side():
     assert last_token_index(None, 2, 5, torch.device("cpu")).tolist() == [4, 4]
 
 
-def test_right_padded_logits_match_transformers(cls_checkpoint):
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+def test_right_padded_logits_match_transformers(clf_checkpoint):
+    ours = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint).eval()
     assert ours.num_labels == NUM_LABELS  # read from the checkpoint's id2label
     ids, mask = padded_batch([7, 3, 12, 1], "right")
     with torch.no_grad():
-        expected = hf_classifier(cls_checkpoint)(input_ids=ids, attention_mask=mask).logits
+        expected = hf_classifier(clf_checkpoint)(input_ids=ids, attention_mask=mask).logits
         got = ours(ids, mask)
     assert got.shape == (4, NUM_LABELS)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-def test_left_padded_logits_match_transformers(cls_checkpoint):
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+def test_left_padded_logits_match_transformers(clf_checkpoint):
+    ours = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint).eval()
     ids, mask = padded_batch([7, 3, 12, 1], "left", seed=1)
     # transformers counts positions from the first column; give it positions over real tokens.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        expected = hf_classifier(cls_checkpoint)(input_ids=ids, attention_mask=mask,
+        expected = hf_classifier(clf_checkpoint)(input_ids=ids, attention_mask=mask,
                                                   position_ids=position_ids).logits
         got = ours(ids, mask)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-def test_right_and_left_padding_give_the_same_logits(cls_checkpoint):
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+def test_right_and_left_padding_give_the_same_logits(clf_checkpoint):
+    ours = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint).eval()
     lengths = [5, 11, 2, 8]
     right_ids, right_mask = padded_batch(lengths, "right", seed=2)
     left_ids, left_mask = padded_batch(lengths, "left", seed=2)
@@ -83,9 +77,9 @@ def test_right_and_left_padding_give_the_same_logits(cls_checkpoint):
     torch.testing.assert_close(right, torch.stack(singles), atol=1e-5, rtol=0)
 
 
-def test_pooling_ignores_the_padding_tokens(cls_checkpoint):
+def test_pooling_ignores_the_padding_tokens(clf_checkpoint):
     """Changing what sits in padded positions must not change a row's logits."""
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+    ours = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint).eval()
     ids, mask = padded_batch([4, 9], "right", seed=4)
     other = ids.clone()
     other[mask == 0] = 17
@@ -116,16 +110,16 @@ def test_plain_lm_checkpoint_gets_a_new_seeded_head(tiny_checkpoint):
     torch.testing.assert_close(ours, pooled @ a.score.weight.t(), atol=1e-4, rtol=0)
 
 
-def test_classification_checkpoint_head_is_loaded_exactly(cls_checkpoint):
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
-    theirs = hf_classifier(cls_checkpoint)
+def test_classification_checkpoint_head_is_loaded_exactly(clf_checkpoint):
+    ours = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint)
+    theirs = hf_classifier(clf_checkpoint)
     torch.testing.assert_close(ours.score.weight, theirs.score.weight, atol=0, rtol=0)
 
 
-def test_saved_classifier_loads_in_transformers(cls_checkpoint, tmp_path):
+def test_saved_classifier_loads_in_transformers(clf_checkpoint, tmp_path):
     from gpt2lora import save_pretrained
 
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint, pad_token_id=PAD).eval()
+    ours = GPT2ForSequenceClassification.from_pretrained(clf_checkpoint, pad_token_id=PAD).eval()
     save_pretrained(ours, tmp_path / "out")
     theirs = hf_classifier(tmp_path / "out")
     assert theirs.config.num_labels == NUM_LABELS and theirs.config.pad_token_id == PAD

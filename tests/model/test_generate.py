@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ODD, REPO, TINY, left_padded
+from helpers import ODD, REPO, TINY, left_padded
 
 from gpt2lora import GPT2, ConfigError, generate
 from gpt2lora.model.generate import filter_logits, next_token

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ODD, REPO, TINY, go_offline, gpt2_stand_in, make_hf_checkpoint, point_hub_client_at
+from helpers import ODD, REPO, TINY, go_offline, gpt2_stand_in, make_hf_checkpoint, point_hub_client_at
 from hub_server import closed_port_url
 from safetensors.torch import load_file, save_file
 

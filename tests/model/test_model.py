@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ODD, TINY, make_hf_checkpoint
+from helpers import ODD, TINY, make_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import GPT2, ConfigError, GPT2Config

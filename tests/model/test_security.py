@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_hf_checkpoint
+from helpers import CLF_LABELS, REPO
 
 import gpt2lora
 from gpt2lora import UnsafeCheckpointError
@@ -44,12 +44,6 @@ def trap(tmp_path) -> tuple[bytes, Path]:
     assert marker.read_text() == "code ran"
     marker.unlink()
     return payload, marker
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("sec") / "clf", cls="GPT2ForSequenceClassification",
-                              num_labels=2)
 
 
 @pytest.fixture
@@ -96,7 +90,7 @@ def test_classifier_checkpoint_with_pickle_instead_is_refused(trap, clf_checkpoi
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     (folder / "pytorch_model.bin").write_bytes(payload)
     with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin"):
-        GPT2ForSequenceClassification.from_pretrained(folder, num_labels=2)
+        GPT2ForSequenceClassification.from_pretrained(folder, num_labels=CLF_LABELS)
     assert not marker.exists()
 
 

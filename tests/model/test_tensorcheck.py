@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import TINY
+from helpers import TINY
 from safetensors.torch import load_file, save_file
 
 import gpt2lora.model.gpt2 as model_module

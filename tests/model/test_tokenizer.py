@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
+from helpers import read_jsonl
 
 from gpt2lora import CheckpointError, CheckpointNotFoundError, load_tokenizer
 from gpt2lora.model.tokenizer import byte_decoder
@@ -47,34 +47,23 @@ def dataset_texts(data: Path) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module")
-def reference(gpt2_vocab):
-    return tokenizers.ByteLevelBPETokenizer(str(gpt2_vocab / "vocab.json"), str(gpt2_vocab / "merges.txt"),
-                                            add_prefix_space=False)
-
-
-@pytest.fixture(scope="module")
-def tok(gpt2_vocab):
-    return load_tokenizer(gpt2_vocab)
-
-
-def test_crafted_text_matches_reference_and_round_trips(tok, reference):
+def test_crafted_text_matches_reference_and_round_trips(tok, hf_tokenizer):
     for text in CRAFTED:
         ids = tok.encode_ordinary(text)
-        assert ids == reference.encode(text).ids, text
+        assert ids == hf_tokenizer.encode(text).ids, text
         assert tok.decode(ids) == text
-        assert reference.decode(ids) == text
+        assert hf_tokenizer.decode(ids) == text
 
 
-def test_real_dataset_text_matches_reference_and_round_trips(tok, reference, shared_data):
+def test_real_dataset_text_matches_reference_and_round_trips(tok, hf_tokenizer, shared_data):
     texts = dataset_texts(shared_data)
     assert len(texts) > 1500
     assert any(ord(ch) > 0xFFFF for t in texts for ch in t)  # real emoji outside the BMP are covered
-    mismatched = [t for t in texts if tok.encode_ordinary(t) != reference.encode(t).ids]
+    mismatched = [t for t in texts if tok.encode_ordinary(t) != hf_tokenizer.encode(t).ids]
     assert not mismatched, mismatched[:3]
     assert all(tok.decode(tok.encode_ordinary(t)) == t for t in texts)
     joined = "\n\n".join(texts[:400])  # long documents as well as short rows
-    assert tok.encode_ordinary(joined) == reference.encode(joined).ids
+    assert tok.encode_ordinary(joined) == hf_tokenizer.encode(joined).ids
 
 
 def test_end_of_text_token(tok, gpt2_vocab):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NO_DROPOUT, TINY, tiny_lora_lm
+from helpers import NO_DROPOUT, TINY, tiny_lora_lm
 
 from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, LoRAConfig, apply_lora
 from gpt2lora.config import BLOCK_TARGETS

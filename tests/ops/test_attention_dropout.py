@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, tiny_lora_lm
+from helpers import TINY, tiny_lora_lm
 
 import gpt2lora.ops.attention as attention_module
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora

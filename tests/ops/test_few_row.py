@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import left_padded, make_hf_checkpoint
+from helpers import left_padded, make_hf_checkpoint
 
 from gpt2lora import GPT2, LoRAConfig, apply_lora, generate, merge_lora
 from gpt2lora.ops import few_row

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NO_DROPOUT, TINY, make_hf_checkpoint
+from helpers import NO_DROPOUT, TINY
 
 from gpt2lora import ConfigError
 from gpt2lora.config import GPT2Config, LoRAConfig
@@ -15,11 +15,6 @@ from gpt2lora.ops.recompute import count_saved_tensors
 from gpt2lora.peft.lora import apply_lora
 
 V = TINY["vocab_size"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_hf_checkpoint(tmp_path_factory.mktemp("lmloss") / "ckpt", seed=3, **NO_DROPOUT)
 
 
 def lm_batch(side: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,12 +47,12 @@ def full_logits_sum(model: GPT2, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("method", ["full", "lora", "lora_head"])
-def test_chunked_loss_and_gradients_equal_full_logits_and_transformers(checkpoint, side, method):
+def test_chunked_loss_and_gradients_equal_full_logits_and_transformers(no_dropout_checkpoint, side, method):
     import peft
     import transformers
 
-    model = GPT2.from_pretrained(checkpoint)
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(checkpoint)
+    model = GPT2.from_pretrained(no_dropout_checkpoint)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(no_dropout_checkpoint)
     if method != "full":
         targets = ("attn.c_attn", "mlp.c_fc") + (("lm_head",) if method == "lora_head" else ())
         apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=targets), seed=0)
@@ -129,8 +124,8 @@ def test_a_batch_without_targets_contributes_an_exact_zero_that_reaches_every_pa
     assert all(p.grad is not None and float(p.grad.abs().max()) == 0.0 for p in trainable)
 
 
-def test_evaluation_without_gradients_gives_the_same_loss(checkpoint):
-    model = GPT2.from_pretrained(checkpoint).eval()
+def test_evaluation_without_gradients_gives_the_same_loss(no_dropout_checkpoint):
+    model = GPT2.from_pretrained(no_dropout_checkpoint).eval()
     batch = lm_batch("right", seed=4)
     with torch.no_grad():
         loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
@@ -189,8 +184,8 @@ def test_chunk_size_must_be_a_positive_integer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="runs on CUDA only")
-def test_chunked_loss_on_cuda_matches_cpu_and_bf16_autocast_tracks_it(checkpoint):
-    model = GPT2.from_pretrained(checkpoint)
+def test_chunked_loss_on_cuda_matches_cpu_and_bf16_autocast_tracks_it(no_dropout_checkpoint):
+    model = GPT2.from_pretrained(no_dropout_checkpoint)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), seed=0)
     batch = lm_batch("right", seed=6)
     cpu = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], loss_chunk_size=5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_hf_checkpoint
+from helpers import make_hf_checkpoint
 
 from gpt2lora import ConfigError, GPT2ForSequenceClassification, LoRAConfig, LoRALinear, apply_lora
 from gpt2lora.model.gpt2 import KVCache, last_token_index
@@ -28,7 +28,7 @@ def padded(side: str, batch: int = 4, length: int = 9, vocab: int = 500) -> tupl
 
 
 @pytest.fixture(scope="module")
-def cls_checkpoint(tmp_path_factory):
+def three_block_clf_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("cls") / "ckpt", seed=4, cls="GPT2ForSequenceClassification",
                               num_labels=3, n_layer=3)
 
@@ -41,8 +41,8 @@ def full_path_pooled(model, ids, mask):
 
 
 @pytest.mark.parametrize("side", ["right", "left", "none"])
-def test_last_token_only_equals_full_path_values_and_grads(cls_checkpoint, side):
-    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
+def test_last_token_only_equals_full_path_values_and_grads(three_block_clf_checkpoint, side):
+    model = GPT2ForSequenceClassification.from_pretrained(three_block_clf_checkpoint)
     apply_lora(model, LoRAConfig(rank=4, alpha=8), seed=0)
     with torch.no_grad():  # B != 0 so the LoRA branch contributes
         for name, p in model.named_parameters():
@@ -66,11 +66,11 @@ def test_last_token_only_equals_full_path_values_and_grads(cls_checkpoint, side)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_classifier_logits_match_transformers_when_padded(cls_checkpoint, side):
+def test_classifier_logits_match_transformers_when_padded(three_block_clf_checkpoint, side):
     import transformers
 
-    ours = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
-    theirs = transformers.GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+    ours = GPT2ForSequenceClassification.from_pretrained(three_block_clf_checkpoint).eval()
+    theirs = transformers.GPT2ForSequenceClassification.from_pretrained(three_block_clf_checkpoint).eval()
     ids, mask = padded(side)
     # transformers counts positions from the first column; give it positions over real tokens.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -81,8 +81,8 @@ def test_classifier_logits_match_transformers_when_padded(cls_checkpoint, side):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_last_token_only_with_dropout_trains_and_matches_in_eval(cls_checkpoint):
-    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
+def test_last_token_only_with_dropout_trains_and_matches_in_eval(three_block_clf_checkpoint):
+    model = GPT2ForSequenceClassification.from_pretrained(three_block_clf_checkpoint)
     ids, mask = padded("right")
     model.train()  # checkpoint dropout is 0.1: the pooled path must run (and differ from eval) in training
     torch.manual_seed(0)
@@ -93,8 +93,8 @@ def test_last_token_only_with_dropout_trains_and_matches_in_eval(cls_checkpoint)
     torch.testing.assert_close(model.score(full_path_pooled(model, ids, mask)), eval_out, atol=1e-5, rtol=1e-5)
 
 
-def test_last_token_only_with_soft_prompt_equals_full_path(cls_checkpoint):
-    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+def test_last_token_only_with_soft_prompt_equals_full_path(three_block_clf_checkpoint):
+    model = GPT2ForSequenceClassification.from_pretrained(three_block_clf_checkpoint).eval()
     apply_prompt(model, PromptConfig(num_virtual_tokens=3), seed=0)
     for side in ("right", "left"):
         ids, mask = padded(side)
@@ -102,8 +102,8 @@ def test_last_token_only_with_soft_prompt_equals_full_path(cls_checkpoint):
                                    full_path_pooled(model, ids, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_last_token_only_rejects_a_kv_cache(cls_checkpoint):
-    model = GPT2ForSequenceClassification.from_pretrained(cls_checkpoint)
+def test_last_token_only_rejects_a_kv_cache(three_block_clf_checkpoint):
+    model = GPT2ForSequenceClassification.from_pretrained(three_block_clf_checkpoint)
     cache = KVCache(model.config, 1, 8, torch.float32, "cpu")
     with pytest.raises(ConfigError, match="last_token_only.*kv_cache"):
         model.transformer(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache, last_token_only=True)

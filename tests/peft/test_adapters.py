@@ -9,9 +9,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as theirs
-from conftest import logits_of as logits
+from helpers import CLF_LABELS, TINY, make_hf_checkpoint, ours
+from helpers import hf_twin as theirs
+from helpers import logits_of as logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -30,14 +30,8 @@ from gpt2lora import (
 )
 from gpt2lora.peft.lora import lora_modules
 
-NUM_LABELS = 3
+NUM_LABELS = CLF_LABELS  # the shared clf_checkpoint's
 P = "base_model.model."
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=4,
-                              cls="GPT2ForSequenceClassification", num_labels=NUM_LABELS)
 
 
 def tokens(batch: int = 2, length: int = 7) -> torch.Tensor:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import TINY
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (
@@ -30,12 +29,6 @@ from gpt2lora import (
 from gpt2lora.data.batching import collate
 from gpt2lora.peft.diagnostics import adapter_update_norm, effective_rank
 from gpt2lora.peft.lora import lora_modules
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=9, cls="GPT2ForSequenceClassification",
-                              num_labels=2)
 
 
 def perturb(model, seed: int = 0) -> None:
@@ -175,7 +168,7 @@ def test_inspect_command_on_a_trained_dora_run(tmp_path) -> None:
     import subprocess
     import sys
 
-    from conftest import DATA, REPO, VOCAB, require_shared
+    from helpers import DATA, REPO, VOCAB, require_shared
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     train = [sys.executable, "-m", "gpt2lora.app.cli", "train", "--task", "sst2", "--smoke", "--vocab",
@@ -199,7 +192,7 @@ def test_inspect_command_on_a_trained_dora_run(tmp_path) -> None:
 def test_a_pissa_run_reloads_from_its_converted_adapter(tmp_path) -> None:
     """A PiSSA run's adapter is saved for the unmodified base; load_run_model (eval, merge, push) rebuilds the
     trained model from it: the same logits as the model the run evaluated."""
-    from conftest import DATA, VOCAB, require_shared
+    from helpers import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
     from gpt2lora.app.run import load_run_model
@@ -215,4 +208,4 @@ def test_a_pissa_run_reloads_from_its_converted_adapter(tmp_path) -> None:
     again = main(["eval", "--run", str(tmp_path / "pissa"), "--eval-rows", "32"])
     assert again == 0
     evaluated = json.loads((tmp_path / "pissa" / "eval-sst2-validation.json").read_text())["result"]
-    assert evaluated["eval_loss"] == pytest.approx(saved["eval_loss"], abs=1e-5)
+    assert evaluated["loss"] == pytest.approx(saved["loss"], abs=1e-5)

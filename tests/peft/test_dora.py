@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as hf_model
+from helpers import TINY, ours
+from helpers import hf_twin as hf_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -31,12 +30,6 @@ from gpt2lora.peft.lora import lora_modules
 
 P = "base_model.model."
 FUSED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc")
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=5, cls="GPT2ForSequenceClassification",
-                              num_labels=3)
 
 
 def batch(side: str, rows: int = 3, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

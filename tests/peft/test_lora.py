@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import CLF_LABELS, TINY
 from safetensors import safe_open
 from torch import nn
 
@@ -28,13 +28,7 @@ from gpt2lora.peft.lora import (
     unmerge_lora,
 )
 
-NUM_LABELS = 3
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=2,
-                              cls="GPT2ForSequenceClassification", num_labels=NUM_LABELS)
+NUM_LABELS = CLF_LABELS  # the shared clf_checkpoint's
 
 
 def tokens(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:

@@ -12,9 +12,9 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as hf_model
-from conftest import logits_of as logits
+from helpers import TINY, ours
+from helpers import hf_twin as hf_model
+from helpers import logits_of as logits
 from torch import nn
 
 from gpt2lora import (
@@ -32,12 +32,6 @@ from gpt2lora.peft.lora import lora_modules
 
 FUSED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 P = "base_model.model."
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=6, cls="GPT2ForSequenceClassification",
-                              num_labels=2)
 
 
 def ids(rows: int = 3, length: int = 6) -> torch.Tensor:

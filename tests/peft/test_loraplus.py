@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import TINY, make_hf_checkpoint
 from peft.optimizers import create_loraplus_optimizer
 
 from gpt2lora import ConfigError, GPT2ForSequenceClassification, LoRAConfig, TrainConfig, Trainer, apply_lora
@@ -21,7 +21,7 @@ P = "base_model.model."
 
 
 @pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
+def no_dropout_clf_checkpoint(tmp_path_factory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=3, cls="GPT2ForSequenceClassification",
                               num_labels=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
@@ -55,11 +55,11 @@ def peft_name(name: str) -> str:
     return f"{P}{name.removesuffix('.bias')}.base_layer.bias"
 
 
-def test_groups_equal_peft_create_loraplus_optimizer(clf_checkpoint) -> None:
-    model = lora_model(clf_checkpoint)
+def test_groups_equal_peft_create_loraplus_optimizer(no_dropout_clf_checkpoint) -> None:
+    model = lora_model(no_dropout_clf_checkpoint)
     optimizer = Trainer(model, config()).optimizer
     ours = {name: (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for name in group["names"]}
-    twin = peft.get_peft_model(transformers.GPT2ForSequenceClassification.from_pretrained(clf_checkpoint),
+    twin = peft.get_peft_model(transformers.GPT2ForSequenceClassification.from_pretrained(no_dropout_clf_checkpoint),
                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_attn", "mlp.c_proj"],
                                                fan_in_fan_out=True, use_dora=True, bias="lora_only",
                                                task_type="SEQ_CLS"))
@@ -80,8 +80,8 @@ def test_groups_equal_peft_create_loraplus_optimizer(clf_checkpoint) -> None:
                      ("lora_magnitude_vector", 1e-3 * RATIO), ("bias", 1e-3 * RATIO)}
 
 
-def test_b_group_runs_at_ratio_times_the_schedule_every_step(clf_checkpoint) -> None:
-    trainer = Trainer(lora_model(clf_checkpoint, use_dora=False), config())
+def test_b_group_runs_at_ratio_times_the_schedule_every_step(no_dropout_clf_checkpoint) -> None:
+    trainer = Trainer(lora_model(no_dropout_clf_checkpoint, use_dora=False), config())
     seen: list[dict[str, float]] = []
     step = trainer.optimizer.step
 
@@ -101,27 +101,27 @@ def test_b_group_runs_at_ratio_times_the_schedule_every_step(clf_checkpoint) -> 
     assert len({lr for lrs in seen for lr in lrs.values()}) > 4  # warmup and cosine really moved it
 
 
-def test_without_ratio_every_group_follows_the_schedule(clf_checkpoint) -> None:
-    optimizer = Trainer(lora_model(clf_checkpoint), config(loraplus_lr_ratio=None)).optimizer
+def test_without_ratio_every_group_follows_the_schedule(no_dropout_clf_checkpoint) -> None:
+    optimizer = Trainer(lora_model(no_dropout_clf_checkpoint), config(loraplus_lr_ratio=None)).optimizer
     assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, 1.0]
 
 
-def test_resume_keeps_the_groups_and_continues_exactly(clf_checkpoint, tmp_path) -> None:
+def test_resume_keeps_the_groups_and_continues_exactly(no_dropout_clf_checkpoint, tmp_path) -> None:
     data = batches()
     out = tmp_path / "run"
-    full = Trainer(lora_model(clf_checkpoint), config(out_dir=str(out), save_every_steps=3, keep_checkpoints=9))
+    full = Trainer(lora_model(no_dropout_clf_checkpoint), config(out_dir=str(out), save_every_steps=3, keep_checkpoints=9))
     history_full = full.fit(data)
     step3 = str(out / "checkpoint-0000003")
-    resumed = Trainer(lora_model(clf_checkpoint), config(resume_from=step3))
+    resumed = Trainer(lora_model(no_dropout_clf_checkpoint), config(resume_from=step3))
     history = resumed.fit(data)
     assert history.losses == pytest.approx(history_full.losses, abs=1e-6)
     assert [g["lr_scale"] for g in resumed.optimizer.param_groups] == [1.0, RATIO, RATIO]
     for (name, p), (_, q) in zip(resumed.model.named_parameters(), full.model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     with pytest.raises(ConfigError, match=r"loraplus_lr_ratio=16\.0 there, 4\.0 here"):
-        Trainer(lora_model(clf_checkpoint), config(loraplus_lr_ratio=4.0, resume_from=step3)).fit(data)
+        Trainer(lora_model(no_dropout_clf_checkpoint), config(loraplus_lr_ratio=4.0, resume_from=step3)).fit(data)
     with pytest.raises(ConfigError, match=r"loraplus_lr_ratio=16\.0 there, None here"):
-        Trainer(lora_model(clf_checkpoint), config(loraplus_lr_ratio=None, resume_from=step3)).fit(data)
+        Trainer(lora_model(no_dropout_clf_checkpoint), config(loraplus_lr_ratio=None, resume_from=step3)).fit(data)
 
 
 @pytest.mark.parametrize("value", [0, -2.0, float("nan"), float("inf"), True, "16"])

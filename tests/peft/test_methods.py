@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
-from conftest import make_hf_checkpoint
 
 from gpt2lora import GPT2, ConfigError, GPT2Config, count_parameters
 from gpt2lora.config import LoRAConfig
@@ -23,12 +20,6 @@ LN_F = {"transformer.ln_f.weight", "transformer.ln_f.bias"}
 
 def block(i: int) -> set[str]:
     return {f"transformer.h.{i}.{p}" for p in BLOCK_PARAMS}
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=3,
-                              cls="GPT2ForSequenceClassification", num_labels=2)
 
 
 def trainable(model: torch.nn.Module) -> set[str]:

@@ -10,8 +10,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint, ours
-from conftest import hf_twin as hf_model
+from helpers import TINY, ours
+from helpers import hf_twin as hf_model
 from torch import nn
 
 import gpt2lora.peft.lora
@@ -42,12 +42,6 @@ PEFT_ADAPTERS = {
 }
 #: One more that peft cannot hold: separate q and v pairs on c_attn, beside "default"'s fused pair.
 SPLIT = LoRAConfig(rank=2, alpha=4, dropout=0.0, targets=("attn.q", "attn.v", "mlp.c_fc"))
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=8, cls="GPT2ForSequenceClassification",
-                              num_labels=3)
 
 
 def padded(rows: int = 8, length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

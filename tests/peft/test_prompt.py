@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY, make_hf_checkpoint
+from helpers import CLF_LABELS, TINY
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,13 +27,7 @@ from gpt2lora import (
 from gpt2lora.peft.prompt import PromptConfig, SoftPrompt, apply_prompt, get_prompt
 
 N_VIRTUAL = 5
-NUM_LABELS = 3
-
-
-@pytest.fixture(scope="module")
-def clf_checkpoint(tmp_path_factory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("clf") / "ckpt", seed=6,
-                              cls="GPT2ForSequenceClassification", num_labels=NUM_LABELS)
+NUM_LABELS = CLF_LABELS  # the shared clf_checkpoint's
 
 
 def tokens(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
@@ -303,7 +297,7 @@ def test_bad_prompt_adapters(tiny_checkpoint, clf_checkpoint, tmp_path) -> None:
 
 def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
     """``gpt2lora train --method prompt --num-virtual-tokens 6`` on the tiny smoke model, then ``eval``."""
-    from conftest import DATA, VOCAB, require_shared
+    from helpers import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
     from gpt2lora.app.commands import load_run_model
@@ -325,7 +319,7 @@ def test_cli_trains_and_reloads_a_prompt_run(tmp_path) -> None:
 
 def test_cli_prompt_run_on_a_generation_task_generates(tmp_path, capsys) -> None:
     """A soft-prompt SQuAD run scores answers by generating them, and ``gpt2lora generate`` continues text."""
-    from conftest import DATA, VOCAB, require_shared
+    from helpers import DATA, VOCAB, require_shared
 
     from gpt2lora.app.cli import main
 

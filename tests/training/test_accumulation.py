@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NO_DROPOUT, TINY
+from helpers import NO_DROPOUT, TINY
 
 from gpt2lora import ConfigError, DataError
 from gpt2lora.config import GPT2Config, LoRAConfig, TrainConfig

@@ -20,7 +20,7 @@ from pathlib import Path
 import crash_worker as worker
 import pytest
 import torch
-from conftest import DATA, REPO, VOCAB, require_shared
+from helpers import DATA, REPO, VOCAB, require_shared
 from safetensors.torch import load_file
 
 from gpt2lora import TrainingError

@@ -11,7 +11,7 @@ import sys
 import crash_worker as worker
 import pytest
 import torch
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 from gpt2lora.config import GPT2Config, LoRAConfig, TrainConfig
 from gpt2lora.data.batching import BucketedBatches, lm_example

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, NO_DROPOUT, read_jsonl, require_shared
+from helpers import DATA, NO_DROPOUT, read_jsonl, require_shared
 
 from gpt2lora import ConfigError
 from gpt2lora.config import GPT2Config
@@ -12,13 +12,6 @@ from gpt2lora.data.tasks import qa_prompt_ids
 from gpt2lora.model.gpt2 import GPT2
 from gpt2lora.training.evaluation import generate_texts, newline_token_ids
 from gpt2lora.training.metrics import squad_metrics
-
-
-@pytest.fixture(scope="module")
-def tok(gpt2_vocab):
-    from gpt2lora import load_tokenizer
-
-    return load_tokenizer(gpt2_vocab)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import TINY
+from helpers import TINY
 
 from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, TrainConfig, Trainer, prepare_model
 from gpt2lora.data.batching import collate

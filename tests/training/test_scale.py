@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, TINY, VOCAB, require_shared
+from helpers import DATA, REPO, TINY, VOCAB, require_shared
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file

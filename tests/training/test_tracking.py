@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO, TINY, VOCAB, require_shared
+from helpers import DATA, REPO, TINY, VOCAB, require_shared
 
 from gpt2lora import (
     GPT2Config,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DATA, NO_DROPOUT, TINY, make_hf_checkpoint, read_jsonl, require_shared
+from helpers import DATA, NO_DROPOUT, TINY, make_hf_checkpoint, read_jsonl, require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
