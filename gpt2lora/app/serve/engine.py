@@ -110,6 +110,7 @@ class SlotCache:
         self.width = width
         self.length = 0
         self.batch = 0
+        self.compactions = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """As :meth:`KVCache.update`, on the first ``batch`` slots."""
@@ -155,6 +156,7 @@ class SlotCache:
             self.valid[slot] = False
             self.valid[slot, dst] = True
         self.length = new_length
+        self.compactions += 1
 
 
 class Engine:
@@ -222,6 +224,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "cache_length": self.cache.length,
+                    "cache_rows": int(self.cache.valid.any(dim=1).sum()), "compactions": self.cache.compactions,
                     "steps": self.steps, "failures": self.failures}
 
     def in_use(self, adapter: str) -> bool:
