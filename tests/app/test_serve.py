@@ -19,9 +19,9 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import gpt2lora as gl  # noqa: E402
-from gpt2lora.app.serve import BackgroundServer, build_app  # noqa: E402
-from gpt2lora.app.serve.engine import Engine, GenerationRequest  # noqa: E402
+import gpt2lora as gl
+from gpt2lora.app.serve import BackgroundServer, build_app
+from gpt2lora.app.serve.engine import Engine, GenerationRequest
 
 KEY = "test-key"
 ADAPTERS = ("alpha", "beta", "gamma")
