@@ -462,3 +462,14 @@ def test_load_300_requests_from_24_clients_over_four_models(server, client, refe
     assert (stats["running"], stats["waiting"], stats["cache_rows"], stats["cache_length"]) == (0, 0, 0, 0)
     assert stats["failures"] == start["failures"]
     assert not server.served.engine.rows and not server.served.engine.waiting
+
+
+def test_readme_client_example_runs(server, capsys):
+    from test_readme import README, python_blocks
+
+    code = next(b for b in python_blocks() if "from openai import OpenAI" in b)
+    code = (code.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace('"secret"', repr(KEY))
+            .replace('model="alpaca"', 'model="alpha"').replace('model="gpt2"', 'model="tiny-gpt2"'))
+    exec(compile(code, str(README), "exec"), {})  # noqa: S102 - the README is our own text
+    printed = capsys.readouterr().out
+    assert "('alpha', 'tiny-gpt2')" in printed and printed.count("\n") >= 3
