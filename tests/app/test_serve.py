@@ -264,6 +264,10 @@ def test_classify_gives_each_input_its_label_and_probabilities(server, files):
         assert row["label"] == LABELS[int(probs.argmax())]
     assert body["usage"]["prompt_tokens"] == sum(len(tok.encode_ordinary(t)) for t in inputs)
     assert post(server, "/classify", {"model": "alpha", "input": "x"}).status_code == 400
+    response = post(server, "/classify", {"model": "tiny-gpt2", "input": "x"})
+    assert response.status_code == 400 and "needs a classification adapter" in response.text
+    response = post(server, "/v1/completions", {"model": "sentiment", "prompt": "x"})
+    assert response.status_code == 400 and "use POST /classify" in response.text
     assert post(server, "/classify", {"model": "nope", "input": "x"}).status_code == 404
 
 

@@ -33,6 +33,9 @@ from ...model.generate import next_token
 from ...model.hooks import KVCache, row_adapters
 from ...ops.few_row import few_row_products
 
+SLACK = 32
+"""Columns of holes the cache frame may carry before it is compacted, beyond the longest row again."""
+
 BASE = "__base__"
 """The adapter name of rows that run the base model (as in mixed batches)."""
 
@@ -145,7 +148,8 @@ class SlotCache:
         self.valid[src] = False
 
     def compact(self) -> None:
-        """Right-align every running row's tokens in the narrowest frame that holds them all."""
+        """Right-align every running row's tokens in the narrowest frame that holds them all (the rows' own
+        positions come from their masks, so nothing they compute changes)."""
         counts = self.valid[:self.batch].sum(dim=1).tolist()
         new_length = max(counts, default=0)
         for slot, count in enumerate(counts):
@@ -348,8 +352,12 @@ class Engine:
         self._choose(slots, logits)
 
     def _decode(self) -> None:
-        if self.cache.length + 1 > self.cache.width:
-            self.cache.compact()
+        cache = self.cache
+        if cache.length + 1 > cache.width or cache.length > SLACK:
+            # Attention reads the whole frame: once holes make it much wider than the longest row, close them.
+            longest = int(cache.valid[:cache.batch].sum(dim=1).max())
+            if cache.length + 1 > cache.width or cache.length > 2 * longest + SLACK:
+                cache.compact()
         rows = list(self.rows)
         ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
         before = self.cache.length

@@ -184,8 +184,11 @@ class ServedModels:
 
     def get(self, model: str, kind: str) -> str:
         """The engine's adapter name for the requested ``model`` (the base or an adapter of ``kind``)."""
-        if model == self.name and kind == "generate":
-            return BASE
+        if model == self.name:
+            if kind == "generate":
+                return BASE
+            raise ConfigError(f"model {model!r} is the base language model; /classify needs a classification "
+                              "adapter (a classification run or a SEQ_CLS adapter folder)")
         adapter = self.adapters.get(model)
         if adapter is None:
             names = [self.name, *self.adapters]
