@@ -397,7 +397,7 @@ def test_one_failing_request_never_stops_the_engine_or_the_others(files, referen
         for i in (0, 2, 4):
             tokens = [t for _, t, _ in events[i] if t is not None]
             assert tokens == reference(prompts[i], adapters[i], 10)
-        assert seqs[3].cancelled and not done[3].is_set()
+        assert seqs[3].cancelled and seqs[3].finish_reason == "cancelled" and not done[3].is_set()
         assert engine.stats()["failures"] == 2 and engine.stats()["running"] == 0
     finally:
         engine.stop()

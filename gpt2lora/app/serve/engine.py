@@ -267,8 +267,15 @@ class Engine:
                     future.set_result(fn())
                 except BaseException as err:  # noqa: BLE001 - the caller gets it
                     future.set_exception(err)
-            with torch.inference_mode():
-                self._step()
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as err:  # noqa: BLE001 - a bug must not stop the server: fail what runs, go on
+                self.failures += len(self.rows)
+                for slot in reversed(range(len(self.rows))):
+                    self._release(slot, f"error: {err}")
+                self.cache.valid.zero_()
+                self.cache.length = 0
 
     def _step(self) -> None:
         with self.cond:
@@ -394,11 +401,11 @@ class Engine:
             if stopped:
                 reason = "stop"
             if not self._emit(seq, delta, None if token == self.eos else token, None):
-                continue
-            if reason is not None:
+                done.append((slot, None))  # its receiver failed: the row leaves now, silently
+            elif reason is not None:
                 done.append((slot, reason))
         for slot, reason in sorted(done, reverse=True):
-            self._release(slot, reason)
+            self._release(slot, reason or "cancelled", notify=reason is not None)
 
 
 def run_on_engine(engine: Engine, fn: Callable[[], Any], timeout: float | None = None) -> Any:
