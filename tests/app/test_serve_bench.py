@@ -29,5 +29,6 @@ def test_every_server_answers_every_request_with_the_engines_tokens():
         assert len(result["outputs"]) == 8, label
         assert result["same"] == 1.0, label  # greedy, same weights: the same tokens, whoever batches them
         assert result["p50"] <= result["p95"] and result["tokens_per_s"] > 0 and len(result["repeats"]) == 2
+    assert set(out["steps"]) == {4, 16}
     lengths = {k: len(v) for k, v in out["results"]["gpt2lora engine"]["outputs"].items()}
     assert sum(lengths.values()) == out["tokens"]
