@@ -508,3 +508,25 @@ def test_readme_client_example_runs(server, capsys):
     exec(compile(code, str(README), "exec"), {})  # noqa: S102 - the README is our own text
     printed = capsys.readouterr().out
     assert "('alpha', 'tiny-gpt2')" in printed and printed.count("\n") >= 3
+
+
+def test_a_full_queue_answers_429_and_the_waiting_request_still_runs(files):
+    app = build_app(str(files["base"]), {}, max_batch=1, max_queue=1, name="base")
+    with BackgroundServer(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        engine = app.state.api.served.engine
+        gate = threading.Event()
+        engine.call(lambda: gate.wait(30))  # the engine is busy: requests queue up
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.completions.create, model="base", prompt="queued", max_tokens=3,
+                                temperature=0)
+            deadline = time.monotonic() + 10
+            while engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            with pytest.raises(openai.RateLimitError, match="--max-queue 1"):
+                client.completions.create(model="base", prompt="one too many", max_tokens=3)
+            gate.set()
+            assert first.result(30).choices[0].finish_reason in ("length", "stop")
+        running.served = app.state.api.served
+        stats = settled(running)
+        assert (stats["running"], stats["waiting"], stats["cache_rows"]) == (0, 0, 0)
