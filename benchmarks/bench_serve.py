@@ -272,7 +272,8 @@ their own `max_tokens` until the batch's longest request ends, clients idle whil
 runs, and transformers' per-step overhead. Prompts are prefilled as they arrive (one forward for those admitted
 together), the same work for every contender. The engine's decoding step runs the kernels of a plain `generate`
 step (`few_row_products`, one routed LoRA product per layer); the cache frame its rows share is compacted when
-holes make it twice the longest row.\
+holes make it twice the longest row. The engine is measured in-process (the `Engine` behind `gpt2lora serve`, without HTTP), like the peft
+serving loops.\
 """
 
 

@@ -530,3 +530,23 @@ def test_a_full_queue_answers_429_and_the_waiting_request_still_runs(files):
         running.served = app.state.api.served
         stats = settled(running)
         assert (stats["running"], stats["waiting"], stats["cache_rows"]) == (0, 0, 0)
+
+
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it(server):
+    engine = server.served.engine
+    settled(server)
+    gate = threading.Event()
+    engine.call(lambda: gate.wait(20))  # the request waits in the queue while the engine is held
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "beta", "prompt": "Too slow", "max_tokens": 100}, timeout=1.0)
+        seq = engine.waiting[0]
+        deadline = time.monotonic() + 10
+        while not seq.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seq.cancelled  # the server noticed the closed connection by itself
+    finally:
+        gate.set()
+    stats = settled(server)
+    assert (stats["running"], stats["waiting"], stats["cache_rows"]) == (0, 0, 0) and not seq.tokens
