@@ -268,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per answer (default: 60)")
     judge.add_argument("--api-key", default=None, help="bearer token (default: $GPT2LORA_JUDGE_API_KEY)")
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible server: a base model and many adapters, batched together")
+    serve.add_argument("base", metavar="BASE", help="hub id or local checkpoint folder of the base model")
+    serve.add_argument("--adapter", action="append", default=None, metavar="NAME=RUN_OR_ADAPTER_DIR",
+                       help="serve a LoRA adapter (run folder or adapter folder) as model NAME; repeatable")
+    serve.add_argument("--name", default=None, help="the base model's name in the API (default: BASE)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: $GPT2LORA_SERVE_API_KEY, else open)")
+    serve.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default: 16)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those (default: 256)")
+    serve.add_argument("--max-tokens", type=int, default=None,
+                       help="most new tokens one request may ask for (default: the context length)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="weights' precision; half precision on CUDA only (default: fp32)")
+    serve.add_argument("--adapter-root", default=None, metavar="DIR",
+                       help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter, loading only from "
+                            "folders under DIR")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
     quick = sub.add_parser("quickstart", help="offline demo: tiny GPT-2, synthetic task, lora vs full vs head")
     quick.add_argument("--out", default="runs/quickstart", help="folder for the run folders")
     quick.add_argument("--seed", type=int, default=0)
@@ -377,6 +398,15 @@ def _judge(args: argparse.Namespace) -> None:
                   low=args.low, high=args.high, retries=args.retries, timeout=args.timeout, api_key=args.api_key)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import parse_adapters, serve
+
+    serve(args.base, parse_adapters(args.adapter), host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("GPT2LORA_SERVE_API_KEY") or None, adapter_root=args.adapter_root,
+          name=args.name, device=args.device, precision=args.precision, max_batch=args.max_batch,
+          max_queue=args.max_queue, max_tokens=args.max_tokens)
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from .quickstart import run_quickstart
 
@@ -386,7 +416,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "push": _push, "inspect": _inspect,
     "sweep": _sweep,
-    "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart}
+    "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart, "serve": _serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
