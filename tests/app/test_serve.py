@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint
+from helpers import make_hf_checkpoint
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 pytest.importorskip("peft")
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_hf_checkpoint
+from helpers import REPO, make_hf_checkpoint
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
