@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from ..config import BLOCK_TARGETS, HEAD_TARGET, LoRAConfig
 from ..errors import CheckpointError, ConfigError, GPT2LoRAError
-from .lora import adapter_configs, lora_layers, lora_modules
+from .layers import lora_modules
+from .registry import adapter_configs, adapter_registry
+from .targets import candidate_layers, lora_layers
 
 #: Rows of random tokens the output change is measured on when no sample is given.
 SAMPLE_ROWS = 4
@@ -150,7 +152,8 @@ def adapter_update_norm(model: nn.Module, adapter: str | None = None) -> float |
 
     Cheap (r x r products only): ``‖B A‖_F² = trace((BᵀB)(A Aᵀ))``. With DoRA it is the low-rank part.
     """
-    name = adapter or getattr(model, "active_adapter", None)
+    registry = adapter_registry(model)
+    name = adapter or (registry.active_adapter if registry is not None else None)
     total, found = 0.0, False
     with torch.no_grad():
         for _, module in lora_modules(model):
@@ -175,7 +178,8 @@ def _sample(model: nn.Module, rows: int, seed: int) -> Tensor:
 def _output_change(model: nn.Module, adapter: str, sample: Tensor) -> dict[str, float]:
     from .named import disable_adapters, set_adapter
 
-    was_training, active = model.training, model.active_adapter
+    registry = adapter_registry(model)
+    was_training, active = model.training, registry.active
     device = next(model.parameters()).device
     sample = sample.to(device)
     model.eval()
@@ -187,7 +191,7 @@ def _output_change(model: nn.Module, adapter: str, sample: Tensor) -> dict[str, 
             with disable_adapters(model):
                 base = model(sample).float()
     finally:
-        if model.active_adapter != active:
+        if registry.active != active:
             set_adapter(model, active)
         model.train(was_training)
     diff = adapted - base
@@ -208,7 +212,7 @@ def diagnose(model: nn.Module, adapter: str | None = None, sample: Tensor | None
     configs = adapter_configs(model)
     if not configs:
         raise ConfigError("diagnose: the model has no LoRA adapters (apply_lora or load_adapter first)")
-    name = adapter or model.active_adapter
+    name = adapter or adapter_registry(model).active
     if name not in configs:
         raise ConfigError(f"diagnose: the model has no adapter {name!r}; it has {sorted(configs)}")
     merged = [layer for layer, m in lora_modules(model) if m.merged]
@@ -266,17 +270,12 @@ def _file_layers(raw: dict[str, Any], tensors: dict[str, Tensor]) -> set[str]:
     return found
 
 
-def _model_layers(model: nn.Module) -> set[str]:
-    names = {f"transformer.h.{i}.{t}" for i in range(len(model.transformer.h)) for t in BLOCK_TARGETS}
-    return names | {"lm_head" if hasattr(model, "lm_head") else "score"}
-
-
 def _peft_entries(raw: dict[str, Any], model: nn.Module) -> list[str]:
     """Warnings for peft ``target_modules`` entries that match no layer of ``model``."""
     entries = raw.get("target_modules")
     if not isinstance(entries, list):
         return []
-    layers = sorted(_model_layers(model))
+    layers = sorted(candidate_layers(model))
     out = []
     for entry in entries:
         if not isinstance(entry, str):
@@ -318,7 +317,7 @@ def inspect_adapter(path: str | os.PathLike, model: str | os.PathLike | None = N
         net = GPT2.from_pretrained(base)
     warnings = _peft_entries(raw, net)
     held = _file_layers(raw, tensors)
-    known = _model_layers(net)
+    known = set(candidate_layers(net))
     unmatched = sorted(held - known)
     if unmatched:
         warnings.append(f"the adapter holds LoRA tensors for {len(held)} layers but only {len(held) - len(unmatched)} "
