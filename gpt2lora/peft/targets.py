@@ -116,7 +116,9 @@ def modules_from_peft(target_modules: str | Sequence[str], layers_to_transform: 
         for entry in target_modules:
             if entry == HEAD_TARGET:
                 continue
-            hits = {(i, t) for i, t in every if t == entry or block_layer(i, t).endswith("." + str(entry))}
+            # peft's rule: the module's full name equals the entry or ends with "." + entry
+            hits = {(i, t) for i, t in every
+                    if block_layer(i, t) == entry or block_layer(i, t).endswith("." + str(entry))}
             if not hits:
                 raise _fail(source, f"target_modules entry {entry!r} names no layer gpt2lora can wrap (it wraps "
                                     f"{', '.join(BLOCK_TARGETS)} inside transformer.h blocks, and {HEAD_TARGET})")
