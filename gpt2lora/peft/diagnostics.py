@@ -28,12 +28,11 @@ from ..config import BLOCK_TARGETS, HEAD_TARGET, LoRAConfig
 from ..errors import CheckpointError, ConfigError, GPT2LoRAError
 from .layers import lora_modules
 from .registry import adapter_configs, adapter_registry
-from .targets import candidate_layers, lora_layers
+from .targets import candidate_layers, lora_layers, target_of
 
 #: Rows of random tokens the output change is measured on when no sample is given.
 SAMPLE_ROWS = 4
 SAMPLE_LENGTH = 16
-_BLOCK = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 _FILE_LAYER = re.compile(r"(?:base_model\.model\.)?(.+?)\.lora_(?:[qkv]_)?A(?:\.weight)?$")
 
 
@@ -116,16 +115,6 @@ def effective_rank(singular_values: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _target_of(layer: str, parts: tuple[str, ...]) -> tuple[str, int | None]:
-    match = _BLOCK.fullmatch(layer)
-    if match is None:
-        return HEAD_TARGET, None
-    target = match.group(2)
-    if parts:
-        target = "+".join(f"attn.{p}" for p in parts)
-    return target, int(match.group(1))
-
-
 def layer_stats(module: nn.Module, layer: str, adapter: str) -> LayerStats:
     """The numbers of adapter ``adapter`` on one wrapped layer (unmerged)."""
     slot = module.slots[adapter]
@@ -141,7 +130,7 @@ def layer_stats(module: nn.Module, layer: str, adapter: str) -> LayerStats:
             delta_norm = float((module.merged_weight(adapter) - weight).norm())
             rows = weight.norm(dim=1)
             magnitude = float(((slot.magnitude.detach().float() - rows).abs() / rows.clamp_min(1e-12)).mean())
-    target, block = _target_of(layer, slot.parts)
+    target, block = target_of(layer, slot.parts)
     return LayerStats(layer=layer, target=target, block=block, rank=slot.rank, a_norm=a_norm, b_norm=b_norm,
                       delta_norm=delta_norm, weight_norm=float(weight.norm()), effective_rank=effective_rank(sv),
                       magnitude_change=magnitude)

@@ -72,6 +72,16 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     return [name for name, _ in lora_layers(model, config)]
 
 
+def target_of(layer: str, parts: tuple[str, ...] = ()) -> tuple[str, int | None]:
+    """``(target, block)`` of a wrapped module name: the inverse of :func:`lora_layers` (q/k/v pairs on
+    ``c_attn`` read ``attn.q+attn.v``; the output head is ``lm_head`` with no block)."""
+    match = BLOCK.fullmatch(layer)
+    if match is None:
+        return HEAD_TARGET, None
+    target = "+".join(f"attn.{p}" for p in parts) if parts else match.group(2)
+    return target, int(match.group(1))
+
+
 def candidate_layers(model: nn.Module) -> list[str]:
     """Every module an adapter could wrap: each block's linear layers, then the output head."""
     n_layer = block_count(model, "diagnose")
