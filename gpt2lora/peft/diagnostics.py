@@ -287,10 +287,11 @@ def inspect_adapter(path: str | os.PathLike, model: str | os.PathLike | None = N
     """
     from ..model.classifier import GPT2ForSequenceClassification
     from ..model.gpt2 import GPT2
-    from .files import _read_folder, load_adapter
+    from .adapter_json import read_folder
+    from .files import load_adapter
 
     folder, base, _ = _resolve(Path(path), model)
-    raw, tensors, _ = _read_folder(folder)
+    raw, tensors, _ = read_folder(folder)
     if raw.get("peft_type") != "LORA" and raw.get("method") != "lora":
         kind = raw.get("peft_type") or raw.get("method")
         raise ConfigError(f"inspect: {folder} holds a {kind!r} adapter; diagnostics cover LoRA adapters only")
