@@ -223,10 +223,7 @@ def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig]:
 
 def require_adapters(model: nn.Module, verb: str) -> AdapterRegistry:
     """The registry of a model with LoRA adapters; refused (naming ``verb``) without."""
-    registry = adapter_registry(model)
-    if registry is None:
-        AdapterRegistry().require(verb)
-    assert registry is not None
+    registry = adapter_registry(model) or AdapterRegistry()  # an empty one refuses with the same message
     registry.require(verb)
     return registry
 
