@@ -66,8 +66,7 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
         raise ConfigError(f"add_adapter: the model already has an adapter {name!r}; delete_adapter it first or "
                           "choose another name")
     require_unmerged(model, "add_adapter")
-    registry = attach_registry(model)
-    residual = registry.residual_adapter()
+    residual = next((n for n, c in configs.items() if is_residual_init(c.init)), None)
     if configs and (residual is not None or is_residual_init(config.init)):
         who = f"adapter {residual!r} has" if residual is not None else f"init={config.init!r} gives"
         raise ConfigError(f"add_adapter {name!r}: {who} a residual in the base weights (PiSSA / OLoRA), which "
@@ -79,8 +78,9 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
             raise ConfigError(f"add_adapter {name!r}: on a classifier every adapter must {'' if theirs else 'not '}"
                               "target lm_head like the others (LoRA on score versus a trained copy of it)")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    add_to_layers(model, name, config, generator)
+    add_to_layers(model, name, config, generator)  # checks everything before changing anything
     keep_base_head(model)
+    registry = attach_registry(model)
     if _is_classifier(model) and not score_has_lora(model):
         head = copy.deepcopy(model.get_submodule(HEAD_NAME))
         with torch.no_grad():

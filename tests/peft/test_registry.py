@@ -148,3 +148,18 @@ def test_a_copy_gets_its_own_registry():
     assert twin.adapter_heads is adapter_registry(twin).heads
     set_adapter(twin, "b")
     assert model.active_adapter == "default" and twin.active_adapter == "b"
+
+
+@pytest.mark.parametrize("add", [
+    lambda m: apply_lora(m, LoRAConfig(rank=80, init="pissa")),
+    lambda m: add_adapter(m, "x", LoRAConfig(rank=80, init="pissa")),
+    lambda m: prepare_model(m, "last_n_full", last_n=9),
+])
+def test_a_refused_call_attaches_nothing(add):
+    from gpt2lora import ConfigError
+
+    model = lm()
+    before = own_state(model)
+    with pytest.raises(ConfigError):
+        add(model)
+    assert own_state(model) == before and adapter_registry(model) is None and not list(lora_modules(model))
