@@ -198,7 +198,8 @@ class RunConfig:
     """Every setting of one run (see :data:`SETTINGS` for what each means and its flag).
 
     ``lora`` applies when ``method`` is ``lora``, ``prompt`` when it is ``prompt``; ``last_n_blocks`` is the
-    LoRA depth (method ``lora``) or the trained depth (``last_n_full``). ``train`` holds the optimiser,
+    LoRA depth (method ``lora``) or the trained depth (``last_n_full``). ``lora.last_n_blocks`` is always set
+    from ``last_n_blocks`` (None for other methods); a depth given only there is refused. ``train`` holds the optimiser,
     schedule and loop settings; its ``out_dir`` / ``resume_from`` / ``history_path`` are set by
     :func:`gpt2lora.app.run.run` inside the run folder.
     """
@@ -261,7 +262,13 @@ class RunConfig:
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"RunConfig.{name}: expected a {kind.__name__}, got "
                                   f"{type(getattr(self, name)).__name__}")
-        depth = self.last_n_blocks if self.method == "lora" else None  # LoRA's depth is last_n_blocks
+        # The one rule: RunConfig.last_n_blocks is LoRA's depth and lora.last_n_blocks mirrors it (None for
+        # other methods, which do not use LoRA). A depth given only in lora.last_n_blocks is refused, not erased.
+        depth = self.last_n_blocks if self.method == "lora" else None
+        if self.method == "lora" and depth is None and self.lora.last_n_blocks is not None:
+            raise ConfigError(f"RunConfig.lora.last_n_blocks={self.lora.last_n_blocks} but RunConfig.last_n_blocks "
+                              "is None: a run's LoRA depth is RunConfig.last_n_blocks (--last-n-blocks); set it "
+                              "there")
         if self.lora.last_n_blocks != depth:
             object.__setattr__(self, "lora", dataclasses.replace(self.lora, last_n_blocks=depth))
 

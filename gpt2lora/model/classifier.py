@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..config import GPT2Config
 from ..errors import ConfigError
 from .gpt2 import Transformer, init_weights, last_token_index
-from .hooks import row_adapters
+from .hooks import AdapterView, row_adapters
 
 __all__ = ["GPT2ForSequenceClassification", "is_classifier", "label_count", "last_token_index"]
 
@@ -30,7 +30,7 @@ def label_count(model: nn.Module) -> int:
     return int(getattr(model, "num_labels", 0) or model.score.out_features)
 
 
-class GPT2ForSequenceClassification(nn.Module):
+class GPT2ForSequenceClassification(AdapterView, nn.Module):
     """GPT-2 with ``score = Linear(n_embd, num_labels, bias=False)`` read at the last real token.
 
     ``forward(input_ids, attention_mask=None) -> logits (B, num_labels)``. Without a mask every

@@ -21,7 +21,7 @@ from ..ops.dropout import Dropout
 from ..ops.few_row import Linear
 from ..ops.lm_head_loss import check_chunk_size, lm_head_loss
 from ..ops.recompute import recompute_cheap_outputs
-from .hooks import KVCache, row_adapters
+from .hooks import AdapterView, KVCache, row_adapters
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -336,7 +336,7 @@ def init_weights(module: nn.Module, n_layer: int, generator: torch.Generator | N
             nn.init.zeros_(sub.bias)
 
 
-class GPT2(nn.Module):
+class GPT2(AdapterView, nn.Module):
     """GPT-2 language model: ``forward(input_ids, attention_mask=None) -> logits (B, T, vocab)``."""
 
     def __init__(self, config: GPT2Config) -> None:

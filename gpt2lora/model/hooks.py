@@ -1,14 +1,16 @@
 """What other layers attach to a model: the KV cache generation fills, and the adapter router.
 
-The adapter layer (:mod:`gpt2lora.peft`) sets ``model.adapter_router`` when it adds adapters; the model calls
-it for mixed-adapter batches and adapter-specific heads, so nothing in :mod:`gpt2lora.model` imports it.
+The adapter layer (:mod:`gpt2lora.peft`) sets ``model.adapter_router`` (its
+:class:`~gpt2lora.peft.registry.AdapterRegistry`, the one owner of a model's adapter state) when it adds
+adapters; the model calls it for mixed-adapter batches and adapter-specific heads, and exposes its state
+read-only (:class:`AdapterView`), so nothing in :mod:`gpt2lora.model` imports the adapter layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -18,15 +20,69 @@ from ..errors import ConfigError
 
 
 class AdapterRouter(Protocol):
-    """What the adapter layer attaches to a model as ``adapter_router`` (see :mod:`gpt2lora.peft.lora`): the
+    """What the adapter layer attaches to a model as ``adapter_router`` (see :mod:`gpt2lora.peft.registry`): the
     model calls it for mixed-adapter batches and adapter-specific classification heads, so the model layer
     never imports the adapter layer."""
+
+    lora_config: Any
+    """The active LoRA adapter's config (None without LoRA)."""
+    lora_configs: dict[str, Any]
+    active_adapter: str | None
+    training_method: str | None
+    training_last_n: int | None
+    prompt_config: Any
 
     def route_rows(self, model: nn.Module, adapter_names: Sequence[str], batch: int) -> AbstractContextManager:
         """A context within which row i of every forward uses adapter ``adapter_names[i]``."""
 
     def head_logits(self, model: nn.Module, pooled: Tensor) -> Tensor | None:
         """A classifier's logits from its pooled states when adapters carry their own heads, else None."""
+
+
+class AdapterView:
+    """Read-only views of the adapter state a model's ``adapter_router`` owns (None / empty without one).
+
+    ``lora_config``, ``lora_configs``, ``active_adapter``, ``training_method``, ``training_last_n`` and
+    ``prompt_config`` are not separate state on the model: they are read from the router every time.
+    """
+
+    def _adapter_router(self) -> AdapterRouter | None:
+        return self.__dict__.get("adapter_router")
+
+    @property
+    def lora_config(self) -> Any:
+        """The active LoRA adapter's ``LoRAConfig`` (None without LoRA)."""
+        router = self._adapter_router()
+        return router.lora_config if router is not None else None
+
+    @property
+    def lora_configs(self) -> dict[str, Any]:
+        """Every LoRA adapter's config by name."""
+        router = self._adapter_router()
+        return router.lora_configs if router is not None else {}
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The active LoRA adapter's name (None without LoRA)."""
+        router = self._adapter_router()
+        return router.active_adapter if router is not None else None
+
+    @property
+    def training_method(self) -> str | None:
+        """The training method ``prepare_model`` recorded (None when it was not called)."""
+        router = self._adapter_router()
+        return router.training_method if router is not None else None
+
+    @property
+    def training_last_n(self) -> int | None:
+        router = self._adapter_router()
+        return router.training_last_n if router is not None else None
+
+    @property
+    def prompt_config(self) -> Any:
+        """The soft prompt's ``PromptConfig`` (None without one)."""
+        router = self._adapter_router()
+        return router.prompt_config if router is not None else None
 
 
 def row_adapters(model: nn.Module, adapter_names: Sequence[str], batch: int) -> AbstractContextManager:

@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from ..config import BLOCK_TARGETS, HEAD_TARGET, LoRAConfig
 from ..constants import RUN_CONFIG_FILE
 from ..errors import CheckpointError, ConfigError, GPT2LoRAError
-from ..model.classifier import is_classifier
-from .lora import adapter_configs, lora_layers, lora_modules
+from .layers import lora_modules
+from .registry import adapter_configs, adapter_registry
+from .targets import candidate_layers, lora_layers, target_of
 
 #: Rows of random tokens the output change is measured on when no sample is given.
 SAMPLE_ROWS = 4
 SAMPLE_LENGTH = 16
-_BLOCK = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 _FILE_LAYER = re.compile(r"(?:base_model\.model\.)?(.+?)\.lora_(?:[qkv]_)?A(?:\.weight)?$")
 
 
@@ -116,16 +116,6 @@ def effective_rank(singular_values: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _target_of(layer: str, parts: tuple[str, ...]) -> tuple[str, int | None]:
-    match = _BLOCK.fullmatch(layer)
-    if match is None:
-        return HEAD_TARGET, None
-    target = match.group(2)
-    if parts:
-        target = "+".join(f"attn.{p}" for p in parts)
-    return target, int(match.group(1))
-
-
 def layer_stats(module: nn.Module, layer: str, adapter: str) -> LayerStats:
     """The numbers of adapter ``adapter`` on one wrapped layer (unmerged)."""
     slot = module.slots[adapter]
@@ -141,7 +131,7 @@ def layer_stats(module: nn.Module, layer: str, adapter: str) -> LayerStats:
             delta_norm = float((module.merged_weight(adapter) - weight).norm())
             rows = weight.norm(dim=1)
             magnitude = float(((slot.magnitude.detach().float() - rows).abs() / rows.clamp_min(1e-12)).mean())
-    target, block = _target_of(layer, slot.parts)
+    target, block = target_of(layer, slot.parts)
     return LayerStats(layer=layer, target=target, block=block, rank=slot.rank, a_norm=a_norm, b_norm=b_norm,
                       delta_norm=delta_norm, weight_norm=float(weight.norm()), effective_rank=effective_rank(sv),
                       magnitude_change=magnitude)
@@ -152,7 +142,8 @@ def adapter_update_norm(model: nn.Module, adapter: str | None = None) -> float |
 
     Cheap (r x r products only): ``‖B A‖_F² = trace((BᵀB)(A Aᵀ))``. With DoRA it is the low-rank part.
     """
-    name = adapter or getattr(model, "active_adapter", None)
+    registry = adapter_registry(model)
+    name = adapter or (registry.active_adapter if registry is not None else None)
     total, found = 0.0, False
     with torch.no_grad():
         for _, module in lora_modules(model):
@@ -177,7 +168,8 @@ def _sample(model: nn.Module, rows: int, seed: int) -> Tensor:
 def _output_change(model: nn.Module, adapter: str, sample: Tensor) -> dict[str, float]:
     from .named import disable_adapters, set_adapter
 
-    was_training, active = model.training, model.active_adapter
+    registry = adapter_registry(model)
+    was_training, active = model.training, registry.active
     device = next(model.parameters()).device
     sample = sample.to(device)
     model.eval()
@@ -189,7 +181,7 @@ def _output_change(model: nn.Module, adapter: str, sample: Tensor) -> dict[str, 
             with disable_adapters(model):
                 base = model(sample).float()
     finally:
-        if model.active_adapter != active:
+        if registry.active != active:
             set_adapter(model, active)
         model.train(was_training)
     diff = adapted - base
@@ -210,7 +202,7 @@ def diagnose(model: nn.Module, adapter: str | None = None, sample: Tensor | None
     configs = adapter_configs(model)
     if not configs:
         raise ConfigError("diagnose: the model has no LoRA adapters (apply_lora or load_adapter first)")
-    name = adapter or model.active_adapter
+    name = adapter or adapter_registry(model).active
     if name not in configs:
         raise ConfigError(f"diagnose: the model has no adapter {name!r}; it has {sorted(configs)}")
     merged = [layer for layer, m in lora_modules(model) if m.merged]
@@ -268,17 +260,12 @@ def _file_layers(raw: dict[str, Any], tensors: dict[str, Tensor]) -> set[str]:
     return found
 
 
-def _model_layers(model: nn.Module) -> set[str]:
-    names = {f"transformer.h.{i}.{t}" for i in range(len(model.transformer.h)) for t in BLOCK_TARGETS}
-    return names | {"score" if is_classifier(model) else "lm_head"}
-
-
 def _peft_entries(raw: dict[str, Any], model: nn.Module) -> list[str]:
     """Warnings for peft ``target_modules`` entries that match no layer of ``model``."""
     entries = raw.get("target_modules")
     if not isinstance(entries, list):
         return []
-    layers = sorted(_model_layers(model))
+    layers = sorted(candidate_layers(model))
     out = []
     for entry in entries:
         if not isinstance(entry, str):
@@ -301,10 +288,11 @@ def inspect_adapter(path: str | os.PathLike, model: str | os.PathLike | None = N
     """
     from ..model.classifier import GPT2ForSequenceClassification
     from ..model.gpt2 import GPT2
-    from .files import _read_folder, load_adapter
+    from .adapter_json import read_folder
+    from .files import load_adapter
 
     folder, base, _ = _resolve(Path(path), model)
-    raw, tensors, _ = _read_folder(folder)
+    raw, tensors, _ = read_folder(folder)
     if raw.get("peft_type") != "LORA" and raw.get("method") != "lora":
         kind = raw.get("peft_type") or raw.get("method")
         raise ConfigError(f"inspect: {folder} holds a {kind!r} adapter; diagnostics cover LoRA adapters only")
@@ -320,7 +308,7 @@ def inspect_adapter(path: str | os.PathLike, model: str | os.PathLike | None = N
         net = GPT2.from_pretrained(base)
     warnings = _peft_entries(raw, net)
     held = _file_layers(raw, tensors)
-    known = _model_layers(net)
+    known = set(candidate_layers(net))
     unmatched = sorted(held - known)
     if unmatched:
         warnings.append(f"the adapter holds LoRA tensors for {len(held)} layers but only {len(held) - len(unmatched)} "

@@ -26,7 +26,9 @@ reads back. The JSON keeps only classic peft keys.
 
 A model trained without LoRA (methods ``full``, ``last_n_full``, ``embeddings``, ``head``) saves its
 trainable tensors under gpt2lora's own names, with ``{"format": "gpt2lora", "method": ...}`` and no
-``peft_type`` in the JSON. Only safetensors are read or written; pickle files are refused.
+``peft_type`` in the JSON. Only safetensors are read or written; pickle files are refused. Reading and
+checking a folder and its ``adapter_config.json`` is :mod:`gpt2lora.peft.adapter_json`; which layers a config
+names is :mod:`gpt2lora.peft.targets`.
 """
 
 from __future__ import annotations
@@ -35,48 +37,31 @@ import dataclasses
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..config import BLOCK_TARGETS, HEAD_TARGET, QKV_TARGETS, LoRAConfig, init_niter, is_residual_init
+from ..config import HEAD_TARGET, QKV_TARGETS, LoRAConfig, is_residual_init
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model.classifier import is_classifier
-from ..model.hub import PICKLE_SUFFIXES, check_state, read_safetensors
-from ..model.tensorcheck import check_finite, check_floating
-from .lora import (
-    DEFAULT_ADAPTER,
-    HEAD_NAME,
-    LORA_LAYERS,
-    adapter_configs,
-    adapter_head,
-    adapter_param_name,
-    check_adapter_name,
-    lora_layers,
-    lora_modules,
-    set_lora_trainable,
-    target_names,
-)
+from ..model.hub import check_state
+from .adapter_json import checked_field, lora_config_from_peft, read_folder
+from .layers import LORA_LAYERS, lora_modules
+from .lora import adapter_parameters, set_lora_trainable
 from .methods import METHODS, prepare_model, trainable_names
 from .prompt import PromptConfig, get_prompt
+from .registry import HEADS_ATTRIBUTE, adapter_configs, adapter_registry, attach_registry
+from .slots import DEFAULT_ADAPTER, HEAD_NAME, check_adapter_name
+from .targets import lora_layers, peft_selection, target_names
 
 PREFIX = "base_model.model."
 #: peft adds "classifier" to modules_to_save of every SEQ_CLS model; GPT-2 has none, so it is harmless.
 HEAD_MODULES = (HEAD_NAME, "classifier")
-#: peft features gpt2lora does not implement: a config that turns one on is refused, not misread.
-UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
-               "exclude_modules", "trainable_token_indices", "target_parameters", "use_qalora")
-#: peft's ``init_lora_weights`` values gpt2lora reproduces (the others rewrite the base in ways it cannot).
-PEFT_INITS = {True: "kaiming", False: "kaiming", "true": "kaiming", "gaussian": "gaussian", "eva": "kaiming",
-              "orthogonal": "kaiming", "pissa": "pissa", "olora": "olora"}
-
 
 # --- names -------------------------------------------------------------------------------------------
 
@@ -199,9 +184,7 @@ def peft_config(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
         "lora_alpha": config.alpha * config.rank if from_scratch else config.alpha,
         "lora_dropout": config.dropout,
         "fan_in_fan_out": True,  # GPT-2's checkpoints store these layers as Conv1D (in, out)
-        "target_modules": list(config.targets),
-        "layers_to_transform": config.blocks(n_layer) if config.last_n_blocks is not None else None,
-        "layers_pattern": "h" if config.last_n_blocks is not None else None,
+        **peft_selection(config, n_layer),
         "use_rslora": config.use_rslora and not from_scratch,
         "bias": config.train_bias,
         "modules_to_save": [HEAD_NAME] if task == "SEQ_CLS" else None,
@@ -238,24 +221,18 @@ def adapter_state(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> tuple[LoR
     if adapter not in configs:
         raise ConfigError(f"adapter_name: the model has no adapter {adapter!r}; it has {sorted(configs)}")
     config = configs[adapter]
-    state: dict[str, Tensor] = {}
+    state: dict[str, Tensor] = {name: p.detach() for name, p in adapter_parameters(model, adapter).items()}
     for layer, module in lora_modules(model):
         slot = module.slots.get(adapter)
         if slot is None:
             continue
-        for pname, tensor in slot.tensors().items():
-            state[f"{layer}.{pname}"] = tensor.detach()
         for (_, _, a, b), (a0, b0), part in zip(slot.pieces(), slot.initial(), slot.parts or (None,)):
             prefix = f"{layer}.lora_{part}_" if part else f"{layer}.lora_"
             state[prefix + "A"] = torch.cat([a.detach(), a0.to(a.device, a.dtype)], dim=0)
             state[prefix + "B"] = torch.cat([b.detach(), -b0.to(b.device, b.dtype)], dim=1)
     for name, param in model.named_parameters():
-        if name.endswith(".bias") and not name.startswith("adapter_heads."):
+        if name.endswith(".bias") and not name.startswith(f"{HEADS_ATTRIBUTE}."):
             state[name] = param.detach()
-    head = adapter_head(model, adapter)
-    if head is not None:
-        for name, param in head.named_parameters():
-            state[f"{HEAD_NAME}.{name}"] = param.detach()
     return converted_config(config), state
 
 
@@ -265,16 +242,19 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     ``adapter_name`` picks one of several LoRA adapters (default: the active one). A LoRA peft cannot
     express (see :func:`peft_unsupported`) goes into gpt2lora's own format, with a warning. A PiSSA / OLoRA
     adapter is written as a plain LoRA of rank 2r for the unmodified base (see :func:`adapter_state`).
+    What is saved is what the model's adapter registry holds: its LoRA adapters, else its soft prompt, else
+    the tensors of the training method it recorded.
     """
     out = Path(folder)
-    config = getattr(model, "lora_config", None)
-    if config is not None:
-        adapter = adapter_name if adapter_name is not None else getattr(model, "active_adapter", DEFAULT_ADAPTER)
+    registry = adapter_registry(model)
+    config = None
+    if registry is not None and registry.configs:
+        adapter = adapter_name if adapter_name is not None else registry.active or DEFAULT_ADAPTER
         config, state = adapter_state(model, adapter)
     elif adapter_name is not None:
         raise ConfigError(f"save_adapter: adapter_name={adapter_name!r} but the model has no LoRA adapters")
     reason = peft_unsupported(model, config) if config is not None else None
-    if get_prompt(model) is not None:
+    if config is None and registry is not None and registry.prompt_config is not None:
         tensors, json_config = prompt_files(model)
         meta = {"format": "pt"}
     elif config is not None and reason is not None:
@@ -297,8 +277,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
             raise ConfigError("save_adapter: the model has no LoRA and no trainable tensors; call apply_lora "
                               "or prepare_model first, or use save_pretrained for the whole model")
         meta = {"format": "pt"}
-        json_config = {"format": "gpt2lora", "method": getattr(model, "training_method", None) or "custom",
-                       "last_n": getattr(model, "training_last_n", None), "task_type": _task_type(model),
+        method = registry.method if registry is not None else None
+        json_config = {"format": "gpt2lora", "method": method or "custom",
+                       "last_n": registry.last_n if registry is not None else None, "task_type": _task_type(model),
                        "base_model_name_or_path": getattr(model, "name_or_path", None),
                        "tensors": sorted(tensors)}
     out.mkdir(parents=True, exist_ok=True)
@@ -306,160 +287,6 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
               metadata=meta)
     (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(json_config, indent=2) + "\n", encoding="utf-8")
     return out
-
-
-# --- reading -----------------------------------------------------------------------------------------
-
-def _read_folder(folder: Path, allow_nonfinite: bool = False
-                 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
-    if not folder.is_dir():
-        raise CheckpointNotFoundError(f"adapter folder {folder} does not exist")
-    config_path, weights_path = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise UnsafeCheckpointError(
-                f"{folder} holds only pickle adapter weights ({', '.join(pickles)}); gpt2lora reads "
-                f"{ADAPTER_WEIGHTS_FILE} only because unpickling can run code. Re-save the adapter with "
-                "safe_serialization (peft's default) or convert it with a tool you trust.")
-        raise CheckpointNotFoundError(f"{weights_path} not found: an adapter folder needs {ADAPTER_WEIGHTS_FILE}")
-    if not config_path.is_file():
-        raise CheckpointNotFoundError(f"{config_path} not found: an adapter folder needs {ADAPTER_CONFIG_FILE}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    tensors = read_safetensors(weights_path)
-    check_floating({name: t.dtype for name, t in tensors.items()}, weights_path)
-    check_finite([(weights_path, tensors)], allow_nonfinite)
-    with safe_open(str(weights_path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return config, tensors, metadata
-
-
-def _field(config: dict[str, Any], key: str, source: Path, kinds: tuple[type, ...], default: Any = None,
-           required: bool = False) -> Any:
-    """``config[key]`` checked against ``kinds`` (a bool is accepted only where bool is listed)."""
-    if key not in config or config[key] is None:
-        if required:
-            raise CheckpointError(f"{source}: field {key!r} is missing")
-        return default
-    value = config[key]
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        expected = " or ".join(k.__name__ for k in kinds)
-        raise CheckpointError(f"{source}: field {key!r} is {value!r}, expected {expected}")
-    return value
-
-
-def _layer_names(n_layer: int) -> list[tuple[int, str]]:
-    return [(i, t) for i in range(n_layer) for t in BLOCK_TARGETS]
-
-
-def _peft_selection(config: dict[str, Any], source: Path, n_layer: int) -> tuple[tuple[str, ...], int | None]:
-    """Targets and last_n_blocks from peft's target_modules / layers_to_transform / layers_pattern."""
-    targets_field = _field(config, "target_modules", source, (list, str), required=True)
-    if targets_field == "all-linear":
-        targets_field = list(BLOCK_TARGETS)
-    if isinstance(targets_field, str):
-        try:
-            pattern = re.compile(targets_field)
-        except re.error as err:
-            raise CheckpointError(f"{source}: target_modules {targets_field!r} is not a valid regex: {err}") from None
-        chosen = {(i, t) for i, t in _layer_names(n_layer) if pattern.fullmatch(f"transformer.h.{i}.{t}")}
-        head = bool(pattern.fullmatch(HEAD_TARGET))
-    else:
-        chosen = set()
-        head = HEAD_TARGET in targets_field
-        for entry in targets_field:
-            if entry == HEAD_TARGET:
-                continue
-            hits = {(i, t) for i, t in _layer_names(n_layer)
-                    if t == entry or f"transformer.h.{i}.{t}".endswith("." + str(entry))}
-            if not hits:
-                raise CheckpointError(f"{source}: target_modules entry {entry!r} names no layer gpt2lora can "
-                                      f"wrap (it wraps {', '.join(BLOCK_TARGETS)} inside transformer.h blocks, "
-                                      f"and {HEAD_TARGET})")
-            chosen |= hits
-    layers_field = _field(config, "layers_to_transform", source, (list, int))
-    if layers_field is not None:
-        wanted = {layers_field} if isinstance(layers_field, int) else set(layers_field)
-        bad = sorted(i for i in wanted if not isinstance(i, int) or not 0 <= i < n_layer)
-        if bad:
-            raise CheckpointError(f"{source}: layers_to_transform names blocks {bad}, but the model has "
-                                  f"{n_layer} blocks (0..{n_layer - 1})")
-        pattern_field = config.get("layers_pattern")
-        if pattern_field not in (None, "h", ["h"]):
-            raise CheckpointError(f"{source}: layers_pattern {pattern_field!r} is not GPT-2's; expected 'h'")
-        chosen = {(i, t) for i, t in chosen if i in wanted}
-        head = False  # peft matches layers_to_transform against block indices, so it skips lm_head
-    if not chosen and not head:
-        raise CheckpointError(f"{source}: target_modules / layers_to_transform select no layer of this model")
-    if not chosen:
-        return (HEAD_TARGET,), None
-    blocks = sorted({i for i, _ in chosen})
-    targets = tuple(t for t in BLOCK_TARGETS if any(c == t for _, c in chosen))
-    if chosen != {(i, t) for i in blocks for t in targets} or blocks != list(range(n_layer - len(blocks), n_layer)):
-        raise CheckpointError(f"{source}: the adapter wraps blocks {blocks} with targets {list(targets)} in a "
-                              "pattern gpt2lora cannot express; it applies the same targets to the last N blocks")
-    if head and len(blocks) < n_layer:
-        raise CheckpointError(f"{source}: the adapter wraps lm_head and only blocks {blocks}; gpt2lora's "
-                              "last_n_blocks cannot hold a head LoRA in peft's layout")
-    return targets + ((HEAD_TARGET,) if head else ()), (len(blocks) if len(blocks) < n_layer else None)
-
-
-def _peft_init(config: dict[str, Any], source: Path) -> str:
-    """gpt2lora's ``LoRAConfig.init`` for peft's ``init_lora_weights``.
-
-    The tensors in the file replace A and B anyway; what matters is whether the base must first hold the
-    residual of a PiSSA / OLoRA init (peft re-runs that init when it loads such an adapter, and so does
-    gpt2lora).
-    """
-    value = config.get("init_lora_weights", True)
-    key = value.lower() if isinstance(value, str) else value
-    if isinstance(key, str) and init_niter(key) is not None:
-        return key
-    if isinstance(key, (bool, str)) and key in PEFT_INITS:
-        return PEFT_INITS[key]
-    raise CheckpointError(f"{source}: field 'init_lora_weights' = {value!r} is an initialisation gpt2lora "
-                          f"cannot reproduce on the base; expected true, false, 'gaussian', 'pissa', "
-                          "'pissa_niter_N' or 'olora'")
-
-
-def lora_config_from_peft(config: dict[str, Any], metadata: dict[str, str], source: Path,
-                          n_layer: int) -> LoRAConfig:
-    """The :class:`LoRAConfig` an ``adapter_config.json`` (written by peft or gpt2lora) describes."""
-    for key in UNSUPPORTED:
-        if config.get(key):
-            raise CheckpointError(f"{source}: field {key!r} = {config[key]!r} is a peft feature gpt2lora does "
-                                  "not implement; only plain LoRA adapters can be loaded")
-    rank = _field(config, "r", source, (int,), required=True)
-    lora_alpha = _field(config, "lora_alpha", source, (int, float), default=8)
-    targets, last_n = _peft_selection(config, source, n_layer)
-    style = metadata.get("gpt2lora_style", "peft")
-    use_rslora = bool(_field(config, "use_rslora", source, (bool,), default=False))
-    alpha = lora_alpha
-    if style == "from_scratch":
-        try:
-            alpha = float(metadata["gpt2lora_alpha"])
-        except (KeyError, ValueError):
-            raise CheckpointError(f"{source}: metadata gpt2lora_style='from_scratch' needs a numeric "
-                                  "gpt2lora_alpha") from None
-        if use_rslora or not math.isclose(alpha * rank, lora_alpha, rel_tol=1e-6):
-            raise CheckpointError(f"{source}: from_scratch adapter must have lora_alpha = alpha * r = "
-                                  f"{alpha * rank:g} and use_rslora false, got lora_alpha={lora_alpha!r}, "
-                                  f"use_rslora={use_rslora}")
-        use_rslora = metadata.get("gpt2lora_use_rslora") == "true"
-    use_dora = bool(_field(config, "use_dora", source, (bool,), default=False))
-    try:
-        return LoRAConfig(rank=rank, alpha=alpha, dropout=_field(config, "lora_dropout", source, (int, float),
-                                                                  default=0.0),
-                          targets=targets, last_n_blocks=last_n, use_rslora=use_rslora,
-                          train_bias=_field(config, "bias", source, (str,), default="none"), style=style,
-                          use_dora=use_dora, init=_peft_init(config, source))
-    except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -480,7 +307,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     path = Path(folder)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
-    config, tensors, metadata = _read_folder(path, allow_nonfinite)
+    config, tensors, metadata = read_folder(path, allow_nonfinite)
     source = path / ADAPTER_CONFIG_FILE
     peft_type = config.get("peft_type")
     adapter = adapter_name or DEFAULT_ADAPTER
@@ -509,12 +336,12 @@ def _install(model: nn.Module, config: LoRAConfig, adapter: str, current: LoRACo
             add_adapter(model, adapter, config)
         except ConfigError as err:
             raise CheckpointError(f"{source}: {err}") from None
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **adapter_parameters(model, adapter)}
     with torch.no_grad():
         for name, tensor in zip(names, tensors.values(), strict=True):
-            target = params[adapter_param_name(name, adapter)]
+            target = params[name]
             target.copy_(tensor.to(target.dtype))
-    set_lora_trainable(model, model.lora_config.train_bias)
+    set_lora_trainable(model, attach_registry(model).lora_config.train_bias)
     return model
 
 
@@ -612,7 +439,8 @@ def _load_trained(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tens
     if method == "custom":
         for name, param in params.items():
             param.requires_grad_(name in names)
-        model.training_method, model.training_last_n = "custom", None
+        registry = attach_registry(model)
+        registry.method, registry.last_n = "custom", None
     else:
         prepare_model(model, method, last_n=last_n)
     return model
@@ -665,11 +493,11 @@ def _load_prompt(model: nn.Module, raw: dict[str, Any], tensors: dict[str, Tenso
     source = folder / ADAPTER_CONFIG_FILE
     _check_task(model, raw.get("task_type"), source)
     width = model.transformer.config.n_embd
-    n = _field(raw, "num_virtual_tokens", source, (int,), required=True)
-    token_dim = _field(raw, "token_dim", source, (int,), default=width)
+    n = checked_field(raw, "num_virtual_tokens", source, (int,), required=True)
+    token_dim = checked_field(raw, "token_dim", source, (int,), default=width)
     if token_dim != width:
         raise CheckpointError(f"{source}: token_dim is {token_dim}, but the model's n_embd is {width}")
-    if _field(raw, "num_transformer_submodules", source, (int,), default=1) != 1:
+    if checked_field(raw, "num_transformer_submodules", source, (int,), default=1) != 1:
         raise CheckpointError(f"{source}: num_transformer_submodules must be 1 for GPT-2 (a decoder only), got "
                               f"{raw['num_transformer_submodules']!r}")
     if any(True for _ in lora_modules(model)):

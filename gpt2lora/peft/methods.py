@@ -23,8 +23,10 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import ConfigError
 from ..model.classifier import is_classifier
-from .lora import apply_lora, lora_modules
+from .layers import lora_modules
+from .lora import apply_lora
 from .prompt import PromptConfig, apply_prompt, get_prompt
+from .registry import attach_registry
 
 #: Training methods ``prepare_model`` accepts.
 METHODS = ("lora", "full", "last_n_full", "embeddings", "head", "prompt")
@@ -87,8 +89,9 @@ def prepare_model(model: nn.Module, method: str, lora: LoRAConfig | None = None,
     ``lora``: the LoRA configuration of method ``lora`` (default ``LoRAConfig()``); restrict LoRA to
     the last blocks with its ``last_n_blocks``. ``last_n``: block count of ``last_n_full``.
     ``prompt``: the soft prompt of method ``prompt`` (default ``PromptConfig()``; a model that already
-    has one keeps it). ``seed``: seeds LoRA's or the prompt's initialisation. The choice is recorded as ``model.training_method`` and
-    ``model.training_last_n`` so that :func:`gpt2lora.save_adapter` can save the trained tensors.
+    has one keeps it). ``seed``: seeds LoRA's or the prompt's initialisation. The choice is recorded in the
+    model's adapter registry (read it as ``model.training_method`` / ``model.training_last_n``), which tells
+    :func:`gpt2lora.save_adapter` what to save.
     """
     if method not in METHODS:
         raise ConfigError(f"prepare_model: unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -118,6 +121,6 @@ def prepare_model(model: nn.Module, method: str, lora: LoRAConfig | None = None,
         chosen = trainable_names(model, method, last_n)
         for name, param in model.named_parameters():
             param.requires_grad_(name in chosen)
-    model.training_method = method
-    model.training_last_n = last_n
+    registry = attach_registry(model)
+    registry.method, registry.last_n = method, last_n
     return model

@@ -2,13 +2,16 @@
 
 The unnamed adapter of :func:`gpt2lora.apply_lora` / :func:`gpt2lora.load_adapter` is ``"default"``, as in
 peft, and single-adapter code never needs a name. More adapters may differ in rank, alpha, targets, blocks
-and DoRA; each wrapped layer holds one :class:`~gpt2lora.peft.lora.Slot` per adapter that targets it. Exactly one
+and DoRA; each wrapped layer holds one :class:`~gpt2lora.peft.slots.Slot` per adapter that targets it. Exactly one
 adapter is active (it is what the forward applies and the only one that trains); ``disable_adapters`` gives
 the base model; a mixed batch (``forward(..., adapter_names=[...])``) applies a different adapter per row in
-one pass, each layer gathering its rows' factors (see :class:`~gpt2lora.peft.lora.RowRouting`).
+one pass, each layer gathering its rows' factors (see :class:`~gpt2lora.peft.mixed.RowRouting`). The
+names, configs, the active adapter and the heads are kept by the model's
+:class:`~gpt2lora.peft.registry.AdapterRegistry`.
 
 On a classifier every adapter trains its own copy of the head (peft's ``modules_to_save``), started from the
-base model's head; the copies of adapters other than ``default`` live in ``model.adapter_heads``, and the
+base model's head; the copies of adapters other than ``default`` are the registry's ``heads`` (keys
+``adapter_heads.<name>.``), and the
 row's adapter picks the head in a mixed batch too. PiSSA / OLoRA adapters rewrite the base weights, so they
 cannot share a model with other adapters (save one, which converts it, and load it onto a fresh model).
 """
@@ -23,33 +26,21 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..config import HEAD_TARGET, LORA_TARGETS, QKV_TARGETS, LoRAConfig, is_residual_init
+from ..config import HEAD_TARGET, QKV_TARGETS, LoRAConfig, is_residual_init
 from ..errors import ConfigError
 from ..model.classifier import is_classifier
-from .lora import (
-    DEFAULT_ADAPTER,
-    HEAD_NAME,
-    _configs,
-    _require_unmerged,
-    _residual,
-    _score_has_lora,
-    adapter_configs,
-    add_to_layers,
-    check_adapter_name,
-    keep_base_head,
-    lora_modules,
-    set_lora_trainable,
-)
+from .layers import lora_modules
+from .lora import adapter_configs, add_to_layers, apply_lora, keep_base_head, set_lora_trainable
 from .prompt import get_prompt
+from .registry import adapter_registry, attach_registry, require_adapters, require_unmerged, score_has_lora
+from .slots import DEFAULT_ADAPTER, HEAD_NAME, check_adapter_name
+from .targets import covering_selection
 
 COMBINE_METHODS = ("cat", "linear")
 
 
 def _known(model: nn.Module, name: str, verb: str) -> LoRAConfig:
-    configs = _configs(model, verb)
-    if name not in configs:
-        raise ConfigError(f"{verb}: the model has no adapter {name!r}; it has {sorted(configs)}")
-    return configs[name]
+    return require_adapters(model, verb).known(name, verb)
 
 
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | None = None) -> nn.Module:
@@ -64,8 +55,6 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
     configs = adapter_configs(model)
     if not configs:
         if name == DEFAULT_ADAPTER:
-            from .lora import apply_lora
-
             return apply_lora(model, config, seed=seed)
         if get_prompt(model) is not None:
             raise ConfigError("add_adapter: the model has a soft prompt (transformer.prompt); LoRA adapters need "
@@ -73,8 +62,8 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
     if name in configs:
         raise ConfigError(f"add_adapter: the model already has an adapter {name!r}; delete_adapter it first or "
                           "choose another name")
-    _require_unmerged(model, "add_adapter")
-    residual = _residual(model)
+    require_unmerged(model, "add_adapter")
+    residual = next((n for n, c in configs.items() if is_residual_init(c.init)), None)
     if configs and (residual is not None or is_residual_init(config.init)):
         who = f"adapter {residual!r} has" if residual is not None else f"init={config.init!r} gives"
         raise ConfigError(f"add_adapter {name!r}: {who} a residual in the base weights (PiSSA / OLoRA), which "
@@ -86,53 +75,51 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, seed: int | Non
             raise ConfigError(f"add_adapter {name!r}: on a classifier every adapter must {'' if theirs else 'not '}"
                               "target lm_head like the others (LoRA on score versus a trained copy of it)")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    add_to_layers(model, name, config, generator)
+    add_to_layers(model, name, config, generator)  # checks everything before changing anything
     keep_base_head(model)
-    if is_classifier(model) and not _score_has_lora(model):
-        if "adapter_heads" not in model._modules:
-            model.adapter_heads = nn.ModuleDict()
+    registry = attach_registry(model)
+    if is_classifier(model) and not score_has_lora(model):
         head = copy.deepcopy(model.get_submodule(HEAD_NAME))
         with torch.no_grad():
             head.weight.copy_(model.base_score_weight)
-        model.adapter_heads[name] = head
-    model.lora_configs = {**configs, name: config}
+        registry.add_head(model, name, head)
+    registry.configs[name] = config
     if not configs:
         _activate(model, name)
     else:
-        set_lora_trainable(model, model.lora_config.train_bias)
+        set_lora_trainable(model, registry.lora_config.train_bias)
     return model
 
 
 def _activate(model: nn.Module, name: str) -> None:
-    config = adapter_configs(model)[name]
-    model.active_adapter = name
-    model.lora_config = config
-    for _, module in lora_modules(model):
-        module.active_adapter = name
-    set_lora_trainable(model, config.train_bias)
+    registry = attach_registry(model)
+    registry.activate(model, name)
+    set_lora_trainable(model, registry.configs[name].train_bias)
 
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
     """Make adapter ``name`` the active one: the forward applies it and only its tensors (and head) train."""
     _known(model, name, "set_adapter")
-    _require_unmerged(model, "set_adapter")
+    require_unmerged(model, "set_adapter")
     _activate(model, name)
     return model
 
 
 def active_adapter(model: nn.Module) -> str | None:
     """The active adapter's name (None without LoRA)."""
-    return getattr(model, "active_adapter", None) if adapter_configs(model) else None
+    registry = adapter_registry(model)
+    return registry.active_adapter if registry is not None else None
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name`` (not the active one) and its tensors; layers left without adapters are unwrapped."""
     _known(model, name, "delete_adapter")
-    if name == model.active_adapter:
+    registry = attach_registry(model)
+    if name == registry.active:
         others = sorted(n for n in adapter_configs(model) if n != name)
         hint = f"set_adapter(model, {others[0]!r}) first" if others else "load a fresh model to drop LoRA entirely"
         raise ConfigError(f"delete_adapter: {name!r} is the active adapter; {hint}")
-    _require_unmerged(model, "delete_adapter")
+    require_unmerged(model, "delete_adapter")
     for layer, module in list(lora_modules(model)):
         if name not in module.slots:
             continue
@@ -141,38 +128,36 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             parent_name, _, child = layer.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.base_layer)
-    heads = getattr(model, "adapter_heads", None)
-    if heads is not None and name in heads:
-        del heads[name]
-    if name == DEFAULT_ADAPTER and is_classifier(model) and not _score_has_lora(model):
+    registry.remove_head(name)
+    if name == DEFAULT_ADAPTER and is_classifier(model) and not score_has_lora(model):
         with torch.no_grad():  # the default adapter's trained head goes; score is the base head again
             model.get_submodule(HEAD_NAME).weight.copy_(model.base_score_weight)
-    model.lora_configs = {n: c for n, c in adapter_configs(model).items() if n != name}
-    set_lora_trainable(model, model.lora_config.train_bias)
+    del registry.configs[name]
+    set_lora_trainable(model, registry.lora_config.train_bias)
     return model
 
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within this context the model computes the base model's outputs (every adapter off, base heads)."""
-    _configs(model, "disable_adapters")
-    _require_unmerged(model, "disable_adapters")
-    residual = _residual(model)
+    registry = require_adapters(model, "disable_adapters")
+    require_unmerged(model, "disable_adapters")
+    residual = registry.residual_adapter()
     if residual is not None:
         raise ConfigError(f"disable_adapters: adapter {residual!r} (init "
-                          f"{adapter_configs(model)[residual].init!r}) left a residual in the base weights, so "
+                          f"{registry.configs[residual].init!r}) left a residual in the base weights, so "
                           "turning it off would not give the base model; load the base model for that")
     modules = [m for _, m in lora_modules(model)]
-    previous = [m.disabled for m in modules], getattr(model, "adapters_disabled", False)
+    previous = [m.disabled for m in modules], registry.disabled
     for module in modules:
         module.disabled = True
-    model.adapters_disabled = True
+    registry.disabled = True
     try:
         yield model
     finally:
         for module, state in zip(modules, previous[0], strict=True):
             module.disabled = state
-        model.adapters_disabled = previous[1]
+        registry.disabled = previous[1]
 
 
 # --- combining ---------------------------------------------------------------------------------------------
@@ -224,9 +209,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], new_name: s
             raise ConfigError(f"combine_adapters method='linear' takes square roots of weight x scaling, which "
                               f"are negative for {negative}; use method='cat'")
     first = next(iter(configs.values()))
-    targets = tuple(t for t in LORA_TARGETS if any(t in c.targets for c in configs.values()))
-    last_n = None if any(c.last_n_blocks is None for c in configs.values()) else \
-        max(c.last_n_blocks for c in configs.values())
+    targets, last_n = covering_selection(configs.values())
     rank = sum(ranks.values()) if method == "cat" else first.rank
     new = LoRAConfig(rank=rank, alpha=float(rank), dropout=first.dropout, targets=targets, last_n_blocks=last_n)
     add_adapter(model, new_name, new)
@@ -256,7 +239,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], new_name: s
                         root = math.sqrt(weight * theirs.scaling)
                         a_new += root * a
                         b_new += root * b
-        heads = getattr(model, "adapter_heads", None)
+        heads = attach_registry(model).heads
         source = next(iter(configs))
         if heads is not None and new_name in heads:
             own = heads[source].weight if source in heads else model.get_submodule(HEAD_NAME).weight

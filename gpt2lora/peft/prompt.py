@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .registry import attach_registry
 
 PROMPT_INITS = ("vocab", "random")
 
@@ -85,7 +86,8 @@ def apply_prompt(model: nn.Module, config: PromptConfig, seed: int | None = None
     """Attach a soft prompt to ``model`` (a GPT2 or classifier), freeze the rest, return ``model``.
 
     Trainable afterwards: ``transformer.prompt.weight`` and a classifier's ``score`` head. ``seed``
-    makes the initialisation reproducible. The config is kept as ``model.prompt_config``.
+    makes the initialisation reproducible. The config is kept in the model's adapter registry (read it as
+    ``model.prompt_config``).
     """
     if not isinstance(config, PromptConfig):
         raise ConfigError(f"apply_prompt: config must be a PromptConfig, got {type(config).__name__}")
@@ -115,5 +117,5 @@ def apply_prompt(model: nn.Module, config: PromptConfig, seed: int | None = None
     head = getattr(model, "score", None)
     if isinstance(head, nn.Module):
         head.requires_grad_(True)
-    model.prompt_config = config
+    attach_registry(model).prompt_config = config
     return model

@@ -14,7 +14,7 @@ from helpers import TINY, ours
 from helpers import hf_twin as hf_model
 from torch import nn
 
-import gpt2lora.peft.lora
+import gpt2lora.peft.mixed
 from gpt2lora import (
     GPT2,
     ConfigError,
@@ -265,7 +265,7 @@ def test_mixed_batch_equals_rows_alone_and_peft(tiny_checkpoint, clf_checkpoint,
 def test_mixed_batch_with_split_pairs_and_a_head_lora(tiny_checkpoint, monkeypatch, path) -> None:
     """Both ways a layer computes a mixed batch: masked products of every adapter, or gathered per-row factors."""
     if path == "gather":
-        monkeypatch.setattr(gpt2lora.peft.lora, "DENSE_WIDTH", 0)
+        monkeypatch.setattr(gpt2lora.peft.mixed, "DENSE_WIDTH", 0)
     adapters = {**PEFT_ADAPTERS, "split": SPLIT,
                 "head": LoRAConfig(rank=2, alpha=2, dropout=0.0, targets=("lm_head", "attn.c_proj"), use_dora=True)}
     model = multi("lm", tiny_checkpoint, adapters)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...constants import ADAPTER_CONFIG_FILE
+from ...constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, RUN_CONFIG_FILE
 from ...data.tasks import CLASSIFICATION_KINDS
 from ...devices import resolve_device, resolve_precision
 from ...errors import CheckpointError, ConfigError
@@ -51,7 +51,7 @@ class Adapter:
 def adapter_source(path: str | os.PathLike) -> tuple[Path, str, list[str]]:
     """The adapter folder inside a run folder or adapter folder ``path``, its kind and its label names."""
     folder = Path(path)
-    run_config = folder / "config.json"
+    run_config = folder / RUN_CONFIG_FILE
     if (folder / ADAPTER_CONFIG_FILE).is_file():
         adapter, labels = folder, []
         if run_config.is_file():  # an adapter folder beside a copy of the base config is still an adapter
@@ -83,9 +83,9 @@ def head_size(adapter: Path) -> int:
     """Number of classes of a classification adapter: the rows of the head it saves."""
     from safetensors import safe_open
 
-    path = adapter / "adapter_model.safetensors"
+    path = adapter / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
-        raise CheckpointError(f"{adapter}: no adapter_model.safetensors")
+        raise CheckpointError(f"{adapter}: no {ADAPTER_WEIGHTS_FILE}")
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             if key.endswith(("score.weight", "score.modules_to_save.weight")):
