@@ -8,12 +8,20 @@ for GPT-2 124M's block weights and 2.9x for its LM head at batch 1. The weight i
 never copied, so LoRA-wrapped and merged layers take the same path: the model's layers are
 :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
+
+Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
+slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed both ways on first use
+and the faster kept (:class:`KernelChoice`, cached per shape, dtype and thread count).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import statistics
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -61,30 +69,77 @@ def takes_few_row_path(x: Any, weight: Any, bias: Any = None) -> bool:
             and (weight.is_contiguous() or (weight.t().is_contiguous() and weight.size(1) % SPLITS == 0)))
 
 
-_decoding = False
-"""True inside ``few_row_products()``; a plain global so ``torch.compile`` guards on it cheaply."""
+class KernelChoice:
+    """Which of several exact implementations of one product is fastest, measured once per key and cached.
+
+    ``pick`` runs every candidate on the call's own inputs (interleaved, ``repeats`` timed runs each after
+    one warm-up), keeps the one with the lowest median time for ``key`` and returns its result; later calls
+    with the same key run only the kept one. The key holds everything the speed depends on (shape, layout,
+    dtype, thread count). Every candidate computes the same product, so the cache decides how fast a call
+    is, never what another model computes beyond float rounding.
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> None:
+        self.timer = timer
+        self.repeats = repeats
+        self.chosen: dict[Hashable, str] = {}
+        self._lock = threading.Lock()
+
+    def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
+        """The result of the fastest candidate for ``key`` (measured now if ``key`` is new)."""
+        name = self.chosen.get(key)
+        if name is not None:
+            return candidates[name]()
+        with self._lock:  # one thread measures a key; the others wait instead of measuring beside it
+            name = self.chosen.get(key)
+            if name is not None:
+                return candidates[name]()
+            times: dict[str, list[float]] = {n: [] for n in candidates}
+            results: dict[str, Tensor] = {n: run() for n, run in candidates.items()}  # warm-up
+            for _ in range(self.repeats):
+                for n, run in candidates.items():
+                    start = self.timer()
+                    results[n] = run()
+                    times[n].append(self.timer() - start)
+            name = min(candidates, key=lambda n: (statistics.median(times[n]), list(candidates).index(n)))
+            self.chosen[key] = name
+            return results[name]
+
+
+KERNELS = KernelChoice()
+"""The process's measured choices: a cache of which kernel is faster per shape and thread count."""
+
+
+_few_rows: ContextVar[KernelChoice | None] = ContextVar("gpt2lora_few_row_products", default=None)
+"""The measurements in force inside ``few_row_products()``: per thread and per context, never process-wide."""
 
 
 @contextmanager
-def few_row_products() -> Iterator[None]:
-    """Within this context, ``linear`` (and so every ``Linear``) uses ``linear_by_halves`` where it pays.
+def few_row_products(kernels: KernelChoice | None = None) -> Iterator[KernelChoice]:
+    """Within this context (this thread only), :func:`linear` picks the faster exact kernel for few rows.
 
-    ``generate`` enters it for decoding; training, gradients, other devices and many-row products
-    go to ``F.linear`` as always.
+    ``generate`` enters it for decoding; other threads, training, gradients, other devices and many-row
+    products go to ``F.linear`` as always. ``kernels``: whose measurements to use (default :data:`KERNELS`).
     """
-    global _decoding
-    previous, _decoding = _decoding, True
+    token = _few_rows.set(kernels or KERNELS)
     try:
-        yield
+        yield _few_rows.get()
     finally:
-        _decoding = previous
+        _few_rows.reset(token)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, or ``linear_by_halves`` inside ``few_row_products()`` for a few CPU rows."""
-    if _decoding and takes_few_row_path(x, weight, bias):
-        return linear_by_halves(x, weight, bias)
-    return F.linear(x, weight, bias)
+    """``F.linear``; inside ``few_row_products()``, for a few CPU rows without gradients, the faster of
+    ``F.linear`` and ``linear_by_halves`` as measured on first use of the shape (see :class:`KernelChoice`)."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    kernels = _few_rows.get()
+    if kernels is None or not takes_few_row_path(x, weight, bias):
+        return F.linear(x, weight, bias)
+    key = ("linear", x.numel() // weight.size(1), *weight.shape, weight.is_contiguous(), weight.dtype,
+           bias is not None, torch.get_num_threads())
+    return kernels.pick(key, {"F.linear": lambda: F.linear(x, weight, bias),
+                              "by_halves": lambda: linear_by_halves(x, weight, bias)})
 
 
 class Linear(nn.Linear):
