@@ -31,6 +31,7 @@ from torch import Tensor, nn
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
 SPLITS = 2
+HALF = (torch.bfloat16, torch.float16)
 
 
 def linear_by_halves(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -131,6 +132,12 @@ def few_row_products(kernels: KernelChoice | None = None) -> Iterator[KernelChoi
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``; inside ``few_row_products()``, for a few CPU rows without gradients, the faster of
     ``F.linear`` and ``linear_by_halves`` as measured on first use of the shape (see :class:`KernelChoice`)."""
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dtype != weight.dtype
+            and weight.dtype in HALF and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)):
+        # A frozen base held in half precision (gpt2lora.training.precision) read by fp32 activations outside
+        # autocast: the product in the weight's dtype, the result and the bias in the input's.
+        out = linear(x.to(weight.dtype), weight).to(x.dtype)
+        return out.add_(bias) if bias is not None else out
     if torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     kernels = _few_rows.get()
