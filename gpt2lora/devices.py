@@ -61,6 +61,20 @@ def resolve_precision(precision: str, device: torch.device, setting: str = "prec
                       "bf16 units) or 'auto'")
 
 
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One line for a run's summary: the precision ``precision`` resolves to on ``device`` and why."""
+    resolved = resolve_precision(precision, device)
+    picked = f"{resolved} (picked by 'auto')" if precision == "auto" else resolved
+    if device.type == "cuda":
+        return f"precision: {picked} on {device}"
+    units = ", ".join(cpu_bf16_units()) or "none"
+    why = ("; auto is fp32 on the CPU so that figures match fp32 references (ask for bf16 by name)"
+           if precision == "auto" else "")
+    held = "; frozen base matrices held in bf16, trainable tensors and optimizer state in fp32" \
+        if resolved == "bf16" else ""
+    return f"precision: {picked} on the CPU (bf16 matrix units: {units}){held}{why}"
+
+
 def autocast(precision: str, device: torch.device) -> Any:
     """The autocast context of a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

@@ -16,7 +16,8 @@ def hold_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     embeddings used only as embeddings stay fp32. A tied LM head shares its matrix with the token embedding,
     which then is read in ``dtype`` too (its sum with the fp32 position embedding stays fp32).
     Outside autocast, :func:`gpt2lora.ops.few_row.linear` computes such a layer in ``dtype`` and returns
-    the input's dtype, so evaluation and generation in fp32 still work on the model.
+    the input's dtype, so evaluation and generation in fp32 still work on the model. Merging LoRA into a held
+    matrix and ``save_pretrained`` write fp32 again (the base values keep their bf16 rounding).
     """
     cast = 0
     seen: set[int] = set()
@@ -28,5 +29,6 @@ def hold_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
                 and weight.dtype == torch.float32 and id(weight) not in seen):
             seen.add(id(weight))
             weight.data = weight.data.to(dtype)
+            weight.held_from = torch.float32  # merging and exporting write the checkpoint's dtype again
             cast += 1
     return cast

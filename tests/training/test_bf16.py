@@ -177,3 +177,63 @@ def test_every_method_trains_in_bf16_with_dropout(bf16_cpu, method):
     half = Trainer(model(), cfg("bf16")).fit(data)
     assert all(torch.isfinite(torch.tensor(half.losses)))
     assert half.losses == pytest.approx(reference.losses, abs=0.1)
+
+
+@pytest.mark.skipif(not cpu_bf16_units(), reason="the command line runs on this CPU: needs bf16 matrix units")
+@pytest.mark.parametrize("task", ["sst2", "alpaca_2k"])
+def test_command_line_trains_and_evaluates_in_bf16_on_the_cpu(tmp_path, task):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import DATA, REPO, VOCAB, require_shared
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = ["train", "--task", task, "--smoke", "--data-root", str(require_shared(DATA)), "--vocab",
+            str(require_shared(VOCAB)), "--out", str(tmp_path), "--quiet", "--run-name", "run", "--rank", "4",
+            "--epochs", "1", "--train-rows", "64", "--eval-rows", "16", "--gen-rows", "4", "--precision", "bf16"]
+    proc = subprocess.run([sys.executable, "-m", "gpt2lora.app.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "- precision: bf16 on the CPU (bf16 matrix units: " in summary
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())["result"]
+    assert 0 < result["eval_loss"] < 20
+
+
+def test_merging_and_exporting_after_bf16_training_keep_the_checkpoint_dtype(bf16_cpu, tmp_path):
+    from safetensors import safe_open
+
+    from gpt2lora import merge_lora
+    from gpt2lora.model.hub import save_pretrained
+
+    model = tiny_model("lm", "lora")
+    Trainer(model, cfg("bf16")).fit(batches("lm")[:2])
+    layer = model.transformer.h[0].mlp.c_fc
+    assert layer.weight.dtype == torch.bfloat16
+    expected = layer.merged_weight()
+    merge_lora(model)
+    assert layer.weight.dtype == torch.float32  # merged in fp32: the update is not rounded to bf16
+    torch.testing.assert_close(layer.weight, expected)
+    save_pretrained(model, tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.float32}
+
+
+def test_a_bf16_checkpoint_merges_and_exports_in_bf16(tmp_path):
+    from safetensors import safe_open
+
+    from gpt2lora import apply_lora, merge_lora
+    from gpt2lora.model.hub import save_pretrained
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(**TINY)).to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8), seed=0)
+    merge_lora(model)
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    save_pretrained(model, tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
