@@ -71,40 +71,55 @@ def takes_few_row_path(x: Any, weight: Any, bias: Any = None) -> bool:
 
 
 class KernelChoice:
-    """Which of several exact implementations of one product is fastest, measured once per key and cached.
+    """Which of several exact implementations of one product is fastest, measured on first uses and cached.
 
-    ``pick`` runs every candidate on the call's own inputs (interleaved, ``repeats`` timed runs each after
-    one warm-up), keeps the one with the lowest median time for ``key`` and returns its result; later calls
-    with the same key run only the kept one. The key holds everything the speed depends on (shape, layout,
-    dtype, thread count). Every candidate computes the same product, so the cache decides how fast a call
-    is, never what another model computes beyond float rounding.
+    The first calls with a new ``key`` take the candidates in turn, each timed where it really runs (in
+    decoding: the weights as cold as they are when each token reads them, the machine as busy as it is), until
+    every candidate has ``samples`` timings after one untimed first run; the candidate with the lowest median
+    is kept for ``key``, and later calls run it alone. The first candidate is the plain one: another replaces it
+    only when faster by more than ``margin`` (a fraction). The key holds everything the speed depends on
+    (shape, layout, dtype, thread count). Every candidate computes the same product, so the cache decides how
+    fast a call is, never what another model computes beyond float rounding.
     """
 
-    def __init__(self, timer: Callable[[], float] = time.perf_counter, repeats: int = 3) -> None:
+    def __init__(self, timer: Callable[[], float] = time.perf_counter, samples: int = 5,
+                 margin: float = 0.03) -> None:
         self.timer = timer
-        self.repeats = repeats
+        self.samples = samples
+        self.margin = margin
         self.chosen: dict[Hashable, str] = {}
+        self._trials: dict[Hashable, dict[str, list[float]]] = {}
         self._lock = threading.Lock()
 
     def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
-        """The result of the fastest candidate for ``key`` (measured now if ``key`` is new)."""
+        """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new."""
         name = self.chosen.get(key)
         if name is not None:
             return candidates[name]()
-        with self._lock:  # one thread measures a key; the others wait instead of measuring beside it
+        with self._lock:
             name = self.chosen.get(key)
-            if name is not None:
-                return candidates[name]()
-            times: dict[str, list[float]] = {n: [] for n in candidates}
-            results: dict[str, Tensor] = {n: run() for n, run in candidates.items()}  # warm-up
-            for _ in range(self.repeats):
-                for n, run in candidates.items():
-                    start = self.timer()
-                    results[n] = run()
-                    times[n].append(self.timer() - start)
-            name = min(candidates, key=lambda n: (statistics.median(times[n]), list(candidates).index(n)))
-            self.chosen[key] = name
-            return results[name]
+            if name is None:
+                trials = self._trials.setdefault(key, {n: [] for n in candidates})
+                timing = min(candidates, key=lambda n: len(trials[n]))  # round robin
+        if name is not None:
+            return candidates[name]()
+        name = timing
+        start = self.timer()
+        out = candidates[name]()
+        elapsed = self.timer() - start
+        with self._lock:
+            trials = self._trials.get(key)
+            if trials is not None and key not in self.chosen:
+                trials[name].append(elapsed)
+                if all(len(t) > self.samples for t in trials.values()):  # the first run of each is a warm-up
+                    self.chosen[key] = self._fastest({n: statistics.median(t[1:]) for n, t in trials.items()})
+                    del self._trials[key]
+        return out
+
+    def _fastest(self, medians: dict[str, float]) -> str:
+        plain = next(iter(medians))
+        best = min(medians, key=medians.__getitem__)
+        return best if medians[best] < medians[plain] * (1 - self.margin) else plain
 
 
 KERNELS = KernelChoice()

@@ -115,39 +115,45 @@ def test_the_slower_kernel_is_never_chosen_and_the_choice_is_cached(monkeypatch,
     kernels, calls = fake_clock(monkeypatch, halves_cost)
     layer = Linear(256, 512)
     x = torch.randn(1, 256)
+    trial_calls = 2 * (kernels.samples + 1)  # each candidate: one warm-up + `samples` timed calls, in turn
     with torch.no_grad(), few_row_products(kernels):
         expected = F.linear(x, layer.weight, layer.bias)
-        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
-        measured = len(calls)
-        assert measured == 1 + kernels.repeats  # warm-up + timed runs, once
+        for _ in range(trial_calls):
+            assert kernels.chosen == {}
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+        assert len(calls) == kernels.samples + 1  # the split kernel took every other call
         for _ in range(5):
             torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
     (key, name), = kernels.chosen.items()
     assert name == ("F.linear" if halves_cost > 0 else "by_halves")
     assert key[-1] == torch.get_num_threads()  # cached per thread count (and shape)
-    assert len(calls) == measured + (5 if name == "by_halves" else 0)  # no second measurement
+    assert len(calls) == kernels.samples + 1 + (5 if name == "by_halves" else 0)  # never measured again
 
 
 def test_choice_is_measured_again_for_another_shape_or_thread_count(monkeypatch):
     kernels, calls = fake_clock(monkeypatch, 3.0)
     layer = Linear(256, 512)
     threads = torch.get_num_threads()
+    trial_calls = 2 * (kernels.samples + 1)
     with torch.no_grad(), few_row_products(kernels):
-        layer(torch.randn(1, 256))
-        layer(torch.randn(2, 256))
+        for rows in (1, 2):
+            for _ in range(trial_calls + 3):
+                layer(torch.randn(rows, 256))
         torch.set_num_threads(threads + 1)
         try:
-            layer(torch.randn(1, 256))
+            for _ in range(trial_calls):
+                layer(torch.randn(1, 256))
         finally:
             torch.set_num_threads(threads)
         layer(torch.randn(1, 256))
     assert len(kernels.chosen) == 3 and set(kernels.chosen.values()) == {"F.linear"}
-    assert len(calls) == 3 * (1 + kernels.repeats)
+    assert len(calls) == 3 * (kernels.samples + 1)
 
 
-def test_pick_takes_the_median_so_one_slow_outlier_does_not_decide():
+def test_pick_takes_the_median_after_a_warm_up_and_prefers_the_plain_kernel_on_a_tie():
     clock = [0.0]
-    costs = {"a": iter([1, 50, 1, 1]), "b": iter([2, 2, 2, 2])}  # "a" has one outlier, still faster
+    # "b" has a slow first run (warm-up, not counted) and one outlier, and is still faster than "a"
+    costs = {"a": iter([2, 2, 2, 2, 2, 2]), "b": iter([90, 1, 50, 1, 1, 1])}
 
     def run(name):
         def go():
@@ -155,9 +161,15 @@ def test_pick_takes_the_median_so_one_slow_outlier_does_not_decide():
             return torch.zeros(1)
         return go
 
-    kernels = few_row.KernelChoice(timer=lambda: clock[0], repeats=3)
-    kernels.pick("k", {"a": run("a"), "b": run("b")})
-    assert kernels.chosen == {"k": "a"}
+    kernels = few_row.KernelChoice(timer=lambda: clock[0], samples=5)
+    for _ in range(12):
+        kernels.pick("k", {"a": run("a"), "b": run("b")})
+    assert kernels.chosen == {"k": "b"}
+    tie = few_row.KernelChoice(timer=lambda: clock[0], samples=2, margin=0.1)
+    costs.update(a=iter([1.0] * 3), b=iter([0.95] * 3))  # 5% faster is within the margin: the plain one stays
+    for _ in range(6):
+        tie.pick("k", {"a": run("a"), "b": run("b")})
+    assert tie.chosen == {"k": "a"}
 
 
 def test_model_layers_are_plain_linears_with_the_same_state_dict(wide_checkpoint):
