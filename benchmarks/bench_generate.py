@@ -25,20 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import interleaved, machine_line, write_section
 
 from gpt2lora import GPT2, generate
+from gpt2lora.devices import cpu_bf16_units
 
 NOTES = """\
-Where the time goes (torch.profiler, batch 1, 124M shape, 128 new tokens): before the change below,
-over 90 % of each step was the matrix-vector products of the block linears and the LM head, i.e.
-reading 500 MB of weights per token; attention, LayerNorm, GELU, cache writes and Python together take
-about 1.4 ms a token (transformers: 2.8 ms, measured on a 12-layer model with tiny matrices).
-`F.linear` on one row runs BLAS's single-threaded matrix-vector kernel: about 21 ms a token for the
-block weights (stored (in, out), as the checkpoint's Conv1D) and 14 ms for the (vocab, n_embd) LM head.
-generate now runs every CPU product of at most 32 rows as one `bmm` over two halves of the weight
-(`gpt2lora/rowlinear.py`: the model's `Linear` layers and LoRA's base products take that path inside
-`few_row_products()`, which generate enters; weights are viewed, not copied): 14-15 ms and 4.5-5 ms,
-measured on 48 distinct weights so the 32 MB L3 cache cannot flatter it. A plain streaming read of the
-same weights takes 8-12 ms, so the products still run above the bandwidth bound. Already in place: one
-preallocated KV cache, LM head applied to the last prompt position only, no mask tensor at batch 1.
+Decoding one row is bound by reading the weights: every new token reads every block matrix and the
+(vocab, n_embd) LM head once. The ceiling printed above is the machine's read bandwidth (a `sum` over
+1 GB of fp32, same thread count, timed interleaved with the batch-1 runs so that both see the same load)
+divided by those bytes; the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache writes and Python add about 1.4 ms a token.
+Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
+product into a two-block `bmm` was 1.4-2.9x faster than `F.linear` on an AVX2 EPYC and is slower for
+most shapes on an AMX Xeon. generate therefore times both on first use of each shape (dtype, rows,
+thread count) and keeps the faster (`gpt2lora/ops/few_row.py`, `KernelChoice`), so it is never slower
+than plain `F.linear` decoding beyond the one-time measurement (a few ms per shape). The choice is
+scoped to the generate call's thread: other threads and models keep `F.linear`.
 With the CPU shared by other processes, 2 intra-op threads can be slower than 1 (`--threads 1`).\
 """
 
@@ -67,7 +66,9 @@ def prompts(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Te
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, repeats: int,
+                     read: torch.Tensor | None = None) -> dict:
+    """tok/s of both sides; with ``read``, also a ``sum`` over it timed between them (read bandwidth)."""
     ids, mask = prompts(batch, prompt_len, ours.config.vocab_size)
     outputs: dict[str, torch.Tensor] = {}
 
@@ -79,15 +80,21 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
             outputs["ref"] = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                           pad_token_id=0)
 
-    timings = interleaved({"gpt2lora": run_ours, "transformers": run_ref}, repeats=repeats)
+    contenders = {"gpt2lora": run_ours, "transformers": run_ref}
+    if read is not None:
+        contenders["read"] = lambda: read.sum()
+    timings = interleaved(contenders, repeats=repeats)
     if outputs["ours"].shape != (batch, prompt_len + new) or not torch.equal(outputs["ours"], outputs["ref"]):
         raise SystemExit(f"batch {batch}: gpt2lora and transformers generated different tokens")
     tokens = batch * new
-    return {name: (t, tokens / t.median) for name, t in timings.items()}
+    result = {name: (t, tokens / t.median) for name, t in timings.items() if name != "read"}
+    if read is not None:
+        result["bandwidth"] = read.numel() * read.element_size() / timings["read"].median
+    return result
 
 
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
-    """Batch 1 with and without the few-row linear path (``rowlinear.few_row_products``) that generate uses."""
+    """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
     module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
     few_row = module.few_row_products
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
@@ -106,8 +113,48 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     if not torch.equal(outputs["with"], outputs["without"]):
         raise SystemExit("the few-row linear path changed the generated tokens")
     with_, without = (new / timings[k].median for k in ("with", "without"))
-    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the few-row linear path, "
-            f"{without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×); tokens identical.")
+    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the measured few-row kernel choice, "
+            f"{without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×; goal: never below 1×); tokens "
+            "identical.")
+
+
+READ_MB = 1024
+"""The buffer whose ``sum`` measures read bandwidth: larger than the model and than this CPU's L3 (480 MB)."""
+
+
+def bytes_per_token(model: GPT2) -> int:
+    """Weight bytes one decoding step reads: every parameter but the position table (one row of it is read)."""
+    wpe = model.transformer.wpe.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
+
+
+def ceiling_line(model: GPT2, bandwidth: float, tok_s: float, label: str) -> str:
+    per_token = bytes_per_token(model)
+    ceiling = bandwidth / per_token
+    return (f"{label}: {per_token / 1e6:,.0f} MB read per token, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+            f"ceiling {ceiling:.1f} tok/s; gpt2lora {tok_s:.1f} tok/s = {100 * tok_s / ceiling:.0f}% of it")
+
+
+def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int, bandwidth: float) -> str:
+    """Batch 1 with the weights loaded in bf16 against the same model in fp32, interleaved (``bandwidth``:
+    measured beside the fp32 batch-1 row)."""
+    half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
+    outputs = {}
+
+    def run(name: str, model: GPT2):
+        def go() -> None:
+            outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
+        return go
+
+    timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half)}, repeats=repeats)
+    fp32, bf16 = (new / timings[k].median for k in ("fp32", "bf16"))
+    same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
+    units = ", ".join(cpu_bf16_units()) or "none"
+    return (f"bf16 weights (batch 1, same run, bf16 units: {units}): {bf16:.1f} tok/s vs fp32 {fp32:.1f} tok/s "
+            f"({bf16 / fp32:.2f}×; goal ≥ 1.6× where the CPU has a fast bf16 path); the first {same} of {new} "
+            f"tokens equal fp32's (random weights: tiny logit margins). "
+            + ceiling_line(half, bandwidth, bf16, "bf16"))
 
 
 def bench_load(folder: Path, repeats: int) -> dict:
@@ -124,11 +171,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
     parser.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per prompt")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender (median)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
-                        help="skip the with/without transposed LM head comparison")
+                        help="skip the measured-kernel vs plain F.linear comparison")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="skip the bf16-weights row (run where torch reports bf16 matrix units)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -150,12 +199,24 @@ def main(argv: list[str] | None = None) -> str:
         if args.ablation and 1 in args.batches:
             notes.append(ablation_note(ours, args.prompt, args.new, args.repeats))
             print(notes[-1], flush=True)
+        read = torch.ones(READ_MB * 2**20 // 4)
+        bandwidth = 0.0
         for batch in args.batches:
-            result = bench_generation(ours, ref, batch, args.prompt, args.new, args.repeats)
+            result = bench_generation(ours, ref, batch, args.prompt, args.new, args.repeats,
+                                      read if batch == 1 else None)
+            bandwidth = result.get("bandwidth", bandwidth)
             (t_ours, tps_ours), (t_ref, tps_ref) = result["gpt2lora"], result["transformers"]
             rows.append(f"| greedy, batch {batch} | {tps_ours:.1f} tok/s ({t_ours.median:.2f} s) "
                         f"| {tps_ref:.1f} tok/s ({t_ref.median:.2f} s) | {tps_ours / tps_ref:.2f}× |")
             print(rows[-1], flush=True)
+            if batch == 1:
+                notes.append(ceiling_line(ours, bandwidth, tps_ours, "Memory bound, fp32 batch 1")
+                             + f" (goal ≥ 85%; transformers {tps_ref:.1f} tok/s).")
+                print(notes[-1], flush=True)
+        del read
+        if args.bf16 and 1 in args.batches:
+            notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
+            print(notes[-1], flush=True)
         load = bench_load(folder, args.repeats)
         load_after = os.getloadavg()[0]
         ratio = load["transformers"].median / load["gpt2lora"].median
@@ -176,7 +237,7 @@ def main(argv: list[str] | None = None) -> str:
         "|---|---|---|---|",
         *rows,
         "",
-        *notes,
+        *[f"{note}  " for note in notes],
         "",
         NOTES,
     ])

@@ -486,7 +486,7 @@ def memory_rows(results: dict[str, dict[str, dict]]) -> list[str]:
 
 
 def section(results: dict, command: str, args: argparse.Namespace, load: tuple[float, float]) -> str:
-    device = f"{args.device}, {args.precision}" + (" (autocast; fp32 weights)" if args.precision != "fp32" else "")
+    device = f"{args.device}, {args.precision}" + (" (autocast; gpt2lora holds its frozen base in bf16, the reference fp32 weights)" if args.precision != "fp32" else "")
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {machine_line()}; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after  ",

@@ -122,7 +122,7 @@ def table(results: list[StepResult]) -> list[str]:
 def section(results: list[StepResult], command: str, repeats: int, scale_repeats: int) -> str:
     r0 = results[0]
     device = (f"{r0.device}, {r0.precision}"
-              + (" (autocast; fp32 weights)" if r0.precision != "fp32" else ""))
+              + (" (autocast; gpt2lora holds its frozen base in bf16, the reference fp32 weights)" if r0.precision != "fp32" else ""))
     return "\n".join([
         f"Command: `{command}`  ",
         f"Machine: {machine_line()}  ",

@@ -66,9 +66,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU flags that decide which kernels are fast (AVX2 / AVX-512 fp32, AVX512-BF16 and AMX bf16 products)."""
+
+
+def cpu_flags() -> str:
+    """Which of :data:`FLAGS` the CPU has, as ``flags avx2 avx512f -avx512_bf16 ...`` (``-`` = absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            present = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return "flags unknown"
+    return "flags " + " ".join(flag if flag in present else f"-{flag}" for flag in FLAGS)
+
+
 def machine_line() -> str:
-    """One line naming the CPU, core count, torch version and threads the figures were taken with."""
-    return (f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+    """One line naming the CPU and its flags, core count, torch version and threads the figures were taken with."""
+    return (f"{cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores visible, torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}")
 
 

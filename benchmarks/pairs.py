@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gpt2lora as gl
+from gpt2lora.training.precision import hold_frozen_weights
 
 #: transformers.GPT2Config overrides per benchmark shape (its defaults are the 124M shape).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -114,6 +115,8 @@ def lora_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float 
     if method == "lora":
         gl.apply_lora(ours, gl.LoRAConfig(rank=rank, alpha=alpha, dropout=lora_dropout, targets=TARGETS),
                       seed=seed)
+    if autocast == torch.bfloat16:  # what gpt2lora's Trainer does under precision="bf16"
+        hold_frozen_weights(ours)
     sides = {"gpt2lora": Side("gpt2lora", ours, adamw(ours), ours_loss(ours, autocast))}
     if reference and method == "lora":
         sides["transformers+peft"] = peft_side(hf, ours, rank, alpha, lora_dropout, device, autocast)
@@ -231,6 +234,8 @@ def lm_pair(shape: str, rank: int = 8, alpha: float = 16, lora_dropout: float = 
     for model in models:
         model.to(device).train()
         gl.apply_lora(model, lora, seed=seed)
+        if autocast == torch.bfloat16:  # what gpt2lora's Trainer does under precision="bf16"
+            hold_frozen_weights(model)
     ours = models[0]
     sides = {"gpt2lora": Side("gpt2lora", ours, adamw(ours), ours_lm_loss(ours, autocast), clip)}
     if full_logits:

@@ -6,7 +6,7 @@
 
 Sections: training step (bench_train), epoch on SST-2 (bench_epoch), generation (bench_generate), memory
 (bench_memory, one process per configuration), LM fine-tuning (bench_lm: instruction / SQuAD steps, an
-alpaca_2k epoch, LM memory) and GPU (bench_train on CUDA in bf16 when a GPU is present; the full GPU run
+alpaca_2k epoch, LM memory), bf16 training on the CPU (bench_bf16, where torch sees bf16 units) and GPU (bench_train on CUDA in bf16 when a GPU is present; the full GPU run
 is benchmarks/gpu.sh).
 """
 
@@ -24,12 +24,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_bf16
 import bench_epoch
 import bench_generate
 import bench_lm
 import bench_memory
 import bench_train
 from common import HEADER, RESULTS, machine_line
+
+from gpt2lora.devices import cpu_bf16_units
 
 GOALS = {
     "train": 1.2,        # training step vs transformers + peft
@@ -118,6 +121,24 @@ def generation_speedup(body: str, batch: int = 1) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def decoding_goals(body: str) -> list[str]:
+    """Goal lines of bench_generate's notes: share of the memory ceiling, bf16 weights, the kernel choice."""
+    out = []
+    ceiling = re.search(r"Memory bound, fp32 batch 1: .*?= (\d+)% of it", body)
+    if ceiling:
+        share = int(ceiling.group(1))
+        out.append(f"fp32 batch-1 decoding at ≥ 85% of the read-bandwidth ceiling: **{'met' if share >= 85 else 'not met'}** "
+                   f"({share}%).")
+    bf16 = re.search(r"bf16 weights .*?\(([\d.]+)×; goal", body)
+    if bf16:
+        out.append(f"bf16 weights vs fp32 decoding: {verdict(float(bf16.group(1)), 1.6)}.")
+    ablation = re.search(r"with plain F\.linear \(([\d.]+)×", body)
+    if ablation:
+        out.append(f"generation with the measured kernel choice vs plain F.linear decoding: "
+                   f"{verdict(float(ablation.group(1)), 1.0)}.")
+    return out
+
+
 def lm_goals(results: dict, first: int) -> list[str]:
     """Numbered goal lines of bench_lm's results: LM step, LM memory, alpaca epoch."""
     out = []
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output", type=Path, default=None,
                         help=f"file to write (default {RESULTS.name} for a full run, nothing for --quick)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["train", "epoch", "generate", "memory", "lm", "gpu"])
+                        choices=["train", "epoch", "generate", "memory", "lm", "bf16", "gpu"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     output = args.output if args.output is not None else (None if args.quick else RESULTS)
@@ -195,6 +216,7 @@ def main(argv: list[str] | None = None) -> str:
         speedup = generation_speedup(body)
         if speedup is not None:
             goals.append(f"3. Greedy generation, batch 1, vs transformers: {verdict(speedup, GOALS['generate'])}.")
+        goals += [f"   - {line}" for line in decoding_goals(body)]
 
     if "memory" not in args.skip:
         mem_args = ["--shape", small, "--no-write", *threads, "--steps", "1" if args.quick else "3"]
@@ -217,6 +239,14 @@ def main(argv: list[str] | None = None) -> str:
         body, results = bench_lm.main(lm_args)
         sections["LM fine-tuning"] = retitle(body, command) + "\n\n" + LM_NOTES
         goals += lm_goals(results, 5)
+
+    if "bf16" not in args.skip and cpu_bf16_units():
+        bf16_args = ["--shape", small, "--no-write", *threads, "--repeats", "1" if args.quick else "3"]
+        if args.quick:
+            bf16_args.append("--skip-lm")
+        body, bf16_goals = bench_bf16.main(bf16_args)
+        sections["bf16 training on the CPU"] = retitle(body, command)
+        goals += [f"{8 + i}. {line}" for i, line in enumerate(bf16_goals)]
 
     if "gpu" not in args.skip:
         if torch.cuda.is_available():

@@ -310,7 +310,8 @@ class TrainConfig:
     momentum: float = 0.9
     """Momentum of ``sgd_momentum``."""
     precision: str = "auto"
-    """``auto`` (bf16 autocast on CUDA if supported, else fp32), ``fp32``, ``bf16`` or ``fp16`` (CUDA only)."""
+    """``auto`` (bf16 autocast on CUDA if supported, else fp32), ``fp32``, ``bf16`` (CUDA, or a CPU with bf16
+    matrix units: the frozen base is then held in bf16) or ``fp16`` (CUDA only)."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
     eval_every_steps: int | None = None

@@ -40,13 +40,53 @@ def set_threads(threads: int | None, setting: str = "threads") -> None:
     torch.set_num_threads(threads)
 
 
+def cpu_bf16_units() -> list[str]:
+    """The bf16 matrix units torch can use on this CPU: ``amx_bf16`` and/or ``avx512_bf16`` (empty when none).
+
+    Without them torch computes bf16 products by converting to fp32 and back: slower than fp32 itself.
+    """
+    units = []
+    for name, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            units.append(name)
+    return units
+
+
 def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
-    """``fp32``, ``bf16`` or ``fp16``; half precision only on CUDA (CPU trains in fp32)."""
+    """``fp32``, ``bf16`` or ``fp16`` for ``device``.
+
+    CUDA: all three; ``auto`` is bf16 where the GPU supports it, else fp32. CPU: fp32, and bf16 where the CPU
+    has bf16 matrix units (:func:`cpu_bf16_units`; refused elsewhere, where it would be slower than fp32);
+    fp16 is refused. ``auto`` on the CPU is fp32: bf16 changes every loss and metric in the second or third
+    digit, and on the CPU (unlike CUDA) a run's figures are expected to match fp32 references, so bf16 is
+    asked for by name (about 2x faster training on an AMX CPU; see benchmarks/RESULTS.md).
+    """
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"{setting}={precision!r} needs a CUDA device; on {device} use 'fp32' or 'auto'")
-    return precision
+    if precision == "fp32" or device.type == "cuda":
+        return precision
+    if precision == "bf16":
+        if not cpu_bf16_units():
+            raise ConfigError(f"{setting}='bf16' on {device}: this CPU has no bf16 matrix units (avx512_bf16 or "
+                              "amx_bf16), where bf16 runs slower than fp32; use 'fp32' or 'auto'")
+        return precision
+    raise ConfigError(f"{setting}={precision!r} needs a CUDA device; on {device} use 'fp32', 'bf16' (CPUs with "
+                      "bf16 units) or 'auto'")
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One line for a run's summary: the precision ``precision`` resolves to on ``device`` and why."""
+    resolved = resolve_precision(precision, device)
+    picked = f"{resolved} (picked by 'auto')" if precision == "auto" else resolved
+    if device.type == "cuda":
+        return f"precision: {picked} on {device}"
+    units = ", ".join(cpu_bf16_units()) or "none"
+    why = ("; auto is fp32 on the CPU so that figures match fp32 references (ask for bf16 by name)"
+           if precision == "auto" else "")
+    held = "; frozen base matrices held in bf16, trainable tensors and optimizer state in fp32" \
+        if resolved == "bf16" else ""
+    return f"precision: {picked} on the CPU (bf16 matrix units: {units}){held}{why}"
 
 
 def autocast(precision: str, device: torch.device) -> Any:

@@ -28,7 +28,7 @@ from ..config import GPT2Config, LoRAConfig, is_residual_init
 from ..constants import HISTORY_FILE, RESPONSES_FILE
 from ..data.batching import BucketedBatches
 from ..data.tasks import CLASSIFICATION_KINDS, TASKS, Dataset, Tokenizer, data_root, encode, load_split
-from ..devices import resolve_device, set_threads
+from ..devices import describe_precision, resolve_device, set_threads
 from ..errors import CheckpointNotFoundError, ConfigError, DataError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2
@@ -377,7 +377,7 @@ def _notes(parts: _Parts, params: ParameterCount, history: History | None) -> li
     rows = f"{len(parts.train_set)} train rows, " if parts.train_set is not None else ""
     notes = [(f"{where} ({parts.kind}), {rows}evaluated on {len(parts.eval_set)} {parts.eval_set.split} rows "
              f"(read from {parts.eval_set.source}); base model {parts.checkpoint}; max_length {parts.max_length}"),
-             f"{params}"]
+             f"{params}", describe_precision(parts.config.train.precision, parts.device)]
     if history is not None:
         notes.append(memory_note(history))
     return notes

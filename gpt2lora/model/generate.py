@@ -125,7 +125,7 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
             raise ConfigError(f"attention_mask rows {empty} have no real token; every prompt needs at "
                               "least one token")
         input_ids, attention_mask = left_align(input_ids, attention_mask)
-    weight = model.lm_head.weight
+    weight = model.transformer.wpe.weight  # the activations' dtype (a frozen base may be held in bf16)
     cache = KVCache(model.config, batch, virtual + prompt_len + max_new_tokens, weight.dtype, weight.device)
     # Decoding feeds one position per row: its products are bound by reading the weights, which
     # few_row_products does faster on CPU (and leaves to F.linear elsewhere).

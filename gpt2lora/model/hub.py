@@ -399,12 +399,14 @@ def exportable_state(model: nn.Module) -> dict[str, Tensor]:
     if getattr(getattr(model, "transformer", None), "prompt", None) is not None:
         raise CheckpointError("the model has a soft prompt (method 'prompt'), which a plain GPT-2 checkpoint "
                               "cannot hold; save it with save_adapter instead")
+    # Matrices bf16 training held in bf16 (gpt2lora.training.precision) are written in the checkpoint's dtype.
+    held = {p.data_ptr(): p.held_from for p in model.parameters() if getattr(p, "held_from", None) is not None}
     state = {}
     for key, tensor in expected_state(model).items():
         if ".lora_" in key or key.startswith("adapter_heads."):
             continue
         # LoRALinear keeps the base weight under "<name>.weight"; nothing else to rename.
-        state[key] = tensor.detach()
+        state[key] = tensor.detach().to(held.get(tensor.data_ptr(), tensor.dtype))
     heads = getattr(model, "adapter_heads", None)
     active = getattr(model, "active_adapter", None)
     if heads is not None and active in heads:  # a named adapter is merged: export its own head as score

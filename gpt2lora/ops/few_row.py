@@ -8,12 +8,20 @@ for GPT-2 124M's block weights and 2.9x for its LM head at batch 1. The weight i
 never copied, so LoRA-wrapped and merged layers take the same path: the model's layers are
 :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
+
+Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
+slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed both ways on first use
+and the faster kept (:class:`KernelChoice`, cached per shape, dtype and thread count).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import statistics
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -23,6 +31,7 @@ from torch import Tensor, nn
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
 SPLITS = 2
+HALF = (torch.bfloat16, torch.float16)
 
 
 def linear_by_halves(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -61,30 +70,98 @@ def takes_few_row_path(x: Any, weight: Any, bias: Any = None) -> bool:
             and (weight.is_contiguous() or (weight.t().is_contiguous() and weight.size(1) % SPLITS == 0)))
 
 
-_decoding = False
-"""True inside ``few_row_products()``; a plain global so ``torch.compile`` guards on it cheaply."""
+class KernelChoice:
+    """Which of several exact implementations of one product is fastest, measured on first uses and cached.
+
+    The first calls with a new ``key`` take the candidates in turn, each timed where it really runs (in
+    decoding: the weights as cold as they are when each token reads them, the machine as busy as it is), until
+    every candidate has ``samples`` timings after one untimed first run; the candidate with the lowest median
+    is kept for ``key``, and later calls run it alone. The first candidate is the plain one: another replaces it
+    only when faster by more than ``margin`` (a fraction). The key holds everything the speed depends on
+    (shape, layout, dtype, thread count). Every candidate computes the same product, so the cache decides how
+    fast a call is, never what another model computes beyond float rounding.
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter, samples: int = 5,
+                 margin: float = 0.03) -> None:
+        self.timer = timer
+        self.samples = samples
+        self.margin = margin
+        self.chosen: dict[Hashable, str] = {}
+        self._trials: dict[Hashable, dict[str, list[float]]] = {}
+        self._lock = threading.Lock()
+
+    def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
+        """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new."""
+        name = self.chosen.get(key)
+        if name is not None:
+            return candidates[name]()
+        with self._lock:
+            name = self.chosen.get(key)
+            if name is None:
+                trials = self._trials.setdefault(key, {n: [] for n in candidates})
+                timing = min(candidates, key=lambda n: len(trials[n]))  # round robin
+        if name is not None:
+            return candidates[name]()
+        name = timing
+        start = self.timer()
+        out = candidates[name]()
+        elapsed = self.timer() - start
+        with self._lock:
+            trials = self._trials.get(key)
+            if trials is not None and key not in self.chosen:
+                trials[name].append(elapsed)
+                if all(len(t) > self.samples for t in trials.values()):  # the first run of each is a warm-up
+                    self.chosen[key] = self._fastest({n: statistics.median(t[1:]) for n, t in trials.items()})
+                    del self._trials[key]
+        return out
+
+    def _fastest(self, medians: dict[str, float]) -> str:
+        plain = next(iter(medians))
+        best = min(medians, key=medians.__getitem__)
+        return best if medians[best] < medians[plain] * (1 - self.margin) else plain
+
+
+KERNELS = KernelChoice()
+"""The process's measured choices: a cache of which kernel is faster per shape and thread count."""
+
+
+_few_rows: ContextVar[KernelChoice | None] = ContextVar("gpt2lora_few_row_products", default=None)
+"""The measurements in force inside ``few_row_products()``: per thread and per context, never process-wide."""
 
 
 @contextmanager
-def few_row_products() -> Iterator[None]:
-    """Within this context, ``linear`` (and so every ``Linear``) uses ``linear_by_halves`` where it pays.
+def few_row_products(kernels: KernelChoice | None = None) -> Iterator[KernelChoice]:
+    """Within this context (this thread only), :func:`linear` picks the faster exact kernel for few rows.
 
-    ``generate`` enters it for decoding; training, gradients, other devices and many-row products
-    go to ``F.linear`` as always.
+    ``generate`` enters it for decoding; other threads, training, gradients, other devices and many-row
+    products go to ``F.linear`` as always. ``kernels``: whose measurements to use (default :data:`KERNELS`).
     """
-    global _decoding
-    previous, _decoding = _decoding, True
+    token = _few_rows.set(kernels or KERNELS)
     try:
-        yield
+        yield _few_rows.get()
     finally:
-        _decoding = previous
+        _few_rows.reset(token)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, or ``linear_by_halves`` inside ``few_row_products()`` for a few CPU rows."""
-    if _decoding and takes_few_row_path(x, weight, bias):
-        return linear_by_halves(x, weight, bias)
-    return F.linear(x, weight, bias)
+    """``F.linear``; inside ``few_row_products()``, for a few CPU rows without gradients, the faster of
+    ``F.linear`` and ``linear_by_halves`` as measured on first use of the shape (see :class:`KernelChoice`)."""
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dtype != weight.dtype
+            and weight.dtype in HALF and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)):
+        # A frozen base held in half precision (gpt2lora.training.precision) read by fp32 activations outside
+        # autocast: the product in the weight's dtype, the result and the bias in the input's.
+        out = linear(x.to(weight.dtype), weight).to(x.dtype)
+        return out.add_(bias) if bias is not None else out
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    kernels = _few_rows.get()
+    if kernels is None or not takes_few_row_path(x, weight, bias):
+        return F.linear(x, weight, bias)
+    key = ("linear", x.numel() // weight.size(1), *weight.shape, weight.is_contiguous(), weight.dtype,
+           bias is not None, torch.get_num_threads())
+    return kernels.pick(key, {"F.linear": lambda: F.linear(x, weight, bias),
+                              "by_halves": lambda: linear_by_halves(x, weight, bias)})
 
 
 class Linear(nn.Linear):

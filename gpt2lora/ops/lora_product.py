@@ -23,11 +23,20 @@ class LoRAProduct(torch.autograd.Function):
 
     ``weight`` (out, in), ``bias`` (out,) or None, ``lora_a`` (rank, in), ``lora_b`` (out, rank). Every
     tensor may or may not need a gradient; the frozen base of LoRA training gets none computed.
+
+    Mixed precision (bf16 training with the base held in bf16): ``x``, ``h`` and ``weight`` in the compute
+    dtype, ``bias``/``lora_a``/``lora_b`` in fp32. The products run in the compute dtype, as autocast would
+    run them, and each fp32 tensor's gradient comes back in fp32.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                 lora_b: Tensor, scaling: float) -> Tensor:
+        ctx.dtypes = (None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
+        if lora_a.dtype != x.dtype:
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         down = (h @ lora_a.t()).mul_(scaling)
         out.addmm_(down, lora_b.t())
@@ -57,4 +66,11 @@ class LoRAProduct(torch.autograd.Function):
             grad_w = grad.t() @ x
         if need_bias:  # False for a None bias
             grad_bias = grad.sum(0)
+        bias_dtype, a_dtype, b_dtype = ctx.dtypes
+        if grad_a is not None and grad_a.dtype != a_dtype:
+            grad_a = grad_a.to(a_dtype)
+        if grad_b is not None and grad_b.dtype != b_dtype:
+            grad_b = grad_b.to(b_dtype)
+        if grad_bias is not None and grad_bias.dtype != bias_dtype:
+            grad_bias = grad_bias.to(bias_dtype)
         return grad_x, grad_h, grad_w, grad_bias, grad_a, grad_b, None

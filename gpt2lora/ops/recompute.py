@@ -11,9 +11,11 @@ third less saved activation memory for one extra LayerNorm/activation forward pe
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +50,11 @@ class OutputRegistry:
 
     def __init__(self) -> None:
         self.outputs: dict[int, tuple[weakref.ref, nn.Module, Tensor]] = {}
+        self.thread = threading.get_ident()
 
     def record(self, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, Tensor) and len(inputs) == 1 and isinstance(inputs[0], Tensor):
+        # The hooks sit on the layers; a forward of the same layers in another thread is not this pass.
+        if threading.get_ident() == self.thread and isinstance(output, Tensor) and len(inputs) == 1 and isinstance(inputs[0], Tensor):
             self.outputs[id(output)] = (weakref.ref(output), layer, inputs[0])
 
     def pack(self, tensor: Tensor) -> Tensor | RecomputeRule:
@@ -63,7 +67,7 @@ class OutputRegistry:
             device = tensor.device.type
             saved = RecomputeRule(layer, source, source._version, tensor.size(), tensor.stride(), tensor.storage_offset(),
                            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
-        for counter in _COUNTERS:
+        for counter in _counters.get():
             counter.see(saved)
         return saved
 
@@ -123,7 +127,8 @@ class SavedTensors:
         return tensor
 
 
-_COUNTERS: list[SavedTensors] = []
+_counters: ContextVar[tuple[SavedTensors, ...]] = ContextVar("gpt2lora_saved_tensor_counters", default=())
+"""The counters open in this thread (context): autograd's saved-tensor hooks are per thread too."""
 
 
 @contextmanager
@@ -133,9 +138,9 @@ def count_saved_tensors(parameters: Iterable[Tensor] = ()) -> Iterator[SavedTens
     ``parameters`` (e.g. ``model.parameters()``) are left out: weights are not activations.
     """
     counter = SavedTensors(parameters)
-    _COUNTERS.append(counter)
+    token = _counters.set((*_counters.get(), counter))
     try:
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             yield counter
     finally:
-        _COUNTERS.remove(counter)
+        _counters.reset(token)

@@ -253,8 +253,19 @@ class LoRALinear(nn.Module):
         if slot is None:
             return linear(x, self.weight, self.bias)
         owner = slot.owner
+        device = x.device.type
+        if (slot.plain and torch.is_autocast_enabled(device) and self.weight.dtype != owner.lora_A.dtype
+                and self.weight.dtype == torch.get_autocast_dtype(device)):
+            # Mixed precision with the base held in the autocast dtype (gpt2lora.training.precision): the
+            # fused product below in that dtype, fp32 adapter tensors cast inside, their gradients fp32.
+            rows = x.reshape(-1, self.in_features).to(self.weight.dtype)
+            drop = owner.lora_dropout
+            h = drop(rows) if drop is not None else rows
+            with torch.autocast(device, enabled=False):
+                out = LoRAProduct.apply(rows, h, self.weight, self.bias, owner.lora_A, owner.lora_B, slot.scaling)
+            return out.view(*x.shape[:-1], self.out_features)
         if (slot.plain and x.dtype == self.weight.dtype == owner.lora_A.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
+                and not torch.is_autocast_enabled(device)):
             # Scale the small (tokens, rank) product, then let BLAS accumulate B's product straight into
             # the base output (beta=1): no full-size update tensor, multiply or add. In-place is safe:
             # the base linear's backward keeps its inputs, not its output.
@@ -383,6 +394,11 @@ class LoRALinear(nn.Module):
         self.merged, self.merged_adapter = True, self.active_adapter
 
     def _store_merged(self, merged: Tensor) -> None:
+        held_from = getattr(self.weight, "held_from", None)  # a frozen base bf16 training held: back to its dtype
+        if held_from is not None and held_from != self.weight.dtype:
+            self.weight.data = merged.to(held_from)
+            del self.weight.held_from
+            return
         self.weight.copy_(merged.to(self.weight.dtype))
 
     def _restored_weight(self) -> Tensor:
@@ -428,6 +444,11 @@ class TiedLoRALinear(LoRALinear):
         self._shared: tuple[nn.Parameter, ...] = ()  # a tuple, so the tied tensor is not registered twice
 
     def _store_merged(self, merged: Tensor) -> None:
+        held_from = getattr(self.weight, "held_from", None)  # a frozen base bf16 training held: back to its dtype
+        if held_from is not None and held_from != self.weight.dtype:
+            self.weight.data = merged.to(held_from)
+            del self.weight.held_from
+            return
         shared = self.weight
         self._shared = (shared,)
         self.weight = nn.Parameter(merged.to(device=shared.device, dtype=shared.dtype), requires_grad=False)

@@ -45,6 +45,7 @@ from .history import History
 from .losses import forward_loss, lm_loss, step_targets
 from .memory import MemoryMeter
 from .metrics import throughput
+from .precision import hold_frozen_weights
 from .tracking import Tracker
 
 __all__ = ["BEST_CHECKPOINT", "CHECKPOINT_PREFIX", "HISTORY_FILE", "TRAINER_STATE_FILE", "History", "Trainer",
@@ -236,6 +237,8 @@ class Trainer:
         # None when nothing trains: such a Trainer can still evaluate(), fit() refuses.
         self.optimizer = build_optimizer(model, config) if self.params else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.held_in_bf16 = hold_frozen_weights(model) if self.precision == "bf16" else 0
+        """How many frozen base matrices the Trainer holds in bf16 (``precision='bf16'``; see training.precision)."""
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         self.history_path = (Path(config.history_path) if config.history_path is not None
                              else self.out_dir / HISTORY_FILE if self.out_dir is not None else None)

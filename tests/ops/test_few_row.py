@@ -47,6 +47,17 @@ def test_path_is_not_taken_for_layouts_it_cannot_split():
         assert few_row.takes_few_row_path(x, torch.randn(512, 257)) is False
 
 
+class Always(few_row.KernelChoice):
+    """A choice that always runs one named candidate: forces a path in the tests below."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def pick(self, key, candidates):
+        return candidates[self.name]()
+
+
 def counting(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = few_row.linear_by_halves
@@ -67,17 +78,98 @@ def test_path_is_taken_only_inside_the_context_for_few_rows_without_gradients(mo
         expected = F.linear(few, layer.weight, layer.bias)
         assert torch.equal(layer(few), expected)  # outside the context: F.linear itself
     assert calls == []
-    with torch.no_grad(), few_row_products():
+    with torch.no_grad(), few_row_products(Always("by_halves")):
         torch.testing.assert_close(layer(few), expected, atol=1e-4, rtol=1e-5)
         layer(many)
         Linear(16, 16)(torch.randn(1, 16))  # a small weight stays on F.linear
     assert calls == [512]
-    with few_row_products():
+    with few_row_products(Always("by_halves")):
         out = layer(few)  # gradients wanted: untouched
         out.sum().backward()
     assert calls == [512] and layer.weight.grad is not None
     assert torch.equal(out.detach(), expected)
-    assert few_row._decoding is False  # the context restores the flag
+    with torch.no_grad():
+        assert torch.equal(layer(few), expected)  # the context left nothing behind
+
+
+def fake_clock(monkeypatch, halves_cost: float) -> tuple[few_row.KernelChoice, list[int]]:
+    """A KernelChoice on a fake clock: a timed F.linear reads 1 tick, ``linear_by_halves`` 1 + ``halves_cost``."""
+    clock = [0.0]
+    calls = counting(monkeypatch)
+    counted = few_row.linear_by_halves
+
+    def halves(x, weight, bias=None):
+        clock[0] += halves_cost
+        return counted(x, weight, bias)
+
+    def timer() -> float:
+        clock[0] += 0.5  # start and end each add half a tick
+        return clock[0]
+
+    monkeypatch.setattr(few_row, "linear_by_halves", halves)
+    return few_row.KernelChoice(timer=timer), calls
+
+
+@pytest.mark.parametrize("halves_cost", [3.0, -0.5])
+def test_the_slower_kernel_is_never_chosen_and_the_choice_is_cached(monkeypatch, halves_cost):
+    kernels, calls = fake_clock(monkeypatch, halves_cost)
+    layer = Linear(256, 512)
+    x = torch.randn(1, 256)
+    trial_calls = 2 * (kernels.samples + 1)  # each candidate: one warm-up + `samples` timed calls, in turn
+    with torch.no_grad(), few_row_products(kernels):
+        expected = F.linear(x, layer.weight, layer.bias)
+        for _ in range(trial_calls):
+            assert kernels.chosen == {}
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+        assert len(calls) == kernels.samples + 1  # the split kernel took every other call
+        for _ in range(5):
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+    (key, name), = kernels.chosen.items()
+    assert name == ("F.linear" if halves_cost > 0 else "by_halves")
+    assert key[-1] == torch.get_num_threads()  # cached per thread count (and shape)
+    assert len(calls) == kernels.samples + 1 + (5 if name == "by_halves" else 0)  # never measured again
+
+
+def test_choice_is_measured_again_for_another_shape_or_thread_count(monkeypatch):
+    kernels, calls = fake_clock(monkeypatch, 3.0)
+    layer = Linear(256, 512)
+    threads = torch.get_num_threads()
+    trial_calls = 2 * (kernels.samples + 1)
+    with torch.no_grad(), few_row_products(kernels):
+        for rows in (1, 2):
+            for _ in range(trial_calls + 3):
+                layer(torch.randn(rows, 256))
+        torch.set_num_threads(threads + 1)
+        try:
+            for _ in range(trial_calls):
+                layer(torch.randn(1, 256))
+        finally:
+            torch.set_num_threads(threads)
+        layer(torch.randn(1, 256))
+    assert len(kernels.chosen) == 3 and set(kernels.chosen.values()) == {"F.linear"}
+    assert len(calls) == 3 * (kernels.samples + 1)
+
+
+def test_pick_takes_the_median_after_a_warm_up_and_prefers_the_plain_kernel_on_a_tie():
+    clock = [0.0]
+    # "b" has a slow first run (warm-up, not counted) and one outlier, and is still faster than "a"
+    costs = {"a": iter([2, 2, 2, 2, 2, 2]), "b": iter([90, 1, 50, 1, 1, 1])}
+
+    def run(name):
+        def go():
+            clock[0] += next(costs[name])
+            return torch.zeros(1)
+        return go
+
+    kernels = few_row.KernelChoice(timer=lambda: clock[0], samples=5)
+    for _ in range(12):
+        kernels.pick("k", {"a": run("a"), "b": run("b")})
+    assert kernels.chosen == {"k": "b"}
+    tie = few_row.KernelChoice(timer=lambda: clock[0], samples=2, margin=0.1)
+    costs.update(a=iter([1.0] * 3), b=iter([0.95] * 3))  # 5% faster is within the margin: the plain one stays
+    for _ in range(6):
+        tie.pick("k", {"a": run("a"), "b": run("b")})
+    assert tie.chosen == {"k": "a"}
 
 
 def test_model_layers_are_plain_linears_with_the_same_state_dict(wide_checkpoint):
@@ -99,6 +191,7 @@ def wide_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("lengths", [[7], [7, 3, 5]])
 def test_generation_on_the_path_matches_transformers(wide_checkpoint, monkeypatch, lengths):
     calls = counting(monkeypatch)
+    monkeypatch.setattr(few_row, "KERNELS", Always("by_halves"))
     ours = GPT2.from_pretrained(wide_checkpoint).eval()
     ref = transformers.GPT2LMHeadModel.from_pretrained(wide_checkpoint).eval()
     ids, mask = left_padded(lengths, WIDE["vocab_size"], pad=0, seed=len(lengths))

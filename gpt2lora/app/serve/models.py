@@ -21,8 +21,9 @@ from ...model.classifier import GPT2ForSequenceClassification
 from ...model.gpt2 import GPT2
 from ...model.tokenizer import load_tokenizer
 from ...peft.files import load_adapter
-from ...peft.lora import adapter_configs, check_adapter_name
+from ...peft.lora import adapter_configs
 from ...peft.named import delete_adapter, set_adapter
+from ...peft.slots import check_adapter_name
 from .engine import BASE, Engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
