@@ -249,7 +249,7 @@ config_case("lora-rank-0", LoRAConfig, {"rank": 0}, r"LoRAConfig\.rank: expected
 config_case("lora-target-typo", LoRAConfig, {"targets": ("attn.c_atn",)}, r"LoRAConfig\.targets: expected names among")
 config_case("lora-dropout-1", LoRAConfig, {"dropout": 1.0}, r"LoRAConfig\.dropout: expected a number in \[0, 1\)")
 config_case("lora-style", LoRAConfig, {"style": "qlora"}, r"LoRAConfig\.style: expected one of")
-config_case("lora-alpha-bool", LoRAConfig, {"alpha": True}, r"LoRAConfig\.alpha: expected a positive number")
+config_case("lora-alpha-bool", LoRAConfig, {"alpha": True}, r"LoRAConfig\.alpha: expected a finite number in \(0, 1e\+06\]")
 config_case("lora-dora-split", LoRAConfig, {"use_dora": True, "targets": ("attn.v",)},
             r"LoRAConfig\.use_dora: expected targets DoRA can wrap.*\['attn\.v'\]")
 config_case("lora-init-unknown", LoRAConfig, {"init": "svd"}, r"LoRAConfig\.init: expected one of .*, got 'svd'")
