@@ -15,9 +15,10 @@ from typing import Any
 from ..errors import ConfigError
 from .runconfig import RunConfig, to_settings
 
-#: Settings that may differ when a run is resumed: how long it goes on, how often it saves and evaluates,
-#: evaluation and output details, and where things are (device, threads, folders). Everything else must match.
-RESUMABLE = ("epochs", "max_steps", "early_stopping", "save_every", "keep_checkpoints", "eval_every",
+#: Settings that may differ when a run is resumed: early stopping, how often it saves and evaluates, evaluation
+#: and output details, and where things are (device, threads, folders). Everything else must match (epochs and
+#: max_steps too: the learning-rate schedule spans the run's total steps).
+RESUMABLE = ("early_stopping", "save_every", "keep_checkpoints", "eval_every",
              "eval_batch_size", "gen_rows", "max_new_tokens", "device", "threads", "gradient_checkpointing",
              "compile", "data_root", "data_source", "vocab", "out", "run_name", "resume", "quiet", "plots",
              "report_to")

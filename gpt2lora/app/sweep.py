@@ -76,7 +76,7 @@ def _grid_row(config: RunConfig, folder: Path, resume: bool) -> dict[str, Any]:
         return run(dataclasses.replace(config, resume=None), folder)
     started = folder / CHECKPOINTS_DIR
     if (folder / "metrics.json").is_file():
-        check_resume(folder, dataclasses.replace(config, resume=str(folder)))
+        check_resume(folder, dataclasses.replace(config, resume=str(folder)).resolved())
         print(f"{folder.name}: finished before; kept")
         return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["result"]
     if started.is_dir() and any(started.glob("checkpoint-*")):
