@@ -23,6 +23,7 @@ from ..model.tokenizer import load_tokenizer
 from ..peft.lora import count_parameters, lora_modules, merge_lora
 from ..training.evaluation import DETAIL_KEYS, generate_texts, task_metrics
 from . import report
+from .folders import make_folder
 from .run import SMOKE, base_checkpoint, load_base, load_data, load_run_model, read_run, row_limits, run_base
 from .runconfig import RunConfig
 
@@ -74,7 +75,7 @@ def evaluate_command(config: RunConfig, run_dir: str | os.PathLike | None = None
     print(report.markdown_table([row]))
     if config.run_name or run_dir:
         folder = Path(run_dir) if run_dir and not config.run_name else Path(config.out) / config.run_name
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "--out")
         path = folder / f"eval-{eval_set.name}-{eval_set.split}.json"
         report.write_json({"result": row, "samples": metrics.get("samples", [])}, path)
         row["eval_file"] = str(path)
