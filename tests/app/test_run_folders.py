@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -297,3 +298,28 @@ def test_sweep_into_a_used_folder_without_resume_is_refused(tmp_path, capsys):
     (out / "sw" / "x").write_text("earlier work")
     code, err = cli(capsys, *sweep_args(out))
     assert code == 1 and "exists and is not empty" in err
+
+
+def test_readme_lists_the_settings_that_may_change_on_resume():
+    from gpt2lora.app.resume import RESUMABLE
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    sentence = text.split("These may change on resume: ", 1)[1].split(" (`gpt2lora.app.resume.RESUMABLE`)", 1)[0]
+    assert tuple(sentence.replace("`", "").split(", ")) == RESUMABLE
+
+
+@pytest.mark.parametrize("change", [{"lora_alpha": 1e300}, {"init_lora_weights": "pissa_niter_999999999"}])
+def test_inspect_reports_an_out_of_bounds_adapter_config_in_one_warning(tmp_path, tiny_checkpoint, capsys, change):
+    """Before: alpha 1e300 ended in a LinAlgError traceback, pissa_niter_999999999 ran for minutes."""
+    from gpt2lora.model.gpt2 import GPT2
+    from gpt2lora.peft.files import save_adapter
+    from gpt2lora.peft.lora import apply_lora
+
+    folder = save_adapter(apply_lora(GPT2.from_pretrained(tiny_checkpoint), LoRAConfig(rank=2), seed=0),
+                          tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    code = cli_main(["inspect", str(folder), "--model", str(tiny_checkpoint)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"load_adapter refuses this folder .*LoRAConfig\.(alpha|init): expected", out), out
