@@ -292,8 +292,6 @@ def infer_kind(columns: Sequence[str], where: str) -> str:
 
 #: Class indices must be below this: a stray huge label would otherwise size the classification head.
 MAX_CLASSES = 10_000
-#: Fields that must hold some text (an empty one leaves nothing to classify).
-NON_EMPTY_FIELDS = ("text",)
 
 
 def _label(value: Any, label_names: Sequence[str], where: str, column: str) -> int:
@@ -356,8 +354,6 @@ def to_record(row: Mapping[str, Any], kind: str, columns: Mapping[str, str], lab
         elif not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} (column {column!r}) must be a string, "
                             f"got {type(value).__name__}")
-        elif name in NON_EMPTY_FIELDS and not value.strip():
-            raise DataError(f"{where}: field {name!r} (column {column!r}) is empty; expected some text")
         else:
             record[name] = value
     return record
@@ -550,8 +546,13 @@ def encode(dataset: Dataset, tok: Tokenizer, max_length: int) -> list[dict[str, 
         raise ConfigError(f"max_length: expected an integer >= 2, got {max_length!r}")
     kind = dataset.kind
     if kind in ("classification", "nli"):
-        return [{"input_ids": prompt_ids(tok, r, kind, max_length), "label": r["label"]}
-                for r in dataset.records]
+        examples = [{"input_ids": prompt_ids(tok, r, kind, max_length), "label": r["label"]}
+                    for r in dataset.records]
+        empty = next((i for i, e in enumerate(examples) if not e["input_ids"]), None)
+        if empty is not None:  # named here, where the file is known, not later as "example N" of a batch
+            raise DataError(f"{dataset.source}: record {empty + 1} of the {dataset.split} split has no tokens "
+                            f"(its text is {dataset.records[empty].get('text', '')!r}); expected some text")
+        return examples
     from .batching import lm_example
 
     examples = []

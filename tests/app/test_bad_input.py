@@ -37,7 +37,7 @@ from gpt2lora.app.cli import main as cli_main
 from gpt2lora.app.publish import push_run
 from gpt2lora.config import GPT2Config, LoRAConfig, TrainConfig
 from gpt2lora.data.batching import BucketedBatches, collate, lm_example
-from gpt2lora.data.tasks import load_split
+from gpt2lora.data.tasks import encode, load_split
 from gpt2lora.model.classifier import GPT2ForSequenceClassification
 from gpt2lora.model.generate import generate
 from gpt2lora.model.gpt2 import GPT2
@@ -821,10 +821,10 @@ def _(ctx):
     return lambda: load_split(path), {"path": path}
 
 
-@case("data-empty-text", "data", DataError, r"{path} line 5: field 'text' \(column 'text'\) is empty")
+@case("data-empty-text", "data", DataError, r"{path}: record 5 of the train split has no tokens \(its text is ''\)")
 def _(ctx):
     path = ctx.rows("d.jsonl", *({"text": t, "label": i % 2} for i, t in enumerate(["a", "b", "c", "d", ""])))
-    return lambda: load_split(path), {"path": path}
+    return lambda: encode(load_split(path), load_tokenizer(ctx.vocab), 16), {"path": path}
 
 
 @case("data-split-is-folder", "data", DataError, r"{path} is a folder; expected the train split's data file")
