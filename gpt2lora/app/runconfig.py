@@ -469,7 +469,8 @@ RUNNER_KEYS = ("out", "run_name", "resume")
 
 
 def to_toml(rows: Sequence[tuple[str, RunConfig]], title: str, seeds: Sequence[Sequence[int] | None] = ()) -> str:
-    """A recipe file holding ``rows`` (``(name, config)`` pairs), every setting written out.
+    """A recipe file holding ``rows`` (``(name, config)`` pairs), every setting written out except
+    :data:`RUNNER_KEYS` (where runs go is the command's, not a row's).
 
     Reading it back with :func:`gpt2lora.app.recipes.parse_recipe` gives the same configs, so a command line
     becomes a recipe file: ``gpt2lora train ... --print-config > my.toml``. ``seeds``: per row, a list of
