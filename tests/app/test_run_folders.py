@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,18 +53,29 @@ def popen(argv: list[str], cwd: Path) -> subprocess.Popen:
 # ---------------------------------------------------------------------------------------------- claims
 
 def test_two_processes_racing_for_one_run_name(tmp_path):
-    """Both start together: exactly one trains, the other exits 1 with one line; the winner's folder is what
-    a run made alone makes (before: both 'succeeded' and history.jsonl held both runs' lines)."""
-    out = tmp_path / "runs"
-    procs = {rank: popen(smoke_args(out, "--run-name", "same", "--rank", rank), tmp_path) for rank in ("2", "4")}
-    results = {rank: (p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for rank, p in procs.items()}
-    codes = sorted(code for code, _, _ in results.values())
-    assert codes == [0, 1], results
-    winner = next(rank for rank, (code, _, _) in results.items() if code == 0)
-    _, _, loser_err = next(r for r in results.values() if r[0] == 1)
-    lines = loser_err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in loser_err, loser_err
-    assert ("is in use by pid" in lines[0] or "exists and is not empty" in lines[0]), lines[0]
+    """The second starts while the first has loaded everything and is about to train: exactly one trains, the
+    other exits 1 with one line naming the owner; the winner's folder is what a run made alone makes (before:
+    both exited 0, history.jsonl held both runs' lines and config.json the second's)."""
+    out, gate = tmp_path / "runs", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, str(WORKER), "cli", "--pause-at-step", "1", "--pause-file", str(gate),
+                              "--", *smoke_args(out, "--run-name", "same", "--rank", "2")], cwd=tmp_path, env=env,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(1200):  # the first is paused before its first optimizer step
+            if Path(f"{gate}.paused").exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        second = popen(smoke_args(out, "--run-name", "same", "--rank", "4"), tmp_path)
+        second_code, second_err = second.wait(timeout=300), second.stderr.read()
+    finally:
+        gate.write_text("")
+    first_code = first.wait(timeout=300)
+    assert (first_code, second_code) == (0, 1), (first.stderr.read(), second_err)
+    lines = second_err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in second_err, second_err
+    assert f"run folder {out / 'same'} is in use by pid {first.pid} on " in lines[0], lines[0]
+    winner = "2"
     folder = out / "same"
     assert not (folder / OWNER_FILE).exists()  # released when the winner finished
     config = json.loads((folder / "config.json").read_text())
