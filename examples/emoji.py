@@ -7,6 +7,7 @@ The table is what the reports compare: accuracy, trainable parameters and their 
 """
 
 import argparse
+import os
 
 import gpt2lora as gl
 from gpt2lora.app.report import markdown_table
@@ -18,6 +19,8 @@ parser.add_argument("--smoke", action="store_true", help="tiny random GPT-2 and 
 parser.add_argument("--vocab", default=None)
 parser.add_argument("--out", default="runs/emoji")
 args = parser.parse_args()
+if args.smoke and not (args.data_root or os.environ.get("GPT2LORA_DATA")):  # smoke rows are local: never a silent hub download
+    parser.error("--smoke reads local rows: pass --data-root ../shared/data (or set $GPT2LORA_DATA)")
 rows = 300 if args.smoke else None
 
 train = gl.load_split("tweet_emoji", "train", root=args.data_root, limit=rows)

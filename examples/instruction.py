@@ -8,6 +8,7 @@ learns to write responses, not to repeat instructions.
 """
 
 import argparse
+import os
 
 import torch
 
@@ -23,6 +24,8 @@ parser.add_argument("--smoke", action="store_true", help="tiny random GPT-2 and 
 parser.add_argument("--vocab", default=None)
 parser.add_argument("--out", default="runs/instruction")
 args = parser.parse_args()
+if args.smoke and not (args.data_root or os.environ.get("GPT2LORA_DATA")):  # smoke rows are local: never a silent hub download
+    parser.error("--smoke reads local rows: pass --data-root ../shared/data (or set $GPT2LORA_DATA)")
 rows, max_length, new_tokens = (64, 64, 8) if args.smoke else (None, 512, 128)
 
 records = gl.load_split(args.task, "train", root=args.data_root, limit=rows and rows + 16)

@@ -8,6 +8,7 @@ the head reads the last real token. LoRA can be limited to the last blocks, one 
 """
 
 import argparse
+import os
 
 import gpt2lora as gl
 
@@ -20,6 +21,8 @@ parser.add_argument("--smoke", action="store_true", help="tiny random GPT-2 and 
 parser.add_argument("--vocab", default=None)
 parser.add_argument("--out", default="runs/nli")
 args = parser.parse_args()
+if args.smoke and not (args.data_root or os.environ.get("GPT2LORA_DATA")):  # smoke rows are local: never a silent hub download
+    parser.error("--smoke reads local rows: pass --data-root ../shared/data (or set $GPT2LORA_DATA)")
 rows = 300 if args.smoke else None
 
 train = gl.load_split(args.task, "train", root=args.data_root, limit=rows)

@@ -7,6 +7,7 @@ Every setting of `gpt2lora train` is also reachable from the command line; this 
 """
 
 import argparse
+import os
 
 import gpt2lora as gl
 
@@ -18,6 +19,8 @@ parser.add_argument("--smoke", action="store_true", help="tiny random GPT-2 and 
 parser.add_argument("--vocab", default=None, help="vocab.json + merges.txt folder for --smoke")
 parser.add_argument("--out", default="runs/sentiment")
 args = parser.parse_args()
+if args.smoke and not (args.data_root or os.environ.get("GPT2LORA_DATA")):  # smoke rows are local: never a silent hub download
+    parser.error("--smoke reads local rows: pass --data-root ../shared/data (or set $GPT2LORA_DATA)")
 rows = 300 if args.smoke else None
 
 # 1. Data: validated records of each split (a local folder under --data-root, or the hub).

@@ -158,6 +158,12 @@ LORA_BIAS = ("none", "all", "lora_only")
 LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora")
 #: Initialisations that move the principal part of W into the adapter and leave the residual in the base.
 RESIDUAL_INITS = ("pissa", "olora")
+#: Largest LoRA rank accepted: above every GPT-2 layer width (gpt2-xl's MLP is 6,400 wide) with room to spare.
+MAX_LORA_RANK = 65536
+#: Largest LoRA alpha accepted; larger scalings only overflow (an adapter's output would be inf or NaN).
+MAX_LORA_ALPHA = 1e6
+#: Most power iterations of ``pissa_niter_N``: a handful already converge (peft's examples use 4-16).
+MAX_PISSA_NITER = 64
 
 
 def init_niter(init: str) -> int | None:
@@ -211,10 +217,12 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
         _positive_int(owner, "rank", self.rank)
+        _require(self.rank <= MAX_LORA_RANK, owner, "rank", f"at most {MAX_LORA_RANK}", self.rank)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.rank))
-        ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0
-        _require(ok, owner, "alpha", "a positive number", self.alpha)
+        ok = (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+              and math.isfinite(self.alpha) and 0 < self.alpha <= MAX_LORA_ALPHA)
+        _require(ok, owner, "alpha", f"a finite number in (0, {MAX_LORA_ALPHA:g}]", self.alpha)
         _probability(owner, "dropout", self.dropout)
         targets = self.targets
         if isinstance(targets, str):
@@ -242,6 +250,8 @@ class LoRAConfig:
         niter = init_niter(self.init)
         _require(isinstance(self.init, str) and (self.init in LORA_INITS or (niter is not None and niter >= 1)),
                  owner, "init", f"one of {', '.join(LORA_INITS)}", self.init)
+        _require(niter is None or niter <= MAX_PISSA_NITER, owner, "init",
+                 f"pissa_niter_N with N at most {MAX_PISSA_NITER}", self.init)
 
     @property
     def scaling(self) -> float:

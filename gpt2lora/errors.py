@@ -25,6 +25,10 @@ class DataError(GPT2LoRAError, ValueError):
     """A dataset file or batch is malformed: names the file, line and field."""
 
 
+class SplitNotFoundError(DataError):
+    """A dataset (a local folder or a hub repository) has no such split."""
+
+
 class TrainingError(GPT2LoRAError, RuntimeError):
     """Training cannot go on (for example a non-finite loss); names the step."""
 

@@ -13,6 +13,8 @@ Hooks (deterministic, so a test knows what is on disk when the process dies):
 - ``--kill-in-save N``: the N-th safetensors file the Trainer writes is cut in half, then SIGKILL,
   i.e. the process dies in the middle of writing a checkpoint.
 - ``--sigint-at-step N``: send ourselves SIGINT (Ctrl-C) while optimizer step N runs.
+- ``--pause-at-step N --pause-file F``: before optimizer step N, write ``F.paused`` and wait (at most a minute)
+  until ``F`` exists, so a test can act while the run is in a known state.
 - ``--kill-in-optimizer-step N``: inside ``optimizer.step()`` of step N, SIGKILL after half the trainable
   tensors got their update and before the others do.
 - ``--kill-in-history-append N``: the N-th line appended to ``history.jsonl`` is written half, then SIGKILL.
@@ -29,6 +31,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Self
 
@@ -82,13 +85,20 @@ def build_config(out: str | None, resume: bool = False, keep: int = 50, evaluate
                        eval_every_steps=1 if evaluate else None, best_metric="accuracy")
 
 
-def install_hooks(kill_at_step: int | None, kill_in_save: int | None, sigint_at_step: int | None) -> None:
-    """Patch the Trainer so the process dies (or gets Ctrl-C) at a known point."""
+def install_hooks(kill_at_step: int | None, kill_in_save: int | None, sigint_at_step: int | None,
+                  pause_at_step: int | None = None, pause_file: str | None = None) -> None:
+    """Patch the Trainer so the process dies (or gets Ctrl-C, or waits) at a known point."""
     step_calls = {"n": 0}
     original_step = train_module.Trainer._train_step
 
     def train_step(self, group, counts):
         step_calls["n"] += 1
+        if pause_at_step is not None and step_calls["n"] == pause_at_step:
+            Path(f"{pause_file}.paused").write_text(str(os.getpid()))
+            for _ in range(1200):  # until the test creates pause_file (at most a minute)
+                if Path(pause_file).exists():
+                    break
+                time.sleep(0.05)
         if kill_at_step is not None and step_calls["n"] == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         if sigint_at_step is not None and step_calls["n"] == sigint_at_step:
@@ -207,13 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-in-history-append", type=int)
     parser.add_argument("--kill-after-checkpoint", type=int)
     parser.add_argument("--kill-in-swap", type=int)
+    parser.add_argument("--pause-at-step", type=int)
+    parser.add_argument("--pause-file")
     parser.add_argument("--keep", type=int, default=50)
     parser.add_argument("--eval", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:len(argv) - len(rest) - (1 if "--" in argv else 0)])
     torch.set_num_threads(1)
-    install_hooks(args.kill_at_step, args.kill_in_save, args.sigint_at_step)
+    install_hooks(args.kill_at_step, args.kill_in_save, args.sigint_at_step, args.pause_at_step, args.pause_file)
     install_kill_hooks(args.kill_in_optimizer_step, args.kill_in_history_append, args.kill_after_checkpoint,
                        args.kill_in_swap)
     if args.mode == "cli":

@@ -36,6 +36,14 @@ def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
+#: Most rows ``inspect --rows`` measures the output change on.
+MAX_INSPECT_ROWS = 1024
+
+
+def inspect_rows(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= MAX_INSPECT_ROWS, f"an integer in 1..{MAX_INSPECT_ROWS}")
+
+
 def any_int(text: str) -> int:
     return _number(text, int, lambda v: True, "an integer")
 
@@ -221,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", metavar="RUN|ADAPTER_DIR", help="a run folder or an adapter folder")
     inspect.add_argument("--model", default=None, help="base checkpoint to load it onto (default: the run's / the "
                          "adapter's base_model_name_or_path)")
-    inspect.add_argument("--rows", type=positive_int, default=4, help="rows the output change is measured on")
+    inspect.add_argument("--rows", type=inspect_rows, default=4, help="rows the output change is measured on "
+                         f"(at most {MAX_INSPECT_ROWS}; run through the model a few at a time)")
     inspect.add_argument("--max-layers", type=positive_int, default=None, help="show at most N layers")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -427,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         HANDLERS[args.command](args)
     except GPT2LoRAError as err:
         print(f"gpt2lora {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the file system refused (a file where a folder goes, a name too long, ...)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"gpt2lora {args.command}: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the Trainer has already logged which checkpoint it saved
         from .run import RESUME_HINT

@@ -23,7 +23,8 @@ from ..model.tokenizer import load_tokenizer
 from ..peft.lora import count_parameters, lora_modules, merge_lora
 from ..training.evaluation import DETAIL_KEYS, generate_texts, task_metrics
 from . import report
-from .run import SMOKE, base_checkpoint, load_base, load_data, load_run_model, row_limits
+from .folders import make_folder
+from .run import SMOKE, base_checkpoint, load_base, load_data, load_run_model, read_run, row_limits, run_base
 from .runconfig import RunConfig
 
 __all__ = ["evaluate_command", "generate_command", "load_run_model", "merge_command", "merged_run_model"]
@@ -74,7 +75,7 @@ def evaluate_command(config: RunConfig, run_dir: str | os.PathLike | None = None
     print(report.markdown_table([row]))
     if config.run_name or run_dir:
         folder = Path(run_dir) if run_dir and not config.run_name else Path(config.out) / config.run_name
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "--out")
         path = folder / f"eval-{eval_set.name}-{eval_set.split}.json"
         report.write_json({"result": row, "samples": metrics.get("samples", [])}, path)
         row["eval_file"] = str(path)
@@ -123,8 +124,28 @@ def merged_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, A
     return model, config, gap
 
 
+def check_merge_target(run_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Refuse an ``--out`` that would overwrite something: the run folder itself, the base checkpoint the run
+    depends on, a folder holding them, a file, or any folder that is not empty."""
+    target = Path(out).resolve()
+    run = Path(run_dir).resolve()
+    saved = read_run(run_dir)
+    base = Path(run_base(run_dir, saved))
+    protected = [("the run folder", run)] + ([("the run's base checkpoint", base.resolve())] if base.exists() else [])
+    for what, path in protected:
+        if target == path or target in path.parents:
+            raise ConfigError(f"--out {out}: that is {what} ({path}) or a folder holding it; merging there would "
+                              "overwrite what the run needs; choose a new folder")
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {out}: a file is there; expected a new or empty folder")
+    if target.is_dir() and any(target.iterdir()):
+        raise ConfigError(f"--out {out}: the folder is not empty; choose a new or empty folder")
+
+
 def merge_command(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Merge a run's LoRA into its base weights, check merged == unmerged, write an HF checkpoint."""
+    """Merge a run's LoRA into its base weights, check merged == unmerged, write an HF checkpoint into a new
+    or empty folder (never the run's own folder or its base checkpoint)."""
+    check_merge_target(run_dir, out)
     model, config, gap = merged_run_model(run_dir)
     path = save_pretrained(model, out)
     print(f"merged {config['method']} run {run_dir} into {path} (max |merged - unmerged| = {gap:.2e})")

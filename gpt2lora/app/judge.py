@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import re
+import string
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class JudgeConfig:
                               f"{self.endpoint!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"--model: expected the judge model's name, got {self.model!r}")
+        _check_template(self.prompt)
         missing = [f"{{{f}}}" for f in RESPONSE_FIELDS if f"{{{f}}}" not in self.prompt]
         if missing:
             raise ConfigError(f"judge prompt: expected the placeholders {', '.join(missing)}")
@@ -96,6 +98,29 @@ class JudgeConfig:
         except (KeyError, IndexError, ValueError) as err:
             raise ConfigError(f"judge prompt: cannot fill the template ({err!r}); use only the placeholders "
                               "{instruction} {input} {reference} {response} {low} {high}, and {{ }} for braces") from None
+
+
+#: Longest judge prompt template accepted (characters); the filled prompt adds one response to it.
+MAX_PROMPT_CHARS = 100_000
+TEMPLATE_FIELDS = (*RESPONSE_FIELDS, "low", "high")
+
+
+def _check_template(prompt: str) -> None:
+    """Plain ``{name}`` placeholders of known names only: a format spec (``{response:>300000000}``), an
+    attribute or index (``{instruction.nope}``) or a conversion is refused before any request."""
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        size = len(prompt) if isinstance(prompt, str) else type(prompt).__name__
+        raise ConfigError(f"judge prompt: expected a template of at most {MAX_PROMPT_CHARS:,} characters, got {size}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"judge prompt: not a valid template ({err}); write {{{{ }}}} for literal braces") from None
+    for name, spec, conv in fields:
+        if name not in TEMPLATE_FIELDS or spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(f"judge prompt: placeholder {shown} is not one of "
+                              f"{' '.join('{' + f + '}' for f in TEMPLATE_FIELDS)} (plain, without format specs); "
+                              "write {{ }} for literal braces")
 
 
 def parse_score(answer: str, low: int = 0, high: int = 100) -> int | None:
@@ -304,7 +329,10 @@ def judge_command(run: str | os.PathLike, endpoint: str, model: str, prompt_file
         path = Path(prompt_file)
         if not path.is_file():
             raise ConfigError(f"--prompt-file {path}: no such file")
-        prompt = path.read_text(encoding="utf-8")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--prompt-file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     config = JudgeConfig(endpoint, model, prompt=prompt, low=low, high=high, retries=retries, timeout_s=timeout,
                          api_key=api_key or os.environ.get("GPT2LORA_JUDGE_API_KEY"))
     return judge_run(run, config)

@@ -25,7 +25,7 @@ from ..config import GPT2Config, LoRAConfig, TrainConfig
 from ..constants import HISTORY_FILE, LABEL_NAMES_FILE, RESULTS_FILE, SUMMARY_FILE, TOKENIZER_FILES
 from ..data.batching import BucketedBatches, lm_example
 from ..data.tasks import Dataset, encode
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2
 from ..model.hub import save_pretrained
@@ -36,6 +36,7 @@ from ..peft.methods import prepare_model
 from ..training.history import rewrite as write_history
 from ..training.trainer import Trainer
 from . import report
+from .folders import make_folder
 from .run import load_run_model, run
 from .runconfig import RunConfig
 
@@ -173,7 +174,11 @@ def run_quickstart(out: str | os.PathLike = "runs/quickstart", seed: int = 0, pr
     """Run the offline demo into ``out`` and return the comparison rows (foundation, lora, full, head)."""
     started = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    mine = [p.name for p in out.iterdir()]
+    if mine:  # it writes data/, base/, foundation/, lora/, full/, head/ and a summary: never over earlier ones
+        raise ConfigError(f"quickstart --out {out}: the folder is not empty ({', '.join(sorted(mine)[:6])}"
+                          f"{' ...' if len(mine) > 6 else ''}); choose a new or empty folder")
     records = synthetic_reviews(rows + 800, seed)
     splits = {"train": records[:rows], "validation": records[rows:rows + 400], "test": records[rows + 400:]}
     data_dir = out / "data"

@@ -47,7 +47,8 @@ from ..constants import HISTORY_FILE, RECIPE_REPORT_FILE, RESPONSES_FILE, RESULT
 from ..data.tasks import TASKS
 from ..devices import set_threads
 from ..errors import ConfigError
-from .runconfig import RUN_METHODS, SETTINGS, RunConfig, from_settings, to_toml
+from .folders import check_run_name, claimed
+from .runconfig import RUN_METHODS, RUNNER_KEYS, SETTINGS, RunConfig, from_settings, to_toml
 
 _NUMBER = (int, float)
 #: What a recipe value of each setting type must be: accepted Python types, and the words of the error.
@@ -211,6 +212,13 @@ def _check_settings(where: str, key: str, settings: dict[str, Any]) -> None:
     seeds = settings.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _fail(where, f"{key}.seeds", "a non-empty list of integers", seeds)
+    if len(set(seeds)) != len(seeds):
+        raise _fail(where, f"{key}.seeds", "different seeds (each trains its own run; a repeated one would "
+                    "count the same run twice in the mean)", seeds)
+    for ignored in RUNNER_KEYS:
+        if ignored in settings:
+            raise _fail(where, f"{key}.{ignored}", f"no {ignored} in a recipe: the command sets it "
+                        f"(--{ignored.replace('_', '-')}) for the whole recipe", settings[ignored])
     if method == "last_n_full" and "last_n" not in settings and "last_n_blocks" not in settings:
         raise _fail(where, f"{key}.last_n_blocks", "the number of blocks last_n_full trains")
     try:
@@ -231,6 +239,8 @@ def parse_recipe(data: Mapping[str, Any], path: str | os.PathLike, name: str | N
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             raise _fail(where, key, "a string", data[key])
+    if "name" in data:
+        check_run_name(data["name"], f"{where}: name")  # report folders are named after it
     notes = data.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise _fail(where, "notes", "a list of strings", notes)
@@ -368,7 +378,7 @@ def row_config(recipe: Recipe, row: RecipeRow, seed: int, options: RecipeOptions
     """
     config = row.config(seed, relative_to=recipe.path.parent)
     notes: list[str] = []
-    config = dataclasses.replace(config, data_root=options.data_root,
+    config = dataclasses.replace(config, out=options.out, data_root=options.data_root,
                                  source="local" if options.smoke else options.source, smoke=options.smoke,
                                  vocab=options.vocab, threads=options.threads, quiet=True, plots=not options.smoke,
                                  train=dataclasses.replace(config.train, device=options.device))
@@ -554,16 +564,17 @@ def run_recipe(recipe: Recipe, options: RecipeOptions, command: str = "gpt2lora 
                judge: Callable[[Path], float | None] | None = None) -> Path:
     """Run every row of ``recipe`` into ``<options.out>/<recipe name>-<time>/`` and write its report."""
     set_threads(options.threads, "threads")
-    name = options.run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if options.run_name is not None:
+        check_run_name(options.run_name)
+    name = options.run_name or check_run_name(f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                              f"{recipe.path}: name")
     folder = Path(options.out) / name
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(f"{folder} exists and is not empty; choose another --run-name or --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, row in enumerate(recipe.rows):
-        print(f"[{i + 1}/{len(recipe.rows)}] {recipe.name}: {row.name}", flush=True)
-        results.append(run_row(recipe, i, row, folder, options, judge))
-    path = write_report(recipe, results, folder, options, command)
+    with claimed(folder, resume=False):
+        results = []
+        for i, row in enumerate(recipe.rows):
+            print(f"[{i + 1}/{len(recipe.rows)}] {recipe.name}: {row.name}", flush=True)
+            results.append(run_row(recipe, i, row, folder, options, judge))
+        path = write_report(recipe, results, folder, options, command)
     print(path.read_text(encoding="utf-8").split("\n## Rows")[0])
     print(f"report: {path}")
     return path

@@ -27,9 +27,9 @@ from torch import nn
 from ..config import GPT2Config, LoRAConfig, is_residual_init
 from ..constants import HISTORY_FILE, RESPONSES_FILE
 from ..data.batching import BucketedBatches
-from ..data.tasks import CLASSIFICATION_KINDS, TASKS, Dataset, Tokenizer, data_root, encode, load_split
+from ..data.tasks import CLASSIFICATION_KINDS, KINDS, TASKS, Dataset, Tokenizer, data_root, encode, load_split
 from ..devices import describe_precision, resolve_device, set_threads
-from ..errors import CheckpointNotFoundError, ConfigError, DataError
+from ..errors import CheckpointNotFoundError, ConfigError, DataError, SplitNotFoundError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2
 from ..model.hub import save_pretrained
@@ -44,7 +44,9 @@ from ..training.history import History
 from ..training.tracking import make_trackers
 from ..training.trainer import Trainer
 from . import report
-from .runconfig import EVAL_ONLY, RunConfig, to_settings
+from .folders import check_run_name, claimed
+from .resume import check_resume
+from .runconfig import EVAL_ONLY, RUN_METHODS, RunConfig, to_settings
 
 #: Shape of the smoke model: tiny, but with the real 50,257-token vocabulary.
 SMOKE_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 512}
@@ -131,8 +133,8 @@ def load_data(config: RunConfig, split: str, limit: int | None, announce: bool =
               "limit": limit, "revision": config.revision}
     try:
         return load_split(task, split, **kwargs)
-    except DataError as err:
-        if split != "validation" or "no validation split" not in str(err) and "no 'validation' split" not in str(err):
+    except SplitNotFoundError:
+        if split != "validation":
             raise
     # Some tasks (imdb, enron_spam) publish no validation split: evaluate on test, and say so.
     if announce:
@@ -169,6 +171,9 @@ def resume_target(config: RunConfig) -> tuple[Path, Path] | None:
             folder = checkpoint.parent.parent
         else:
             folder, checkpoint = checkpoint, checkpoint / CHECKPOINTS_DIR
+        if config.run_name is not None and folder.name != config.run_name:
+            raise ConfigError(f"--run-name {config.run_name} and --resume {resume} name different run folders "
+                              f"({folder.name}); leave --run-name out or give the resumed run's name")
     if not checkpoint.is_dir():
         raise CheckpointNotFoundError(f"--resume {resume}: {checkpoint} not found; expected a run folder written "
                                       f"by 'gpt2lora train' (with {CHECKPOINTS_DIR}/) or one of its checkpoints")
@@ -176,16 +181,34 @@ def resume_target(config: RunConfig) -> tuple[Path, Path] | None:
 
 
 def new_run_folder(out: str | os.PathLike, name: str | None, default: str, device: str = "auto") -> Path:
-    """``out/name`` (default ``out/<default>-<time>``), which must be new or empty; one folder for all ranks."""
-    name = name or f"{default}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``out/name`` (default ``out/<default>-<time>``): the path of a new run folder, the same on all ranks.
+
+    Nothing is made here; :func:`gpt2lora.app.folders.claimed` makes and claims it.
+    """
+    name = check_run_name(name) if name is not None else f"{default}-{time.strftime('%Y%m%d-%H%M%S')}"
     distributed.setup(resolve_device(device, "--device").type)
-    name = distributed.broadcast_text(name)  # under torchrun: rank 0's time stamp, one folder for all ranks
-    folder = Path(out) / name
-    if folder.exists() and any(folder.iterdir()):
-        raise ConfigError(f"run folder {folder} exists and is not empty; choose another --run-name or --out")
-    if distributed.is_main_process():
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return Path(out) / distributed.broadcast_text(name)  # under torchrun: rank 0's time stamp for all ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run writes and what it continues: its folder and, when resumed, the checkpoint."""
+
+    folder: Path
+    checkpoint: Path | None
+
+
+def place_run(config: RunConfig, folder: str | os.PathLike | None) -> Placement:
+    """The run's folder (given, resumed, or new under ``out``) and the checkpoint it continues from."""
+    resume = resume_target(config)
+    if folder is not None:
+        if resume is not None and resume[0].resolve() != Path(folder).resolve():
+            raise ConfigError(f"--resume {config.resume}: run {resume[0]} is not this run's folder {folder}")
+        return Placement(Path(folder), resume[1] if resume else None)
+    if resume is not None:
+        return Placement(*resume)
+    return Placement(new_run_folder(config.out, config.run_name, f"{config.label}-{config.method}",
+                                    config.train.device), None)
 
 
 def write_responses(path: Path, responses: list[dict[str, str]]) -> None:
@@ -206,6 +229,17 @@ def write_generations(path: Path, generations: list[dict[str, str]]) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 @dataclasses.dataclass
+class _Data:
+    """The rows a run reads: its kind, train and eval sets, number of classes and row limits."""
+
+    kind: str
+    train_set: Dataset | None
+    eval_set: Dataset
+    num_labels: int | None
+    limits: dict[str, Any]
+
+
+@dataclasses.dataclass
 class _Parts:
     """What a run has built before it trains."""
 
@@ -222,7 +256,8 @@ class _Parts:
     device: torch.device
 
 
-def _prepare(config: RunConfig) -> _Parts:
+def _data(config: RunConfig) -> _Data:
+    """The run's train and eval rows (smoke limits by kind), checked for what training needs."""
     preset_kind = TASKS[config.task].kind if config.data is None and config.task in TASKS else None
     limits = row_limits(config, preset_kind)
     train_set = None
@@ -236,16 +271,66 @@ def _prepare(config: RunConfig) -> _Parts:
         limits = row_limits(config, eval_set.kind)
         eval_set.records = eval_set.records[:limits["eval"]] if limits["eval"] else eval_set.records
     kind = (train_set or eval_set).kind
+    if config.pack and kind in CLASSIFICATION_KINDS:
+        raise ConfigError(f"--pack (pack = true): packing is for language-model tasks (instruction, qa); "
+                          f"{config.label} is a {kind} task")
+    if train_set is not None and kind in CLASSIFICATION_KINDS:
+        classes = sorted({r["label"] for r in train_set.records})
+        if len(classes) < 2:
+            raise DataError(f"{train_set.source}: every training row has label {classes[0]}; a classifier needs "
+                            "rows of at least two classes")
     num_labels = (train_set or eval_set).num_labels
     if num_labels is not None and eval_set.num_labels and eval_set.num_labels > num_labels:
         num_labels = eval_set.num_labels
+    return _Data(kind, train_set, eval_set, num_labels, limits)
+
+
+def _prepare(config: RunConfig, data: _Data) -> _Parts:
+    """The base model (a fresh seeded head for classification), its tokenizer and the device."""
     with distributed.main_first():  # the smoke checkpoint is written once, by rank 0
         checkpoint = base_checkpoint(config)
     tok = load_tokenizer(checkpoint, revision=config.model_revision)
-    model = load_base(checkpoint, kind, num_labels, seed=config.train.seed, revision=config.model_revision)
-    max_length = min(limits["max_length"], model.config.n_positions)
+    model = load_base(checkpoint, data.kind, data.num_labels, seed=config.train.seed, revision=config.model_revision)
+    max_length = min(data.limits["max_length"], model.config.n_positions)
     device = resolve_device(config.train.device, "--device")
-    return _Parts(config, kind, train_set, eval_set, num_labels, checkpoint, tok, model, max_length, limits, device)
+    return _Parts(config, data.kind, data.train_set, data.eval_set, data.num_labels, checkpoint, tok, model,
+                  max_length, data.limits, device)
+
+
+def lora_training_bytes(model_config: GPT2Config, lora: LoRAConfig, head_outputs: int) -> int:
+    """Bytes the LoRA tensors of ``lora`` take while training in fp32: weights, gradients and AdamW's two
+    moments (16 bytes per parameter)."""
+    n, inner = model_config.n_embd, model_config.n_inner or 4 * model_config.n_embd
+    shapes = {"attn.c_attn": (n, 3 * n), "attn.c_proj": (n, n), "mlp.c_fc": (n, inner), "mlp.c_proj": (inner, n),
+              "attn.q": (n, n), "attn.k": (n, n), "attn.v": (n, n)}
+    blocks = lora.last_n_blocks or model_config.n_layer
+    params = sum(lora.rank * sum(shapes[t]) * blocks for t in lora.targets if t in shapes)
+    if "lm_head" in lora.targets:
+        params += lora.rank * (n + head_outputs)
+    return 16 * params
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(parts: _Parts) -> None:
+    """Refuse a LoRA rank whose tensors cannot fit the device before anything is allocated."""
+    lora = parts.config.lora_config
+    if lora is None:
+        return
+    need = lora_training_bytes(parts.model.config, lora, parts.num_labels or parts.model.config.vocab_size)
+    free = available_bytes(parts.device)
+    if free is not None and need > free:
+        raise ConfigError(f"--rank {lora.rank}: the LoRA tensors would need {need / 2**30:,.1f} GiB for weights, "
+                          f"gradients and optimizer state, more than the {free / 2**30:,.1f} GiB free on "
+                          f"{parts.device}; choose a smaller rank")
 
 
 def _metrics(parts: _Parts) -> dict[str, Any]:
@@ -255,17 +340,26 @@ def _metrics(parts: _Parts) -> dict[str, Any]:
                         gen_rows=parts.limits["gen"], max_new_tokens=parts.limits["new_tokens"])
 
 
-def _run_config_json(parts: _Parts, train: Any) -> dict[str, Any]:
+def _local(path: str | None) -> str | None:
+    """A local path made absolute (a hub id, or None, as it is)."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+
+def _run_config_json(parts: _Parts, train: Any, folder: Path) -> dict[str, Any]:
     from .. import __version__
 
     config = parts.config
     lora, prompt = config.lora_config, config.prompt_config
+    base = _local(parts.checkpoint)
+    # the smoke base lives beside the run folders: found again through this path when they move together
+    from_run = os.path.relpath(base, folder.resolve()) if config.smoke else None
     return {
-        "gpt2lora_version": __version__, "task": config.task_or_data, "data": config.data,
-        "data_root": config.data_root, "source": config.source, "columns": dict(config.columns), "kind": parts.kind,
-        "num_labels": parts.num_labels, "label_names": list((parts.train_set or parts.eval_set).label_names),
-        "base_model": parts.checkpoint, "model_revision": config.model_revision, "smoke": config.smoke,
-        "method": config.method, "lora": dataclasses.asdict(lora) if lora else None,
+        "gpt2lora_version": __version__, "task": config.task_or_data, "data": _local(config.data),
+        "data_root": _local(config.data_root), "source": config.source, "columns": dict(config.columns),
+        "kind": parts.kind, "num_labels": parts.num_labels,
+        "label_names": list((parts.train_set or parts.eval_set).label_names),
+        "base_model": base, "base_model_from_run": from_run, "model_revision": config.model_revision,
+        "smoke": config.smoke, "method": config.method, "lora": dataclasses.asdict(lora) if lora else None,
         "last_n": config.last_n_blocks if config.method == "last_n_full" else None,
         "prompt": dataclasses.asdict(prompt) if prompt else None, "max_length": parts.max_length,
         "train": dataclasses.asdict(train), "train_rows": len(parts.train_set) if parts.train_set else 0,
@@ -273,85 +367,125 @@ def _run_config_json(parts: _Parts, train: Any) -> dict[str, Any]:
     }
 
 
-def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train (or, with method ``none``, only evaluate) one configuration and write its run folder.
-
-    ``folder``: where (default ``config.out / config.run_name``, a new time-stamped name without one, or
-    the resumed run's folder). Returns the result row: metrics, trainable parameters, time, throughput,
-    per-run memory and ``run_dir``. Under torchrun every rank trains and rank 0 writes the folder.
-    """
+def _start(config: RunConfig) -> RunConfig:
+    """The resolved config; threads, the torchrun group and the seed set up."""
     if not isinstance(config, RunConfig):
         raise ConfigError(f"run: expected a RunConfig, got {type(config).__name__}")
     config = config.resolved()
     set_threads(config.threads)
     distributed.setup(resolve_device(config.train.device, "--device").type)  # joins torchrun's group, if any
     torch.manual_seed(config.train.seed)
-    resume = resume_target(config) if folder is None else None  # checked first: a bad path fails before downloads
-    parts = _prepare(config)
-    if config.pack and parts.kind in CLASSIFICATION_KINDS:
-        raise ConfigError(f"--pack (pack = true): packing is for language-model tasks (instruction, qa); "
-                          f"{config.label} is a {parts.kind} task")
-    lora = config.lora_config
-    label = method_label(config.method, lora, config.last_n_blocks)
-    if folder is not None:
-        folder = Path(folder)
-        if distributed.is_main_process():
-            folder.mkdir(parents=True, exist_ok=True)
-    elif resume is not None:
-        folder = resume[0]
-    else:
-        folder = new_run_folder(config.out, config.run_name, f"{config.label}-{config.method}", config.train.device)
-    if config.method == EVAL_ONLY:
-        return _write_eval_only(parts, folder, label)
+    return config
 
-    model, device = parts.model, parts.device
-    samples_before = None
-    if parts.kind == "instruction":
-        model.to(device)
-        samples_before = instruction_samples(model, parts.tok, parts.eval_set.records[:3],
-                                             parts.limits["new_tokens"] or 128, parts.max_length, device)
+
+def _samples_before(parts: _Parts) -> list[dict[str, str]] | None:
+    """Instruction runs: greedy answers of the untrained model to three eval prompts (for generations.md)."""
+    if parts.kind != "instruction":
+        return None
+    parts.model.to(parts.device)
+    return instruction_samples(parts.model, parts.tok, parts.eval_set.records[:3], parts.limits["new_tokens"] or 128,
+                               parts.max_length, parts.device)
+
+
+def _apply_method(parts: _Parts) -> ParameterCount:
+    config = parts.config
     last_n = config.last_n_blocks if config.method == "last_n_full" else None
-    prepare_model(model, config.method, lora=lora, last_n=last_n, seed=config.train.seed,
+    prepare_model(parts.model, config.method, lora=config.lora_config, last_n=last_n, seed=config.train.seed,
                   prompt=config.prompt_config)
-    params = count_parameters(model)
-    # checkpoints go into the run folder (each epoch end, and every save_every steps) so a killed run resumes
-    train = dataclasses.replace(config.train, out_dir=str(folder / CHECKPOINTS_DIR),
-                                history_path=str(folder / HISTORY_FILE), progress=not config.quiet,
-                                resume_from=str(resume[1]) if resume else None)
+    return count_parameters(parts.model)
+
+
+def _train_config(config: RunConfig, place: Placement) -> Any:
+    """The TrainConfig of the fit: checkpoints and history inside the run folder (so a killed run resumes)."""
+    return dataclasses.replace(config.train, out_dir=str(place.folder / CHECKPOINTS_DIR),
+                               history_path=str(place.folder / HISTORY_FILE), progress=not config.quiet,
+                               resume_from=str(place.checkpoint) if place.checkpoint else None)
+
+
+def _batches(parts: _Parts, train: Any) -> tuple[BucketedBatches, BucketedBatches]:
     tok, max_length = parts.tok, parts.max_length
     train_data = batches(encode(parts.train_set, tok, max_length), train.batch_size, True, train.seed, tok.eot_token,
-                         pack_to=max_length if config.pack else None)
-    eval_data = batches(encode(parts.eval_set, tok, max_length), config.eval_batch_size or train.batch_size, False,
-                        0, tok.eot_token)
+                         pack_to=max_length if parts.config.pack else None)
+    eval_data = batches(encode(parts.eval_set, tok, max_length), parts.config.eval_batch_size or train.batch_size,
+                        False, 0, tok.eot_token)
+    return train_data, eval_data
+
+
+def _fit(parts: _Parts, train: Any, data: tuple[BucketedBatches, BucketedBatches], folder: Path) -> History:
+    config = parts.config
     with make_trackers(config.report_to, folder, folder.name, hparams=to_settings(config)) as tracker:
-        history = Trainer(model, train, tracker=tracker or None).fit(train_data, eval_data)
-    metrics = _metrics(parts)
-    row = _result_row(parts, label, metrics, params, history, folder)
-    row["padding_share"] = train_data.padding_stats().padding_share  # of the training batches' token slots
-    row["train_batches"] = len(train_data)  # per epoch; packing puts several examples in a row
-    if not distributed.is_main_process():
-        return row  # under torchrun only rank 0 writes the run folder
-    save_adapter(model, folder / "adapter")
-    report.write_json(_run_config_json(parts, train), folder / "config.json")
+        return Trainer(parts.model, train, tracker=tracker or None).fit(*data)
+
+
+def _save(parts: _Parts, folder: Path, train: Any, metrics: dict[str, Any], row: dict[str, Any],
+          samples_before: list[dict[str, str]] | None) -> None:
+    """The adapter, config.json, responses, generations and metrics.json."""
+    save_adapter(parts.model, folder / "adapter")
+    report.write_json(_run_config_json(parts, train, folder), folder / "config.json")
     extra: dict[str, Any] = {}
     if "samples" in metrics:
         extra["samples"] = metrics["samples"]
     if "responses" in metrics:
         write_responses(folder / RESPONSES_FILE, metrics["responses"])
     if samples_before is not None:
-        after = instruction_samples(model, tok, parts.eval_set.records[:3], parts.limits["new_tokens"] or 128,
-                                    max_length, device)
+        after = instruction_samples(parts.model, parts.tok, parts.eval_set.records[:3],
+                                    parts.limits["new_tokens"] or 128, parts.max_length, parts.device)
         extra["generations"] = [{**b, "after": a["generated"], "before": b["generated"]}
                                 for b, a in zip(samples_before, after)]
         write_generations(folder / "generations.md", extra["generations"])
     report.write_json({"result": row, **extra}, folder / "metrics.json")
-    plots = [p for p in (report.plot_losses(history.steps, history.evals, folder / "loss.png", f"{parts.eval_set.name}: "
-                                            f"{label}"),
-                         report.plot_lr(history.steps, folder / "lr.png")) if p is not None] if config.plots else []
-    notes = _notes(parts, params, history) + [(f"padding: {100 * row['padding_share']:.1f}% of the training batches' "
-                                              f"token slots{' (examples packed into rows)' if config.pack else ''}")]
+
+
+def _plots(parts: _Parts, history: History, folder: Path, label: str) -> list[Path]:
+    if not parts.config.plots:
+        return []
+    return [p for p in (report.plot_losses(history.steps, history.evals, folder / "loss.png",
+                                           f"{parts.eval_set.name}: {label}"),
+                        report.plot_lr(history.steps, folder / "lr.png")) if p is not None]
+
+
+def _summary(parts: _Parts, folder: Path, row: dict[str, Any], label: str, params: ParameterCount,
+             history: History, plots: list[Path]) -> None:
+    packed = " (examples packed into rows)" if parts.config.pack else ""
+    padding = f"padding: {100 * row['padding_share']:.1f}% of the training batches' token slots{packed}"
+    notes = _notes(parts, params, history) + [padding]
     report.write_summary(folder, [row], f"{parts.eval_set.name}: {label}", notes, plots=plots)
-    return row
+
+
+def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train (or, with method ``none``, only evaluate) one configuration and write its run folder.
+
+    ``folder``: where (default ``config.out / config.run_name``, a new time-stamped name without one, or
+    the resumed run's folder). The folder is claimed for this process while the run lasts: a second run
+    asking for it is refused. Returns the result row: metrics, trainable parameters, time, throughput,
+    per-run memory and ``run_dir``. Under torchrun every rank trains and rank 0 writes the folder.
+    """
+    config = _start(config)
+    place = place_run(config, folder)  # a bad --resume path fails before downloads
+    with claimed(place.folder, resume=place.checkpoint is not None, owner=distributed.is_main_process()):
+        if place.checkpoint is not None:
+            check_resume(place.folder, config)
+        parts = _prepare(config, _data(config))
+        label = method_label(config.method, config.lora_config, config.last_n_blocks)
+        if config.method == EVAL_ONLY:
+            return _write_eval_only(parts, place.folder, label)
+        _check_fits(parts)
+        samples_before = _samples_before(parts)
+        params = _apply_method(parts)
+        train = _train_config(config, place)
+        if distributed.is_main_process():  # before training: what a resumed run is checked against
+            report.write_json(_run_config_json(parts, train, place.folder), place.folder / "config.json")
+        data = _batches(parts, train)
+        history = _fit(parts, train, data, place.folder)
+        metrics = _metrics(parts)
+        row = _result_row(parts, label, metrics, params, history, place.folder)
+        row["padding_share"] = data[0].padding_stats().padding_share  # of the training batches' token slots
+        row["train_batches"] = len(data[0])  # per epoch; packing puts several examples in a row
+        if not distributed.is_main_process():
+            return row  # under torchrun only rank 0 writes the run folder
+        _save(parts, place.folder, train, metrics, row, samples_before)
+        _summary(parts, place.folder, row, label, params, history, _plots(parts, history, place.folder, label))
+        return row
 
 
 def _result_row(parts: _Parts, label: str, metrics: dict[str, Any], params: ParameterCount, history: History,
@@ -406,7 +540,7 @@ def _write_eval_only(parts: _Parts, folder: Path, label: str) -> dict[str, Any]:
         return row
     if "responses" in metrics:
         write_responses(folder / RESPONSES_FILE, metrics["responses"])
-    report.write_json(_run_config_json(parts, parts.config.train), folder / "config.json")
+    report.write_json(_run_config_json(parts, parts.config.train, folder), folder / "config.json")
     report.write_json({"result": row, **({"samples": metrics["samples"]} if "samples" in metrics else {})},
                       folder / "metrics.json")
     report.write_summary(folder, [row], f"{parts.eval_set.name}: {label}", _notes(parts, params, None))
@@ -416,30 +550,92 @@ def _write_eval_only(parts: _Parts, folder: Path, label: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- reading runs
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a run folder."""
+    """The ``config.json`` of a run folder, its fields checked (a damaged one is refused naming the field)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"--run {run_dir}: no config.json; expected a run folder written by 'gpt2lora train'")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason}); expected a run's config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    _check_run_json(config, path)
+    return config
+
+
+def _check_run_json(config: dict[str, Any], path: Path) -> None:
+    def need(key: str, ok: bool, expected: str) -> None:
+        if not ok:
+            shown = repr(config[key]) if key in config else "missing"
+            raise ConfigError(f"{path}: field {key!r} is {shown}; expected {expected}")
+
+    def get(key: str) -> Any:
+        return config.get(key)
+
+    need("base_model", isinstance(get("base_model"), str) and bool(get("base_model")),
+         "the base checkpoint (a hub id or folder)")
+    need("kind", get("kind") in KINDS, f"one of {', '.join(KINDS)}")
+    need("method", get("method") in RUN_METHODS, f"one of {', '.join(RUN_METHODS)}")
+    need("train", isinstance(get("train"), dict) and isinstance(get("train").get("seed"), int),
+         "a table with the run's TrainConfig (an integer seed at least)")
+    classification = get("kind") in CLASSIFICATION_KINDS
+    need("num_labels", (isinstance(get("num_labels"), int) and get("num_labels") > 0) if classification
+         else get("num_labels") is None, "the number of classes" if classification else "null")
+    need("max_length", isinstance(get("max_length"), int) and get("max_length") > 0, "a positive integer")
+    need("lora", isinstance(get("lora"), dict) if get("method") == "lora" else get("lora") is None,
+         "the run's LoRA settings (a table)" if get("method") == "lora" else "null for method "
+         f"{get('method')}")
+    need("last_n", get("last_n") is None or isinstance(get("last_n"), int), "null or a number of blocks")
+    need("prompt", get("prompt") is None or isinstance(get("prompt"), dict), "null or a table")
+    for key in ("data", "data_root", "model_revision", "base_model_from_run"):
+        need(key, get(key) is None or isinstance(get(key), str), "null or a string")
+    need("columns", isinstance(get("columns") or {}, dict), "a table of FIELD: COLUMN")
+
+
+def _section(config: dict[str, Any], key: str, cls: type, path: Path) -> Any:
+    """``cls(**config[key])`` (a LoRAConfig or PromptConfig), refused naming the field when damaged."""
+    values = dict(config[key])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{path}: field {key!r} has unknown keys {unknown}; expected {sorted(fields)}")
+    if "targets" in values and isinstance(values["targets"], list):
+        values["targets"] = tuple(values["targets"])
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: field {key!r}: {err}") from None
+
+
+def run_base(run_dir: str | os.PathLike, config: dict[str, Any]) -> str:
+    """The base checkpoint of a run: its recorded path, or, for a run folder moved together with the smoke
+    base beside it, that base found from the run folder."""
+    base = config["base_model"]
+    from_run = config.get("base_model_from_run")
+    if not Path(base).exists() and from_run and (Path(run_dir) / from_run).is_dir():
+        return str((Path(run_dir) / from_run).resolve())
+    return base
 
 
 def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The base model of a run folder with its method applied and its trained tensors loaded."""
     config = read_run(run_dir)
+    path = Path(run_dir) / "config.json"
+    config["base_model"] = run_base(run_dir, config)
     model = load_base(config["base_model"], config["kind"], config["num_labels"], seed=config["train"]["seed"],
                       revision=config.get("model_revision"))
     if config["method"] == EVAL_ONLY:
         return model, config
-    lora = LoRAConfig(**{**config["lora"], "targets": tuple(config["lora"]["targets"])}) if config["lora"] else None
+    lora = _section(config, "lora", LoRAConfig, path) if config["lora"] else None
     if lora is not None and is_residual_init(lora.init):
         # a PiSSA / OLoRA adapter is saved converted for the unmodified base (plain LoRA of rank 2r):
         # load_adapter applies the file's own configuration
         load_adapter(model, Path(run_dir) / "adapter")
         return model, config
-    prompt = PromptConfig(**config["prompt"]) if config.get("prompt") else None
+    prompt = _section(config, "prompt", PromptConfig, path) if config.get("prompt") else None
     prepare_model(model, config["method"], lora=lora, last_n=config["last_n"], seed=config["train"]["seed"],
                   prompt=prompt)
     load_adapter(model, Path(run_dir) / "adapter")

@@ -263,6 +263,10 @@ class RunConfig:
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"RunConfig.{name}: expected a {kind.__name__}, got "
                                   f"{type(getattr(self, name)).__name__}")
+        if self.run_name is not None:
+            from .folders import check_run_name
+
+            check_run_name(self.run_name, "RunConfig.run_name (--run-name)")
         # The one rule: RunConfig.last_n_blocks is LoRA's depth and lora.last_n_blocks mirrors it (None for
         # other methods, which do not use LoRA). A depth given only in lora.last_n_blocks is refused, not erased.
         depth = self.last_n_blocks if self.method == "lora" else None
@@ -302,7 +306,14 @@ class RunConfig:
         learning rate. Two configs that train the same way resolve to equal objects."""
         task = self.task if self.task is not None or self.data is not None else DEFAULT_TASK
         train = self.train.with_default_lr(self.method if self.method != EVAL_ONLY else "head")
-        return dataclasses.replace(self, task=task, train=train)
+        # local paths absolute: a run folder's config.json must mean the same files from any directory
+        paths = {name: _absolute(getattr(self, name)) for name in ("data", "data_root", "vocab")}
+        model = _absolute(self.model) if Path(self.model).exists() else self.model
+        return dataclasses.replace(self, task=task, train=train, model=model, **paths)
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -390,6 +401,8 @@ def from_settings(values: Mapping[str, Any], base: RunConfig | None = None, wher
         check_value(setting, value, where)
         if setting.key in ("data", "data_root", "vocab") and relative_to is not None:
             value = str((Path(relative_to) / value).resolve()) if not Path(value).is_absolute() else value
+        elif setting.key == "model" and relative_to is not None and (Path(relative_to) / value).exists():
+            value = str((Path(relative_to) / value).resolve())  # a local checkpoint folder, not a hub id
         sections[setting.section][setting.field] = _field_value(setting, value)
     if "rank" in sections["lora"] and "alpha" not in sections["lora"] and base.lora.alpha == base.lora.rank:
         sections["lora"]["alpha"] = None  # alpha follows the rank unless it was set
@@ -452,8 +465,13 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else _toml_value(key)
 
 
+#: Settings a recipe row cannot hold: where runs go is the command's (a recipe's rows run into one folder).
+RUNNER_KEYS = ("out", "run_name", "resume")
+
+
 def to_toml(rows: Sequence[tuple[str, RunConfig]], title: str, seeds: Sequence[Sequence[int] | None] = ()) -> str:
-    """A recipe file holding ``rows`` (``(name, config)`` pairs), every setting written out.
+    """A recipe file holding ``rows`` (``(name, config)`` pairs), every setting written out except
+    :data:`RUNNER_KEYS` (where runs go is the command's, not a row's).
 
     Reading it back with :func:`gpt2lora.app.recipes.parse_recipe` gives the same configs, so a command line
     becomes a recipe file: ``gpt2lora train ... --print-config > my.toml``. ``seeds``: per row, a list of
@@ -461,7 +479,7 @@ def to_toml(rows: Sequence[tuple[str, RunConfig]], title: str, seeds: Sequence[S
     """
     lines = [f"title = {_toml_value(title)}"]
     for i, (name, config) in enumerate(rows):
-        settings = to_settings(config)
+        settings = {k: v for k, v in to_settings(config).items() if k not in RUNNER_KEYS}
         row_seeds = seeds[i] if i < len(seeds) else None
         if row_seeds is not None and len(row_seeds) > 1:
             settings.pop("seed")
@@ -475,5 +493,5 @@ def to_toml(rows: Sequence[tuple[str, RunConfig]], title: str, seeds: Sequence[S
 PLACEMENT_KEYS = ("smoke", "vocab", "device", "threads", "data_root", "data_source", "out", "run_name", "quiet",
                   "resume", "plots", "report_to")
 
-__all__ = ["ALIASES", "DEFAULT_TASK", "EVAL_ONLY", "PLACEMENT_KEYS", "RUN_METHODS", "SETTINGS", "SETTINGS_BY_KEY",
+__all__ = ["ALIASES", "DEFAULT_TASK", "EVAL_ONLY", "PLACEMENT_KEYS", "RUNNER_KEYS", "RUN_METHODS", "SETTINGS", "SETTINGS_BY_KEY",
            "RunConfig", "Setting", "check_value", "from_settings", "to_settings", "to_toml"]

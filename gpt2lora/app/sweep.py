@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..constants import RESULTS_CSV_FILE, RESULTS_FILE
+from ..errors import ConfigError
 from . import report
-from .run import new_run_folder, run
+from .folders import claimed
+from .resume import check_resume
+from .run import CHECKPOINTS_DIR, new_run_folder, run
 from .runconfig import EVAL_ONLY, RunConfig
 
 
@@ -64,14 +70,49 @@ def _point_name(i: int, point: dict[str, Any]) -> str:
             + (f"-lr{point['lr']:g}" if point["lr"] else ""))
 
 
+def _grid_row(config: RunConfig, folder: Path, resume: bool) -> dict[str, Any]:
+    """One grid point run into ``folder``; when the sweep resumes, a finished row is kept (after checking it
+    ran these settings), an interrupted one continues from its checkpoints and one never started starts."""
+    if not resume:
+        return run(dataclasses.replace(config, resume=None), folder)
+    started = folder / CHECKPOINTS_DIR
+    if (folder / "metrics.json").is_file():
+        check_resume(folder, dataclasses.replace(config, resume=str(folder)).resolved())
+        print(f"{folder.name}: finished before; kept")
+        return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["result"]
+    if started.is_dir() and any(started.glob("checkpoint-*")):
+        return run(dataclasses.replace(config, resume=str(folder)), folder)
+    if folder.exists():  # stopped before its first checkpoint: nothing to continue, start it again
+        shutil.rmtree(folder)
+    return run(dataclasses.replace(config, resume=None), folder)
+
+
 def sweep(base: RunConfig, grid: Grid) -> list[dict[str, Any]]:
-    """Run every grid point into ``<out>/<run_name>/NN-.../`` and write one comparison table and plots."""
-    folder = new_run_folder(base.out, base.run_name, f"{base.label}-sweep", base.train.device)
+    """Run every grid point into ``<out>/<run_name>/NN-.../`` and write one comparison table and plots.
+
+    ``base.resume`` (``auto``, or the sweep folder) continues an interrupted sweep: finished rows are kept,
+    the interrupted one resumes from its last checkpoint, the rest run.
+    """
+    resume = base.resume is not None
+    if base.resume not in (None, "auto"):
+        folder = Path(base.resume)
+        if not folder.is_dir():
+            raise ConfigError(f"--resume {base.resume}: no such sweep folder")
+    elif resume and not base.run_name:
+        raise ConfigError("--resume auto needs --run-name: the sweep folder (under --out) to continue")
+    else:
+        folder = new_run_folder(base.out, base.run_name, f"{base.label}-sweep", base.train.device)
+    with claimed(folder, resume=resume):
+        return _sweep_into(folder, base, grid, resume)
+
+
+def _sweep_into(folder: Path, base: RunConfig, grid: Grid, resume: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if grid.foundation:
-        rows.append(run(dataclasses.replace(base, method=EVAL_ONLY, run_name=None), folder / "foundation"))
+        rows.append(_grid_row(dataclasses.replace(base, method=EVAL_ONLY, run_name=None), folder / "foundation",
+                              resume))
     for i, point in enumerate(grid_points(base, grid)):
-        row = run(point_config(base, point), folder / _point_name(i, point))
+        row = _grid_row(point_config(base, point), folder / _point_name(i, point), resume)
         rows.append({**row, "method_name": point["method"]})
         print(report.markdown_table(rows[-1:]))
     trained = [{**r, "method": r.get("method_name", r["method"])} for r in rows if "method_name" in r]

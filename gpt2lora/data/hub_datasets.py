@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import CARD_FILE
-from ..errors import DataError
+from ..errors import DataError, SplitNotFoundError
 from ..model.hub import hub_error_reason
 
 #: File types gpt2lora reads (see :func:`gpt2lora.data.tasks.read_rows`).
@@ -329,7 +329,7 @@ def split_files(repo: str, split: str, config: str | None = None, revision: str 
     how = "card"
     if declared is not None:
         if split not in declared:
-            raise DataError(f"{label}: the dataset has no {split!r} split in config {config_name!r} (its card "
+            raise SplitNotFoundError(f"{label}: the dataset has no {split!r} split in config {config_name!r} (its card "
                             f"lists: {', '.join(declared)})")
         matched = [f for f in match_files(declared[split], listing.files) if f != CARD_FILE]
         if not matched:
@@ -342,7 +342,7 @@ def split_files(repo: str, split: str, config: str | None = None, revision: str 
         if not matched:
             others = [s for s in SPLIT_KEYWORDS if s != split and _by_convention(s, listing.files, config, data_dir)[0]]
             if others:
-                raise DataError(f"{label}: the dataset has no {split!r} split (it has: {', '.join(others)}; "
+                raise SplitNotFoundError(f"{label}: the dataset has no {split!r} split (it has: {', '.join(others)}; "
                                 f"{listing.shown()})")
             if revision == "main":
                 # a pinned revision is honoured exactly: the conversion reflects the default branch only

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..constants import LABEL_NAMES_FILE
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SplitNotFoundError
 
 KINDS = ("classification", "nli", "instruction", "qa")
 #: Task kinds trained with a classification head (the rest are language-model tasks).
@@ -196,6 +196,12 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict[str,
                                 f"{len(reader.fieldnames)} header columns")
             yield f"line {reader.line_num}", row
     except csv.Error as err:  # e.g. a NUL byte or a stray carriage return inside a field
+        # the csv module's field limit is process-wide state, so it is left alone: say so (JSONL has none)
+        limit = csv.field_size_limit()
+        long = next((i for i, line in enumerate(lines, start=1) if len(line) > limit), None)
+        if long is not None:
+            raise DataError(f"{path} line {long}: a value longer than {limit:,} characters, the most Python's "
+                            "CSV reader takes; save such rows as JSONL") from None
         raise DataError(f"{path} line {reader.line_num}: not readable as {'CSV' if delimiter == ',' else 'TSV'} "
                         f"({err})") from None
 
@@ -234,10 +240,12 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def split_file(folder: Path, split: str) -> Path:
     """The file of ``split`` inside a data folder (``train.jsonl``, ``validation.csv``, ...)."""
-    found = [folder / f"{split}{suffix}" for suffix in SUFFIXES if (folder / f"{split}{suffix}").is_file()]
+    found = [folder / f"{split}{suffix}" for suffix in SUFFIXES if (folder / f"{split}{suffix}").exists()]
+    if found and not found[0].is_file():
+        raise DataError(f"{found[0]} is a folder; expected the {split} split's data file")
     if not found:
         present = sorted(p.name for p in folder.iterdir() if p.suffix in SUFFIXES)
-        raise DataError(f"{folder} has no {split} split: expected {split}.jsonl (or .csv/.tsv/.parquet); "
+        raise SplitNotFoundError(f"{folder} has no {split} split: expected {split}.jsonl (or .csv/.tsv/.parquet); "
                         f"found: {', '.join(present) or 'no data files'}")
     return found[0]
 
@@ -283,6 +291,10 @@ def infer_kind(columns: Sequence[str], where: str) -> str:
                     "context+question+answers (or pass a task / column mapping)")
 
 
+#: Class indices must be below this: a stray huge label would otherwise size the classification head.
+MAX_CLASSES = 10_000
+
+
 def _label(value: Any, label_names: Sequence[str], where: str, column: str) -> int:
     if isinstance(value, bool) or value is None:
         label = None
@@ -305,6 +317,9 @@ def _label(value: Any, label_names: Sequence[str], where: str, column: str) -> i
                         f"0..{len(label_names) - 1} ({', '.join(label_names)})")
     if label < 0:
         raise DataError(f"{where}: field 'label' (column {column!r}) is {label}; labels must be >= 0")
+    if label >= MAX_CLASSES:
+        raise DataError(f"{where}: field 'label' (column {column!r}) is {label}; class indices must be below "
+                        f"{MAX_CLASSES:,} (the head gets one output per class)")
     return label
 
 
@@ -345,6 +360,18 @@ def to_record(row: Mapping[str, Any], kind: str, columns: Mapping[str, str], lab
     return record
 
 
+def _check_label_set(records: list[dict[str, Any]], wheres: dict[int, str]) -> None:
+    """Without label names the classes are 0..K-1 by the largest label: refuse a stray label that would
+    make most of those classes ones no row has."""
+    present = {r["label"] for r in records}
+    top = max(present)
+    if top + 1 > max(2 * len(present), 10):
+        others = sorted(present - {top})
+        raise DataError(f"{wheres[top]}: field 'label' is {top}, but the other rows use {others[:10]}"
+                        f"{' ...' if len(others) > 10 else ''}; without label names the classes are 0..{top}, "
+                        f"{top + 1 - len(present)} of them with no row (fix the label, or add label_names.json)")
+
+
 def _read_label_names(folder: Path) -> tuple[str, ...]:
     path = folder / LABEL_NAMES_FILE
     if not path.is_file():
@@ -372,6 +399,7 @@ def read_records(path: str | os.PathLike | Sequence[str | os.PathLike], kind: st
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     columns = dict(columns or {})
     records: list[dict[str, Any]] = []
+    first_where: dict[int, str] = {}  # where each label value first appears, for messages
     for file in paths:
         for where, row in read_rows(file):
             if kind is None:
@@ -382,12 +410,16 @@ def read_records(path: str | os.PathLike | Sequence[str | os.PathLike], kind: st
                 if isinstance(raw, int) and raw in drop_labels:
                     continue
             records.append(to_record(row, kind, columns, label_names, f"{file} {where}"))
+            if "label" in records[-1]:
+                first_where.setdefault(records[-1]["label"], f"{file} {where}")
             if limit is not None and len(records) >= limit:
                 break
         if limit is not None and len(records) >= limit:
             break
     if kind is None or not records:
         raise DataError(f"{', '.join(map(str, paths))} {'has' if len(paths) == 1 else 'have'} no usable rows")
+    if first_where and not label_names:
+        _check_label_set(records, first_where)
     return kind, records
 
 
@@ -515,8 +547,13 @@ def encode(dataset: Dataset, tok: Tokenizer, max_length: int) -> list[dict[str, 
         raise ConfigError(f"max_length: expected an integer >= 2, got {max_length!r}")
     kind = dataset.kind
     if kind in CLASSIFICATION_KINDS:
-        return [{"input_ids": prompt_ids(tok, r, kind, max_length), "label": r["label"]}
-                for r in dataset.records]
+        examples = [{"input_ids": prompt_ids(tok, r, kind, max_length), "label": r["label"]}
+                    for r in dataset.records]
+        empty = next((i for i, e in enumerate(examples) if not e["input_ids"]), None)
+        if empty is not None:  # named here, where the file is known, not later as "example N" of a batch
+            raise DataError(f"{dataset.source}: record {empty + 1} of the {dataset.split} split has no tokens "
+                            f"(its text is {dataset.records[empty].get('text', '')!r}); expected some text")
+        return examples
     from .batching import lm_example
 
     examples = []

@@ -165,30 +165,41 @@ def _sample(model: nn.Module, rows: int, seed: int) -> Tensor:
     return torch.randint(0, config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
+#: Rows of the sample run through the model at a time: a language model's logits are rows x tokens x vocab.
+CHANGE_BATCH = 8
+
+
 def _output_change(model: nn.Module, adapter: str, sample: Tensor) -> dict[str, float]:
     from .named import disable_adapters, set_adapter
 
     registry = adapter_registry(model)
     was_training, active = model.training, registry.active
     device = next(model.parameters()).device
-    sample = sample.to(device)
     model.eval()
+    max_abs, diff_sq, base_sq, changed = 0.0, 0.0, 0.0, 0.0
     try:
         if adapter != active:
             set_adapter(model, adapter)
         with torch.no_grad():
-            adapted = model(sample).float()
-            with disable_adapters(model):
-                base = model(sample).float()
+            for chunk in sample.split(CHANGE_BATCH):  # memory bounded by the batch, not by --rows
+                chunk = chunk.to(device)
+                adapted = model(chunk).float()
+                with disable_adapters(model):
+                    base = model(chunk).float()
+                diff = adapted - base
+                max_abs = max(max_abs, float(diff.abs().max()))
+                diff_sq += float(diff.double().square().sum())
+                base_sq += float(base.double().square().sum())
+                if adapted.dim() == 2:  # a classifier: (rows, num_labels)
+                    changed += float((adapted.argmax(-1) != base.argmax(-1)).sum())
     finally:
         if registry.active != active:
             set_adapter(model, active)
         model.train(was_training)
-    diff = adapted - base
-    change = {"rows": float(sample.size(0)), "max_abs": float(diff.abs().max()),
-              "relative": float(diff.norm() / base.norm().clamp_min(1e-12))}
-    if adapted.dim() == 2:  # a classifier: (rows, num_labels)
-        change["changed_predictions"] = float((adapted.argmax(-1) != base.argmax(-1)).sum())
+    change = {"rows": float(sample.size(0)), "max_abs": max_abs,
+              "relative": diff_sq ** 0.5 / max(base_sq ** 0.5, 1e-12)}
+    if adapted.dim() == 2:
+        change["changed_predictions"] = changed
     return change
 
 
@@ -244,6 +255,11 @@ def _resolve(path: Path, model: str | os.PathLike | None) -> tuple[Path, str | N
             run_config = json.loads((path / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path / RUN_CONFIG_FILE} is not valid JSON: {err}") from None
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{path / RUN_CONFIG_FILE} is not UTF-8 text ({err.reason})") from None
+        if not isinstance(run_config, dict) or not isinstance(run_config.get("base_model", ""), str):
+            raise CheckpointError(f"{path / RUN_CONFIG_FILE}: expected a run's config (a JSON object whose "
+                                  "base_model is a string)")
         folder = path / "adapter"
     else:
         folder = path

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from battery import Battery
-from helpers import TINY
+from helpers import DATA, TINY
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (
@@ -37,7 +37,7 @@ from gpt2lora.app.cli import main as cli_main
 from gpt2lora.app.publish import push_run
 from gpt2lora.config import GPT2Config, LoRAConfig, TrainConfig
 from gpt2lora.data.batching import BucketedBatches, collate, lm_example
-from gpt2lora.data.tasks import load_split
+from gpt2lora.data.tasks import encode, load_split
 from gpt2lora.model.classifier import GPT2ForSequenceClassification
 from gpt2lora.model.generate import generate
 from gpt2lora.model.gpt2 import GPT2
@@ -56,6 +56,8 @@ class Ctx:
     checkpoint: Path
     adapter_dir: Path
     vocab: Path
+    smoke_runs: Callable[[], Path] | None = None
+    """Trains one small smoke run (sms_spam) the first time it is called; the folder holding it."""
 
     def ckpt(self) -> Path:
         """A private copy of the tiny checkpoint to break."""
@@ -78,6 +80,11 @@ class Ctx:
 
     def rows(self, name: str, *rows: Any) -> Path:
         return self.file(name, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+    def run(self) -> Path:
+        """A private copy of the smoke run folder (its base checkpoint stays where the cached run has it)."""
+        assert self.smoke_runs is not None
+        return Path(shutil.copytree(self.smoke_runs() / "r", self.tmp / "runs" / "r"))
 
     def edit_config(self, folder: Path, **changes: Any) -> Path:
         config = json.loads((folder / "config.json").read_text())
@@ -249,7 +256,13 @@ config_case("lora-rank-0", LoRAConfig, {"rank": 0}, r"LoRAConfig\.rank: expected
 config_case("lora-target-typo", LoRAConfig, {"targets": ("attn.c_atn",)}, r"LoRAConfig\.targets: expected names among")
 config_case("lora-dropout-1", LoRAConfig, {"dropout": 1.0}, r"LoRAConfig\.dropout: expected a number in \[0, 1\)")
 config_case("lora-style", LoRAConfig, {"style": "qlora"}, r"LoRAConfig\.style: expected one of")
-config_case("lora-alpha-bool", LoRAConfig, {"alpha": True}, r"LoRAConfig\.alpha: expected a positive number")
+config_case("lora-alpha-bool", LoRAConfig, {"alpha": True}, r"LoRAConfig\.alpha: expected a finite number in \(0, 1e\+06\]")
+config_case("lora-alpha-inf", LoRAConfig, {"alpha": float("inf")},
+            r"LoRAConfig\.alpha: expected a finite number in \(0, 1e\+06\], got inf")
+config_case("lora-alpha-huge", LoRAConfig, {"alpha": 1e300}, r"LoRAConfig\.alpha: expected a finite number")
+config_case("lora-rank-huge", LoRAConfig, {"rank": 10**12}, r"LoRAConfig\.rank: expected at most 65536")
+config_case("lora-pissa-niter-huge", LoRAConfig, {"init": "pissa_niter_100000"},
+            r"LoRAConfig\.init: expected pissa_niter_N with N at most 64, got 'pissa_niter_100000'")
 config_case("lora-dora-split", LoRAConfig, {"use_dora": True, "targets": ("attn.v",)},
             r"LoRAConfig\.use_dora: expected targets DoRA can wrap.*\['attn\.v'\]")
 config_case("lora-init-unknown", LoRAConfig, {"init": "svd"}, r"LoRAConfig\.init: expected one of .*, got 'svd'")
@@ -754,12 +767,307 @@ CLI_CASES = {
     "cli-resume-missing": (["train", "--smoke", "--resume", "{tmp}/gone"], 1,
                            r"gpt2lora train: error: --resume {tmp}/gone: {tmp}/gone/checkpoints not found"),
     "cli-run-missing": (["eval", "--run", "{tmp}/no-run"], 1, r"--run {tmp}/no-run: no config\.json"),
+    "cli-inspect-rows": (["inspect", "{tmp}", "--rows", "2000"], 2, r"argument --rows: expected an integer in 1\.\.1024"),
+    "cli-rank-huge": (["train", "--smoke", "--rank", "1000000000000", "--out", "{tmp}/o"], 1,
+                      r"LoRAConfig\.rank: expected at most 65536, got 1000000000000"),
+    "cli-run-name-escape": (["train", "--smoke", "--run-name", "../../escaped", "--out", "{tmp}/o"], 1,
+                            r"--run-name\): expected a single folder name .*got '\.\./\.\./escaped'"),
+    "cli-run-name-absolute": (["train", "--smoke", "--run-name", "{tmp}/abs", "--out", "{tmp}/o"], 1,
+                              r"--run-name\): expected a single folder name"),
+    "cli-run-name-too-long": (["train", "--smoke", "--run-name", "x" * 300, "--out", "{tmp}/o"], 1,
+                              r"--run-name\): expected a name of at most 200 bytes, got one of 300"),
 }
 
 for _name, (_argv, _code, _pattern) in CLI_CASES.items():
     case(_name, "cli", CliExit, _pattern)(
         lambda ctx, argv=_argv: ((lambda capsys: cli(capsys, *[a.replace("{tmp}", str(ctx.tmp)) for a in argv])),
                                  {"tmp": ctx.tmp}))
+
+
+# --- numbers and rows where they enter -----------------------------------------------------------------
+
+def _edit_adapter(ctx: Ctx, **changes: Any) -> Path:
+    folder = ctx.adapter()
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))  # inf is written as Infinity
+    return folder
+
+
+@case("adapter-alpha-inf", "adapter", CheckpointError,
+      r"{path}: LoRAConfig\.alpha: expected a finite number in \(0, 1e\+06\], got inf")
+def _(ctx):
+    folder = _edit_adapter(ctx, lora_alpha=float("inf"))
+    return lambda: load_adapter(ctx.model(), folder), {"path": folder / "adapter_config.json"}
+
+
+@case("adapter-pissa-niter-huge", "adapter", CheckpointError,
+      r"{path}: LoRAConfig\.init: expected pissa_niter_N with N at most 64, got 'pissa_niter_999999999'")
+def _(ctx):
+    folder = _edit_adapter(ctx, init_lora_weights="pissa_niter_999999999")
+    return lambda: load_adapter(ctx.model(), folder), {"path": folder / "adapter_config.json"}
+
+
+@case("data-label-huge", "data", DataError,
+      r"{path} line 2: field 'label' \(column 'label'\) is 1000000000; class indices must be below 10,000")
+def _(ctx):
+    path = ctx.rows("d.jsonl", {"text": "a", "label": 0}, {"text": "b", "label": 1000000000})
+    return lambda: load_split(path), {"path": path}
+
+
+@case("data-label-stray", "data", DataError,
+      r"{path} line 4: field 'label' is 5000, but the other rows use \[0, 1\]; .*classes are 0\.\.5000")
+def _(ctx):
+    path = ctx.rows("d.jsonl", *({"text": t, "label": v} for t, v in (("a", 0), ("b", 1), ("c", 0), ("d", 5000))))
+    return lambda: load_split(path), {"path": path}
+
+
+@case("data-empty-text", "data", DataError, r"{path}: record 5 of the train split has no tokens \(its text is ''\)")
+def _(ctx):
+    path = ctx.rows("d.jsonl", *({"text": t, "label": i % 2} for i, t in enumerate(["a", "b", "c", "d", ""])))
+    return lambda: encode(load_split(path), load_tokenizer(ctx.vocab), 16), {"path": path}
+
+
+@case("data-split-is-folder", "data", DataError, r"{path} is a folder; expected the train split's data file")
+def _(ctx):
+    (ctx.tmp / "task" / "train.jsonl").mkdir(parents=True)
+    return lambda: load_split(ctx.tmp / "task", "train"), {"path": ctx.tmp / "task" / "train.jsonl"}
+
+
+@case("data-csv-long-field", "data", DataError,
+      r"{path} line 2: a value longer than 131,072 characters, .* save such rows as JSONL")
+def _(ctx):
+    path = ctx.file("d.csv", "text,label\n" + "x" * 140_000 + ",1\n")
+    return lambda: load_split(path), {"path": path}
+
+
+# --- runs, run folders and the commands around them -----------------------------------------------------
+
+def runs_case(name: str, pattern: str, code: int = 1) -> Callable:
+    """A command-line case built from a context: ``make(ctx)`` returns ``(argv, values)``."""
+    def register(make: Callable) -> Callable:
+        def build(ctx):
+            argv, values = make(ctx)
+            return (lambda capsys: cli(capsys, *map(str, argv))), values
+        CLI_CODES[name] = code
+        return case(name, "runs", CliExit, pattern)(build)
+    return register
+
+
+CLI_CODES: dict[str, int] = {}
+
+
+def smoke_train(ctx: Ctx, *extra: Any) -> list[Any]:
+    return ["train", "--task", "sms_spam", "--smoke", "--data-root", DATA, "--vocab", ctx.vocab, "--quiet",
+            "--no-plots", "--train-rows", "40", "--eval-rows", "8", "--batch-size", "8", "--max-length", "32",
+            "--epochs", "1", *extra]
+
+
+@runs_case("train-out-is-file", r"train: error: --out: a part of {path} is a file")
+def _(ctx):
+    file = ctx.file("f", "x")
+    return ["train", "--smoke", "--out", file, "--run-name", "r"], {"path": file / "r"}
+
+
+@runs_case("sweep-out-is-file", r"sweep: error: --out: a part of {path} is a file")
+def _(ctx):
+    file = ctx.file("f", "x")
+    return ["sweep", "--smoke", "--out", file, "--run-name", "s"], {"path": file / "s"}
+
+
+@runs_case("reproduce-out-is-file", r"reproduce: error: --out: a part of {path} is a file")
+def _(ctx):
+    file = ctx.file("f", "x")
+    return ["reproduce", "sst2_methods", "--smoke", "--data", DATA, "--out", file, "--run-name", "x"], \
+        {"path": file / "x"}
+
+
+@runs_case("quickstart-out-is-file", r"quickstart: error: --out: {path} \(or a folder above it\) is a file")
+def _(ctx):
+    file = ctx.file("f", "x")
+    return ["quickstart", "--out", file], {"path": file}
+
+
+@runs_case("quickstart-out-not-empty", r"quickstart: error: quickstart --out {path}: the folder is not empty "
+           r"\(lora\)")
+def _(ctx):
+    ctx.file("q/lora/config.json", "{}")
+    return ["quickstart", "--out", ctx.tmp / "q"], {"path": ctx.tmp / "q"}
+
+
+@runs_case("eval-out-is-file", r"eval: error: --out: a part of {path} is a file")
+def _(ctx):
+    file, run = ctx.file("f", "x"), ctx.run()
+    return ["eval", "--run", run, "--run-name", "e", "--out", file], {"path": file / "e"}
+
+
+@runs_case("merge-into-run", r"merge: error: --out {path}: that is the run folder \({path}\)")
+def _(ctx):
+    run = ctx.run()
+    return ["merge", "--run", run, "--out", run], {"path": run}
+
+
+@runs_case("merge-into-base", r"merge: error: --out {path}: that is the run's base checkpoint")
+def _(ctx):
+    run = ctx.run()
+    base = json.loads((run / "config.json").read_text())["base_model"]
+    return ["merge", "--run", run, "--out", base], {"path": base}
+
+
+@runs_case("merge-out-not-empty", r"merge: error: --out {path}: the folder is not empty")
+def _(ctx):
+    run = ctx.run()
+    ctx.file("full/model.safetensors", "earlier")
+    return ["merge", "--run", run, "--out", ctx.tmp / "full"], {"path": ctx.tmp / "full"}
+
+
+@runs_case("merge-out-is-file", r"merge: error: --out {path}: a file is there")
+def _(ctx):
+    run, file = ctx.run(), ctx.file("f", "x")
+    return ["merge", "--run", run, "--out", file], {"path": file}
+
+
+def damaged_run(ctx: Ctx, change: Callable[[dict[str, Any]], Any]) -> tuple[Path, Path]:
+    run = ctx.run()
+    path = run / "config.json"
+    config = json.loads(path.read_text())
+    result = change(config)
+    path.write_bytes(result if isinstance(result, bytes) else json.dumps(config if result is None else result)
+                     .encode())
+    return run, path
+
+
+@runs_case("eval-config-no-base", r"eval: error: {path}: field 'base_model' is missing; expected the base")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: c.pop("base_model") and None)
+    return ["eval", "--run", run], {"path": path}
+
+
+@runs_case("eval-config-train-list", r"eval: error: {path}: field 'train' is \[\]; expected a table")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: c.update(train=[]))
+    return ["eval", "--run", run], {"path": path}
+
+
+@runs_case("eval-config-list", r"eval: error: {path}: expected a JSON object, got list")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: [c])
+    return ["eval", "--run", run], {"path": path}
+
+
+@runs_case("eval-config-not-utf8", r"eval: error: {path} is not UTF-8 text")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: b'{"base_model": "\xff"}')
+    return ["eval", "--run", run], {"path": path}
+
+
+@runs_case("eval-config-lora-null", r"eval: error: {path}: field 'lora' is None; expected the run's LoRA settings")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: c.update(lora=None))
+    return ["eval", "--run", run], {"path": path}
+
+
+@runs_case("eval-config-lora-alpha-inf", r"eval: error: {path}: field 'lora': LoRAConfig\.alpha: expected a finite")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: c["lora"].update(alpha=float("inf")))
+    return ["eval", "--run", run], {"path": path}
+
+
+@runs_case("merge-config-damaged", r"merge: error: {path}: field 'kind' is 'poem'; expected one of")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: c.update(kind="poem"))
+    return ["merge", "--run", run, "--out", ctx.tmp / "merged"], {"path": path}
+
+
+@runs_case("inspect-config-list", r"inspect: error: {path}: expected a run's config")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: [c])
+    return ["inspect", run], {"path": path}
+
+
+@runs_case("inspect-config-not-utf8", r"inspect: error: {path} is not UTF-8 text")
+def _(ctx):
+    run, path = damaged_run(ctx, lambda c: b'{"base_model": "\xff"}')
+    return ["inspect", run], {"path": path}
+
+
+@runs_case("resume-other-task", r"train: error: --resume {run}: the run in {run} trains with other settings; "
+           r"resume it with the same ones \(task: run 'sms_spam', now 'rt_polarity'\)")
+def _(ctx):
+    run = ctx.run()
+    argv = smoke_train(ctx, "--out", run.parent, "--resume", run)
+    return [a if a != "sms_spam" else "rt_polarity" for a in argv], {"run": run}
+
+
+@runs_case("resume-other-init", r"train: error: --resume auto: .*\(init: run 'kaiming', now 'pissa'\)")
+def _(ctx):
+    run = ctx.run()
+    return smoke_train(ctx, "--out", run.parent, "--run-name", "r", "--resume", "auto", "--lora-init", "pissa"), {}
+
+
+@runs_case("resume-other-run-name", r"train: error: --run-name other and --resume {run} name different run folders")
+def _(ctx):
+    run = ctx.run()
+    return smoke_train(ctx, "--out", run.parent, "--run-name", "other", "--resume", run), {"run": run}
+
+
+@runs_case("train-single-class", r"train: error: {path}: every training row has label 0; a classifier needs rows "
+           r"of at least two classes")
+def _(ctx):
+    path = ctx.rows("one/train.jsonl", *({"text": f"row {i}", "label": 0} for i in range(8)))
+    ctx.rows("one/validation.jsonl", {"text": "v", "label": 1}, {"text": "w", "label": 0})
+    return ["train", "--data", ctx.tmp / "one", "--smoke", "--vocab", ctx.vocab, "--out", ctx.tmp / "o"], \
+        {"path": path}
+
+
+def _judge_argv(ctx: Ctx, prompt: str | bytes) -> list[Any]:
+    file = ctx.file("prompt.txt", prompt)
+    return ["judge", ctx.tmp, "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--prompt-file", file]
+
+
+JUDGE_FIELDS = "{instruction} {input} {reference} "
+
+
+@runs_case("judge-prompt-attribute", r"judge: error: judge prompt: placeholder \{{instruction\.nope\}} is not one of")
+def _(ctx):
+    return _judge_argv(ctx, JUDGE_FIELDS + "{response} {instruction.nope}"), {}
+
+
+@runs_case("judge-prompt-width", r"judge: error: judge prompt: placeholder \{{response:>300000000\}} is not one of")
+def _(ctx):
+    return _judge_argv(ctx, JUDGE_FIELDS + "{response:>300000000}"), {}
+
+
+@runs_case("judge-prompt-not-utf8", r"judge: error: --prompt-file {path}: not UTF-8 text")
+def _(ctx):
+    return _judge_argv(ctx, b"\xff\xfe {instruction}"), {"path": ctx.tmp / "prompt.txt"}
+
+
+def _recipe(ctx: Ctx, text: str) -> Path:
+    return ctx.file("r.toml", 'title = "t"\n[defaults]\ntask = "sms_spam"\n' + text)
+
+
+@runs_case("recipe-duplicate-seeds", r"train: error: {path}: rows\[0\] \(a\)\.seeds: expected different seeds")
+def _(ctx):
+    path = _recipe(ctx, '[[rows]]\nname = "a"\nseeds = [0, 0]\n')
+    return ["train", "--config", path], {"path": path}
+
+
+@runs_case("recipe-row-resume", r"train: error: {path}: rows\[0\] \(a\)\.resume: expected no resume in a recipe")
+def _(ctx):
+    path = _recipe(ctx, '[[rows]]\nname = "a"\nresume = "auto"\n')
+    return ["train", "--config", path], {"path": path}
+
+
+@runs_case("recipe-row-out", r"train: error: {path}: rows\[0\] \(a\)\.out: expected no out in a recipe")
+def _(ctx):
+    path = _recipe(ctx, '[[rows]]\nname = "a"\nout = "/tmp"\n')
+    return ["train", "--config", path], {"path": path}
+
+
+@runs_case("recipe-name-escape", r"train: error: {path}: name: expected a single folder name .*'\.\./\.\./x'")
+def _(ctx):
+    path = ctx.file("r.toml", 'title = "t"\nname = "../../x"\n[defaults]\ntask = "sms_spam"\n[[rows]]\nname = "a"\n')
+    return ["train", "--config", path], {"path": path}
 
 
 # --- the battery ----------------------------------------------------------------------------------------
@@ -770,20 +1078,35 @@ def adapter_dir(tmp_path_factory, tiny_checkpoint) -> Path:
     return save_adapter(model, tmp_path_factory.mktemp("battery") / "adapter")
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory, gpt2_vocab) -> Callable[[], Path]:
+    """Trains one small sms_spam smoke run into a cached folder the first time a case asks for it."""
+    cache: dict[str, Path] = {}
+
+    def make() -> Path:
+        if "out" not in cache:
+            out = tmp_path_factory.mktemp("smoke-run") / "runs"
+            ctx = Ctx(out, Path(), Path(), gpt2_vocab)
+            assert cli_main([str(a) for a in smoke_train(ctx, "--out", out, "--run-name", "r")]) == 0
+            cache["out"] = out
+        return cache["out"]
+    return make
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, tmp_path, tiny_checkpoint, adapter_dir, gpt2_vocab, capsys):
+def test_bad_input(name, tmp_path, tiny_checkpoint, adapter_dir, gpt2_vocab, smoke_runs, capsys):
     spec = CASES[name]
-    ctx = Ctx(tmp_path, tiny_checkpoint, adapter_dir, gpt2_vocab)
+    ctx = Ctx(tmp_path, tiny_checkpoint, adapter_dir, gpt2_vocab, smoke_runs)
     call, values = spec.make(ctx)
     pattern = spec.pattern.format(**{k: re.escape(str(v)) for k, v in values.items()})
     with pytest.raises(spec.error) as info:
-        if spec.family == "cli":
+        if spec.family in ("cli", "runs"):
             call(capsys)
         else:
             call()
     message = str(info.value)
-    if spec.family == "cli":
-        assert info.value.code == CLI_CASES[name][1], message
+    if spec.family in ("cli", "runs"):
+        assert info.value.code == (CLI_CASES[name][1] if name in CLI_CASES else CLI_CODES[name]), message
         assert "Traceback" not in message
     else:
         assert isinstance(info.value, GPT2LoRAError)
@@ -798,4 +1121,4 @@ def test_battery_inventory(capsys):
               + ", ".join(f"{family} {n}" for family, n in sorted(families.items())) + ")")
     assert len(CASES) >= 40
     assert set(families) == {"checkpoint", "config", "adapter", "data", "batch", "model", "training", "cli",
-                             "tracking", "publish"}
+                             "tracking", "publish", "runs"}
