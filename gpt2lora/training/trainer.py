@@ -37,6 +37,7 @@ from ..model.classifier import is_classifier
 from ..model.gpt2 import Transformer
 from ..peft.diagnostics import adapter_update_norm
 from ..peft.lora import is_lora_b
+from ..peft.registry import require_unmerged
 from . import checkpoint, distributed
 from . import history as history_file
 from .checkpoint import find_checkpoint, write_atomic
@@ -433,6 +434,7 @@ class Trainer:
         cfg = self.config
         if self.optimizer is None:
             raise ConfigError("Trainer.fit: the model has no trainable parameters (every requires_grad is False)")
+        require_unmerged(self.model, "Trainer.fit")  # merged factors get no gradient: torch's error says nothing
         self._check_eval_config(eval_data)
         train_data = self._as_batches(train_data, shuffle=True)
         if eval_data is not None:

@@ -662,6 +662,14 @@ def _(ctx):
     return lambda: quiet_trainer(cls_ckpt_model(ctx)).fit([good, bad]), {}
 
 
+@case("train-merged-lora", "training", ConfigError, r"Trainer\.fit: the model's LoRA is merged \(transformer\.h\.0\.attn\.c_attn \.\.\.\); call unmerge_lora\(model\) first")
+def _(ctx):
+    model = apply_lora(ctx.model(), LoRAConfig(rank=2, targets=("attn.c_attn",)))
+    merge_lora(model)
+    ids = torch.tensor([[1, 2, 3]])
+    return lambda: quiet_trainer(model).fit([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]), {}
+
+
 @case("train-batch-missing-key", "training", DataError, r"batch 0 of epoch 0: missing key 'labels'")
 def _(ctx):
     return lambda: quiet_trainer(ctx.model()).fit([{"input_ids": torch.ones(1, 3, dtype=torch.long)}]), {}
