@@ -29,8 +29,8 @@ import torch
 
 from ..config import LoRAConfig
 from ..errors import ConfigError
-from ..model.gpt2 import GPT2, Block, GPT2Config
 from ..model.classifier import GPT2ForSequenceClassification
+from ..model.gpt2 import GPT2, Block, GPT2Config
 from ..peft.methods import prepare_model
 
 #: Shapes of the published GPT-2 checkpoints: (n_layer, n_embd, n_head); all have 50,257 tokens and 1,024 positions.
@@ -169,15 +169,16 @@ class MemoryPlan:
         s = self.setting
         across = f"{s.strategy.upper()} over {s.world_size} devices" if s.world_size > 1 else "1 device"
         ckpt = "with" if s.gradient_checkpointing else "without"
-        lines = [f"memory plan: {s.method} fine-tuning ({s.kind}), {self.trainable_params / 1e6:.1f}M of "
-                 f"{self.total_params / 1e6:.1f}M parameters train; batch {s.batch_size} x {s.max_length} tokens"
-                 f"{f' (x{s.grad_accum_steps} accumulated)' if s.grad_accum_steps > 1 else ''}, {s.precision}, "
-                 f"{ckpt} gradient checkpointing, {s.optimizer}, {across}",
+        accumulated = f" (x{s.grad_accum_steps} accumulated)" if s.grad_accum_steps > 1 else ""
+        head = (f"memory plan: {s.method} fine-tuning ({s.kind}), {self.trainable_params / 1e6:.1f}M of "
+                f"{self.total_params / 1e6:.1f}M parameters train; batch {s.batch_size} x {s.max_length} tokens"
+                f"{accumulated}, {s.precision}, {ckpt} gradient checkpointing, {s.optimizer}, {across}")
+        where = "" if s.device.startswith("cuda") else ", with the CPU runtime buffers"
+        lines = [head,
                  f"  weights          {format_size(self.weights):>12}",
                  f"  gradients        {format_size(self.gradients):>12}",
                  f"  optimizer state  {format_size(self.optimizer):>12}",
-                 f"  activations      {format_size(self.activations):>12}  (at the step's peak"
-                 f"{'' if s.device.startswith('cuda') else ', with the CPU runtime buffers'})",
+                 f"  activations      {format_size(self.activations):>12}  (at the step's peak{where})",
                  f"  peak per device  {format_size(self.peak):>12}"]
         if self.budget is not None:
             verdict = "fits" if self.fits else "does NOT fit"
