@@ -140,20 +140,31 @@ class PlanSetting:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Estimated bytes per device; ``peak`` is the sum of the four parts at the step's highest point."""
+    """Estimated bytes per device of each part, and the step's peak (see the module docstring)."""
 
     setting: PlanSetting
     total_params: int
     trainable_params: int
     weights: int
     gradients: int
+    """The gradients, with DDP's buckets (a second copy) when several processes run DDP."""
     optimizer: int
     activations: int
+    """What one micro-batch keeps for backward plus its largest transient (and the CPU runtime's buffers)."""
+    update: int
+    """Temporaries of the optimizer update (two of the largest trainable tensor)."""
     budget: int | None
 
     @property
+    def held_gradients(self) -> int:
+        """Gradients alive while a micro-batch's activations peak: all of them when accumulating, else none."""
+        return self.gradients if self.setting.grad_accum_steps > 1 else 0
+
+    @property
     def peak(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        """Weights + optimizer state + the larger of the backward pass's and the update's needs."""
+        return self.weights + self.optimizer + max(self.activations + self.held_gradients,
+                                                   self.gradients + self.update)
 
     @property
     def training_added(self) -> int:
@@ -173,13 +184,16 @@ class MemoryPlan:
         head = (f"memory plan: {s.method} fine-tuning ({s.kind}), {self.trainable_params / 1e6:.1f}M of "
                 f"{self.total_params / 1e6:.1f}M parameters train; batch {s.batch_size} x {s.max_length} tokens"
                 f"{accumulated}, {s.precision}, {ckpt} gradient checkpointing, {s.optimizer}, {across}")
-        where = "" if s.device.startswith("cuda") else ", with the CPU runtime buffers"
+        where = "" if s.device.startswith("cuda") else "; with the CPU runtime's buffers"
+        backward = self.activations + self.held_gradients >= self.gradients + self.update
+        when = "in the backward pass" if backward else "at the optimizer update"
         lines = [head,
                  f"  weights          {format_size(self.weights):>12}",
                  f"  gradients        {format_size(self.gradients):>12}",
                  f"  optimizer state  {format_size(self.optimizer):>12}",
-                 f"  activations      {format_size(self.activations):>12}  (at the step's peak{where})",
-                 f"  peak per device  {format_size(self.peak):>12}"]
+                 (f"  activations      {format_size(self.activations):>12}  (per micro-batch of "
+                 f"{s.batch_size // s.world_size} rows{where})"),
+                 f"  peak per device  {format_size(self.peak):>12}  ({when})"]
         if self.budget is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  device memory    {format_size(self.budget):>12}  -> {verdict} "
@@ -259,19 +273,13 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     acts = kept + max(loss_block, backward)
     if half:
         acts *= HALF_ACTIVATIONS
-    # gradients held while the activations peak: all of them during a later micro-batch, else none
-    held = grads if s.grad_accum_steps > 1 else 0.0
-    ddp_buckets = grads if n > 1 and not sharded else 0.0
-    largest = max((p.numel() for p in trainable), default=0)
-    step = grads + ddp_buckets + 8.0 * largest / (n if sharded else 1)  # the update's per-tensor temporaries
-    if acts + held >= step:  # the peak comes in the backward pass
-        gradients_at_peak, activations_at_peak = held, acts
-    else:  # at the update: every gradient (and DDP's buckets), no activations left
-        gradients_at_peak, activations_at_peak = step, 0.0
     if not s.device.startswith("cuda"):
-        activations_at_peak += CPU_RUNTIME_BYTES
-    return MemoryPlan(s, total, n_train, int(weights), int(gradients_at_peak), int(moments),
-                      int(activations_at_peak), device_memory)
+        acts += CPU_RUNTIME_BYTES
+    grads += grads if n > 1 and not sharded else 0.0  # DDP's gradient buckets
+    largest = max((p.numel() for p in trainable), default=0)
+    update = 8.0 * largest / (n if sharded else 1)
+    return MemoryPlan(s, total, n_train, int(weights), int(grads), int(moments), int(acts), int(update),
+                      device_memory)
 
 
 def default_device_memory(device: str) -> int | None:

@@ -215,6 +215,9 @@ class Trainer:
         self.device = resolve_device(config.device, "TrainConfig.device")
         self.dist = distributed.setup(self.device.type)
         """This process's place in a torchrun group (rank 0 of 1 when training alone)."""
+        if self.dist.enabled and config.batch_size % self.dist.world_size:
+            raise ConfigError(f"TrainConfig.batch_size={config.batch_size} does not divide over WORLD_SIZE="
+                              f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
         if tracker is not None and not callable(getattr(tracker, "log_metrics", None)):
