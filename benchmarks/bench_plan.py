@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import machine_line, write_section
 
 SHAPE = {"n_layer": 6, "n_embd": 512, "n_head": 8}
-SETTINGS = ("4x128", "8x256", "2x512")
+SETTINGS = ("4x128", "2x256", "1x512")
 
 
 def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int) -> dict:
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="ROWSxLENGTH")
     parser.add_argument("--methods", nargs="+", default=["full", "lora"])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

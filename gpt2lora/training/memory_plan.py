@@ -40,16 +40,18 @@ KNOWN_MODELS: dict[str, tuple[int, int, int]] = {
 }
 GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 
-#: Bytes a layer keeps for backward, per token: ``a * n_embd + b``, plus ``c`` per attention score (the 1-byte
-#: dropout mask and what the attention kernel keeps), by what the layer trains. "full" also covers blocks that
+#: Bytes a layer keeps for backward, per token: ``a * n_embd + b``, plus ``c`` per attention score (the attention
+#: dropout's 1-byte mask), by what the layer trains: ``(a, b, c)``. "full" also covers blocks that
 #: only pass gradients on (prompt and embedding tuning); "lora" is the default LoRA (q/k/v/o and MLP, dropout
 #: 0.05); "checkpointed" keeps only the block's input (the recomputed block adds one "full"/"lora" layer while it
 #: runs backward).
 LAYER_BYTES: dict[str, tuple[float, float, float]] = {
-    "full": (41.5, 68.0, 1.5), "lora": (93.5, 194.0, 1.5), "checkpointed": (4.0, 0.0, 0.0),
+    "full": (41.5, 100.0, 1.0), "lora": (93.5, 228.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
 }
-#: Outside the blocks, per token: the final norm's input, the hidden state's gradient, the embedding dropout mask.
-OUTSIDE_BYTES_PER_TOKEN_AND_WIDTH = 9.0
+#: Outside the blocks, per token and unit of width, by (what the blocks train, checkpointed): the final norm's
+#: input, the embedding dropout mask and, when the embeddings train, the hidden state's gradient the chunked loss
+#: forms in the forward pass (without checkpointing a LoRA block's saved output is the final norm's input).
+OUTSIDE_BYTES = {("full", False): 9.8, ("full", True): 9.1, ("lora", False): 0.8, ("lora", True): 8.1}
 #: What the first fit of a CPU process adds besides tensors (autograd's engine, kernel workspaces), measured
 #: with a 1-block, width-32 model (15-17 MiB); CUDA's allocated figure counts tensors only.
 CPU_RUNTIME_BYTES = 16 * 2**20
@@ -220,33 +222,14 @@ def _layer_activations(setting: PlanSetting, rows: int, trains: str) -> float:
     return rows * t * (a * d + b) + c * rows * h * t * t
 
 
-def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> MemoryPlan:
-    """The estimated peak memory per device of one training step of ``setting`` (see the module docstring)."""
-    if setting.max_length > setting.shape.n_positions:
-        raise ConfigError(f"max_length={setting.max_length} is beyond the model's {setting.shape.n_positions} "
-                          "positions")
-    model = _meta_model(setting)
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = [p for p in params if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    n, s, d = setting.world_size, setting, setting.shape.n_embd
-    sharded = s.strategy == "fsdp" and n > 1
-    half = s.precision in ("bf16", "fp16")
+def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[float, float, float]:
+    """Bytes of one micro-batch on one device: ``(kept, loss transient, backward transient)``.
 
-    weights = 4.0 * total
-    grads = 4.0 * n_train
-    moments = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}.get(s.optimizer, 2) * 4.0 * n_train
-    if sharded:
-        blocks = [m for m in model.modules() if isinstance(m, Block)]
-        block_params = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
-        root_params = total - sum(p.numel() for b in blocks for p in b.parameters())
-        gathered = (root_params + 2 * block_params) * (2.0 if half and s.device == "cuda" else 4.0)
-        weights = weights / n + gathered * (1 - 1 / n)
-        grads, moments = grads / n, moments / n
-
-    # activations of one micro-batch on one device
-    rows = s.batch_size // n
+    ``kept``: what the forward pass keeps for backward (what :func:`~gpt2lora.ops.recompute.count_saved_tensors`
+    counts); the two transients come at different moments, so the peak adds the larger of them.
+    """
+    s, d = setting, setting.shape.n_embd
+    rows = s.batch_size // s.world_size
     tokens = rows * s.max_length
     lora_blocks = s.lora.last_n_blocks if s.method == "lora" and s.lora and s.lora.last_n_blocks else None
     if s.method in ("full", "prompt", "embeddings"):
@@ -262,7 +245,7 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     # the head (tied to wte) trains
     head_trains = s.kind == "lm" and any(p.requires_grad for p in model.lm_head.parameters())
     kept = active * _layer_activations(s, rows, "checkpointed" if s.gradient_checkpointing else kind)
-    kept += OUTSIDE_BYTES_PER_TOKEN_AND_WIDTH * tokens * d + (4.0 * s.shape.vocab_size * d if head_trains else 0.0)
+    kept += OUTSIDE_BYTES[kind, s.gradient_checkpointing] * tokens * d + (4.0 * s.shape.vocab_size * d if head_trains else 0.0)
     # transient, at different moments: the chunked LM loss's (chunk, vocab) logits, probabilities and their
     # gradient at the end of the forward pass; in the backward pass the attention's scores and their gradient
     # (fp32, one layer at a time) and, when checkpointed, the block being recomputed
@@ -270,6 +253,36 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     backward = 8.0 * rows * s.shape.n_head * s.max_length ** 2 if active else 0.0
     if s.gradient_checkpointing and active:
         backward += _layer_activations(s, rows, kind)
+    return kept, loss_block, backward
+
+
+def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> MemoryPlan:
+    """The estimated peak memory per device of one training step of ``setting`` (see the module docstring)."""
+    if setting.max_length > setting.shape.n_positions:
+        raise ConfigError(f"max_length={setting.max_length} is beyond the model's {setting.shape.n_positions} "
+                          "positions")
+    model = _meta_model(setting)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = [p for p in params if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n, s = setting.world_size, setting
+    sharded = s.strategy == "fsdp" and n > 1
+    half = s.precision in ("bf16", "fp16")
+
+    weights = 4.0 * total
+    grads = 4.0 * n_train
+    moments = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}.get(s.optimizer, 2) * 4.0 * n_train
+    if sharded:
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        block_params = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
+        root_params = total - sum(p.numel() for b in blocks for p in b.parameters())
+        gathered = (root_params + 2 * block_params) * (2.0 if half and s.device == "cuda" else 4.0)
+        weights = weights / n + gathered * (1 - 1 / n)
+        grads, moments = grads / n, moments / n
+
+    # activations of one micro-batch on one device
+    kept, loss_block, backward = activation_parts(s, model)
     acts = kept + max(loss_block, backward)
     if half:
         acts *= HALF_ACTIVATIONS
