@@ -50,7 +50,8 @@ def plan_setting(config: RunConfig) -> PlanSetting:
         max_length=min(config.max_length, shape.n_positions), grad_accum_steps=config.train.grad_accum_steps,
         gradient_checkpointing=config.train.gradient_checkpointing, precision=precision,
         optimizer=config.train.optimizer, world_size=world, strategy=config.train.distributed, device=device,
-        lora=config.lora_config, last_n=config.last_n_blocks, loss_chunk_size=config.train.loss_chunk_size)
+        lora=config.lora_config, last_n=config.last_n_blocks if config.method == "last_n_full" else None,
+        loss_chunk_size=config.train.loss_chunk_size)
 
 
 def plan_for(config: RunConfig) -> MemoryPlan:

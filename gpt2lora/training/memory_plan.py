@@ -156,6 +156,8 @@ class MemoryPlan:
     update: int
     """Temporaries of the optimizer update (two of the largest trainable tensor)."""
     budget: int | None
+    runtime: int = 0
+    """On the CPU: what a fit adds besides tensors (:data:`CPU_RUNTIME_BYTES`)."""
 
     @property
     def held_gradients(self) -> int:
@@ -165,8 +167,8 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         """Weights + optimizer state + the larger of the backward pass's and the update's needs."""
-        return self.weights + self.optimizer + max(self.activations + self.held_gradients,
-                                                   self.gradients + self.update)
+        return self.weights + self.optimizer + self.runtime + max(self.activations + self.held_gradients,
+                                                                  self.gradients + self.update)
 
     @property
     def training_added(self) -> int:
@@ -186,7 +188,6 @@ class MemoryPlan:
         head = (f"memory plan: {s.method} fine-tuning ({s.kind}), {self.trainable_params / 1e6:.1f}M of "
                 f"{self.total_params / 1e6:.1f}M parameters train; batch {s.batch_size} x {s.max_length} tokens"
                 f"{accumulated}, {s.precision}, {ckpt} gradient checkpointing, {s.optimizer}, {across}")
-        where = "" if s.device.startswith("cuda") else "; with the CPU runtime's buffers"
         backward = self.activations + self.held_gradients >= self.gradients + self.update
         when = "in the backward pass" if backward else "at the optimizer update"
         lines = [head,
@@ -194,7 +195,8 @@ class MemoryPlan:
                  f"  gradients        {format_size(self.gradients):>12}",
                  f"  optimizer state  {format_size(self.optimizer):>12}",
                  (f"  activations      {format_size(self.activations):>12}  (per micro-batch of "
-                 f"{s.batch_size // s.world_size} rows{where})"),
+                 f"{s.batch_size // s.world_size} rows)"),
+                 *([f"  CPU runtime      {format_size(self.runtime):>12}"] if self.runtime else []),
                  f"  peak per device  {format_size(self.peak):>12}  ({when})"]
         if self.budget is not None:
             verdict = "fits" if self.fits else "does NOT fit"
@@ -212,7 +214,8 @@ def _meta_model(setting: PlanSetting) -> torch.nn.Module:
     lora = setting.lora if setting.lora is not None else LoRAConfig()
     if method == "lora" and lora.init != "kaiming":  # PiSSA/OLoRA run an SVD: the shapes are the same
         lora = LoRAConfig(**{**lora.__dict__, "init": "kaiming"})
-    prepare_model(model, method, lora=lora if method == "lora" else None, last_n=setting.last_n, seed=0)
+    last_n = setting.last_n if method == "last_n_full" else None
+    prepare_model(model, method, lora=lora if method == "lora" else None, last_n=last_n, seed=0)
     return model
 
 
@@ -286,13 +289,12 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     acts = kept + max(loss_block, backward)
     if half:
         acts *= HALF_ACTIVATIONS
-    if not s.device.startswith("cuda"):
-        acts += CPU_RUNTIME_BYTES
     grads += grads if n > 1 and not sharded else 0.0  # DDP's gradient buckets
     largest = max((p.numel() for p in trainable), default=0)
     update = 8.0 * largest / (n if sharded else 1)
+    runtime = 0 if s.device.startswith("cuda") else CPU_RUNTIME_BYTES
     return MemoryPlan(s, total, n_train, int(weights), int(grads), int(moments), int(acts), int(update),
-                      device_memory)
+                      device_memory, runtime)
 
 
 def default_device_memory(device: str) -> int | None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, LoRAConfig
+from gpt2lora import GPT2, GPT2ForSequenceClassification, LoRAConfig
 from gpt2lora.errors import ConfigError
 from gpt2lora.ops.recompute import count_saved_tensors
 from gpt2lora.peft.methods import prepare_model
