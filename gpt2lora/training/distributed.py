@@ -205,6 +205,10 @@ def shard_model(model: nn.Module, device: torch.device, info: DistInfo,
     from ..model.gpt2 import Block
 
     check_fsdp_torch()
+    with torch.no_grad():  # FSDP shards contiguous tensors only; loaded Conv1D weights are transposed views
+        for param in model.parameters():
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
     mesh = init_device_mesh(device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     units: list[nn.Module] = []
