@@ -13,8 +13,9 @@ The peak of a step, per device (``W`` weights, ``G`` gradients, ``O`` optimizer 
 
 ``G_held`` is the gradient already held while a later micro-batch runs (all of ``G`` with accumulation, else
 nothing: gradients are freed after each step); ``G_ddp`` is DDP's gradient buckets (a second copy of ``G``).
-With FSDP over N devices ``W``, ``G`` and ``O`` are ``1/N`` each, plus the weights of the units gathered at
-once (the root's embeddings, final norm and head, and two blocks); every device runs ``batch_size / N`` rows.
+With FSDP over N devices ``W``, ``G`` and ``O`` are ``1/N`` each, and the peak adds the full weights of the units
+gathered at once (the root's embeddings, final norm and head, and two blocks); every device runs
+``batch_size / N`` rows.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class MemoryPlan:
     budget: int | None
     runtime: int = 0
     """On the CPU: what a fit adds besides tensors (:data:`CPU_RUNTIME_BYTES`)."""
+    gathered: int = 0
+    """FSDP: the full weights of the units gathered at once (the root: embeddings, final norm, head; two blocks)."""
 
     @property
     def held_gradients(self) -> int:
@@ -167,7 +170,7 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         """Weights + optimizer state + the larger of the backward pass's and the update's needs."""
-        return self.weights + self.optimizer + self.runtime + max(self.activations + self.held_gradients,
+        return self.weights + self.gathered + self.optimizer + self.runtime + max(self.activations + self.held_gradients,
                                                                   self.gradients + self.update)
 
     @property
@@ -191,7 +194,10 @@ class MemoryPlan:
         backward = self.activations + self.held_gradients >= self.gradients + self.update
         when = "in the backward pass" if backward else "at the optimizer update"
         lines = [head,
-                 f"  weights          {format_size(self.weights):>12}",
+                 (f"  weights          {format_size(self.weights):>12}"
+                 f"{f'  (1/{s.world_size} of them on each device)' if self.gathered else ''}"),
+                 *([(f"  gathered (FSDP)  {format_size(self.gathered):>12}  (units whose weights are gathered at "
+                    "once)")] if self.gathered else []),
                  f"  gradients        {format_size(self.gradients):>12}",
                  f"  optimizer state  {format_size(self.optimizer):>12}",
                  (f"  activations      {format_size(self.activations):>12}  (per micro-batch of "
@@ -281,8 +287,9 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
         block_params = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
         root_params = total - sum(p.numel() for b in blocks for p in b.parameters())
         gathered = (root_params + 2 * block_params) * (2.0 if half and s.device == "cuda" else 4.0)
-        weights = weights / n + gathered * (1 - 1 / n)
-        grads, moments = grads / n, moments / n
+        weights, grads, moments = weights / n, grads / n, moments / n
+    else:
+        gathered = 0.0
 
     # activations of one micro-batch on one device
     kept, loss_block, backward = activation_parts(s, model)
@@ -294,7 +301,7 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     update = 8.0 * largest / (n if sharded else 1)
     runtime = 0 if s.device.startswith("cuda") else CPU_RUNTIME_BYTES
     return MemoryPlan(s, total, n_train, int(weights), int(grads), int(moments), int(acts), int(update),
-                      device_memory, runtime)
+                      device_memory, runtime, int(gathered))
 
 
 def default_device_memory(device: str) -> int | None:
