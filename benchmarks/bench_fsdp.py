@@ -128,7 +128,7 @@ def main() -> None:
         *lines,
         "",
         ("FSDP keeps half of the weights, gradients and optimizer state per process (the goal: about half of DDP's). "
-        "The plan's FSDP weights add what is gathered at once (the root's embeddings and head, two blocks)."),
+        "The plan's resident-set figure is its training-added peak; under FSDP it includes the units gathered at once (the root's embeddings and head, two blocks)."),
     ])
     if not args.no_write:
         write_section("FSDP: per-process memory against DDP", body)

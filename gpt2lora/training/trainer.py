@@ -196,6 +196,9 @@ class Trainer:
     rank the same batches), and losses, gradients and history equal one process on those batches
     (dropout aside: every rank draws masks from the same seed for its own rows). Evaluation is sharded
     by batch across ranks and reduced. Only rank 0 writes checkpoints and history and shows progress.
+    With ``TrainConfig.distributed="fsdp"`` the model is sharded with FSDP2 instead of wrapped in DDP (see
+    :mod:`gpt2lora.training.distributed`): the same losses, 1/N of the weights, gradients and optimizer state per
+    rank; checkpoints hold the full tensors; after :meth:`fit` the weights stay gathered for evaluation and saving.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, tracker: Tracker | None = None) -> None:

@@ -25,6 +25,7 @@ from gpt2lora import (
 )
 from gpt2lora.data.batching import collate, lm_example
 from gpt2lora.errors import ConfigError
+from gpt2lora.peft.methods import prepare_model
 from gpt2lora.training import distributed
 
 PAD = 0
@@ -66,6 +67,8 @@ def model_for(kind: str, method: str) -> torch.nn.Module:
         else GPT2(config)
     if method == "lora":
         apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), seed=0)
+    elif method == "last_n_full":
+        prepare_model(model, "last_n_full", last_n=1, seed=0)
     return model
 
 
@@ -106,7 +109,7 @@ def run_case(kind: str, method: str, strategy: str, out_dir: Path | None = None,
     return history.steps, weights, peak
 
 
-CASES = [("lm", "full"), ("cls", "full"), ("lm", "lora")]
+CASES = [("lm", "full"), ("cls", "full"), ("lm", "lora"), ("cls", "last_n_full")]
 
 
 def fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -115,6 +118,11 @@ def fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     out = Path(folder)
     result: dict = {}
+    try:
+        Trainer(model_for("lm", "full"), train_config(batch_size=5))
+        result["uneven"] = "accepted"
+    except ConfigError as err:
+        result["uneven"] = str(err)
     for kind, method in CASES:
         for strategy in ("fsdp", "ddp"):
             steps, weights, peak = run_case(kind, method, strategy)
@@ -210,6 +218,13 @@ def test_fsdp_refuses_a_torch_that_sums_gradients(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.8.0")
     with pytest.raises(ConfigError, match="needs torch >= 2.9"):
         Trainer(model_for("lm", "full"), train_config())
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_divide_over_the_processes_is_named(fsdp_results):
+    for result in results(fsdp_results):
+        assert result["uneven"] == ("TrainConfig.batch_size=5 does not divide over WORLD_SIZE=2 processes; use a "
+                                    "multiple of 2")
 
 
 def test_unknown_strategy_is_named():
