@@ -3,13 +3,15 @@ activations, for a model shape, method, batch, length, precision and DDP/FSDP ov
 
 Nothing is downloaded or trained. Parameter counts are exact: the model is built on the ``meta`` device (no
 memory) with the run's method applied. Activations follow what gpt2lora's own blocks keep for backward, counted
-with :func:`gpt2lora.ops.recompute.count_saved_tensors` (fp32, GPT-2's dropout on, every row full length) and
-written here as bytes per token and layer (see :data:`LAYER_BYTES`); ``tests/training/test_plan.py`` checks
-them against the count, and ``benchmarks/memory_plan.py`` checks the whole estimate against measured peaks.
+with :func:`gpt2lora.ops.recompute.count_saved_tensors` (fp32, GPT-2's dropout on, every row full length; the
+coefficients of :data:`LAYER_BYTES` were fitted by least squares to such counts on widths 64-256) plus the
+transients of the loss and of backward; ``tests/training/test_plan.py`` checks them against the count, and
+``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (not checked on a GPU yet; bf16's
+:data:`HALF_ACTIVATIONS` is an estimate, not measured).
 
 The peak of a step, per device (``W`` weights, ``G`` gradients, ``O`` optimizer state, ``A`` activations)::
 
-    W + O + max(A + G_held, G + G_ddp + step temporaries)
+    W + O + max(A + G_held, G + G_ddp + update temporaries)  (+ the CPU runtime's buffers)
 
 ``G_held`` is the gradient already held while a later micro-batch runs (all of ``G`` with accumulation, else
 nothing: gradients are freed after each step); ``G_ddp`` is DDP's gradient buckets (a second copy of ``G``).
