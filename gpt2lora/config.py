@@ -280,6 +280,8 @@ def default_lr(method: str | None) -> float:
     """The default peak learning rate of a training method (:data:`DEFAULT_LR`; ``full``'s when unknown)."""
     return DEFAULT_LR.get(method or "full", DEFAULT_LR["full"])
 SCHEDULES = ("cosine", "constant")
+#: How several torchrun processes train together: ``ddp`` (a full copy each) or ``fsdp`` (FSDP2, sharded).
+DISTRIBUTED = ("ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -360,6 +362,9 @@ class TrainConfig:
     """Language models: target positions whose (rows, vocab) logits the loss computes at a time (the LM head
     runs at target positions only; see :mod:`gpt2lora.ops.lm_head_loss`). Smaller: less memory, more, smaller
     matmuls."""
+    distributed: str = "ddp"
+    """Under torchrun: ``ddp`` (every process holds all weights, gradients and optimizer state) or ``fsdp``
+    (FSDP2: each of N processes holds 1/N of them; needs torch >= 2.9). Ignored in a single process."""
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -402,6 +407,8 @@ class TrainConfig:
             _require(ok and ratio > 0, owner, "loraplus_lr_ratio", "a finite number > 0 or None", ratio)
         for name in ("gradient_checkpointing", "compile"):
             _require(isinstance(getattr(self, name), bool), owner, name, "True or False", getattr(self, name))
+        _require(self.distributed in DISTRIBUTED, owner, "distributed", f"one of {', '.join(DISTRIBUTED)}",
+                 self.distributed)
 
     def with_default_lr(self, method: str | None) -> TrainConfig:
         """This config with ``lr`` resolved: its own, else the default of training ``method`` (:func:`default_lr`).

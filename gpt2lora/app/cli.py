@@ -325,6 +325,14 @@ def _train(args: argparse.Namespace) -> None:
                               "settings come from the file (put them in its [defaults] or a row)")
         recipe = recipes.read_recipe(args.config)
         overrides = {k: v for k, v in given.items() if k in PLACEMENT_KEYS}
+        if given.get("plan"):
+            from .plan import plan_text
+            from .runconfig import from_settings
+
+            rows = [(row.name, from_settings(overrides, base=row.config(row.seeds[0], relative_to=recipe.path.parent)))
+                    for row in recipe.rows]
+            print(plan_text(rows))
+            return
         if args.print_config:
             print(recipes.recipe_toml(recipe, overrides), end="")
             return
@@ -332,6 +340,11 @@ def _train(args: argparse.Namespace) -> None:
         recipes.run_recipe(recipe, recipes.RecipeOptions.from_overrides(overrides), command)
         return
     config = run_config(args)
+    if config.plan:
+        from .plan import plan_text
+
+        print(plan_text([(config.run_name or config.label, config)]))
+        return
     if args.print_config:
         from .runconfig import to_toml
 
@@ -389,7 +402,17 @@ def _sweep(args: argparse.Namespace) -> None:
 
     grid = Grid(methods=args.methods, ranks=args.ranks, alphas=args.alphas, lrs=args.lrs,
                 last_n_blocks=args.last_n_blocks_grid, foundation=args.foundation)
-    sweep(run_config(args), grid)
+    base = run_config(args)
+    if base.plan:  # one plan per grid point, nothing trained
+        from .plan import plan_text
+        from .sweep import grid_points, point_config
+
+        points = grid_points(base, grid)
+        print(plan_text([(f"{p['method']}" + (f" r={p['rank']}" if p["rank"] else "")
+                          + (f" last {p['last_n_blocks']}" if p["last_n_blocks"] else ""), point_config(base, p))
+                         for p in points]))
+        return
+    sweep(base, grid)
 
 
 def _reproduce(args: argparse.Namespace) -> None:

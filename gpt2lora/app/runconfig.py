@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
+    DISTRIBUTED,
     LORA_BIAS,
     LORA_STYLES,
     LORA_TARGETS,
@@ -167,6 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
        "~1 more forward per step", "training"),
     _s("compile", "train", "bool", "torch.compile the training forward (rarely pays back its compile time on a "
        "CPU)", "training"),
+    _s("distributed", "train", "str", "under torchrun: ddp (every process holds all weights, gradients and "
+       "optimizer state) or fsdp (FSDP2: each of N processes holds 1/N of them; torch >= 2.9)", "training",
+       DISTRIBUTED),
     # evaluation and generation
     _s("eval_batch_size", "run", "int", "rows per evaluation batch (default: batch_size)", "eval"),
     _s("gen_rows", "run", "int", "qa/instruction: rows answered by generation for EM/F1 and samples (default 200)",
@@ -186,6 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("quiet", "run", "bool", "no progress bar", "output"),
     _s("plots", "run", "bool", "draw loss / lr plots into the run folder (--no-plots: skip them)", "output",
        flag="--no-plots"),
+    _s("plan", "run", "bool", "print the memory plan (peak per device: weights, gradients, optimizer state, "
+       "activations; whether it fits) and exit, before anything is downloaded or trained", "output"),
+    _s("device_memory", "run", "str", "memory per device the plan checks (e.g. 16GB, 15GiB; default: the device's "
+       "own)", "output"),
+    _s("plan_devices", "run", "int", "devices the plan spreads the run over (default: WORLD_SIZE under torchrun, "
+       "else 1)", "output"),
 )
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: Recipe keys of the ``lora = {...}`` table (LoRAConfig field names, as in earlier recipes).
@@ -235,6 +245,9 @@ class RunConfig:
     report_to: tuple[str, ...] = ()
     quiet: bool = False
     plots: bool = True
+    plan: bool = False
+    device_memory: str | None = None
+    plan_devices: int | None = None
 
     def __post_init__(self) -> None:
         from ..training.tracking import parse_report_to
@@ -245,10 +258,14 @@ class RunConfig:
         except ConfigError as err:
             raise ConfigError(f"RunConfig.{err}") from None
         for name in ("threads", "train_rows", "eval_rows", "max_length", "last_n_blocks", "eval_batch_size",
-                     "gen_rows", "max_new_tokens"):
+                     "gen_rows", "max_new_tokens", "plan_devices"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"RunConfig.{name}: expected a positive integer, got {value!r}")
+        if self.device_memory is not None:
+            from ..training.memory_plan import parse_size
+
+            parse_size(self.device_memory, "RunConfig.device_memory")
         if self.method not in RUN_METHODS:
             raise ConfigError(f"RunConfig.method: expected one of {', '.join(RUN_METHODS)}, got {self.method!r}")
         if self.source not in SOURCES:
@@ -491,7 +508,7 @@ def to_toml(rows: Sequence[tuple[str, RunConfig]], title: str, seeds: Sequence[S
 
 #: Settings that say where and how a run happens, not what it trains; ``train --config`` accepts them as flags.
 PLACEMENT_KEYS = ("smoke", "vocab", "device", "threads", "data_root", "data_source", "out", "run_name", "quiet",
-                  "resume", "plots", "report_to")
+                  "resume", "plots", "report_to", "distributed", "plan", "device_memory", "plan_devices")
 
 __all__ = ["ALIASES", "DEFAULT_TASK", "EVAL_ONLY", "PLACEMENT_KEYS", "RUNNER_KEYS", "RUN_METHODS", "SETTINGS", "SETTINGS_BY_KEY",
            "RunConfig", "Setting", "check_value", "from_settings", "to_settings", "to_toml"]

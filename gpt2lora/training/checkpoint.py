@@ -32,6 +32,7 @@ from ..constants import (
 )
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..model.tensorcheck import check_training_checkpoint
+from .distributed import full_tensor, shard_like
 from .history import json_safe
 
 FORMAT_VERSION = 1
@@ -137,13 +138,16 @@ def rotate_checkpoints(out_dir: Path, keep: int) -> None:
 
 
 def _cpu(tensor: Tensor) -> Tensor:
-    return tensor.detach().to("cpu").clone().contiguous()
+    return full_tensor(tensor.detach()).to("cpu").clone().contiguous()
 
 
 def save_state(folder: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-               state: dict[str, Any], config: Any) -> Path:
+               state: dict[str, Any], config: Any, write: bool = True) -> Path:
     """Write one checkpoint atomically.
+
+    Tensors FSDP sharded (DTensors) are gathered whole first, so every rank must call this in a sharded run;
+    only the one with ``write`` (rank 0) writes the files.
 
     ``params``: the trainable ``(name, tensor)`` pairs; ``state``: the trainer's JSON-able position and
     history (step, epoch, batch, bad_evals, total_steps, batches_per_epoch, best, history_*); ``config``:
@@ -160,6 +164,8 @@ def save_state(folder: str | os.PathLike, params: Sequence[tuple[str, nn.Paramet
                 opt_tensors[f"state.{index}.{key}"] = _cpu(value)
             else:
                 opt_scalars.setdefault(str(index), {})[key] = value
+    if not write:
+        return Path(folder)
     opt_tensors["rng.torch"] = torch.get_rng_state()
     if device.type == "cuda":
         opt_tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
@@ -226,11 +232,15 @@ def load_state(path: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter
                 raise CheckpointError(f"{folder / TRAINABLE_WEIGHTS_FILE}: tensor {name} is missing or has shape "
                                       f"{None if tensor is None else tuple(tensor.shape)}, expected "
                                       f"{tuple(param.shape)}")
-            param.copy_(tensor)
+            param.copy_(shard_like(tensor, param))  # under FSDP: this rank's shard of the full tensor
+    by_index = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict[int, dict[str, Any]] = {}
     for key, tensor in opt_tensors.items():
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
+            param = by_index[int(index)] if int(index) < len(by_index) else None
+            if param is not None and tensor.shape == param.shape:  # moments follow the parameter's sharding
+                tensor = shard_like(tensor, param)
             opt_state.setdefault(int(index), {})[name] = tensor
     for index, values in state["optimizer_scalars"].items():
         opt_state.setdefault(int(index), {}).update(values)

@@ -6,6 +6,12 @@ few collectives the trainer needs.
 :func:`setup` joins them into one group (``nccl`` on CUDA, ``gloo`` on the CPU); the trainer then wraps
 the model in :class:`torch.nn.parallel.DistributedDataParallel` and gives each rank a contiguous slice
 of every batch (:func:`shard_bounds`), so ``batch_size`` is the *global* batch. Only rank 0 writes files.
+
+With ``TrainConfig.distributed="fsdp"`` the trainer shards the model with FSDP2 instead
+(:func:`shard_model`: ``fully_shard`` on every block, then on the root for the embeddings, final norm and head):
+each rank keeps ``1/N`` of the weights, gradients and optimizer state and gathers one unit's weights at a
+time. Checkpoints gather the full tensors to rank 0 (:func:`full_tensor`) and every rank takes its own
+shard back on resume (:func:`shard_like`), so a checkpoint is plain safetensors whatever ``N`` wrote it.
 """
 
 from __future__ import annotations
@@ -17,8 +23,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from ..errors import ConfigError
+
+#: First torch whose FSDP2 averages gradients on gloo (pytorch#162338: summed on 2.7-2.8, crashes on 2.6).
+FSDP_MIN_TORCH = (2, 9)
 
 
 @dataclass(frozen=True)
@@ -157,3 +167,102 @@ def broadcast_text(text: str) -> str:
         data = torch.empty(int(size), dtype=torch.uint8, device=device)
     dist.broadcast(data, src=0)
     return bytes(data.tolist()).decode("utf-8")
+
+
+# --- FSDP2 ---
+
+def torch_version(text: str | None = None) -> tuple[int, int]:
+    """``(major, minor)`` of a torch version string (default: the installed torch)."""
+    text = torch.__version__ if text is None else text
+    parts = text.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise ConfigError(f"torch version {text!r}: expected MAJOR.MINOR[.PATCH]") from None
+
+
+def check_fsdp_torch(version: str | None = None) -> None:
+    """Refuse FSDP on a torch whose FSDP2 gives wrong gradients on the CPU or lacks ``fully_shard``."""
+    found = torch_version(version)
+    if found < FSDP_MIN_TORCH:
+        need = ".".join(map(str, FSDP_MIN_TORCH))
+        raise ConfigError(f"TrainConfig.distributed='fsdp' needs torch >= {need} (found "
+                          f"{version or torch.__version__}: FSDP2 sums instead of averaging gradients on gloo in "
+                          "2.7-2.8 and crashes on 2.6, pytorch#162338); upgrade torch or use distributed='ddp'")
+
+
+def shard_model(model: nn.Module, device: torch.device, info: DistInfo,
+                param_dtype: torch.dtype | None = None) -> list[nn.Module]:
+    """``fully_shard`` every gpt2lora block, then the root (embeddings, final norm, head, classifier).
+
+    The device mesh is built and passed explicitly (one dimension: the ``world_size`` ranks).
+    ``param_dtype`` (CUDA bf16/fp16 runs): FSDP's mixed-precision policy gathers weights in that dtype and
+    reduces gradients in fp32. Returns the sharded modules, root last.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from ..model.gpt2 import Block
+
+    check_fsdp_torch()
+    with torch.no_grad():  # FSDP shards contiguous tensors only; loaded Conv1D weights are transposed views
+        for param in model.parameters():
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    units: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            # a classifier's last block pools through forward_rows: it must gather its weights there too
+            register_fsdp_forward_method(module, "forward_rows")
+            units.append(module)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # backward needs it at once
+    units.append(model)
+    return units
+
+
+def gather_weights(units: Sequence[nn.Module]) -> None:
+    """Gather every sharded unit's full weights and keep them (no re-sharding after a forward).
+
+    Forwards then run without collectives, so ranks may run different numbers of them: sharded evaluation,
+    generation, saving the model after training. :func:`scatter_weights` undoes it before training goes on.
+    """
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+
+
+def scatter_weights(units: Sequence[nn.Module]) -> None:
+    """Drop the gathered weights again: blocks re-shard after each forward, the root keeps its gathered ones."""
+    for unit in units:
+        unit.reshard()
+        unit.set_reshard_after_forward(unit is not units[-1], recurse=False)
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a DTensor (a parameter or optimizer state FSDP split across ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor on every rank (a collective for a DTensor: every rank must call it, in the same order)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` laid out as ``like``: a DTensor with ``like``'s mesh and placements, built from this rank's own
+    copy of ``full`` (no communication: every rank read the same file). A plain tensor stays as it is."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

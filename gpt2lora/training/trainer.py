@@ -208,6 +208,9 @@ class Trainer:
     rank the same batches), and losses, gradients and history equal one process on those batches
     (dropout aside: every rank draws masks from the same seed for its own rows). Evaluation is sharded
     by batch across ranks and reduced. Only rank 0 writes checkpoints and history and shows progress.
+    With ``TrainConfig.distributed="fsdp"`` the model is sharded with FSDP2 instead of wrapped in DDP (see
+    :mod:`gpt2lora.training.distributed`): the same losses, 1/N of the weights, gradients and optimizer state per
+    rank; checkpoints hold the full tensors; after :meth:`fit` the weights stay gathered for evaluation and saving.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, tracker: Tracker | None = None) -> None:
@@ -222,6 +225,9 @@ class Trainer:
         self.device = resolve_device(config.device, "TrainConfig.device")
         self.dist = distributed.setup(self.device.type)
         """This process's place in a torchrun group (rank 0 of 1 when training alone)."""
+        if self.dist.enabled and config.batch_size % self.dist.world_size:
+            raise ConfigError(f"TrainConfig.batch_size={config.batch_size} does not divide over WORLD_SIZE="
+                              f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
         if tracker is not None and not callable(getattr(tracker, "log_metrics", None)):
@@ -234,6 +240,15 @@ class Trainer:
         self.model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        # FSDP2 units (blocks, then the root) when sharding; the parameters become DTensors before the optimizer
+        # is built over them
+        self._fsdp_units: list[nn.Module] = []
+        if config.distributed == "fsdp":
+            distributed.check_fsdp_torch()
+            if self.dist.enabled:
+                cast = self.device.type == "cuda" and self.precision in ("bf16", "fp16")
+                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision] if cast else None
+                self._fsdp_units = distributed.shard_model(model, self.device, self.dist, dtype)
         self.params = trainable_parameters(model)
         # None when nothing trains: such a Trainer can still evaluate(), fit() refuses.
         self.optimizer = build_optimizer(model, config) if self.params else None
@@ -251,6 +266,7 @@ class Trainer:
         self._train_module: nn.Module | None = None
         self._eager_module: nn.Module = model
         self._ddp: DistributedDataParallel | None = None
+        self._in_fit = False  # under FSDP: weights gathered for an evaluation inside fit() are sharded again
 
     # --- batches and loss ---
 
@@ -278,7 +294,7 @@ class Trainer:
         if self._train_module is not None:
             return
         module: nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self._fsdp_units:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._ddp = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
             module = self._ddp
@@ -320,8 +336,16 @@ class Trainer:
         distributed run every rank must call it with the same batches (each evaluates its share, then
         the sums are all-reduced).
         """
-        return evaluate(self.model, self._as_batches(eval_data, shuffle=False), self.device, self.precision,
-                        self.dist, self.config.loss_chunk_size)
+        eval_data = self._as_batches(eval_data, shuffle=False)
+        if not self._fsdp_units:
+            return evaluate(self.model, eval_data, self.device, self.precision, self.dist, self.config.loss_chunk_size)
+        # each rank evaluates its own batches: with the weights gathered, forwards need no collectives
+        distributed.gather_weights(self._fsdp_units)
+        try:
+            return evaluate(self.model, eval_data, self.device, self.precision, self.dist, self.config.loss_chunk_size)
+        finally:
+            if self._in_fit:
+                distributed.scatter_weights(self._fsdp_units)
 
     def _as_batches(self, data: Any, shuffle: bool) -> Any:
         """``data`` when it holds batches; a list of examples batched at ``config.batch_size`` rows."""
@@ -335,9 +359,10 @@ class Trainer:
     def save_checkpoint(self, folder: str | Path) -> Path:
         """Write trainable tensors, optimizer, scaler, RNG, step and data position atomically.
 
-        In a distributed run only rank 0 writes; the other ranks return the folder's path.
+        In a distributed run only rank 0 writes; the other ranks return the folder's path. Under FSDP every rank
+        must call it: the full tensors are gathered to every rank, then rank 0 writes them.
         """
-        if not self.dist.is_main:
+        if not self.dist.is_main and not self._fsdp_units:
             return Path(folder)
         pos = self._position
         state = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "bad_evals": pos.bad_evals,
@@ -345,7 +370,7 @@ class Trainer:
                  "best": self.history.best, "history_steps": self.history.steps,
                  "history_evals": self.history.evals}
         return checkpoint.save_state(folder, self.params, self.optimizer, self.scaler, self.device, state,
-                                     self.config)
+                                     self.config, write=self.dist.is_main)
 
     def load_checkpoint(self, path: str | Path, allow_nonfinite: bool = False) -> Path:
         """Restore everything :meth:`save_checkpoint` wrote; the next step continues the run exactly.
@@ -377,6 +402,8 @@ class Trainer:
         assert self.out_dir is not None
         folder = checkpoint.step_folder(self.out_dir, self._position.step)
         if not self.dist.is_main:
+            if self._fsdp_units:
+                self.save_checkpoint(folder)  # its part of the gathering; rank 0 writes
             self._last_checkpoint = folder
             return
         self._last_checkpoint = self.save_checkpoint(folder)
@@ -455,6 +482,9 @@ class Trainer:
                 self.history_path.unlink(missing_ok=True)
         self.model.train()
         self._prepare_train_module()
+        if self._fsdp_units:  # sharded again when an earlier fit or evaluate() left them gathered
+            distributed.scatter_weights(self._fsdp_units)
+            self._in_fit = True
         meter = MemoryMeter(self.device).start()
         counts = {"samples": 0, "tokens": 0, "steps": 0}
         start = time.perf_counter()
@@ -462,6 +492,9 @@ class Trainer:
         try:
             with self._sigint_stops_at_step_end():
                 self._run(train_data, eval_data, counts, bar)
+            if self._fsdp_units:  # the trained model is used whole afterwards: evaluated, generated from, saved
+                self._in_fit = False
+                distributed.gather_weights(self._fsdp_units)
         finally:
             if bar is not None:
                 bar.close()
@@ -568,9 +601,11 @@ class Trainer:
             where = wheres[0] if len(group) == 1 else f"batches {pos.batch}-{pos.batch + len(group) - 1} of epoch {pos.epoch}"
             raise DataError(f"{where}: no target tokens (every label after the first position is -100)")
         for k, (batch, where) in enumerate(zip(batches, wheres)):
-            # DDP all-reduces gradients only after the step's last batch (forward and backward inside no_sync)
-            last = k == len(group) - 1 or self._ddp is None
-            with nullcontext() if last else self._ddp.no_sync():
+            # DDP all-reduces (FSDP reduce-scatters) gradients only after the step's last batch
+            last = k == len(group) - 1 or (self._ddp is None and not self._fsdp_units)
+            if self._fsdp_units:
+                self.model.set_requires_gradient_sync(last)
+            with nullcontext() if last or self._fsdp_units else self._ddp.no_sync():
                 loss, value = self._step_loss(batch, step_total)
                 if not math.isfinite(value):
                     raise TrainingError(f"non-finite loss ({value}) at step {pos.step + 1} ({where}); training "
@@ -583,7 +618,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for _, p in self.params]
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False))
+        norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm,
+                                                                           error_if_nonfinite=False)))
         lr = lr_at_step(pos.step, self.history.total_steps, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # LoRA+ groups keep their ratio at every step

@@ -52,7 +52,8 @@ SPECIAL = {"model": ("gpt2-medium", "gpt2-medium"), "device": ("cpu", "cpu"), "p
            "schedule": ("constant", "constant"), "optimizer": ("sgd", "sgd"), "best_metric": ("accuracy", "accuracy"),
            "prompt_init": ("random", "random"), "out": ("elsewhere", "elsewhere"), "run_name": ("r1", "r1"),
            "resume": ("auto", "auto"), "revision": ("v1", "v1"), "model_revision": ("abc", "abc"),
-           "report_to": ("tensorboard,wandb", ("tensorboard", "wandb")), "lora_init": ("gaussian", "gaussian")}
+           "report_to": ("tensorboard,wandb", ("tensorboard", "wandb")), "lora_init": ("gaussian", "gaussian"),
+           "distributed": ("fsdp", "fsdp"), "device_memory": ("16GB", "16GB")}
 
 
 def _read(config: RunConfig, setting):

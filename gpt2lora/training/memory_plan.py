@@ -1,0 +1,321 @@
+"""A memory plan before a run: the peak memory per device, split into weights, gradients, optimizer state and
+activations, for a model shape, method, batch, length, precision and DDP/FSDP over N devices.
+
+Nothing is downloaded or trained. Parameter counts are exact: the model is built on the ``meta`` device (no
+memory) with the run's method applied. Activations follow what gpt2lora's own blocks keep for backward, counted
+with :func:`gpt2lora.ops.recompute.count_saved_tensors` (fp32, GPT-2's dropout on, every row full length; the
+coefficients of :data:`LAYER_BYTES` were fitted by least squares to such counts on widths 64-256) plus the
+transients of the loss and of backward; ``tests/training/test_plan.py`` checks them against the count, and
+``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (not checked on a GPU yet; bf16's
+:data:`HALF_ACTIVATIONS` is an estimate, not measured).
+
+The peak of a step, per device (``W`` weights, ``G`` gradients, ``O`` optimizer state, ``A`` activations)::
+
+    W + O + max(A + G_held, G + G_ddp + update temporaries)  (+ the CPU runtime's buffers)
+
+``G_held`` is the gradient already held while a later micro-batch runs (all of ``G`` with accumulation, else
+nothing: gradients are freed after each step); ``G_ddp`` is DDP's gradient buckets (a second copy of ``G``).
+With FSDP over N devices ``W``, ``G`` and ``O`` are ``1/N`` each, and the peak adds the full weights of the units
+gathered at once (the root's embeddings, final norm and head, and two blocks); every device runs
+``batch_size / N`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import LoRAConfig
+from ..errors import ConfigError
+from ..model.classifier import GPT2ForSequenceClassification
+from ..model.gpt2 import GPT2, Block, GPT2Config
+from ..peft.methods import prepare_model
+
+#: Shapes of the published GPT-2 checkpoints: (n_layer, n_embd, n_head); all have 50,257 tokens and 1,024 positions.
+KNOWN_MODELS: dict[str, tuple[int, int, int]] = {
+    "gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25), "distilgpt2": (6, 768, 12),
+}
+GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
+
+#: Bytes a layer keeps for backward, per token: ``a * n_embd + b``, plus ``c`` per attention score (the attention
+#: dropout's 1-byte mask), by what the layer trains: ``(a, b, c)``. "full" also covers blocks that
+#: only pass gradients on (prompt and embedding tuning); "lora" is the default LoRA (q/k/v/o and MLP, dropout
+#: 0.05); "checkpointed" keeps only the block's input (the recomputed block adds one "full"/"lora" layer while it
+#: runs backward).
+LAYER_BYTES: dict[str, tuple[float, float, float]] = {
+    "full": (41.5, 100.0, 1.0), "lora": (93.5, 228.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
+}
+#: Outside the blocks, per token and unit of width, by (what the blocks train, checkpointed): the final norm's
+#: input, the embedding dropout mask and, when the embeddings train, the hidden state's gradient the chunked loss
+#: forms in the forward pass (without checkpointing a LoRA block's saved output is the final norm's input).
+OUTSIDE_BYTES = {("full", False): 9.8, ("full", True): 9.1, ("lora", False): 0.8, ("lora", True): 8.1}
+#: What the first fit of a CPU process adds besides tensors (autograd's engine, kernel workspaces), measured
+#: with a 1-block, width-32 model (15-17 MiB); CUDA's allocated figure counts tensors only.
+CPU_RUNTIME_BYTES = 16 * 2**20
+#: bf16/fp16 autocast keeps activations at about this share of fp32's (masks stay 1 byte, norms stay fp32).
+HALF_ACTIVATIONS = 0.55
+METHODS_WITH_BLOCK_GRADIENTS = ("full", "lora", "prompt", "embeddings", "last_n_full")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions the plan needs of a GPT-2."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int = GPT2_VOCAB
+    n_positions: int = GPT2_POSITIONS
+
+    def config(self) -> GPT2Config:
+        return GPT2Config(n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
+                          vocab_size=self.vocab_size, n_positions=self.n_positions)
+
+
+def model_shape(model: str) -> ModelShape:
+    """The shape of a published GPT-2 name, or of a local checkpoint folder's ``config.json`` (nothing is fetched)."""
+    if model in KNOWN_MODELS:
+        return ModelShape(*KNOWN_MODELS[model])
+    config = Path(model) / "config.json"
+    if config.is_file():
+        try:
+            values = json.loads(config.read_text(encoding="utf-8"))
+            return ModelShape(int(values["n_layer"]), int(values["n_embd"]), int(values["n_head"]),
+                              int(values.get("vocab_size", GPT2_VOCAB)), int(values.get("n_positions", GPT2_POSITIONS)))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"--plan: {config} does not describe a GPT-2 (n_layer, n_embd, n_head): {err}") from None
+    raise ConfigError(f"--plan: unknown model {model!r}; the plan knows {', '.join(KNOWN_MODELS)} or a local "
+                      "checkpoint folder with config.json (it downloads nothing)")
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, where: str = "--device-memory") -> int:
+    """Bytes of ``16GB`` (10^9), ``15GiB`` (2^30), ``500MB``, ``512MiB`` or a plain number of bytes."""
+    match = _SIZE.fullmatch(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{where}={text!r}: expected a size such as 16GB, 15.5GiB or 800MB")
+    unit = (match.group(2) or "b").lower()
+    power = "bkmgt".index(unit[0])
+    base = 1024 if "i" in unit else 1000
+    return int(float(match.group(1)) * base ** power)
+
+
+def format_size(value: float) -> str:
+    """``1.23 GiB`` / ``456 MiB``."""
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class PlanSetting:
+    """What a run does that decides its memory (``batch_size`` is the global batch, split over ``world_size``)."""
+
+    shape: ModelShape
+    method: str = "lora"
+    kind: str = "lm"
+    """``lm`` (causal language model) or ``classification``."""
+    num_labels: int = 2
+    batch_size: int = 16
+    max_length: int = 128
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    world_size: int = 1
+    strategy: str = "ddp"
+    device: str = "cpu"
+    lora: LoRAConfig | None = None
+    last_n: int | None = None
+    loss_chunk_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError(f"--plan-devices={self.world_size}: expected a positive number of devices")
+        if self.batch_size % self.world_size:
+            raise ConfigError(f"batch_size={self.batch_size} does not divide over {self.world_size} devices; choose a "
+                              f"batch size that is a multiple of {self.world_size}")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated bytes per device of each part, and the step's peak (see the module docstring)."""
+
+    setting: PlanSetting
+    total_params: int
+    trainable_params: int
+    weights: int
+    gradients: int
+    """The gradients, with DDP's buckets (a second copy) when several processes run DDP."""
+    optimizer: int
+    activations: int
+    """What one micro-batch keeps for backward plus its largest transient (and the CPU runtime's buffers)."""
+    update: int
+    """Temporaries of the optimizer update (two of the largest trainable tensor)."""
+    budget: int | None
+    runtime: int = 0
+    """On the CPU: what a fit adds besides tensors (:data:`CPU_RUNTIME_BYTES`)."""
+    gathered: int = 0
+    """FSDP: the full weights of the units gathered at once (the root: embeddings, final norm, head; two blocks)."""
+
+    @property
+    def held_gradients(self) -> int:
+        """Gradients alive while a micro-batch's activations peak: all of them when accumulating, else none."""
+        return self.gradients if self.setting.grad_accum_steps > 1 else 0
+
+    @property
+    def peak(self) -> int:
+        """Weights + optimizer state + the larger of the backward pass's and the update's needs."""
+        return self.weights + self.gathered + self.optimizer + self.runtime + max(self.activations + self.held_gradients,
+                                                                  self.gradients + self.update)
+
+    @property
+    def training_added(self) -> int:
+        """What training adds to a loaded model: the peak less the weights (what ``memory_added_mb`` measures)."""
+        return self.peak - self.weights
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.peak <= self.budget
+
+    def text(self) -> str:
+        """The plan as a few aligned lines."""
+        s = self.setting
+        across = f"{s.strategy.upper()} over {s.world_size} devices" if s.world_size > 1 else "1 device"
+        ckpt = "with" if s.gradient_checkpointing else "without"
+        accumulated = f" (x{s.grad_accum_steps} accumulated)" if s.grad_accum_steps > 1 else ""
+        head = (f"memory plan: {s.method} fine-tuning ({s.kind}), {self.trainable_params / 1e6:.1f}M of "
+                f"{self.total_params / 1e6:.1f}M parameters train; batch {s.batch_size} x {s.max_length} tokens"
+                f"{accumulated}, {s.precision}, {ckpt} gradient checkpointing, {s.optimizer}, {across}")
+        backward = self.activations + self.held_gradients >= self.gradients + self.update
+        when = "in the backward pass" if backward else "at the optimizer update"
+        lines = [head,
+                 (f"  weights          {format_size(self.weights):>12}"
+                 f"{f'  (1/{s.world_size} of them on each device)' if self.gathered else ''}"),
+                 *([(f"  gathered (FSDP)  {format_size(self.gathered):>12}  (units whose weights are gathered at "
+                    "once)")] if self.gathered else []),
+                 f"  gradients        {format_size(self.gradients):>12}",
+                 f"  optimizer state  {format_size(self.optimizer):>12}",
+                 (f"  activations      {format_size(self.activations):>12}  (per micro-batch of "
+                 f"{s.batch_size // s.world_size} rows)"),
+                 *([f"  CPU runtime      {format_size(self.runtime):>12}"] if self.runtime else []),
+                 f"  peak per device  {format_size(self.peak):>12}  ({when})"]
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  device memory    {format_size(self.budget):>12}  -> {verdict} "
+                         f"({100 * self.peak / self.budget:.0f}% used)")
+        return "\n".join(lines)
+
+
+def _meta_model(setting: PlanSetting) -> torch.nn.Module:
+    config = setting.shape.config()
+    with torch.device("meta"):
+        model = GPT2ForSequenceClassification(config, num_labels=setting.num_labels, pad_token_id=0) \
+            if setting.kind == "classification" else GPT2(config)
+    method = setting.method if setting.method != "none" else "head"
+    lora = setting.lora if setting.lora is not None else LoRAConfig()
+    if method == "lora" and lora.init != "kaiming":  # PiSSA/OLoRA run an SVD: the shapes are the same
+        lora = LoRAConfig(**{**lora.__dict__, "init": "kaiming"})
+    last_n = setting.last_n if method == "last_n_full" else None
+    prepare_model(model, method, lora=lora if method == "lora" else None, last_n=last_n, seed=0)
+    return model
+
+
+def _layer_activations(setting: PlanSetting, rows: int, trains: str) -> float:
+    a, b, c = LAYER_BYTES[trains]
+    t, d, h = setting.max_length, setting.shape.n_embd, setting.shape.n_head
+    return rows * t * (a * d + b) + c * rows * h * t * t
+
+
+def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[float, float, float]:
+    """Bytes of one micro-batch on one device: ``(kept, loss transient, backward transient)``.
+
+    ``kept``: what the forward pass keeps for backward (what :func:`~gpt2lora.ops.recompute.count_saved_tensors`
+    counts); the two transients come at different moments, so the peak adds the larger of them.
+    """
+    s, d = setting, setting.shape.n_embd
+    rows = s.batch_size // s.world_size
+    tokens = rows * s.max_length
+    lora_blocks = s.lora.last_n_blocks if s.method == "lora" and s.lora and s.lora.last_n_blocks else None
+    if s.method in ("full", "prompt", "embeddings"):
+        active, kind = s.shape.n_layer, "full"
+    elif s.method == "last_n_full":
+        active, kind = min(s.last_n or 0, s.shape.n_layer), "full"
+    elif s.method == "lora":
+        active, kind = lora_blocks or s.shape.n_layer, "lora"
+    else:  # head / none: nothing inside the blocks needs a gradient
+        active, kind = 0, "full"
+    # kept from the forward into the backward pass: what the blocks save (only their inputs when checkpointed),
+    # what the final norm and the loss keep, and the head's weight gradient, formed in the forward pass when
+    # the head (tied to wte) trains
+    head_trains = s.kind == "lm" and any(p.requires_grad for p in model.lm_head.parameters())
+    kept = active * _layer_activations(s, rows, "checkpointed" if s.gradient_checkpointing else kind)
+    kept += OUTSIDE_BYTES[kind, s.gradient_checkpointing] * tokens * d + (4.0 * s.shape.vocab_size * d if head_trains else 0.0)
+    # transient, at different moments: the chunked LM loss's (chunk, vocab) logits, probabilities and their
+    # gradient at the end of the forward pass; in the backward pass the attention's scores and their gradient
+    # (fp32, one layer at a time) and, when checkpointed, the block being recomputed
+    loss_block = 3 * 4.0 * min(s.loss_chunk_size, tokens) * s.shape.vocab_size if s.kind == "lm" else 0.0
+    backward = 8.0 * rows * s.shape.n_head * s.max_length ** 2 if active else 0.0
+    if s.gradient_checkpointing and active:
+        backward += _layer_activations(s, rows, kind)
+    return kept, loss_block, backward
+
+
+def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> MemoryPlan:
+    """The estimated peak memory per device of one training step of ``setting`` (see the module docstring)."""
+    if setting.max_length > setting.shape.n_positions:
+        raise ConfigError(f"max_length={setting.max_length} is beyond the model's {setting.shape.n_positions} "
+                          "positions")
+    model = _meta_model(setting)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = [p for p in params if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n, s = setting.world_size, setting
+    sharded = s.strategy == "fsdp" and n > 1
+    half = s.precision in ("bf16", "fp16")
+
+    weights = 4.0 * total
+    grads = 4.0 * n_train
+    moments = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}.get(s.optimizer, 2) * 4.0 * n_train
+    if sharded:
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        block_params = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
+        root_params = total - sum(p.numel() for b in blocks for p in b.parameters())
+        gathered = (root_params + 2 * block_params) * (2.0 if half and s.device == "cuda" else 4.0)
+        weights, grads, moments = weights / n, grads / n, moments / n
+    else:
+        gathered = 0.0
+
+    # activations of one micro-batch on one device
+    kept, loss_block, backward = activation_parts(s, model)
+    acts = kept + max(loss_block, backward)
+    if half:
+        acts *= HALF_ACTIVATIONS
+    grads += grads if n > 1 and not sharded else 0.0  # DDP's gradient buckets
+    largest = max((p.numel() for p in trainable), default=0)
+    update = 8.0 * largest / (n if sharded else 1)
+    runtime = 0 if s.device.startswith("cuda") else CPU_RUNTIME_BYTES
+    return MemoryPlan(s, total, n_train, int(weights), int(grads), int(moments), int(acts), int(update),
+                      device_memory, runtime, int(gathered))
+
+
+def default_device_memory(device: str) -> int | None:
+    """Memory of the device a run would use: the first GPU's, or the machine's RAM (None where unknown)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.get_device_properties(index).total_memory if torch.cuda.is_available() else None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+__all__ = ["KNOWN_MODELS", "LAYER_BYTES", "MemoryPlan", "ModelShape", "PlanSetting", "default_device_memory",
+           "format_size", "model_shape", "parse_size", "plan_memory"]

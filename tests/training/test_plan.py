@@ -1,0 +1,153 @@
+"""The memory plan: exact parameter counts, activations against what autograd saves, DDP/FSDP shares, sizes,
+bad settings named, and (slow) the estimate against a measured training-added peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import REPO
+
+from gpt2lora import GPT2, GPT2ForSequenceClassification, LoRAConfig
+from gpt2lora.errors import ConfigError
+from gpt2lora.ops.recompute import count_saved_tensors
+from gpt2lora.peft.methods import prepare_model
+from gpt2lora.training.memory_plan import (
+    ModelShape,
+    PlanSetting,
+    activation_parts,
+    model_shape,
+    parse_size,
+    plan_memory,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def real_model(shape: ModelShape, kind: str, method: str, last_n: int | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = shape.config()
+    model = GPT2ForSequenceClassification(config, num_labels=3, pad_token_id=0) if kind == "classification" \
+        else GPT2(config)
+    prepare_model(model, method, lora=LoRAConfig() if method == "lora" else None, last_n=last_n, seed=0)
+    return model
+
+
+@pytest.mark.parametrize("kind,method,last_n", [("lm", "full", None), ("lm", "lora", None),
+                                                ("classification", "lora", None),
+                                                ("classification", "last_n_full", 1), ("classification", "head", None)])
+def test_parameter_counts_are_the_models(tmp_path, kind, method, last_n):
+    """A local checkpoint folder's config.json gives the shape; the counts equal the real model's."""
+    shape = ModelShape(n_layer=3, n_embd=48, n_head=4, vocab_size=300, n_positions=64)
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "n_embd": 48, "n_head": 4, "vocab_size": 300,
+                                                      "n_positions": 64}), encoding="utf-8")
+    assert model_shape(str(tmp_path)) == shape
+    model = real_model(shape, kind, method, last_n)
+    plan = plan_memory(PlanSetting(shape, method=method, kind=kind, num_labels=3, batch_size=2, max_length=16,
+                                   last_n=last_n, lora=LoRAConfig() if method == "lora" else None))
+    assert plan.total_params == sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.trainable_params == trainable
+    assert plan.weights == 4 * plan.total_params
+    assert plan.gradients == 4 * trainable and plan.optimizer == 8 * trainable  # fp32 AdamW: two moments
+
+
+def test_the_published_shapes():
+    assert plan_memory(PlanSetting(model_shape("gpt2"), method="full")).total_params == 124_439_808
+    assert plan_memory(PlanSetting(model_shape("gpt2-medium"), method="full")).total_params == 354_823_168
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("dims", [(2, 64, 2, 32, 2, 300), (3, 96, 4, 48, 3, 700), (1, 128, 8, 64, 1, 500)])
+def test_kept_activations_match_what_autograd_saves(method, checkpointing, dims):
+    """The plan's per-layer bytes against count_saved_tensors on gpt2lora's own forward (dropout on)."""
+    layers, width, heads, length, rows, vocab = dims
+    shape = ModelShape(layers, width, heads, vocab, n_positions=64)
+    model = real_model(shape, "lm", method)
+    model.train()
+    model.transformer.gradient_checkpointing = checkpointing
+    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    with count_saved_tensors(model.parameters()) as saved:
+        model(ids, torch.ones_like(ids), labels=ids)
+    setting = PlanSetting(shape, method=method, batch_size=rows, max_length=length,
+                          gradient_checkpointing=checkpointing)
+    kept, _, _ = activation_parts(setting, model)
+    assert kept == pytest.approx(saved.bytes, rel=0.05), (kept, saved.bytes)
+
+
+def test_fsdp_shards_and_ddp_doubles_gradients():
+    shape = model_shape("gpt2")
+    one = plan_memory(PlanSetting(shape, method="full", batch_size=8))
+    ddp = plan_memory(PlanSetting(shape, method="full", batch_size=8, world_size=2, strategy="ddp"))
+    fsdp = plan_memory(PlanSetting(shape, method="full", batch_size=8, world_size=2, strategy="fsdp"))
+    assert ddp.weights == one.weights and ddp.optimizer == one.optimizer
+    assert ddp.gradients == 2 * one.gradients  # DDP's buckets
+    assert fsdp.optimizer == one.optimizer // 2 and fsdp.gradients == one.gradients // 2
+    # 1/2 of the weights, plus what is gathered at once: the root (embeddings, head) and two blocks
+    block = 12 * 768 * 768 + 13 * 768
+    assert fsdp.weights == one.weights // 2
+    assert fsdp.gathered == 4 * (one.total_params - 12 * block + 2 * block)
+    assert one.gathered == ddp.gathered == 0
+    assert fsdp.activations < one.activations  # half the rows per device
+    assert fsdp.peak < 0.6 * ddp.peak
+
+
+def test_the_verdict_follows_the_budget():
+    setting = PlanSetting(model_shape("gpt2-medium"), method="full", batch_size=2, max_length=512, device="cuda")
+    plan = plan_memory(setting, parse_size("16GB"))
+    assert plan.fits and "-> fits" in plan.text()
+    tight = plan_memory(setting, parse_size("4GiB"))
+    assert tight.fits is False and "does NOT fit" in tight.text()
+    for part in ("weights", "gradients", "optimizer state", "activations", "peak per device"):
+        assert part in plan.text()
+    assert plan_memory(setting).fits is None
+
+
+def test_checkpointing_accumulation_and_bf16_move_the_peak_the_right_way():
+    base = {"shape": model_shape("gpt2"), "method": "lora", "batch_size": 16, "max_length": 512, "device": "cuda"}
+    plain = plan_memory(PlanSetting(**base))
+    assert plan_memory(PlanSetting(**base, gradient_checkpointing=True)).activations < 0.3 * plain.activations
+    assert plan_memory(PlanSetting(**base, precision="bf16")).activations < 0.6 * plain.activations
+    full = {**base, "method": "full"}
+    assert plan_memory(PlanSetting(**full, grad_accum_steps=2)).peak > plan_memory(PlanSetting(**full)).peak
+
+
+@pytest.mark.parametrize("text,expected", [("16GB", 16 * 10**9), ("15GiB", 15 * 2**30), ("512 MiB", 512 * 2**20),
+                                           ("1.5TB", 1.5e12), ("1000", 1000), ("800mb", 8 * 10**8)])
+def test_sizes(text, expected):
+    assert parse_size(text) == int(expected)
+
+
+@pytest.mark.parametrize("text", ["lots", "16 GX", "-1GB", "0", ""])
+def test_bad_sizes_are_named(text):
+    with pytest.raises(ConfigError, match=f"--device-memory='{text}': expected a size such as 16GB"):
+        parse_size(text)
+
+
+def test_unknown_model_and_an_uneven_batch_are_named():
+    with pytest.raises(ConfigError, match=r"--plan: unknown model 'gpt5'.*gpt2-medium.*downloads nothing"):
+        model_shape("gpt5")
+    with pytest.raises(ConfigError, match="batch_size=10 does not divide over 4 devices"):
+        PlanSetting(model_shape("gpt2"), batch_size=10, world_size=4)
+    with pytest.raises(ConfigError, match="max_length=2048 is beyond the model's 1024 positions"):
+        plan_memory(PlanSetting(model_shape("gpt2"), max_length=2048))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,rows,length,checkpointing", [("full", 4, 128, False), ("lora", 2, 512, True)])
+def test_the_plan_is_within_15_percent_of_a_measured_peak(method, rows, length, checkpointing):
+    """One process trains 2 steps (6 blocks of width 512, GPT-2's vocabulary); blocks of 64 KiB and more are
+    mmapped so the resident set follows the live tensors (glibc's heap would keep freed activations)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_plan.py"), "--steps", "2", "--one",
+                          json.dumps([method, rows, length, checkpointing])], capture_output=True, text=True,
+                         env=env, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["method_of_measure"] == "vmhwm"
+    assert result["plan_mb"] == pytest.approx(result["measured_mb"], rel=0.15), result
