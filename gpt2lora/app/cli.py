@@ -208,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--run", required=True, help="run folder written by train")
     merge.add_argument("--out", required=True, help="folder for the merged checkpoint")
 
+    export = sub.add_parser("export", help="write a run (merged, or its adapter) or a checkpoint as GGUF for "
+                            "llama.cpp / Ollama")
+    export.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or hub id")
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="file format")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                        help="type of the 2-D weights (norms and biases stay f32)")
+    export.add_argument("--out", default=None, metavar="FILE", help="output file (default: beside the source)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="write the run's LoRA adapter as a llama.cpp adapter GGUF instead of a merged model")
+
     push = sub.add_parser("push", help="upload a run's adapter (or merged checkpoint) and a model card to the hub")
     push.add_argument("run", metavar="RUN_DIR", help="run folder written by train")
     push.add_argument("repo_id", metavar="OWNER/NAME", help="hub model repository (created if missing)")
@@ -334,6 +344,12 @@ def _merge(args: argparse.Namespace) -> None:
     merge_command(args.run, args.out)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .gguf_export import export_command
+
+    export_command(args.source, fmt=args.format, dtype=args.dtype, out=args.out, adapter_only=args.adapter_only)
+
+
 def _push(args: argparse.Namespace) -> None:
     from .publish import push_run
 
@@ -387,7 +403,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "push": _push, "inspect": _inspect,
+    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "export": _export, "push": _push, "inspect": _inspect,
     "sweep": _sweep,
     "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart}
 
