@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
     evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")
     evaluate.add_argument("--split", default=None, help="split to evaluate (default: the eval split)")
+    evaluate.add_argument("run_dir", nargs="?", default=None, metavar="RUN", help="run folder (same as --run)")
+    harness = evaluate.add_argument_group("lm-evaluation-harness (pip install gpt2lora[eval])")
+    harness.add_argument("--harness", nargs="+", default=None, metavar="TASK",
+                         help="score lm-eval tasks (lambada_openai, hellaswag, ...) instead of the run's task")
+    harness.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples per task")
+    harness.add_argument("--limit", type=positive_float, default=None, metavar="N",
+                         help="first N documents per task (a fraction below 1)")
+    harness.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra task YAML files")
     add_settings(evaluate, EVAL_KEYS)
 
     generate = sub.add_parser("generate", help="continue a prompt with a base model or a run's adapter")
@@ -327,6 +335,20 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .commands import evaluate_command
 
+    if args.run_dir is not None:
+        if args.run is not None and args.run != args.run_dir:
+            raise ConfigError(f"eval: RUN {args.run_dir} and --run {args.run} disagree; give one")
+        args.run = args.run_dir
+    if args.harness is not None:
+        from .harness import harness_command
+
+        config = run_config(args)
+        from .run import base_checkpoint
+
+        harness_command(args.harness, run_dir=args.run, model=None if args.run else base_checkpoint(config),
+                        num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
+                        batch_size=config.eval_batch_size or 16, device=config.train.device)
+        return
     evaluate_command(run_config(args), run_dir=args.run, split=args.split,
                      given=set(given_settings(args)))
 

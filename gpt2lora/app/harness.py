@@ -42,6 +42,14 @@ from ..ops.few_row import few_row_products
 from ..peft.files import load_adapter
 from .run import load_run_model
 
+
+def lm_eval_version() -> str:
+    """The installed lm-eval's version."""
+    import lm_eval
+
+    return lm_eval.__version__
+
+
 MODEL_TYPE = "gpt2lora"
 """The name lm-eval knows this model by (``--model gpt2lora``)."""
 
@@ -334,6 +342,48 @@ class GPT2LoRALM(TemplateLM):
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                 logits = self.model.lm_head(self.model.transformer(token[:, None], mask, kv_cache=cache)[:, -1])
         return [self.tok_decode(tokens) for tokens in new]
+
+
+def harness_command(tasks: Sequence[str], run_dir: str | os.PathLike | None = None, model: str | None = None,
+                    num_fewshot: int | None = None, limit: float | None = None,
+                    include_path: str | os.PathLike | None = None, batch_size: int = 16,
+                    device: str = "cpu") -> dict[str, Any]:
+    """``gpt2lora eval [RUN] --harness TASKS``: lm-eval tasks on a run's model (or a base checkpoint).
+
+    The results table is printed; with a run folder, lm-eval's results go to ``harness.json`` there and a
+    "Harness" section is appended to its ``summary.md``. ``include_path``: a folder of task YAML files.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    if not tasks:
+        raise ConfigError("--harness: name at least one lm-eval task")
+    if (run_dir is None) == (model is None):
+        raise ConfigError("--harness: evaluate a run folder (RUN or --run) or a base model (--model), not both")
+    lm = GPT2LoRALM(run=run_dir, pretrained=model, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                              task_manager=manager, batch_size=batch_size, device=device)
+    if results is None:
+        raise ConfigError(f"--harness {' '.join(tasks)}: lm-eval returned no results")
+    table = make_table(results)
+    print(table)
+    if run_dir is not None:
+        folder = Path(run_dir)
+        keep = {k: results[k] for k in ("results", "versions", "n-shot", "higher_is_better", "n-samples")
+                if k in results}
+        keep["config"] = {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit,
+                          "lm_eval": lm_eval_version()}
+        (folder / "harness.json").write_text(json.dumps(keep, indent=2, default=str) + "\n", encoding="utf-8")
+        summary = folder / "summary.md"
+        shots = f", {num_fewshot}-shot" if num_fewshot is not None else ""
+        cut = f", first {limit:g} documents per task" if limit is not None else ""
+        section = (f"\n## Harness (lm-evaluation-harness {keep['config']['lm_eval']}{shots}{cut})\n\n"
+                   f"{table}\n")
+        with summary.open("a", encoding="utf-8") as f:
+            f.write(section)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
