@@ -1,6 +1,6 @@
 """An lm-evaluation-harness model backed by gpt2lora's own GPT-2 (the ``eval`` extra: ``pip install gpt2lora[eval]``).
 
-Importing this module registers the model type ``gpt2lora`` with lm-eval (``lm_eval.api.registry``). lm-eval
+Importing this module registers the model type ``gpt2lora`` with lm-eval (``lm_eval.api.model_registry``). lm-eval
 0.4's ``lm-eval`` command only knows the models in its own ``MODEL_MAPPING`` and those registered by modules
 already imported (it reads no entry points), so run its CLI through this module, which registers first::
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from ..devices import resolve_device
@@ -84,7 +85,6 @@ def _adapters_arg(adapter: str | os.PathLike | Sequence[str | os.PathLike] | dic
     return named
 
 
-@register_model(MODEL_TYPE)
 class GPT2LoRALM(TemplateLM):
     """lm-eval's ``LM`` interface over a gpt2lora GPT-2: a base model, a run, or one or several adapters.
 
@@ -99,7 +99,7 @@ class GPT2LoRALM(TemplateLM):
 
     def __init__(self, pretrained: str | os.PathLike | None = None, adapter: Any = None,
                  run: str | os.PathLike | None = None, adapter_name: str | None = None,
-                 batch_size: int | str = 16, max_length: int | None = None, device: str = "cpu",
+                 batch_size: int | str = 16, max_length: int | None = None, device: str = "auto",
                  dtype: str | torch.dtype | None = None, model: torch.nn.Module | None = None,
                  tokenizer: Any = None, max_gen_toks: int = 256, **unused: Any) -> None:
         super().__init__()
@@ -123,6 +123,10 @@ class GPT2LoRALM(TemplateLM):
             raise ConfigError(f"adapter_name={adapter_name!r}: not one of the loaded adapters {sorted(named)}")
         self.adapter_name = adapter_name if adapter_name is not None else (
             next(iter(named)) if len(named) > 1 else None)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line passes cuda:0 by default; its hf backend falls back to the CPU too
+            warnings.warn(f"device={device!r}: CUDA is not available, using the CPU", stacklevel=2)
+            device = "cpu"
         self._device = resolve_device(device, "device")
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -342,6 +346,11 @@ class GPT2LoRALM(TemplateLM):
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                 logits = self.model.lm_head(self.model.transformer(token[:, None], mask, kv_cache=cache)[:, -1])
         return [self.tok_decode(tokens) for tokens in new]
+
+
+# A lazy entry (the class by import path), so running this file as ``python -m`` and importing it register once.
+if MODEL_TYPE not in model_registry:
+    model_registry.register(MODEL_TYPE, target="gpt2lora.app.harness:GPT2LoRALM")
 
 
 def harness_command(tasks: Sequence[str], run_dir: str | os.PathLike | None = None, model: str | None = None,

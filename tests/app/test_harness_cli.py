@@ -52,3 +52,20 @@ def test_eval_harness_writes_the_scores_into_the_run_and_matches_hf_on_the_merge
 def test_eval_harness_refuses_a_run_and_a_different_run_flag(run, capsys) -> None:
     assert main(["eval", str(run), "--run", str(run.parent), "--harness", "t_last"]) == 1
     assert "disagree" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter importing lm-eval and torch, and one lm-eval run
+def test_lm_evals_own_cli_finds_the_model_through_gpt2lora_harness(run, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    tasks = tmp_path / "tasks"
+    _write_tasks(tasks, require_shared(DATA))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "gpt2lora.app.harness", "run", "--model", "gpt2lora",
+                           "--model_args", f"run={run}", "--tasks", "t_last", "--include_path", str(tasks),
+                           "--limit", "3", "--output_path", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "t_last" in done.stdout and "perplexity" in done.stdout
