@@ -117,6 +117,7 @@ def reference(setup) -> dict:
     return _evaluate("hf", setup["tasks"], {"pretrained": str(setup["merged"]), "dtype": "float32"})
 
 
+@pytest.mark.slow  # two lm-eval runs over four tasks: ~45 s on 2 cores, minutes when the cores are shared
 def test_every_response_and_score_matches_the_hf_backend(setup, reference, one_thread) -> None:
     import gpt2lora.app.harness  # noqa: F401  (registers the model type)
 
