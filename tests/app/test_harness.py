@@ -194,3 +194,15 @@ def test_bad_arguments_are_named(setup) -> None:
         lm.loglikelihood_mixed([("a", " b"), ("c", " d")], ["x"])
     with pytest.raises(ConfigError, match="only greedy"):
         lm.generate_mixed(["a"], [{"do_sample": True, "temperature": 1.0}], [None])
+
+
+def test_adapter_argument_forms() -> None:
+    from gpt2lora.app.harness import _adapters_arg
+
+    assert _adapters_arg(None) == {} and _adapters_arg("") == {}
+    assert _adapters_arg("runs/x/adapter") == {"default": Path("runs/x/adapter")}
+    assert _adapters_arg("runs/r1/adapter+runs/r-2/adapter") == {"r1": Path("runs/r1/adapter"),
+                                                                 "r-2": Path("runs/r-2/adapter")}
+    assert _adapters_arg({"a": "p"}) == {"a": Path("p")}
+    with pytest.raises(ConfigError, match="both named 'x'"):
+        _adapters_arg("a/x+b/x")
