@@ -243,12 +243,10 @@ def test_llama_cpp_tokenizes_and_computes_what_gpt2lora_does(base, tmp_path, tok
 Q8_SCRIPT = """
 import sys, json, numpy as np, llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-out = []
-for ids in json.loads(sys.argv[2]):
+for i, ids in enumerate(json.loads(sys.argv[2])):
     llm.reset()
     llm.eval(ids)
-    out.append(np.array(llm.scores[:len(ids)]).argmax(-1).tolist())
-print(json.dumps(out))
+    np.save(f"{sys.argv[3]}-{i}.npy", np.array(llm.scores[:len(ids)]))
 """
 
 
@@ -256,16 +254,22 @@ def test_llama_cpp_q8_0_gives_the_same_greedy_tokens(base, tmp_path, tokens) -> 
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     model = GPT2.from_pretrained(base).eval()
     path = write_gguf(model, tmp_path / "q8_0.gguf", dtype="q8_0")
-    # a subprocess: some llama.cpp CPU builds crash on q8_0 matrices (see the README's Export section)
-    done = subprocess.run([sys.executable, "-c", Q8_SCRIPT, str(path), json.dumps(tokens)], capture_output=True,
-                          text=True, timeout=300, check=False)
+    # a subprocess: llama.cpp built with native CPU flags (AMX) crashes on q8_0 matrices (README, Export)
+    done = subprocess.run([sys.executable, "-c", Q8_SCRIPT, str(path), json.dumps(tokens), str(tmp_path / "q8")],
+                          capture_output=True, text=True, timeout=300, check=False)
     if done.returncode == -signal.SIGSEGV:
         pytest.skip("this llama.cpp build crashes (SIGSEGV) in decode on any q8_0 GPT-2, its own converter's "
                     "files too; build llama-cpp-python with CMAKE_ARGS=-DGGML_NATIVE=OFF")
     assert done.returncode == 0, done.stderr[-2000:]
-    greedy = json.loads(done.stdout.strip().splitlines()[-1])
-    agree = [np.mean(np.array(g) == _ours(model, ids).argmax(-1)) for g, ids in zip(greedy, tokens)]
-    assert min(agree) >= 0.9, agree
+    for i, ids in enumerate(tokens):
+        got, want = np.load(tmp_path / f"q8-{i}.npy"), _ours(model, ids)
+        gap = float(np.abs(got - want).max())
+        assert gap <= 2e-2 * max(1.0, float(np.abs(want).max())), gap  # measured: 8e-3 on logits up to ~1
+        # greedy tokens agree wherever gpt2lora's top two logits are further apart than the quantisation error
+        top2 = np.sort(want, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * gap
+        assert clear.any()
+        assert (got.argmax(-1)[clear] == want.argmax(-1)[clear]).all()
 
 
 def test_llama_cpp_applies_the_adapter_file_as_the_merged_model(base, tmp_path, tokens) -> None:
