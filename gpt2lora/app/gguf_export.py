@@ -250,12 +250,14 @@ def write_gguf_adapter(model: nn.Module, out: str | os.PathLike, adapter: str | 
 def export_command(source: str | os.PathLike, fmt: str = "gguf", dtype: str = "f32",
                    out: str | os.PathLike | None = None, adapter_only: bool = False) -> Path:
     """``gpt2lora export``: a run folder (merged, or its adapter) or a checkpoint (hub id or folder) as GGUF."""
-    from ..model.tokenizer import load_tokenizer  # noqa: F401  (resolves hub tokenizer files below)
     from ..peft.lora import merge_lora
     from .run import load_run_model
 
     if fmt != "gguf":
         raise ConfigError(f"--format {fmt}: only gguf is supported")
+    if adapter_only and dtype != "f32":
+        raise ConfigError(f"--dtype {dtype}: adapter files are written f32 (their tensors are small); drop --dtype "
+                          "or --adapter-only")
     src = Path(source)
     is_run = (src / "config.json").is_file() and "method" in json.loads((src / "config.json").read_text())
     if is_run:
