@@ -1,4 +1,4 @@
-"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``push``, ``inspect``, ``sweep``,
+"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``export``, ``push``, ``inspect``, ``sweep``,
 ``reproduce``, ``judge``, ``quickstart``.
 
 This is the only module that parses arguments. Run settings become flags straight from
