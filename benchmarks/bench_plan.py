@@ -50,7 +50,7 @@ def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int
     config = TrainConfig(lr=1e-4, max_steps=steps, progress=False, device="cpu", precision="fp32",
                          gradient_checkpointing=checkpointing, batch_size=rows)
     history = Trainer(model, config).fit(batches)
-    setting = PlanSetting(ModelShape(**SHAPE), method=method, kind="lm", batch_size=rows, max_length=length,
+    setting = PlanSetting(ModelShape(**SHAPE), method=method, objective="lm", batch_size=rows, max_length=length,
                           gradient_checkpointing=checkpointing, precision="fp32")
     plan = plan_memory(setting)
     return {"measured_mb": history.memory_added_mb, "method_of_measure": history.memory_method,

@@ -1,4 +1,4 @@
-"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``push``, ``inspect``, ``sweep``,
+"""The ``gpt2lora`` command: ``train``, ``eval``, ``generate``, ``merge``, ``export``, ``push``, ``inspect``, ``sweep``,
 ``reproduce``, ``judge``, ``quickstart``.
 
 This is the only module that parses arguments. Run settings become flags straight from
@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a base model (foundation row) or a run folder")
     evaluate.add_argument("--run", default=None, help="run folder written by train (default: the base model)")
     evaluate.add_argument("--split", default=None, help="split to evaluate (default: the eval split)")
+    evaluate.add_argument("run_dir", nargs="?", default=None, metavar="RUN", help="run folder (same as --run)")
+    harness = evaluate.add_argument_group("lm-evaluation-harness (pip install gpt2lora[eval])")
+    harness.add_argument("--harness", nargs="+", default=None, metavar="TASK",
+                         help="score lm-eval tasks (lambada_openai, hellaswag, ...) instead of the run's task")
+    harness.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples per task")
+    harness.add_argument("--limit", type=positive_float, default=None, metavar="N",
+                         help="first N documents per task (a fraction below 1)")
+    harness.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra task YAML files")
     add_settings(evaluate, EVAL_KEYS)
 
     generate = sub.add_parser("generate", help="continue a prompt with a base model or a run's adapter")
@@ -216,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge a run's LoRA adapter into a Hugging Face checkpoint")
     merge.add_argument("--run", required=True, help="run folder written by train")
     merge.add_argument("--out", required=True, help="folder for the merged checkpoint")
+
+    export = sub.add_parser("export", help="write a run (merged, or its adapter) or a checkpoint as GGUF for "
+                            "llama.cpp / Ollama")
+    export.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or hub id")
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="file format")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                        help="type of the 2-D weights (norms and biases stay f32)")
+    export.add_argument("--out", default=None, metavar="FILE", help="output file (default: beside the source)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="write the run's LoRA adapter as a llama.cpp adapter GGUF instead of a merged model")
 
     push = sub.add_parser("push", help="upload a run's adapter (or merged checkpoint) and a model card to the hub")
     push.add_argument("run", metavar="RUN_DIR", help="run folder written by train")
@@ -361,6 +379,20 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .commands import evaluate_command
 
+    if args.run_dir is not None:
+        if args.run is not None and args.run != args.run_dir:
+            raise ConfigError(f"eval: RUN {args.run_dir} and --run {args.run} disagree; give one")
+        args.run = args.run_dir
+    if args.harness is not None:
+        from .harness import harness_command
+
+        config = run_config(args)
+        from .run import base_checkpoint
+
+        harness_command(args.harness, run_dir=args.run, model=None if args.run else base_checkpoint(config),
+                        num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
+                        batch_size=config.eval_batch_size or 16, device=config.train.device)
+        return
     evaluate_command(run_config(args), run_dir=args.run, split=args.split,
                      given=set(given_settings(args)))
 
@@ -376,6 +408,12 @@ def _merge(args: argparse.Namespace) -> None:
     from .commands import merge_command
 
     merge_command(args.run, args.out)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .gguf_export import export_command
+
+    export_command(args.source, fmt=args.format, dtype=args.dtype, out=args.out, adapter_only=args.adapter_only)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -446,7 +484,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "push": _push, "inspect": _inspect,
+    "train": _train, "eval": _eval, "generate": _generate, "merge": _merge, "export": _export, "push": _push, "inspect": _inspect,
     "sweep": _sweep,
     "reproduce": _reproduce, "judge": _judge, "quickstart": _quickstart, "serve": _serve}
 

@@ -23,7 +23,7 @@ from .runconfig import EVAL_ONLY, RunConfig
 
 
 def plan_setting(config: RunConfig) -> PlanSetting:
-    """What the plan needs of a run: the model's shape (its name or local config.json), the task's kind, the batch."""
+    """What the plan needs of a run: the model's shape (its name or local config.json), the task's objective (LM or classification), the batch."""
     from .run import SMOKE_SHAPE  # the smoke model's shape
 
     config = config.resolved()
@@ -34,7 +34,8 @@ def plan_setting(config: RunConfig) -> PlanSetting:
         shape = model_shape(config.model)
     preset = TASKS.get(config.task) if config.data is None else None
     # own data: its kind is in its columns, which the plan does not read; a classifier is the cheaper guess
-    kind = "classification" if preset is None or preset.kind in CLASSIFICATION_KINDS else "lm"
+    classifies = preset is None or preset.kind in CLASSIFICATION_KINDS
+    objective = "classification" if classifies else "lm"
     # the device a run would use; named but absent (planning a GPU run on a laptop) is fine here
     text = config.train.device
     device = "cuda" if text.startswith("cuda") or (text == "auto" and torch.cuda.is_available()) else "cpu"
@@ -45,7 +46,7 @@ def plan_setting(config: RunConfig) -> PlanSetting:
         raise ConfigError(f"--precision fp16 needs a CUDA device (--device {text})")
     world = config.plan_devices or int(os.environ.get("WORLD_SIZE", "1") or 1)
     return PlanSetting(
-        shape, method=config.method if config.method != EVAL_ONLY else "head", kind=kind,
+        shape, method=config.method if config.method != EVAL_ONLY else "head", objective=objective,
         num_labels=(preset.num_labels if preset else None) or 2, batch_size=config.train.batch_size,
         max_length=min(config.max_length, shape.n_positions), grad_accum_steps=config.train.grad_accum_steps,
         gradient_checkpointing=config.train.gradient_checkpointing, precision=precision,

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..constants import RUN_CONFIG_FILE
 from ..errors import ConfigError
 from .runconfig import RunConfig, to_settings
 
@@ -48,7 +49,7 @@ def differences(saved: dict[str, Any], config: RunConfig) -> list[str]:
 def check_resume(folder: Path, config: RunConfig) -> None:
     """Refuse to resume the run in ``folder`` with settings that train something else (one line, each
     differing setting named). A folder without ``config.json`` (runs older than this check) is not checked."""
-    path = folder / "config.json"
+    path = folder / RUN_CONFIG_FILE
     if not path.is_file():
         return
     try:

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from ..config import GPT2Config, LoRAConfig, is_residual_init
-from ..constants import HISTORY_FILE, RESPONSES_FILE
+from ..constants import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_WEIGHTS_FILE,
+    RESPONSES_FILE,
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILES,
+)
 from ..data.batching import BucketedBatches
 from ..data.tasks import CLASSIFICATION_KINDS, KINDS, TASKS, Dataset, Tokenizer, data_root, encode, load_split
 from ..devices import describe_precision, resolve_device, set_threads
@@ -66,22 +73,22 @@ def smoke_checkpoint(out: str | os.PathLike, vocab: str | os.PathLike | None, se
                      root: str | os.PathLike | None = None) -> Path:
     """A tiny random GPT-2 checkpoint with the real GPT-2 tokenizer files, made once under ``out``."""
     folder = Path(out) / f".smoke-base-{seed}"
-    if (folder / "model.safetensors").is_file():
+    if (folder / MODEL_WEIGHTS_FILE).is_file():
         return folder
-    if vocab is not None and not (Path(vocab) / "vocab.json").is_file():
+    if vocab is not None and not (Path(vocab) / TOKENIZER_FILES[0]).is_file():
         raise ConfigError(f"--vocab {vocab}: no vocab.json there; --smoke needs the GPT-2 vocabulary "
                           "(a folder with vocab.json and merges.txt)")
     candidates = [vocab, os.environ.get(VOCAB_ENV)]
     if data_root(root) is not None:
         candidates.append(data_root(root).parent / "gpt2-tokenizer")
-    found = next((Path(c) for c in candidates if c and (Path(c) / "vocab.json").is_file()), None)
+    found = next((Path(c) for c in candidates if c and (Path(c) / TOKENIZER_FILES[0]).is_file()), None)
     if found is None:
         raise ConfigError("--smoke needs the GPT-2 vocabulary: pass --vocab DIR (a folder with vocab.json and "
                           f"merges.txt) or set ${VOCAB_ENV}")
     model = GPT2.from_config(GPT2Config(**SMOKE_SHAPE), seed=seed)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     save_pretrained(model, tmp)
-    for name in ("vocab.json", "merges.txt"):
+    for name in TOKENIZER_FILES:
         shutil.copyfile(found / name, tmp / name)
     tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
     return folder
@@ -421,7 +428,7 @@ def _save(parts: _Parts, folder: Path, train: Any, metrics: dict[str, Any], row:
           samples_before: list[dict[str, str]] | None) -> None:
     """The adapter, config.json, responses, generations and metrics.json."""
     save_adapter(parts.model, folder / "adapter")
-    report.write_json(_run_config_json(parts, train, folder), folder / "config.json")
+    report.write_json(_run_config_json(parts, train, folder), folder / RUN_CONFIG_FILE)
     extra: dict[str, Any] = {}
     if "samples" in metrics:
         extra["samples"] = metrics["samples"]
@@ -433,7 +440,7 @@ def _save(parts: _Parts, folder: Path, train: Any, metrics: dict[str, Any], row:
         extra["generations"] = [{**b, "after": a["generated"], "before": b["generated"]}
                                 for b, a in zip(samples_before, after)]
         write_generations(folder / "generations.md", extra["generations"])
-    report.write_json({"result": row, **extra}, folder / "metrics.json")
+    report.write_json({"result": row, **extra}, folder / METRICS_FILE)
 
 
 def _plots(parts: _Parts, history: History, folder: Path, label: str) -> list[Path]:
@@ -474,7 +481,7 @@ def run(config: RunConfig, folder: str | os.PathLike | None = None) -> dict[str,
         params = _apply_method(parts)
         train = _train_config(config, place)
         if distributed.is_main_process():  # before training: what a resumed run is checked against
-            report.write_json(_run_config_json(parts, train, place.folder), place.folder / "config.json")
+            report.write_json(_run_config_json(parts, train, place.folder), place.folder / RUN_CONFIG_FILE)
         data = _batches(parts, train)
         history = _fit(parts, train, data, place.folder)
         metrics = _metrics(parts)
@@ -540,9 +547,9 @@ def _write_eval_only(parts: _Parts, folder: Path, label: str) -> dict[str, Any]:
         return row
     if "responses" in metrics:
         write_responses(folder / RESPONSES_FILE, metrics["responses"])
-    report.write_json(_run_config_json(parts, parts.config.train, folder), folder / "config.json")
+    report.write_json(_run_config_json(parts, parts.config.train, folder), folder / RUN_CONFIG_FILE)
     report.write_json({"result": row, **({"samples": metrics["samples"]} if "samples" in metrics else {})},
-                      folder / "metrics.json")
+                      folder / METRICS_FILE)
     report.write_summary(folder, [row], f"{parts.eval_set.name}: {label}", _notes(parts, params, None))
     return row
 
@@ -551,7 +558,7 @@ def _write_eval_only(parts: _Parts, folder: Path, label: str) -> dict[str, Any]:
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a run folder, its fields checked (a damaged one is refused naming the field)."""
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"--run {run_dir}: no config.json; expected a run folder written by 'gpt2lora train'")
     try:
@@ -623,7 +630,7 @@ def run_base(run_dir: str | os.PathLike, config: dict[str, Any]) -> str:
 def load_run_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The base model of a run folder with its method applied and its trained tensors loaded."""
     config = read_run(run_dir)
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / RUN_CONFIG_FILE
     config["base_model"] = run_base(run_dir, config)
     model = load_base(config["base_model"], config["kind"], config["num_labels"], seed=config["train"]["seed"],
                       revision=config.get("model_revision"))

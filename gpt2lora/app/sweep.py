@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..constants import RESULTS_CSV_FILE, RESULTS_FILE
+from ..constants import METRICS_FILE, RESULTS_CSV_FILE, RESULTS_FILE
 from ..errors import ConfigError
 from . import report
 from .folders import claimed
@@ -76,10 +76,10 @@ def _grid_row(config: RunConfig, folder: Path, resume: bool) -> dict[str, Any]:
     if not resume:
         return run(dataclasses.replace(config, resume=None), folder)
     started = folder / CHECKPOINTS_DIR
-    if (folder / "metrics.json").is_file():
+    if (folder / METRICS_FILE).is_file():
         check_resume(folder, dataclasses.replace(config, resume=str(folder)).resolved())
         print(f"{folder.name}: finished before; kept")
-        return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["result"]
+        return json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))["result"]
     if started.is_dir() and any(started.glob("checkpoint-*")):
         return run(dataclasses.replace(config, resume=str(folder)), folder)
     if folder.exists():  # stopped before its first checkpoint: nothing to continue, start it again

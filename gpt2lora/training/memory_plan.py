@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..config import LoRAConfig
+from ..constants import MODEL_CONFIG_FILE
 from ..errors import ConfigError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2, Block, GPT2Config
@@ -82,7 +83,7 @@ def model_shape(model: str) -> ModelShape:
     """The shape of a published GPT-2 name, or of a local checkpoint folder's ``config.json`` (nothing is fetched)."""
     if model in KNOWN_MODELS:
         return ModelShape(*KNOWN_MODELS[model])
-    config = Path(model) / "config.json"
+    config = Path(model) / MODEL_CONFIG_FILE
     if config.is_file():
         try:
             values = json.loads(config.read_text(encoding="utf-8"))
@@ -119,7 +120,7 @@ class PlanSetting:
 
     shape: ModelShape
     method: str = "lora"
-    kind: str = "lm"
+    objective: str = "lm"
     """``lm`` (causal language model) or ``classification``."""
     num_labels: int = 2
     batch_size: int = 16
@@ -190,7 +191,7 @@ class MemoryPlan:
         across = f"{s.strategy.upper()} over {s.world_size} devices" if s.world_size > 1 else "1 device"
         ckpt = "with" if s.gradient_checkpointing else "without"
         accumulated = f" (x{s.grad_accum_steps} accumulated)" if s.grad_accum_steps > 1 else ""
-        head = (f"memory plan: {s.method} fine-tuning ({s.kind}), {self.trainable_params / 1e6:.1f}M of "
+        head = (f"memory plan: {s.method} fine-tuning ({s.objective}), {self.trainable_params / 1e6:.1f}M of "
                 f"{self.total_params / 1e6:.1f}M parameters train; batch {s.batch_size} x {s.max_length} tokens"
                 f"{accumulated}, {s.precision}, {ckpt} gradient checkpointing, {s.optimizer}, {across}")
         backward = self.activations + self.held_gradients >= self.gradients + self.update
@@ -217,7 +218,7 @@ def _meta_model(setting: PlanSetting) -> torch.nn.Module:
     config = setting.shape.config()
     with torch.device("meta"):
         model = GPT2ForSequenceClassification(config, num_labels=setting.num_labels, pad_token_id=0) \
-            if setting.kind == "classification" else GPT2(config)
+            if setting.objective == "classification" else GPT2(config)
     method = setting.method if setting.method != "none" else "head"
     lora = setting.lora if setting.lora is not None else LoRAConfig()
     if method == "lora" and lora.init != "kaiming":  # PiSSA/OLoRA run an SVD: the shapes are the same
@@ -244,26 +245,26 @@ def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[floa
     tokens = rows * s.max_length
     lora_blocks = s.lora.last_n_blocks if s.method == "lora" and s.lora and s.lora.last_n_blocks else None
     if s.method in ("full", "prompt", "embeddings"):
-        active, kind = s.shape.n_layer, "full"
+        active, stored = s.shape.n_layer, "full"
     elif s.method == "last_n_full":
-        active, kind = min(s.last_n or 0, s.shape.n_layer), "full"
+        active, stored = min(s.last_n or 0, s.shape.n_layer), "full"
     elif s.method == "lora":
-        active, kind = lora_blocks or s.shape.n_layer, "lora"
+        active, stored = lora_blocks or s.shape.n_layer, "lora"
     else:  # head / none: nothing inside the blocks needs a gradient
-        active, kind = 0, "full"
+        active, stored = 0, "full"
     # kept from the forward into the backward pass: what the blocks save (only their inputs when checkpointed),
     # what the final norm and the loss keep, and the head's weight gradient, formed in the forward pass when
     # the head (tied to wte) trains
-    head_trains = s.kind == "lm" and any(p.requires_grad for p in model.lm_head.parameters())
-    kept = active * _layer_activations(s, rows, "checkpointed" if s.gradient_checkpointing else kind)
-    kept += OUTSIDE_BYTES[kind, s.gradient_checkpointing] * tokens * d + (4.0 * s.shape.vocab_size * d if head_trains else 0.0)
+    head_trains = s.objective == "lm" and any(p.requires_grad for p in model.lm_head.parameters())
+    kept = active * _layer_activations(s, rows, "checkpointed" if s.gradient_checkpointing else stored)
+    kept += OUTSIDE_BYTES[stored, s.gradient_checkpointing] * tokens * d + (4.0 * s.shape.vocab_size * d if head_trains else 0.0)
     # transient, at different moments: the chunked LM loss's (chunk, vocab) logits, probabilities and their
     # gradient at the end of the forward pass; in the backward pass the attention's scores and their gradient
     # (fp32, one layer at a time) and, when checkpointed, the block being recomputed
-    loss_block = 3 * 4.0 * min(s.loss_chunk_size, tokens) * s.shape.vocab_size if s.kind == "lm" else 0.0
+    loss_block = 3 * 4.0 * min(s.loss_chunk_size, tokens) * s.shape.vocab_size if s.objective == "lm" else 0.0
     backward = 8.0 * rows * s.shape.n_head * s.max_length ** 2 if active else 0.0
     if s.gradient_checkpointing and active:
-        backward += _layer_activations(s, rows, kind)
+        backward += _layer_activations(s, rows, stored)
     return kept, loss_block, backward
 
 

@@ -69,8 +69,8 @@ def test_the_setup_install_covers_hub_datasets_and_plots():
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     names = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     assert {"pyarrow", "matplotlib", "huggingface_hub", "pyyaml"} <= names
-    assert set(project["optional-dependencies"]) == {"test", "tensorboard", "wandb", "serve"}
-    assert "gpt2lora[tensorboard,wandb,serve]" in project["optional-dependencies"]["test"]
+    assert set(project["optional-dependencies"]) == {"test", "tensorboard", "wandb", "serve", "eval", "gguf"}
+    assert "gpt2lora[tensorboard,wandb,serve,eval,gguf]" in project["optional-dependencies"]["test"]
     text = README.read_text(encoding="utf-8")
     assert "pyarrow and matplotlib are dependencies rather than extras" in text
 

@@ -47,7 +47,7 @@ def test_parameter_counts_are_the_models(tmp_path, kind, method, last_n):
                                                       "n_positions": 64}), encoding="utf-8")
     assert model_shape(str(tmp_path)) == shape
     model = real_model(shape, kind, method, last_n)
-    plan = plan_memory(PlanSetting(shape, method=method, kind=kind, num_labels=3, batch_size=2, max_length=16,
+    plan = plan_memory(PlanSetting(shape, method=method, objective=kind, num_labels=3, batch_size=2, max_length=16,
                                    last_n=last_n, lora=LoRAConfig() if method == "lora" else None))
     assert plan.total_params == sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
