@@ -92,7 +92,7 @@ def test_two_processes_racing_for_one_run_name(tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     ours_m = json.loads((folder / "metrics.json").read_text())["result"]
     theirs_m = json.loads((alone / "same" / "metrics.json").read_text())["result"]
-    assert ours_m["accuracy"] == theirs_m["accuracy"] and ours_m["eval_loss"] == theirs_m["eval_loss"]
+    assert ours_m["accuracy"] == theirs_m["accuracy"] and ours_m["loss"] == theirs_m["loss"]
 
 
 def test_a_live_claim_is_refused_naming_the_owner_and_a_dead_one_is_taken_over_on_resume(tmp_path):

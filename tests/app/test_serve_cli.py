@@ -40,7 +40,7 @@ def base(tmp_path_factory, gpt2_vocab):
 def test_bad_flags_fail_in_one_line(base, tmp_path):
     for args, words in ((["--adapter", "nameonly"], "--adapter 'nameonly': expected NAME=RUN_OR_ADAPTER_DIR"),
                         (["--adapter", f"x={tmp_path}"], "neither an adapter folder"),
-                        (["--precision", "bf16", "--device", "cpu"], "needs a CUDA device")):
+                        (["--precision", "fp16", "--device", "cpu"], "needs a CUDA device")):
         proc = subprocess.run(cli("serve", str(base), "--port", str(free_port()), *args), capture_output=True,
                               text=True, cwd=REPO, timeout=120, check=False)
         lines = proc.stderr.strip().splitlines()

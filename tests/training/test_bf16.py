@@ -199,7 +199,7 @@ def test_command_line_trains_and_evaluates_in_bf16_on_the_cpu(tmp_path, task):
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "- precision: bf16 on the CPU (bf16 matrix units: " in summary
     result = json.loads((tmp_path / "run" / "metrics.json").read_text())["result"]
-    assert 0 < result["eval_loss"] < 20
+    assert 0 < result["loss"] < 20
 
 
 def test_merging_and_exporting_after_bf16_training_keep_the_checkpoint_dtype(bf16_cpu, tmp_path):
