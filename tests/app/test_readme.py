@@ -56,6 +56,10 @@ def test_setup_commands_are_exactly_two_and_ci_installs_what_they_install():
     assert re.search(rf"^{re.escape(test_command)}$", ci, flags=re.MULTILINE), "CI must run the README's test command"
     assert ci.index("torch==2.13.0") < ci.index("pip install --disable-pip-version-check -q -e")
     readme_installs, ci_installs = pip_installs(setup[0]) + pip_installs(setup[1]), pip_installs(ci)
+    # beyond the two commands, CI builds the one optional binding the README names for the llama.cpp tests
+    llama = "llama-cpp-python==0.3.36"
+    assert ci_installs.count(llama) == 1 and f'`CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install {llama}`' in README.read_text()
+    ci_installs.remove(llama)
     assert [i for i in ci_installs if not i.startswith("-e")] == [i for i in readme_installs if not i.startswith("-e")]
     readme_extras = set().union(*(extras(i) for i in readme_installs if i.startswith("-e")))
     ci_extras = set().union(*(extras(i) for i in ci_installs if i.startswith("-e")))
