@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, free_port
 from safetensors.torch import load_file, save_file
 
 from gpt2lora import (
@@ -33,12 +32,6 @@ PAD = 0
 SHAPE = {**TINY, "n_embd": 64, "n_layer": 3}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rows(n: int, kind: str, seed: int = 0) -> list[dict]:

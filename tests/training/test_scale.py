@@ -7,14 +7,13 @@ import itertools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import DATA, REPO, TINY, VOCAB, require_shared
+from helpers import DATA, REPO, TINY, VOCAB, free_port, require_shared
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -238,12 +237,6 @@ def test_single_process_is_rank_zero_of_one(monkeypatch):
 
 
 # --- DDP: two gloo processes against one ---
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_kind(kind: str, out_dir: Path | None) -> tuple[train_module.History, dict[str, torch.Tensor]]:
     """``cls`` / ``lm``: uneven batches; ``lm-packed``: packed rows (3 per batch: 2 on rank 0, 1 on rank 1)."""
