@@ -32,7 +32,7 @@ from ..constants import (
 )
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..model.tensorcheck import check_training_checkpoint
-from .distributed import full_tensor, shard_like
+from .distributed import current, full_tensor, gather_bytes, is_sharded, shard_like
 from .history import json_safe
 
 FORMAT_VERSION = 1
@@ -141,19 +141,59 @@ def _cpu(tensor: Tensor) -> Tensor:
     return full_tensor(tensor.detach()).to("cpu").clone().contiguous()
 
 
+def _rank_key(name: str, rank: int) -> str:
+    """Rank 0 keeps the single-process key (``rng.torch``); rank r > 0 gets ``rng.torch.rank<r>``."""
+    return name if rank == 0 else f"{name}.rank{rank}"
+
+
+def _gather_rng_states(device: torch.device) -> tuple[dict[str, Tensor], list[list[Any]]]:
+    """Every rank's torch (and CUDA) and Python RNG states, collected on every rank.
+
+    Each rank draws its own dropout masks, so a resumed distributed run continues exactly only when each rank
+    gets its own states back. A collective: every rank of a distributed run must call it.
+    """
+    states = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    tensors: dict[str, Tensor] = {}
+    for name, state in states.items():
+        for rank, data in enumerate(gather_bytes(state.numpy().tobytes())):
+            tensors[_rank_key(name, rank)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    version, py_state, gauss = random.getstate()
+    python = json.dumps([version, list(py_state), gauss]).encode("utf-8")
+    return tensors, [json.loads(data) for data in gather_bytes(python)]
+
+
+def _restore_rng_states(opt_tensors: Mapping[str, Tensor], state: Mapping[str, Any], device: torch.device) -> None:
+    """This rank's RNG states from :func:`_gather_rng_states`; rank 0's where the run had fewer ranks."""
+    rank = current().rank
+    by_rank = state.get("python_rng_by_rank") or []
+    if rank > 0 and (_rank_key("rng.torch", rank) not in opt_tensors or len(by_rank) < rank):
+        rank = 0
+    torch.set_rng_state(opt_tensors[_rank_key("rng.torch", rank)])
+    cuda_key = _rank_key("rng.cuda", rank)
+    if cuda_key in opt_tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(opt_tensors[cuda_key], device)
+    version, py_state, gauss = state["python_rng"] if rank == 0 else by_rank[rank - 1]
+    random.setstate((version, tuple(py_state), gauss))
+
+
 def save_state(folder: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                state: dict[str, Any], config: Any, write: bool = True) -> Path:
     """Write one checkpoint atomically.
 
-    Tensors FSDP sharded (DTensors) are gathered whole first, so every rank must call this in a sharded run;
-    only the one with ``write`` (rank 0) writes the files.
+    Every rank of a distributed run must call this: each rank's RNG states are gathered (and, under FSDP, the
+    sharded tensors whole); only the one with ``write`` (rank 0) writes the files.
 
     ``params``: the trainable ``(name, tensor)`` pairs; ``state``: the trainer's JSON-able position and
     history (step, epoch, batch, bad_evals, total_steps, batches_per_epoch, best, history_*); ``config``:
     the :class:`~gpt2lora.config.TrainConfig`, recorded for reference. The optimizer's parameter groups
     must carry a ``names`` list (see :func:`gpt2lora.training.trainer.parameter_groups`).
     """
+    rng_tensors, python_rngs = _gather_rng_states(device)
+    if not write and not any(is_sharded(p) for _, p in params):
+        return Path(folder)  # nothing to gather: the tensors rank 0 writes are its own
     weights = {name: _cpu(p) for name, p in params}
     opt = optimizer.state_dict()
     opt_tensors: dict[str, Tensor] = {}
@@ -166,15 +206,12 @@ def save_state(folder: str | os.PathLike, params: Sequence[tuple[str, nn.Paramet
                 opt_scalars.setdefault(str(index), {})[key] = value
     if not write:
         return Path(folder)
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    if device.type == "cuda":
-        opt_tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    py_version, py_state, py_gauss = random.getstate()
+    opt_tensors.update(rng_tensors)
     full = {
         "format_version": FORMAT_VERSION, **state, "trainable": [n for n, _ in params],
         "optimizer": config.optimizer, "optimizer_param_order": [n for g in optimizer.param_groups for n in g["names"]],
         "optimizer_scalars": opt_scalars, "scaler": scaler.state_dict(),
-        "python_rng": [py_version, list(py_state), py_gauss], "config": dataclasses.asdict(config),
+        "python_rng": python_rngs[0], "python_rng_by_rank": python_rngs[1:], "config": dataclasses.asdict(config),
     }
     writers = {
         TRAINABLE_WEIGHTS_FILE: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
@@ -248,9 +285,5 @@ def load_state(path: str | os.PathLike, params: Sequence[tuple[str, nn.Parameter
     optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(opt_tensors["rng.torch"])
-    if "rng.cuda" in opt_tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(opt_tensors["rng.cuda"], device)
-    version, py_state, gauss = state["python_rng"]
-    random.setstate((version, tuple(py_state), gauss))
+    _restore_rng_states(opt_tensors, state, device)
     return folder, state

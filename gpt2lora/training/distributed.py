@@ -169,6 +169,23 @@ def broadcast_text(text: str) -> str:
     return bytes(data.tolist()).decode("utf-8")
 
 
+
+def gather_bytes(data: bytes) -> list[bytes]:
+    """Every rank's ``data`` in rank order, on every rank (``[data]`` without a group; no pickle)."""
+    info = current()
+    if not info.enabled:
+        return [data]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(info.world_size)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else padded[:0]
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return [bytes(part[:int(n)].cpu().tolist()) for part, n in zip(parts, sizes)]
+
 # --- FSDP2 ---
 
 def torch_version(text: str | None = None) -> tuple[int, int]:

@@ -359,11 +359,9 @@ class Trainer:
     def save_checkpoint(self, folder: str | Path) -> Path:
         """Write trainable tensors, optimizer, scaler, RNG, step and data position atomically.
 
-        In a distributed run only rank 0 writes; the other ranks return the folder's path. Under FSDP every rank
-        must call it: the full tensors are gathered to every rank, then rank 0 writes them.
+        In a distributed run every rank must call it: each rank's RNG states (and, under FSDP, the full
+        tensors) are gathered, then rank 0 writes them; the other ranks return the folder's path.
         """
-        if not self.dist.is_main and not self._fsdp_units:
-            return Path(folder)
         pos = self._position
         state = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "bad_evals": pos.bad_evals,
                  "total_steps": self.history.total_steps, "batches_per_epoch": self._n_batches,
@@ -401,13 +399,9 @@ class Trainer:
     def _save_step_checkpoint(self) -> None:
         assert self.out_dir is not None
         folder = checkpoint.step_folder(self.out_dir, self._position.step)
-        if not self.dist.is_main:
-            if self._fsdp_units:
-                self.save_checkpoint(folder)  # its part of the gathering; rank 0 writes
-            self._last_checkpoint = folder
-            return
-        self._last_checkpoint = self.save_checkpoint(folder)
-        checkpoint.rotate_checkpoints(self.out_dir, self.config.keep_checkpoints)
+        self._last_checkpoint = self.save_checkpoint(folder)  # every rank gathers; rank 0 writes
+        if self.dist.is_main:
+            checkpoint.rotate_checkpoints(self.out_dir, self.config.keep_checkpoints)
 
     # --- history file ---
 

@@ -1,15 +1,13 @@
-"""``torchrun --nproc_per_node=2 -m gpt2lora.app.cli train --distributed fsdp``: full fine-tuning killed mid-run
-and resumed with ``--resume auto`` gives the uninterrupted run's losses, and the trained model loads in
-transformers with the same logits."""
+"""``torchrun --nproc_per_node=2 -m gpt2lora.app.cli train --distributed fsdp|ddp``: a run whose workers are all
+SIGKILLed right after a step checkpoint, resumed with ``--resume auto``, gives the uninterrupted run's losses
+(each rank gets its own dropout RNG back), and the trained model loads in transformers with the same logits."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,16 +17,20 @@ from helpers import DATA, REPO, VOCAB, require_shared
 STEPS = 5
 
 
-def command(out: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-            "gpt2lora.app.cli", "train", "--task", "sst2", "--smoke", "--method", "full", "--distributed", "fsdp",
+KILLER = Path(__file__).with_name("kill_after_checkpoint.py")
+
+
+def command(out: Path, name: str, strategy: str, method: str, *extra: str,
+            killed_after: int | None = None) -> list[str]:
+    entry = ["-m", "gpt2lora.app.cli"] if killed_after is None else [str(KILLER)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, "train", "--task", "sst2", "--smoke", "--method", method, "--distributed", strategy,
             "--data-root", str(require_shared(DATA)), "--vocab", str(require_shared(VOCAB)), "--out", str(out),
             "--run-name", name, "--quiet", "--max-steps", str(STEPS), "--save-every", "1", "--no-plots",
             "--batch-size", "8", "--grad-accum", "2", *extra]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
 
 
 def step_losses(run: Path) -> list[float]:
@@ -37,37 +39,31 @@ def step_losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_fsdp_run_killed_and_resumed_equals_the_uninterrupted_run_and_loads_in_transformers(tmp_path):
+@pytest.mark.parametrize("strategy,method", [("fsdp", "full"), ("ddp", "lora")])
+def test_distributed_run_killed_and_resumed_equals_the_uninterrupted_run_and_loads_in_transformers(
+        tmp_path, strategy, method):
     out = tmp_path / "runs"
-    whole = subprocess.run(command(out, "whole"), capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
+    whole = subprocess.run(command(out, "whole", strategy, method), capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
                            check=False)
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = step_losses(out / "whole")
     assert len(expected) == STEPS
 
-    # the same run, killed (SIGKILL to torchrun and both workers) once its step-2 checkpoint is on disk
-    proc = subprocess.Popen(command(out, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(),
-                            cwd=REPO, start_new_session=True)
+    # the same run, every worker SIGKILLed right after its step-2 checkpoint is on disk
+    killed = subprocess.run(command(out, "killed", strategy, method, killed_after=2), capture_output=True, text=True,
+                            env=env(GPT2LORA_TEST_KILL_AFTER_STEP="2"), cwd=REPO, timeout=600, check=False)
+    assert killed.returncode != 0, "the run was not killed"
     checkpoints = out / "killed" / "checkpoints"
-    try:
-        for _ in range(1200):  # at most 600 s
-            if (checkpoints / "checkpoint-0000002").is_dir() or proc.poll() is not None:
-                break
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert proc.returncode != 0, "the run finished before it could be killed"
     done = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint-"))
-    assert done and done[-1] < f"checkpoint-{STEPS:07d}"
+    assert done and done[-1] == "checkpoint-0000002", done
+    assert len(step_losses(out / "killed")) == 2
 
-    resumed = subprocess.run(command(out, "killed", "--resume", "auto"), capture_output=True, text=True, env=env(),
+    resumed = subprocess.run(command(out, "killed", strategy, method, "--resume", "auto"), capture_output=True, text=True, env=env(),
                              cwd=REPO, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert step_losses(out / "killed") == pytest.approx(expected, abs=1e-5)
     config = json.loads((out / "killed" / "config.json").read_text())
-    assert config["train"]["distributed"] == "fsdp" and config["method"] == "full"
+    assert config["train"]["distributed"] == strategy and config["method"] == method
 
     # the trained model: gpt2lora's logits, and transformers' on the merged checkpoint `gpt2lora merge` writes
     from transformers import GPT2ForSequenceClassification
