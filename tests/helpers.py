@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 VOCAB = SHARED / "gpt2-tokenizer"
+#: The training run tests start in a subprocess and kill on purpose (``python CRASH_WORKER cli --kill-... -- ARGS``).
+CRASH_WORKER = REPO / "tests" / "crash_worker.py"
 
 #: Small shapes used across the suite. "odd" has 3 heads of 32, a short context and eps 1e-6.
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "vocab_size": 512}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DATA, REPO, VOCAB, gpt2_stand_in, require_shared
+from helpers import CRASH_WORKER, DATA, REPO, VOCAB, gpt2_stand_in, require_shared
 from safetensors.torch import load_file
 
 from gpt2lora.app.cli import main as cli_main
@@ -23,8 +23,6 @@ from gpt2lora.app.folders import OWNER_FILE, check_run_name, claim, read_owner, 
 from gpt2lora.app.run import lora_training_bytes
 from gpt2lora.config import GPT2Config, LoRAConfig
 from gpt2lora.errors import ConfigError
-
-WORKER = REPO / "tests" / "crash_worker.py"
 
 
 def smoke_args(out: Path | str, *extra: str, task: str = "sms_spam") -> list[str]:
@@ -58,7 +56,7 @@ def test_two_processes_racing_for_one_run_name(tmp_path):
     both exited 0, history.jsonl held both runs' lines and config.json the second's)."""
     out, gate = tmp_path / "runs", tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, str(WORKER), "cli", "--pause-at-step", "1", "--pause-file", str(gate),
+    first = subprocess.Popen([sys.executable, str(CRASH_WORKER), "cli", "--pause-at-step", "1", "--pause-file", str(gate),
                               "--", *smoke_args(out, "--run-name", "same", "--rank", "2")], cwd=tmp_path, env=env,
                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -212,7 +210,7 @@ def test_sigkill_then_resume_auto_from_another_directory_gives_the_same_losses(t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def worker(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(WORKER), *args], cwd=cwd, env=env, capture_output=True,
+        return subprocess.run([sys.executable, str(CRASH_WORKER), *args], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=300, check=False)
 
     args = ("--epochs", "2", "--save-every", "2")

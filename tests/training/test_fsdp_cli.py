@@ -1,5 +1,5 @@
-"""``torchrun --nproc_per_node=2 -m gpt2lora.app.cli train --distributed fsdp|ddp``: a run whose workers are all
-SIGKILLed right after a step checkpoint, resumed with ``--resume auto``, gives the uninterrupted run's losses
+"""``torchrun --nproc_per_node=2 -m gpt2lora.app.cli train --distributed fsdp|ddp``: a run killed (SIGKILL)
+right after a step checkpoint, resumed with ``--resume auto``, gives the uninterrupted run's losses
 (each rank gets its own dropout RNG back), and the trained model loads in transformers with the same logits."""
 
 from __future__ import annotations
@@ -12,25 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DATA, REPO, VOCAB, require_shared
+from helpers import CRASH_WORKER, DATA, REPO, VOCAB, require_shared
 
 STEPS = 5
 
 
-KILLER = Path(__file__).with_name("kill_after_checkpoint.py")
-
-
 def command(out: Path, name: str, strategy: str, method: str, *extra: str,
             killed_after: int | None = None) -> list[str]:
-    entry = ["-m", "gpt2lora.app.cli"] if killed_after is None else [str(KILLER)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, "train", "--task", "sst2", "--smoke", "--method", method, "--distributed", strategy,
+    entry = (["-m", "gpt2lora.app.cli"] if killed_after is None
+             else [str(CRASH_WORKER), "cli", "--kill-after-checkpoint", str(killed_after), "--"])
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, "train",
+            "--task", "sst2", "--smoke", "--method", method, "--distributed", strategy,
             "--data-root", str(require_shared(DATA)), "--vocab", str(require_shared(VOCAB)), "--out", str(out),
             "--run-name", name, "--quiet", "--max-steps", str(STEPS), "--save-every", "1", "--no-plots",
             "--batch-size", "8", "--grad-accum", "2", *extra]
 
 
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def step_losses(run: Path) -> list[float]:
@@ -43,15 +42,15 @@ def step_losses(run: Path) -> list[float]:
 def test_distributed_run_killed_and_resumed_equals_the_uninterrupted_run_and_loads_in_transformers(
         tmp_path, strategy, method):
     out = tmp_path / "runs"
-    whole = subprocess.run(command(out, "whole", strategy, method), capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
-                           check=False)
+    whole = subprocess.run(command(out, "whole", strategy, method), capture_output=True, text=True, env=env(),
+                           cwd=REPO, timeout=600, check=False)
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = step_losses(out / "whole")
     assert len(expected) == STEPS
 
-    # the same run, every worker SIGKILLed right after its step-2 checkpoint is on disk
+    # the same run, rank 0 SIGKILLed right after its step-2 checkpoint is on disk (torchrun then stops rank 1)
     killed = subprocess.run(command(out, "killed", strategy, method, killed_after=2), capture_output=True, text=True,
-                            env=env(GPT2LORA_TEST_KILL_AFTER_STEP="2"), cwd=REPO, timeout=600, check=False)
+                            env=env(), cwd=REPO, timeout=600, check=False)
     assert killed.returncode != 0, "the run was not killed"
     checkpoints = out / "killed" / "checkpoints"
     done = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint-"))
