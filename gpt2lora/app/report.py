@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import os
-import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,34 +138,28 @@ def write_summary(folder: str | os.PathLike, rows: Sequence[Row], title: str, no
 # --------------------------------------------------------------------------------------------------
 # Plots
 
-_warned = False
+def new_figure(width: float, height: float) -> tuple[Any, Any] | None:
+    """A matplotlib figure and its axes drawn off screen, or None (with a warning) without matplotlib.
 
-
-def pyplot() -> Any | None:
-    """``matplotlib.pyplot`` with a file-only backend, or None (said once) when it is not installed."""
-    global _warned
+    ``matplotlib.figure.Figure`` renders through its own Agg canvas, so no backend is chosen for the process
+    (a notebook's inline backend stays as it was) and pyplot keeps no reference to close.
+    """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
-        if not _warned:
-            print("matplotlib is not installed, so no plots are drawn (it is a dependency of gpt2lora: "
-                  "pip install matplotlib); "
-                  "the tables are written as usual.", file=sys.stderr)
-            _warned = True
+        warnings.warn("matplotlib is not installed, so no plots are drawn (it is a dependency of gpt2lora: "
+                      "pip install matplotlib); the tables are written as usual.", stacklevel=3)
         return None
-    return plt
+    fig = Figure(figsize=(width, height), dpi=120)
+    return fig, fig.add_subplot()
 
 
 def plot_losses(steps: Sequence[Row], evals: Sequence[Row], path: str | os.PathLike,
                 title: str = "Loss") -> Path | None:
     """Training loss per step (and its running mean) with validation loss at each evaluation."""
-    plt = pyplot()
-    if plt is None or not steps:
+    if not steps or (drawn := new_figure(7, 4.2)) is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = drawn
     x = [s["step"] for s in steps]
     y = [s["loss"] for s in steps]
     ax.plot(x, y, color="#9ecae1", linewidth=1, label="train loss (per step)")
@@ -182,34 +176,30 @@ def plot_losses(steps: Sequence[Row], evals: Sequence[Row], path: str | os.PathL
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_lr(steps: Sequence[Row], path: str | os.PathLike) -> Path | None:
     """The learning rate of every optimizer step (warmup, then decay)."""
-    plt = pyplot()
-    if plt is None or not steps:
+    if not steps or (drawn := new_figure(7, 3.2)) is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
+    fig, ax = drawn
     ax.plot([s["step"] for s in steps], [s["lr"] for s in steps], color="#238b45", linewidth=2)
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning-rate schedule")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_sweep(rows: Sequence[Row], x: str, metric: str, path: str | os.PathLike,
                group: str = "method") -> Path | None:
     """``metric`` against the sweep parameter ``x`` (e.g. rank, last_n_blocks), one line per ``group``."""
-    plt = pyplot()
     usable = [r for r in rows if _present(r.get(x)) and _present(r.get(metric))]
-    if plt is None or len({r[x] for r in usable}) < 2:
+    if len({r[x] for r in usable}) < 2 or (drawn := new_figure(6, 4)) is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = drawn
     for name in dict.fromkeys(r.get(group, "") for r in usable):
         points = sorted((r[x], r[metric]) for r in usable if r.get(group, "") == name)
         ax.plot(*zip(*points), marker="o", linewidth=2, label=str(name))
@@ -220,7 +210,6 @@ def plot_sweep(rows: Sequence[Row], x: str, metric: str, path: str | os.PathLike
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
@@ -241,11 +230,10 @@ def plot_tradeoffs(rows: Sequence[Row], metric: str, folder: str | os.PathLike,
 
 def _scatter(rows: Sequence[Row], x: str, metric: str, path: Path, group: str, log_x: bool,
              x_label: str) -> Path | None:
-    plt = pyplot()
     usable = [r for r in rows if _present(r.get(x)) and _present(r.get(metric)) and (not log_x or r[x] > 0)]
-    if plt is None or len(usable) < 2:
+    if len(usable) < 2 or (drawn := new_figure(6.4, 4.2)) is None:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = drawn
     for name in dict.fromkeys(r.get(group, "") for r in usable):
         points = sorted((r[x], r[metric]) for r in usable if r.get(group, "") == name)
         ax.plot(*zip(*points), marker="o", linestyle="-" if len(points) > 1 else "", linewidth=1.5, label=str(name))
@@ -256,5 +244,4 @@ def _scatter(rows: Sequence[Row], x: str, metric: str, path: Path, group: str, l
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+from helpers import REPO
 
 from gpt2lora.app import report
 
@@ -67,7 +71,7 @@ def test_plots_are_pngs_of_the_history(tmp_path):
     assert report.plot_sweep(sweep[:1], "rank", "accuracy", tmp_path / "one.png") is None  # one x value: no plot
 
 
-def test_without_matplotlib_tables_still_written_and_said_once(tmp_path, monkeypatch, capsys):
+def test_without_matplotlib_tables_still_written_and_said(tmp_path, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -78,10 +82,20 @@ def test_without_matplotlib_tables_still_written_and_said_once(tmp_path, monkeyp
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(report, "_warned", False)
     steps = [{"step": 1, "loss": 1.0, "lr": 1e-3}]
-    assert report.plot_losses(steps, [], tmp_path / "loss.png") is None
-    assert report.plot_lr(steps, tmp_path / "lr.png") is None
+    with pytest.warns(UserWarning, match="matplotlib is not installed, so no plots are drawn"):
+        assert report.plot_losses(steps, [], tmp_path / "loss.png") is None
     assert not (tmp_path / "loss.png").exists()
-    assert capsys.readouterr().err.count("matplotlib is not installed") == 1
     assert report.write_summary(tmp_path, ROWS, "t").is_file()
+
+
+def test_plots_leave_the_process_matplotlib_backend_alone(tmp_path):
+    """A notebook's backend stays as it was: plotting neither switches it nor imports pyplot."""
+    pytest.importorskip("matplotlib")
+    steps = [{"step": 1, "lr": 1.0}, {"step": 2, "lr": 0.5}]
+    script = ("import sys, matplotlib; matplotlib.use('pdf'); from gpt2lora.app import report; "
+              f"path = report.plot_lr({steps!r}, {str(tmp_path / 'lr.png')!r}); "
+              "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, path.stat().st_size > 0)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.split() == ["pdf", "False", "True"], done.stderr[-2000:]
