@@ -351,15 +351,16 @@ def _slug(text: str) -> str:
 
 @dataclass(frozen=True)
 class RecipeOptions:
-    """Where and how a recipe runs (the same for every row): the report folder and the placement settings
-    every row takes (``smoke``, ``vocab``, ``device``, ``data_root``, ``source``, ``threads``)."""
+    """Where and how a recipe runs: the report folder, and the placement settings the command gave
+    (``smoke``, ``vocab``, ``device``, ``data_root``, ``source``, ``threads``). One given here holds for every
+    row; one left None keeps what each row (or ``[defaults]``) says, else the RunConfig default."""
 
     out: str = "runs"
     run_name: str | None = None
     smoke: bool = False
-    device: str = "auto"
+    device: str | None = None
     data_root: str | None = None
-    source: str = "auto"
+    source: str | None = None
     vocab: str | None = None
     threads: int | None = None
 
@@ -378,10 +379,17 @@ def row_config(recipe: Recipe, row: RecipeRow, seed: int, options: RecipeOptions
     """
     config = row.config(seed, relative_to=recipe.path.parent)
     notes: list[str] = []
-    config = dataclasses.replace(config, out=options.out, data_root=options.data_root,
-                                 source="local" if options.smoke else options.source, smoke=options.smoke,
-                                 vocab=options.vocab, threads=options.threads, quiet=True, plots=not options.smoke,
-                                 train=dataclasses.replace(config.train, device=options.device))
+
+    def given(value: Any, row_value: Any) -> Any:
+        return row_value if value is None else value
+
+    source = "local" if options.smoke else given(options.source, config.source)
+    config = dataclasses.replace(config, out=options.out, data_root=given(options.data_root, config.data_root),
+                                 source=source, smoke=options.smoke, vocab=given(options.vocab, config.vocab),
+                                 threads=given(options.threads, config.threads), quiet=True,
+                                 plots=not options.smoke,
+                                 train=dataclasses.replace(config.train,
+                                                           device=given(options.device, config.train.device)))
     if not options.smoke:
         return config, notes
     if config.task in SMOKE_TASKS:
@@ -529,7 +537,9 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
     if recipe.description:
         parts.append(recipe.description.strip())
     parts.append(f"\nCommand: `{command}`\n")
-    parts.append("Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + f"; device {options.device}\n")
+    devices = sorted({str(row.settings.get("device", "auto")) for row in recipe.rows})
+    device = options.device or ", ".join(devices)
+    parts.append("Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + f"; device {device}\n")
     if options.smoke:
         parts.append("**Smoke run**: a tiny random GPT-2 (2 blocks, width 32) on a few dozen local rows for a few "
                      "steps. It checks the pipeline; its figures are not comparable with the published ones.\n")
@@ -563,6 +573,10 @@ def write_report(recipe: Recipe, results: list[dict[str, Any]], folder: Path, op
 def run_recipe(recipe: Recipe, options: RecipeOptions, command: str = "gpt2lora reproduce",
                judge: Callable[[Path], float | None] | None = None) -> Path:
     """Run every row of ``recipe`` into ``<options.out>/<recipe name>-<time>/`` and write its report."""
+    smoke_rows = [row.name for row in recipe.rows if row.settings.get("smoke")]
+    if smoke_rows and not options.smoke:
+        raise ConfigError(f"{recipe.path}: rows {', '.join(smoke_rows)} say smoke = true; smoke mode is the whole "
+                          "recipe's (one report): pass --smoke, or remove smoke from the rows")
     set_threads(options.threads, "threads")
     if options.run_name is not None:
         check_run_name(options.run_name)

@@ -12,7 +12,16 @@ from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora import GPT2, GPT2Config, GPT2ForSequenceClassification, count_parameters, prepare_model
 from gpt2lora.app.cli import main
-from gpt2lora.app.recipes import FIGURES, load_recipe, parse_recipe, read_recipe, shipped_recipes
+from gpt2lora.app.recipes import (
+    FIGURES,
+    RecipeOptions,
+    load_recipe,
+    parse_recipe,
+    read_recipe,
+    row_config,
+    run_recipe,
+    shipped_recipes,
+)
 from gpt2lora.data.tasks import TASKS
 from gpt2lora.errors import ConfigError
 
@@ -219,6 +228,30 @@ def test_train_config_refuses_run_flags_on_the_command_line(tmp_path, capsys):
     assert main(["train", "--config", str(recipe), "--lr", "0.1", "--epochs", "3"]) == 1
     err = capsys.readouterr().err
     assert "--epochs, --lr given on the command line" in err and str(recipe) in err
+
+
+def test_a_rows_placement_settings_hold_unless_the_command_gives_them(tmp_path):
+    """``device``, ``threads``, ``vocab``, ``data_root`` and ``data_source`` in a row (what ``--print-config``
+    writes) are used; a flag the command gives replaces them for every row (before: always replaced, silently)."""
+    recipe = parse_recipe({"title": "t", "defaults": {"task": "sst2", "threads": 1},
+                           "rows": [{"name": "a", "device": "cpu", "vocab": "v", "data_source": "local",
+                                     "data_root": "d"},
+                                    {"name": "b", "threads": 2}]}, tmp_path / "r.toml")
+    a, b = (row_config(recipe, row, 0, RecipeOptions())[0] for row in recipe.rows)
+    assert (a.train.device, a.threads, a.source) == ("cpu", 1, "local")
+    assert (a.vocab, a.data_root) == (str(tmp_path / "v"), str(tmp_path / "d"))  # relative to the recipe file
+    assert (b.train.device, b.threads, b.vocab, b.source) == ("auto", 2, None, "auto")
+    given = RecipeOptions(device="auto", threads=3, vocab="w", source="hub", data_root="e")
+    a = row_config(recipe, recipe.rows[0], 0, given)[0]
+    assert (a.train.device, a.threads, a.vocab, a.source, a.data_root) == ("auto", 3, "w", "hub", "e")
+
+
+def test_a_smoke_row_without_smoke_on_the_command_is_refused_by_name(tmp_path):
+    recipe = parse_recipe({"title": "t", "rows": [{"name": "tiny", "task": "sst2", "smoke": True},
+                                                  {"name": "full", "task": "sst2"}]}, tmp_path / "r.toml")
+    with pytest.raises(ConfigError, match=r"r\.toml: rows tiny say smoke = true; .* pass --smoke"):
+        run_recipe(recipe, RecipeOptions(out=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_reproduce_errors_in_one_line(tmp_path, capsys, monkeypatch):
