@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as each run does, so that machine_line() names the threads the figures used
     if args.one:
         method, rows, length, ckpt = json.loads(args.one)
         print(json.dumps(measure(method, rows, length, ckpt, args.steps)))
@@ -97,7 +100,7 @@ def main() -> None:
                 lines.append(line)
     body = "\n".join([
         f"Command: `python benchmarks/bench_plan.py --settings {' '.join(args.settings)} --steps {args.steps}`  ",
-        f"Machine: {machine_line()} (1 intra-op thread per run; the machine was shared with other jobs)  ",
+        f"Machine: {machine_line()} (each run in its own process; the machine was shared with other jobs)  ",
         (f"Model: GPT-2 with {SHAPE['n_layer']} blocks, width {SHAPE['n_embd']}, {SHAPE['n_head']} heads, 50,257 "
         "tokens, random weights, dropout 0.1; language-model loss on every token, fp32, AdamW, full-length rows, "
         f"{args.steps} steps, each configuration in its own process. Measured: the resident set's high-water mark "
