@@ -13,8 +13,9 @@ With gradient checkpointing the backward pass of a LoRA step peaks at the start 
 block's backward, not in its attention: measured live tensors (``tests/training/test_plan_live.py``) hold the
 blocks' inputs, the whole recomputed block and the two (tokens, 4·n_embd) input gradients of its MLP output
 projection (the frozen path's and LoRA's, whose dropout gives it its own input); by the time the attention's
-backward runs, the MLP half of the block has been freed. The plan takes the larger of that moment, the attention
-backward (16 bytes per score of one block of rows, :func:`gpt2lora.ops.attention.batch_rows`) and the loss.
+backward runs, its output projection and MLP half have been freed. The plan takes the larger of that moment,
+the attention's backward (16 bytes per score of one block of rows, :func:`gpt2lora.ops.attention.batch_rows`)
+and the loss.
 
 The peak of a step, per device (``W`` weights, ``G`` gradients, ``O`` optimizer state, ``A`` activations)::
 
@@ -65,10 +66,12 @@ LAYER_BYTES: dict[str, tuple[float, float, float]] = {
 #: per unit of width, counted); LoRA's linear layers keep only their dropped inputs either way. The block's input
 #: (4 bytes per unit of width) is the checkpoint's own saved tensor and is not counted twice.
 RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {"full": (65.5, 100.0, 1.0), "lora": LAYER_BYTES["lora"]}
-#: Of those, what the block's MLP half keeps, freed before its attention's backward runs (per token and unit of
-#: width): the LayerNorm input (4), the GELU input (16), and for "full" the LayerNorm and GELU outputs (4 + 16),
-#: for "lora" the dropped inputs and LoRA dropout masks of c_fc and c_proj (8 + 32); the residual dropout's mask (1).
-MLP_KEPT_BYTES = {"full": 41.0, "lora": 61.0}
+#: Of those, what the block keeps after its attention core, freed before the attention's backward runs (per
+#: token and unit of width): the output projection's input (4 for "full"; for "lora" its dropped input and
+#: LoRA dropout mask, 8) and the residual dropout's mask (1); the MLP half: the LayerNorm input (4), the GELU
+#: input (16), and for "full" the LayerNorm and GELU outputs (4 + 16), for "lora" c_fc's and c_proj's dropped
+#: inputs and masks (8 + 32); its residual dropout's mask (1).
+AFTER_ATTENTION_KEPT_BYTES = {"full": 46.0, "lora": 70.0}
 #: Gradients alive at the start of a block's backward, per token and unit of width: the block output's and the
 #: residual dropout's (4 + 4) and the MLP output projection's input gradient (16); with LoRA a second one (16),
 #: the LoRA branch's, whose dropout gives it an input of its own.
@@ -268,7 +271,8 @@ class CheckpointedBackward:
 
     The backward pass reaches the blocks once the loss and the final norm have given up what they kept; the
     first block's backward recomputes that block and peaks either at its start (``start_gradients`` on top of
-    the whole recomputed block) or in its attention (its MLP half freed, ``attention`` on top).
+    the whole recomputed block) or in its attention (what comes after the attention core freed, ``attention``
+    on top).
     """
 
     in_blocks: float
@@ -279,7 +283,8 @@ class CheckpointedBackward:
     start_gradients: float
     """At the start of its backward: the gradients of :data:`BLOCK_START_GRADS`."""
     attention: float
-    """In its attention's backward: one block of scores and :data:`ATTENTION_GRADS`, less :data:`MLP_KEPT_BYTES`."""
+    """In its attention's backward: one block of scores and :data:`ATTENTION_GRADS`, less
+    :data:`AFTER_ATTENTION_KEPT_BYTES`."""
 
     @property
     def peak(self) -> float:
@@ -315,7 +320,8 @@ def checkpointed_backward(setting: PlanSetting, model: torch.nn.Module) -> Check
     if not active:
         return CheckpointedBackward(in_blocks, 0.0, 0.0, 0.0)
     recomputed = _layer_activations(s, rows, stored, RECOMPUTED_LAYER_BYTES) - 4.0 * tokens * d
-    attention = attention_scores_transient(s, rows) + (ATTENTION_GRADS - MLP_KEPT_BYTES[stored]) * tokens * d
+    freed = AFTER_ATTENTION_KEPT_BYTES[stored]
+    attention = attention_scores_transient(s, rows) + (ATTENTION_GRADS - freed) * tokens * d
     return CheckpointedBackward(in_blocks, recomputed, BLOCK_START_GRADS[stored] * tokens * d, attention)
 
 

@@ -1,0 +1,149 @@
+"""The checkpointed backward terms of the memory plan against the tensors alive at a measured peak.
+
+torch's profiler (``profile_memory``) records every CPU tensor allocation and free with the ops around it. One
+checkpointed forward + backward of a small LoRA GPT-2 is replayed to the moment most tensor bytes are alive;
+those bytes are split by who made them: the forward pass (what it kept), the recomputed block (allocated while a
+block runs inside backward) and the backward pass's own gradients and temporaries. Each part is compared with
+:class:`~gpt2lora.training.memory_plan.CheckpointedBackward`'s term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from gpt2lora import GPT2, LoRAConfig
+from gpt2lora.peft.methods import prepare_model
+from gpt2lora.training.memory_plan import (
+    AFTER_ATTENTION_KEPT_BYTES,
+    ModelShape,
+    PlanSetting,
+    activation_parts,
+    checkpointed_backward,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BLOCK, BACKWARD = "plan_test.block", "plan_test.backward"
+
+
+@dataclass
+class LivePeak:
+    """Tensor bytes alive at the peak (allocated since profiling began), by who allocated them."""
+
+    total: int
+    forward: int
+    recomputed: int
+    backward: int
+    where: tuple[str, ...]
+    """The ops around the allocation that reached the peak, outermost first."""
+
+
+def _allocations(prof: profile) -> list[tuple[int, int, int, tuple[str, ...]]]:
+    """(time, bytes (negative: freed), address, enclosing op names) of every allocation and free."""
+    found = []
+
+    def walk(event, path: tuple[str, ...]) -> None:
+        fields = event.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation":
+            found.append((event.start_time_ns, fields.alloc_size, fields.ptr, path))
+            return
+        for child in event.children:
+            walk(child, (*path, event.name))
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root, ())
+    return sorted(found, key=lambda item: item[0])
+
+
+def live_peak(run: Callable[[], None], blocks: list[torch.nn.Module]) -> LivePeak:
+    """Run ``run`` under the profiler and split the tensor bytes alive at its peak (see the module docstring)."""
+    open_ranges: list[record_function] = []
+
+    def enter(*_: object) -> None:
+        open_ranges.append(record_function(BLOCK).__enter__())
+
+    def leave(*_: object) -> None:
+        open_ranges.pop().__exit__(None, None, None)
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = _allocations(prof)
+    current = peak = peak_at = 0
+    for i, (_, size, _, _) in enumerate(events):
+        current += size
+        if current > peak:
+            peak, peak_at = current, i
+    live: dict[int, tuple[int, tuple[str, ...]]] = {}
+    for _, size, ptr, path in events[:peak_at + 1]:
+        if size > 0:
+            live[ptr] = (size, path)
+        else:
+            live.pop(ptr, None)
+    parts = {"forward": 0, "recomputed": 0, "backward": 0}
+    for size, path in live.values():
+        kind = "forward" if BACKWARD not in path else "recomputed" if BLOCK in path else "backward"
+        parts[kind] += size
+    return LivePeak(peak, where=events[peak_at][3], **parts)
+
+
+def checkpointed_step(shape: ModelShape, rows: int, length: int) -> tuple[LivePeak, PlanSetting, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = GPT2(shape.config())
+    prepare_model(model, "lora", lora=LoRAConfig(), seed=0)
+    model.train()
+    model.transformer.gradient_checkpointing = True
+    ids = torch.randint(0, shape.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        loss = model(ids, torch.ones_like(ids), labels=ids)
+        with record_function(BACKWARD):
+            loss.backward()
+
+    peak = live_peak(step, list(model.transformer.h))
+    setting = PlanSetting(shape, method="lora", batch_size=rows, max_length=length, gradient_checkpointing=True)
+    return peak, setting, model
+
+
+def test_the_peak_is_the_start_of_the_recomputed_blocks_backward():
+    """Width 128, 64 tokens: the peak is at the first recomputed block's MLP output projection; what is alive
+    there is the blocks' inputs, the whole recomputed block and that projection's two input gradients."""
+    peak, setting, model = checkpointed_step(ModelShape(3, 128, 4, vocab_size=300, n_positions=64), 4, 64)
+    terms = checkpointed_backward(setting, model)
+    assert any("LoRAProductBackward" in op for op in peak.where), peak.where
+    assert not any("DropoutAttentionBackward" in op for op in peak.where), peak.where
+    assert terms.start_gradients > terms.attention  # the plan picks the same moment
+    assert peak.forward == pytest.approx(terms.in_blocks, rel=0.05), (peak, terms)
+    assert peak.recomputed == pytest.approx(terms.recomputed, rel=0.05), (peak, terms)
+    # the gradients, plus the LoRA factors' own (small) gradients the plan counts apart
+    assert peak.backward == pytest.approx(terms.start_gradients, rel=0.10), (peak, terms)
+    kept, loss, backward = activation_parts(setting, model)
+    assert backward > loss and kept + backward == pytest.approx(terms.peak)
+    assert peak.total == pytest.approx(terms.peak, rel=0.05), (peak, terms)
+
+
+def test_a_long_context_peaks_in_the_attention_with_the_rest_of_the_block_freed():
+    """Width 32, 256 tokens: the score blocks outweigh the block; the peak is in the attention's backward,
+    after the recomputed block's output projection and MLP half have been freed."""
+    shape = ModelShape(2, 32, 4, vocab_size=300, n_positions=256)
+    peak, setting, model = checkpointed_step(shape, 2, 256)
+    terms = checkpointed_backward(setting, model)
+    assert any("DropoutAttentionBackward" in op for op in peak.where), peak.where
+    assert terms.attention > terms.start_gradients
+    tokens_width = 2 * 256 * 32
+    assert peak.forward == pytest.approx(terms.in_blocks, rel=0.05), (peak, terms)
+    assert peak.recomputed == pytest.approx(terms.recomputed - AFTER_ATTENTION_KEPT_BYTES["lora"] * tokens_width,
+                                            rel=0.10), (peak, terms)
+    assert peak.recomputed + peak.backward == pytest.approx(terms.recomputed + terms.attention, rel=0.10), \
+        (peak, terms)
+    assert peak.total == pytest.approx(terms.peak, rel=0.05), (peak, terms)
