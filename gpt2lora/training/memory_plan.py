@@ -61,11 +61,13 @@ GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 LAYER_BYTES: dict[str, tuple[float, float, float]] = {
     "full": (41.5, 100.0, 1.0), "lora": (93.5, 228.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
 }
-#: What the recomputed block keeps while checkpointed backward runs it, as ``LAYER_BYTES``: the recompute does not
-#: use :mod:`gpt2lora.ops.recompute`, so full fine-tuning keeps its LayerNorm and GELU outputs too (4 + 4 + 16 bytes
-#: per unit of width, counted); LoRA's linear layers keep only their dropped inputs either way. The block's input
-#: (4 bytes per unit of width) is the checkpoint's own saved tensor and is not counted twice.
-RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {"full": (65.5, 100.0, 1.0), "lora": LAYER_BYTES["lora"]}
+#: What the recomputed block keeps while checkpointed backward runs it, as ``LAYER_BYTES``: the recompute does
+#: not use :mod:`gpt2lora.ops.recompute`, so full fine-tuning keeps its LayerNorm and GELU outputs too (4 + 4
+#: + 16 bytes per unit of width, counted); LoRA's linear layers keep only their dropped inputs either way. The
+#: block's input (4 bytes per unit of width) is the checkpoint's own saved tensor and is not counted twice.
+RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {
+    "full": (65.5, 100.0, 1.0), "lora": LAYER_BYTES["lora"],
+}
 #: Of those, what the block keeps after its attention core, freed before the attention's backward runs (per
 #: token and unit of width): the output projection's input (4 for "full"; for "lora" its dropped input and
 #: LoRA dropout mask, 8) and the residual dropout's mask (1); the MLP half: the LayerNorm input (4), the GELU
@@ -73,8 +75,8 @@ RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {"full": (65.5, 
 #: inputs and masks (8 + 32); its residual dropout's mask (1).
 AFTER_ATTENTION_KEPT_BYTES = {"full": 46.0, "lora": 70.0}
 #: Gradients alive at the start of a block's backward, per token and unit of width: the block output's and the
-#: residual dropout's (4 + 4) and the MLP output projection's input gradient (16); with LoRA a second one (16),
-#: the LoRA branch's, whose dropout gives it an input of its own.
+#: residual dropout's (4 + 4) and the MLP output projection's input gradient (16); with LoRA a second one
+#: (16), the LoRA branch's, whose dropout gives it an input of its own.
 BLOCK_START_GRADS = {"full": 24.0, "lora": 40.0}
 #: Gradients alive during the attention's backward: the attention output's, the residual's and q, k, v's.
 ATTENTION_GRADS = 20.0
@@ -276,8 +278,8 @@ class CheckpointedBackward:
     """
 
     in_blocks: float
-    """The blocks' saved inputs, the head's weight gradient when it trains, the embedding dropout's mask when the
-    embeddings train."""
+    """The blocks' saved inputs, the head's weight gradient when it trains, the embedding dropout's mask when
+    the embeddings train."""
     recomputed: float
     """What the recomputed block keeps (:data:`RECOMPUTED_LAYER_BYTES`, less its input: the checkpoint's)."""
     start_gradients: float
@@ -331,7 +333,8 @@ def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[floa
     ``kept``: what the forward pass keeps for backward (what :func:`~gpt2lora.ops.recompute.count_saved_tensors`
     counts); the two transients come at different moments, so the peak adds the larger of them. The backward
     one is what the backward pass holds at its peak beyond ``kept``: the attention's score blocks, or with
-    checkpointing :class:`CheckpointedBackward`'s peak less ``kept`` (the loss and final norm's part is freed).
+    checkpointing :class:`CheckpointedBackward`'s peak less ``kept`` (what the loss and final norm kept is
+    freed by then).
     """
     s, d = setting, setting.shape.n_embd
     rows = s.batch_size // s.world_size
@@ -407,5 +410,6 @@ def default_device_memory(device: str) -> int | None:
         return None
 
 
-__all__ = ["KNOWN_MODELS", "LAYER_BYTES", "CheckpointedBackward", "MemoryPlan", "ModelShape", "PlanSetting", "checkpointed_backward",
-           "default_device_memory", "format_size", "model_shape", "parse_size", "plan_memory"]
+__all__ = ["KNOWN_MODELS", "LAYER_BYTES", "CheckpointedBackward", "MemoryPlan", "ModelShape", "PlanSetting",
+           "checkpointed_backward", "default_device_memory", "format_size", "model_shape", "parse_size",
+           "plan_memory"]

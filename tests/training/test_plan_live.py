@@ -1,10 +1,10 @@
 """The checkpointed backward terms of the memory plan against the tensors alive at a measured peak.
 
-torch's profiler (``profile_memory``) records every CPU tensor allocation and free with the ops around it. One
-checkpointed forward + backward of a small LoRA GPT-2 is replayed to the moment most tensor bytes are alive;
-those bytes are split by who made them: the forward pass (what it kept), the recomputed block (allocated while a
-block runs inside backward) and the backward pass's own gradients and temporaries. Each part is compared with
-:class:`~gpt2lora.training.memory_plan.CheckpointedBackward`'s term.
+torch's profiler (``profile_memory``) records every CPU tensor allocation and free with the ops around it.
+One checkpointed forward + backward of a small LoRA GPT-2 is replayed to the moment most tensor bytes are
+alive; those bytes are split by who made them: the forward pass (what it kept), the recomputed block
+(allocated while a block runs inside backward) and the backward pass's own gradients and temporaries. Each
+part is compared with :class:`~gpt2lora.training.memory_plan.CheckpointedBackward`'s term.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _allocations(prof: profile) -> list[tuple[int, int, int, tuple[str, ...]]]:
 
 
 def live_peak(run: Callable[[], None], blocks: list[torch.nn.Module]) -> LivePeak:
-    """Run ``run`` under the profiler and split the tensor bytes alive at its peak (see the module docstring)."""
+    """Run ``run`` under the profiler: the tensor bytes alive at its peak, split by who allocated them."""
     open_ranges: list[record_function] = []
 
     def enter(*_: object) -> None:
@@ -71,7 +71,8 @@ def live_peak(run: Callable[[], None], blocks: list[torch.nn.Module]) -> LivePea
     def leave(*_: object) -> None:
         open_ranges.pop().__exit__(None, None, None)
 
-    handles = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    handles = [handle for block in blocks
+               for handle in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
@@ -97,7 +98,8 @@ def live_peak(run: Callable[[], None], blocks: list[torch.nn.Module]) -> LivePea
     return LivePeak(peak, where=events[peak_at][3], **parts)
 
 
-def checkpointed_step(shape: ModelShape, rows: int, length: int) -> tuple[LivePeak, PlanSetting, torch.nn.Module]:
+def checkpointed_step(shape: ModelShape, rows: int,
+                      length: int) -> tuple[LivePeak, PlanSetting, torch.nn.Module]:
     torch.manual_seed(0)
     model = GPT2(shape.config())
     prepare_model(model, "lora", lora=LoRAConfig(), seed=0)
@@ -111,7 +113,8 @@ def checkpointed_step(shape: ModelShape, rows: int, length: int) -> tuple[LivePe
             loss.backward()
 
     peak = live_peak(step, list(model.transformer.h))
-    setting = PlanSetting(shape, method="lora", batch_size=rows, max_length=length, gradient_checkpointing=True)
+    setting = PlanSetting(shape, method="lora", batch_size=rows, max_length=length,
+                          gradient_checkpointing=True)
     return peak, setting, model
 
 
@@ -142,8 +145,8 @@ def test_a_long_context_peaks_in_the_attention_with_the_rest_of_the_block_freed(
     assert terms.attention > terms.start_gradients
     tokens_width = 2 * 256 * 32
     assert peak.forward == pytest.approx(terms.in_blocks, rel=0.05), (peak, terms)
-    assert peak.recomputed == pytest.approx(terms.recomputed - AFTER_ATTENTION_KEPT_BYTES["lora"] * tokens_width,
-                                            rel=0.10), (peak, terms)
+    freed = AFTER_ATTENTION_KEPT_BYTES["lora"] * tokens_width
+    assert peak.recomputed == pytest.approx(terms.recomputed - freed, rel=0.10), (peak, terms)
     assert peak.recomputed + peak.backward == pytest.approx(terms.recomputed + terms.attention, rel=0.10), \
         (peak, terms)
     assert peak.total == pytest.approx(terms.peak, rel=0.05), (peak, terms)
@@ -167,7 +170,8 @@ def test_without_checkpointing_the_attention_backward_adds_one_block_of_scores(m
             loss.backward()
 
     peak = live_peak(step, list(model.transformer.h))
-    kept, loss, backward = activation_parts(PlanSetting(shape, method=method, batch_size=8, max_length=256), model)
+    setting = PlanSetting(shape, method=method, batch_size=8, max_length=256)
+    kept, loss, backward = activation_parts(setting, model)
     assert any("DropoutAttentionBackward" in op for op in peak.where), peak.where
     assert backward > loss
     # full fine-tuning's parameter gradients are alive too; the plan counts them as gradients, not activations
