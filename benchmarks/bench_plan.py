@@ -116,6 +116,16 @@ def main() -> None:
         (f"Largest deviation with large blocks mmapped: {100 * worst['mmap']:.0f} % (goal ±15 %: "
         f"{'met' if worst['mmap'] <= 0.15 else 'not met'}); with glibc's default malloc: {100 * worst['default']:.0f} % "
         f"({'met' if worst['default'] <= 0.15 else 'not met'}: the heap keeps freed activations)."),
+        "",
+        ("Where a checkpointed LoRA step peaks (the tensors alive there, replayed from torch's profiler memory "
+         "events in `tests/training/test_plan_live.py`): at the start of the first recomputed block's backward, "
+         "its MLP output projection. Alive: the blocks' saved inputs, the whole recomputed block, and the two "
+         "(tokens, 4 × width) input gradients of that projection (the frozen path's and LoRA's: LoRA's dropout "
+         "gives its branch an input of its own) on top of the block output's gradients. The attention's backward "
+         "comes later, when the block's output projection and MLP half are freed; it decides the peak only for "
+         "long rows. The plan models both moments and takes the larger (`CheckpointedBackward`); it used to add "
+         "8 bytes per attention score of the whole batch to the whole recomputed block, which was 16 % high at "
+         "4 × 512 (the attention's backward works on blocks of rows: 16 bytes per score of one block)."),
     ])
     if not args.no_write:
         write_section("Memory plan against measurements", body)
