@@ -74,6 +74,10 @@ RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {
 #: input (16), and for "full" the LayerNorm and GELU outputs (4 + 16), for "lora" c_fc's and c_proj's dropped
 #: inputs and masks (8 + 32); its residual dropout's mask (1).
 AFTER_ATTENTION_KEPT_BYTES = {"full": 46.0, "lora": 70.0}
+#: What a classifier's last block keeps without checkpointing, per token and unit of width: it runs its queries,
+#: output projection and MLP on each row's last token only, so over every token only its LayerNorm's input (4),
+#: the keys and values (8) and for "lora" c_attn's dropped input and LoRA dropout mask (8); no score mask.
+LAST_BLOCK_POOLED_BYTES = {"full": 12.0, "lora": 20.0}
 #: Gradients alive at the start of a block's backward, per token and unit of width: the block output's and the
 #: residual dropout's (4 + 4) and the MLP output projection's input gradient (16); with LoRA a second one
 #: (16), the LoRA branch's, whose dropout gives it an input of its own.
@@ -344,6 +348,9 @@ def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[floa
     # what the final norm and the loss keep, and the head's weight gradient
     kept = active * _layer_activations(s, rows, "checkpointed" if s.gradient_checkpointing else stored)
     kept += OUTSIDE_BYTES[stored, s.gradient_checkpointing] * tokens * d + _head_gradient(s, model)
+    if s.objective == "classification" and active and not s.gradient_checkpointing:
+        # a classifier runs the last block's queries, output projection and MLP on each row's last token only
+        kept += LAST_BLOCK_POOLED_BYTES[stored] * tokens * d - _layer_activations(s, rows, stored)
     # transient, at different moments: the chunked LM loss's (chunk, vocab) logits, probabilities and their
     # gradient at the end of the forward pass; the backward pass's
     loss_block = 3 * 4.0 * min(s.loss_chunk_size, tokens) * s.shape.vocab_size if s.objective == "lm" else 0.0
