@@ -56,8 +56,8 @@ GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 #: Bytes a layer keeps for backward, per token: ``a * n_embd + b``, plus ``c`` per attention score (the attention
 #: dropout's 1-byte mask), by what the layer trains: ``(a, b, c)``. "full" also covers blocks that
 #: only pass gradients on (prompt and embedding tuning); "lora" is the default LoRA (q/k/v/o and MLP, dropout
-#: 0.05); "checkpointed" keeps only the block's input (the recomputed block adds one "full"/"lora" layer while it
-#: runs backward).
+#: 0.05); "checkpointed" keeps only the block's input (what the recomputed block keeps while backward runs it:
+#: :data:`RECOMPUTED_LAYER_BYTES`).
 LAYER_BYTES: dict[str, tuple[float, float, float]] = {
     "full": (41.5, 100.0, 1.0), "lora": (93.5, 228.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
 }
