@@ -2,20 +2,19 @@
 
 torch's profiler (``profile_memory``) records every CPU tensor allocation and free with the ops around it.
 One checkpointed forward + backward of a small LoRA GPT-2 is replayed to the moment most tensor bytes are
-alive; those bytes are split by who made them: the forward pass (what it kept), the recomputed block
-(allocated while a block runs inside backward) and the backward pass's own gradients and temporaries. Each
-part is compared with :class:`~gpt2lora.training.memory_plan.CheckpointedBackward`'s term.
+alive (``bench_plan.live_peak``, which ``benchmarks/bench_plan.py --where`` runs on the benchmark's shapes);
+those bytes are split by who made them: the forward pass (what it kept), the recomputed block (allocated while
+a block runs inside backward) and the backward pass's own gradients and temporaries. Each part is compared
+with :class:`~gpt2lora.training.memory_plan.CheckpointedBackward`'s term.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
 
 import pytest
 import torch
-from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
+from helpers import REPO
 
 from gpt2lora import GPT2, LoRAConfig
 from gpt2lora.peft.methods import prepare_model
@@ -27,75 +26,11 @@ from gpt2lora.training.memory_plan import (
     checkpointed_backward,
 )
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_plan import LivePeak, live_peak
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-BLOCK, BACKWARD = "plan_test.block", "plan_test.backward"
-
-
-@dataclass
-class LivePeak:
-    """Tensor bytes alive at the peak (allocated since profiling began), by who allocated them."""
-
-    total: int
-    forward: int
-    recomputed: int
-    backward: int
-    where: tuple[str, ...]
-    """The ops around the allocation that reached the peak, outermost first."""
-
-
-def _allocations(prof: profile) -> list[tuple[int, int, int, tuple[str, ...]]]:
-    """(time, bytes (negative: freed), address, enclosing op names) of every allocation and free."""
-    found = []
-
-    def walk(event, path: tuple[str, ...]) -> None:
-        fields = event.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation":
-            found.append((event.start_time_ns, fields.alloc_size, fields.ptr, path))
-            return
-        for child in event.children:
-            walk(child, (*path, event.name))
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root, ())
-    return sorted(found, key=lambda item: item[0])
-
-
-def live_peak(run: Callable[[], None], blocks: list[torch.nn.Module]) -> LivePeak:
-    """Run ``run`` under the profiler: the tensor bytes alive at its peak, split by who allocated them."""
-    open_ranges: list[record_function] = []
-
-    def enter(*_: object) -> None:
-        open_ranges.append(record_function(BLOCK).__enter__())
-
-    def leave(*_: object) -> None:
-        open_ranges.pop().__exit__(None, None, None)
-
-    handles = [handle for block in blocks
-               for handle in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    events = _allocations(prof)
-    current = peak = peak_at = 0
-    for i, (_, size, _, _) in enumerate(events):
-        current += size
-        if current > peak:
-            peak, peak_at = current, i
-    live: dict[int, tuple[int, tuple[str, ...]]] = {}
-    for _, size, ptr, path in events[:peak_at + 1]:
-        if size > 0:
-            live[ptr] = (size, path)
-        else:
-            live.pop(ptr, None)
-    parts = {"forward": 0, "recomputed": 0, "backward": 0}
-    for size, path in live.values():
-        kind = "forward" if BACKWARD not in path else "recomputed" if BLOCK in path else "backward"
-        parts[kind] += size
-    return LivePeak(peak, where=events[peak_at][3], **parts)
 
 
 def checkpointed_step(shape: ModelShape, rows: int,
@@ -108,9 +43,7 @@ def checkpointed_step(shape: ModelShape, rows: int,
     ids = torch.randint(0, shape.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
-        loss = model(ids, torch.ones_like(ids), labels=ids)
-        with record_function(BACKWARD):
-            loss.backward()
+        model(ids, torch.ones_like(ids), labels=ids).backward()
 
     peak = live_peak(step, list(model.transformer.h))
     setting = PlanSetting(shape, method="lora", batch_size=rows, max_length=length,
@@ -165,9 +98,7 @@ def test_without_checkpointing_the_attention_backward_adds_one_block_of_scores(m
     ids = torch.randint(0, shape.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
-        loss = model(ids, torch.ones_like(ids), labels=ids)
-        with record_function(BACKWARD):
-            loss.backward()
+        model(ids, torch.ones_like(ids), labels=ids).backward()
 
     peak = live_peak(step, list(model.transformer.h))
     setting = PlanSetting(shape, method=method, batch_size=8, max_length=256)
