@@ -3,7 +3,7 @@ settings, with and without gradient checkpointing, fp32 on the CPU.
 
     python benchmarks/bench_plan.py                      # 6 blocks, width 512, 8 heads, GPT-2's vocabulary
     python benchmarks/bench_plan.py --no-write --settings 2x64
-    python benchmarks/bench_plan.py --where lora 4x512        # what is alive at a checkpointed fit's peak
+    python benchmarks/bench_plan.py --where lora 4x512   # what is alive at a checkpointed fit's peak
 
 Each configuration trains ``--steps`` optimizer steps in its own process (a peak cannot be taken back inside
 one) through :class:`gpt2lora.Trainer`, whose :class:`~gpt2lora.training.memory.MemoryMeter` reads what the fit
