@@ -81,6 +81,7 @@ def main() -> None:
 
     from gpt2lora.training.memory_plan import ModelShape, PlanSetting, plan_memory
 
+    torch.set_num_threads(1)  # as each process does: machine_line() names the threads the figures used
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)

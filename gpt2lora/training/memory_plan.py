@@ -9,6 +9,14 @@ transients of the loss and of backward; ``tests/training/test_plan.py`` checks t
 ``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (not checked on a GPU yet; bf16's
 :data:`HALF_ACTIVATIONS` is an estimate, not measured).
 
+With gradient checkpointing the backward pass of a LoRA step peaks at the start of the first recomputed
+block's backward, not in its attention: measured live tensors (``tests/training/test_plan_live.py``) hold the
+blocks' inputs, the whole recomputed block and the two (tokens, 4·n_embd) input gradients of its MLP output
+projection (the frozen path's and LoRA's, whose dropout gives it its own input); by the time the attention's
+backward runs, its output projection and MLP half have been freed. The plan takes the larger of that moment,
+the attention's backward (16 bytes per score of one block of rows, :func:`gpt2lora.ops.attention.batch_rows`)
+and the loss.
+
 The peak of a step, per device (``W`` weights, ``G`` gradients, ``O`` optimizer state, ``A`` activations)::
 
     W + O + max(A + G_held, G + G_ddp + update temporaries)  (+ the CPU runtime's buffers)
@@ -35,6 +43,7 @@ from ..constants import MODEL_CONFIG_FILE
 from ..errors import ConfigError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2, Block, GPT2Config
+from ..ops.attention import batch_rows
 from ..peft.methods import prepare_model
 
 #: Shapes of the published GPT-2 checkpoints: (n_layer, n_embd, n_head); all have 50,257 tokens and 1,024 positions.
@@ -47,11 +56,38 @@ GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 #: Bytes a layer keeps for backward, per token: ``a * n_embd + b``, plus ``c`` per attention score (the attention
 #: dropout's 1-byte mask), by what the layer trains: ``(a, b, c)``. "full" also covers blocks that
 #: only pass gradients on (prompt and embedding tuning); "lora" is the default LoRA (q/k/v/o and MLP, dropout
-#: 0.05); "checkpointed" keeps only the block's input (the recomputed block adds one "full"/"lora" layer while it
-#: runs backward).
+#: 0.05); "checkpointed" keeps only the block's input (what the recomputed block keeps while backward runs it:
+#: :data:`RECOMPUTED_LAYER_BYTES`).
 LAYER_BYTES: dict[str, tuple[float, float, float]] = {
     "full": (41.5, 100.0, 1.0), "lora": (93.5, 228.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
 }
+#: What the recomputed block keeps while checkpointed backward runs it, as ``LAYER_BYTES``: the recompute does
+#: not use :mod:`gpt2lora.ops.recompute`, so full fine-tuning keeps its LayerNorm and GELU outputs too (4 + 4
+#: + 16 bytes per unit of width, counted); LoRA's linear layers keep only their dropped inputs either way. The
+#: block's input (4 bytes per unit of width) is the checkpoint's own saved tensor and is not counted twice.
+RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {
+    "full": (65.5, 100.0, 1.0), "lora": LAYER_BYTES["lora"],
+}
+#: Of those, what the block keeps after its attention core, freed before the attention's backward runs (per
+#: token and unit of width): the output projection's input (4 for "full"; for "lora" its dropped input and
+#: LoRA dropout mask, 8) and the residual dropout's mask (1); the MLP half: the LayerNorm input (4), the GELU
+#: input (16), and for "full" the LayerNorm and GELU outputs (4 + 16), for "lora" c_fc's and c_proj's dropped
+#: inputs and masks (8 + 32); its residual dropout's mask (1).
+AFTER_ATTENTION_KEPT_BYTES = {"full": 46.0, "lora": 70.0}
+#: What a classifier's last block keeps without checkpointing, per token and unit of width: it runs its queries,
+#: output projection and MLP on each row's last token only, so over every token only its LayerNorm's input (4),
+#: the keys and values (8) and for "lora" c_attn's dropped input and LoRA dropout mask (8); no score mask.
+LAST_BLOCK_POOLED_BYTES = {"full": 12.0, "lora": 20.0}
+#: Gradients alive at the start of a block's backward, per token and unit of width: the block output's and the
+#: residual dropout's (4 + 4) and the MLP output projection's input gradient (16); with LoRA a second one
+#: (16), the LoRA branch's, whose dropout gives it an input of its own.
+BLOCK_START_GRADS = {"full": 24.0, "lora": 40.0}
+#: Gradients alive during the attention's backward: the attention output's, the residual's and q, k, v's.
+ATTENTION_GRADS = 20.0
+#: Bytes per score of one block of batch rows while the CPU attention's backward runs: the recomputed
+#: probabilities, the scaled dropout mask, the dropped probabilities and their gradient, fp32
+#: (:func:`gpt2lora.ops.attention._block_grads`; the blocks hold about ``BLOCK_ELEMENTS`` scores).
+SCORE_TRANSIENT_BYTES = 16.0
 #: Outside the blocks, per token and unit of width, by (what the blocks train, checkpointed): the final norm's
 #: input, the embedding dropout mask and, when the embeddings train, the hidden state's gradient the chunked loss
 #: forms in the forward pass (without checkpointing a LoRA block's saved output is the final norm's input).
@@ -228,44 +264,107 @@ def _meta_model(setting: PlanSetting) -> torch.nn.Module:
     return model
 
 
-def _layer_activations(setting: PlanSetting, rows: int, trains: str) -> float:
-    a, b, c = LAYER_BYTES[trains]
+def _layer_activations(setting: PlanSetting, rows: int, trains: str,
+                       table: dict[str, tuple[float, float, float]] = LAYER_BYTES) -> float:
+    a, b, c = table[trains]
     t, d, h = setting.max_length, setting.shape.n_embd, setting.shape.n_head
     return rows * t * (a * d + b) + c * rows * h * t * t
+
+
+@dataclass(frozen=True)
+class CheckpointedBackward:
+    """Bytes alive in the backward pass of a checkpointed micro-batch, by what holds them (one device).
+
+    The backward pass reaches the blocks once the loss and the final norm have given up what they kept; the
+    first block's backward recomputes that block and peaks either at its start (``start_gradients`` on top of
+    the whole recomputed block) or in its attention (what comes after the attention core freed, ``attention``
+    on top).
+    """
+
+    in_blocks: float
+    """The blocks' saved inputs, the head's weight gradient when it trains, the embedding dropout's mask when
+    the embeddings train."""
+    recomputed: float
+    """What the recomputed block keeps (:data:`RECOMPUTED_LAYER_BYTES`, less its input: the checkpoint's)."""
+    start_gradients: float
+    """At the start of its backward: the gradients of :data:`BLOCK_START_GRADS`."""
+    attention: float
+    """In its attention's backward: one block of scores and :data:`ATTENTION_GRADS`, less
+    :data:`AFTER_ATTENTION_KEPT_BYTES`."""
+
+    @property
+    def peak(self) -> float:
+        return self.in_blocks + self.recomputed + max(self.start_gradients, self.attention)
+
+
+def _blocks_that_train(s: PlanSetting) -> tuple[int, str]:
+    """How many blocks keep activations for backward, and what they keep (a :data:`LAYER_BYTES` key)."""
+    if s.method in ("full", "prompt", "embeddings"):
+        return s.shape.n_layer, "full"
+    if s.method == "last_n_full":
+        return min(s.last_n or 0, s.shape.n_layer), "full"
+    if s.method == "lora":
+        lora_blocks = s.lora.last_n_blocks if s.lora and s.lora.last_n_blocks else None
+        return lora_blocks or s.shape.n_layer, "lora"
+    return 0, "full"  # head / none: nothing inside the blocks needs a gradient
+
+
+def _head_gradient(s: PlanSetting, model: torch.nn.Module) -> float:
+    """The LM head's weight gradient (tied to wte), formed in the forward pass when the head trains."""
+    trains = s.objective == "lm" and any(p.requires_grad for p in model.lm_head.parameters())
+    return 4.0 * s.shape.vocab_size * s.shape.n_embd if trains else 0.0
+
+
+def checkpointed_backward(setting: PlanSetting, model: torch.nn.Module) -> CheckpointedBackward:
+    """The terms of a checkpointed backward pass's peak (see :class:`CheckpointedBackward`)."""
+    s, d = setting, setting.shape.n_embd
+    rows = s.batch_size // s.world_size
+    tokens = rows * s.max_length
+    active, stored = _blocks_that_train(s)
+    in_blocks = active * _layer_activations(s, rows, "checkpointed") + _head_gradient(s, model)
+    in_blocks += 1.0 * tokens * d if s.method in ("full", "prompt", "embeddings") else 0.0
+    if not active:
+        return CheckpointedBackward(in_blocks, 0.0, 0.0, 0.0)
+    recomputed = _layer_activations(s, rows, stored, RECOMPUTED_LAYER_BYTES) - 4.0 * tokens * d
+    freed = AFTER_ATTENTION_KEPT_BYTES[stored]
+    attention = attention_scores_transient(s, rows) + (ATTENTION_GRADS - freed) * tokens * d
+    return CheckpointedBackward(in_blocks, recomputed, BLOCK_START_GRADS[stored] * tokens * d, attention)
 
 
 def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[float, float, float]:
     """Bytes of one micro-batch on one device: ``(kept, loss transient, backward transient)``.
 
     ``kept``: what the forward pass keeps for backward (what :func:`~gpt2lora.ops.recompute.count_saved_tensors`
-    counts); the two transients come at different moments, so the peak adds the larger of them.
+    counts); the two transients come at different moments, so the peak adds the larger of them. The backward
+    one is what the backward pass holds at its peak beyond ``kept``: the attention's score blocks, or with
+    checkpointing :class:`CheckpointedBackward`'s peak less ``kept`` (what the loss and final norm kept is
+    freed by then).
     """
     s, d = setting, setting.shape.n_embd
     rows = s.batch_size // s.world_size
     tokens = rows * s.max_length
-    lora_blocks = s.lora.last_n_blocks if s.method == "lora" and s.lora and s.lora.last_n_blocks else None
-    if s.method in ("full", "prompt", "embeddings"):
-        active, stored = s.shape.n_layer, "full"
-    elif s.method == "last_n_full":
-        active, stored = min(s.last_n or 0, s.shape.n_layer), "full"
-    elif s.method == "lora":
-        active, stored = lora_blocks or s.shape.n_layer, "lora"
-    else:  # head / none: nothing inside the blocks needs a gradient
-        active, stored = 0, "full"
+    active, stored = _blocks_that_train(s)
     # kept from the forward into the backward pass: what the blocks save (only their inputs when checkpointed),
-    # what the final norm and the loss keep, and the head's weight gradient, formed in the forward pass when
-    # the head (tied to wte) trains
-    head_trains = s.objective == "lm" and any(p.requires_grad for p in model.lm_head.parameters())
+    # what the final norm and the loss keep, and the head's weight gradient
     kept = active * _layer_activations(s, rows, "checkpointed" if s.gradient_checkpointing else stored)
-    kept += OUTSIDE_BYTES[stored, s.gradient_checkpointing] * tokens * d + (4.0 * s.shape.vocab_size * d if head_trains else 0.0)
+    kept += OUTSIDE_BYTES[stored, s.gradient_checkpointing] * tokens * d + _head_gradient(s, model)
+    if s.objective == "classification" and active and not s.gradient_checkpointing:
+        # a classifier runs the last block's queries, output projection and MLP on each row's last token only
+        kept += LAST_BLOCK_POOLED_BYTES[stored] * tokens * d - _layer_activations(s, rows, stored)
     # transient, at different moments: the chunked LM loss's (chunk, vocab) logits, probabilities and their
-    # gradient at the end of the forward pass; in the backward pass the attention's scores and their gradient
-    # (fp32, one layer at a time) and, when checkpointed, the block being recomputed
+    # gradient at the end of the forward pass; the backward pass's
     loss_block = 3 * 4.0 * min(s.loss_chunk_size, tokens) * s.shape.vocab_size if s.objective == "lm" else 0.0
-    backward = 8.0 * rows * s.shape.n_head * s.max_length ** 2 if active else 0.0
-    if s.gradient_checkpointing and active:
-        backward += _layer_activations(s, rows, stored)
-    return kept, loss_block, backward
+    if not active:
+        return kept, loss_block, 0.0
+    if not s.gradient_checkpointing:
+        return kept, loss_block, attention_scores_transient(s, rows)
+    return kept, loss_block, checkpointed_backward(s, model).peak - kept
+
+
+def attention_scores_transient(setting: PlanSetting, rows: int) -> float:
+    """Bytes the CPU attention's backward adds for one block of batch rows (it works block by block)."""
+    t, h = setting.max_length, setting.shape.n_head
+    return SCORE_TRANSIENT_BYTES * min(rows, batch_rows(h, t, t)) * h * t * t
 
 
 def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> MemoryPlan:
@@ -318,5 +417,6 @@ def default_device_memory(device: str) -> int | None:
         return None
 
 
-__all__ = ["KNOWN_MODELS", "LAYER_BYTES", "MemoryPlan", "ModelShape", "PlanSetting", "default_device_memory",
-           "format_size", "model_shape", "parse_size", "plan_memory"]
+__all__ = ["KNOWN_MODELS", "LAYER_BYTES", "CheckpointedBackward", "MemoryPlan", "ModelShape", "PlanSetting",
+           "checkpointed_backward", "default_device_memory", "format_size", "model_shape", "parse_size",
+           "plan_memory"]
