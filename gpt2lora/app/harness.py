@@ -456,6 +456,18 @@ if MODEL_TYPE not in model_registry:
     model_registry.register(MODEL_TYPE, target="gpt2lora.app.harness:GPT2LoRALM")
 
 
+def process_docs(dataset: Any) -> Any:
+    """The task's documents as they are: a task YAML that names this (``process_docs: !function
+    gpt2lora.app.harness.process_docs``) makes lm-eval import this module, which registers ``--model gpt2lora``.
+
+    lm-eval's own ``lm_eval run`` resolves the ``!function`` tags of the YAML files given as ``--tasks`` paths
+    before it looks the model up, so such a file lets its command line find the model without this module's
+    ``run`` wrapper (a task given by name, from lm-eval or ``--include_path``, is read without its functions
+    until after the model is built, so it does not).
+    """
+    return dataset
+
+
 def harness_command(tasks: Sequence[str], run_dir: str | os.PathLike | None = None, model: str | None = None,
                     num_fewshot: int | None = None, limit: float | None = None,
                     include_path: str | os.PathLike | None = None, batch_size: int = 16,
