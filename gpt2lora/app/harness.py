@@ -7,15 +7,17 @@ already imported (it reads no entry points), so run its CLI through this module,
     python -m gpt2lora.app.harness run --model gpt2lora --model_args pretrained=gpt2,adapter=runs/x/adapter \\
         --tasks lambada_openai
 
-From Python, ``import gpt2lora.app.harness`` before ``lm_eval.simple_evaluate(model="gpt2lora", ...)``, or
-pass a :class:`GPT2LoRALM` instance as ``model=``.
+lm-eval's own ``lm_eval run --model gpt2lora`` works when a ``--tasks`` entry is a task YAML path that names
+:func:`process_docs` (see there). From Python, ``import gpt2lora.app.harness`` before
+``lm_eval.simple_evaluate(model="gpt2lora", ...)``, or pass a :class:`GPT2LoRALM` instance as ``model=``.
 
 Scoring follows lm-eval's transformers backend (``hf``) request by request: the same tokenisation (the
 harness's trailing-space rule), left truncation to ``n_positions``, rolling windows for perplexity and stop
 strings for generation, so the numbers are the ones ``hf`` gives for the merged export of the same model.
 What differs is the work: requests whose model input is identical (multiple choice with one-token answers,
-the same context scored twice) run once, batches are sorted by length, and the LM head and log-softmax run
-on the continuation positions only.
+the same context scored twice) run once, batches are sorted by length and bounded in padding, and the LM head
+runs on the scored positions only, in blocks reduced to the targets' log-probabilities (no positions × vocab
+log-softmax).
 """
 
 from __future__ import annotations
