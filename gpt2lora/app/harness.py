@@ -333,7 +333,8 @@ class GPT2LoRALM(TemplateLM):
         The input is ``(context + continuation)`` cut from the left to ``max_length + 1`` tokens minus the
         last, as lm-eval's ``hf`` backend builds it; requests with the same input and adapter run once.
         Inputs run longest first in batches of bounded padding (:meth:`_length_batches`); the LM head runs
-        on the scored positions only (:meth:`_target_logprobs`). ``greedy=False`` skips the greedy check
+        on the scored positions only (:meth:`_target_logprobs`); in a batch of one-token continuations the
+        model's last block also finishes only each row's last position. ``greedy=False`` skips the greedy check
         (every flag is then False), as rolling perplexity does not read it.
         """
         groups: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
@@ -351,13 +352,21 @@ class GPT2LoRALM(TemplateLM):
             for row, (_, inp) in enumerate(chunk):
                 ids[row, :len(inp)] = torch.tensor(inp)
             # right padding: a causal row never sees the padding after it, so no mask is needed
+            spans = [max(len(requests[i][1]) for i in groups[key]) for key in chunk]
             with self._routing([name for name, _ in chunk]):
-                hidden = self.model.transformer(ids.to(self._device))
+                if max(spans) == 1:
+                    # one scored position per row (one-token answers): the last block's projection and MLP
+                    # run on that position only; the mask tells the model where each row ends
+                    lengths = torch.tensor([len(inp) for _, inp in chunk])
+                    mask = (torch.arange(width) < lengths[:, None]).long()
+                    picked = self.model.transformer(ids.to(self._device), mask.to(self._device),
+                                                    last_token_only=True)
+                else:
+                    hidden = self.model.transformer(ids.to(self._device))
+                    picked = torch.cat([hidden[row, len(inp) - span:len(inp)]
+                                        for row, ((_, inp), span) in enumerate(zip(chunk, spans))])
                 # every request of a key scores the last len(cont) positions of its input, each against
                 # its own continuation token there: (row of the scored positions, target) per token
-                spans = [max(len(requests[i][1]) for i in groups[key]) for key in chunk]
-                picked = torch.cat([hidden[row, len(inp) - span:len(inp)]
-                                    for row, ((_, inp), span) in enumerate(zip(chunk, spans))])
                 offset, query_rows, query_tokens, owners = 0, [], [], []
                 for key, span in zip(chunk, spans):
                     for i in groups[key]:

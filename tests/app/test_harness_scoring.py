@@ -91,6 +91,11 @@ def test_scores_equal_the_full_logits_of_each_request_alone(folders, shared_data
         assert g_value == pytest.approx(w_value, abs=1e-4)
         assert g_greedy == w_greedy
     assert want[-1][1] and not all(w[1] for w in want)  # both greedy answers occur
+    # one-token answers only: the model returns each row's last state alone (rows of different lengths)
+    first = [(ctx, cont[:1], None) for ctx, cont, _ in requests]
+    want = [_full_logits_answer(lm.model, ctx, cont, lm.max_length) for ctx, cont, _ in first]
+    for (g_value, g_greedy), (w_value, w_greedy) in zip(lm.score_tokens(first), want):
+        assert g_value == pytest.approx(w_value, abs=1e-4) and g_greedy == w_greedy
     # without the greedy check the values stay, and every flag is False
     assert [v for v, _ in lm.score_tokens(requests, greedy=False)] == pytest.approx([v for v, _ in got], abs=1e-6)
     assert not any(g for _, g in lm.score_tokens(requests, greedy=False))
