@@ -85,7 +85,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora, merge_lora, save_adapter, save_pretrained
-    from gpt2lora.app.harness import GPT2LoRALM
+    from gpt2lora.app.harness import HEAD_CHUNK_ROWS, GPT2LoRALM
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-harness-"))
     torch.manual_seed(0)
@@ -158,10 +158,12 @@ def main() -> None:
         f"--docs {args.docs} --repeats {args.repeats}`  "),
         f"Machine: {machine_line()}; CPU flags: {cpu_flags()}  ",
         (f"lm-eval {lm_eval.__version__}; the CPU was shared with other work (1-minute load average {load:.1f} at "
-        "the end), so read the ratios."),
+        "the end; both sides interleaved, so read the ratios, not the seconds)."),
         "",
         (f"Random `{args.shape}` weights, real GPT-2 vocabulary and text; gpt2lora: `GPT2LoRALM(pretrained=base, "
-        f"adapter=LoRA r=8)`; reference: lm-eval's `hf` backend (`HFLM`, float32) on the merged export. Same "
+        f"adapter=LoRA r=8)` (defaults: `max_padding` {ours.max_padding} here, the LM head in "
+        f"{HEAD_CHUNK_ROWS}-row blocks on the scored positions only); reference: lm-eval's `hf` backend (`HFLM`, "
+        "float32) on the merged export, as its users run it. Same "
         f"batch size ({args.batch_size}), whole `simple_evaluate` per task (dataset building included, "
         "`bootstrap_iters=0`: lm-eval's bootstrap of standard errors, the same for both, would otherwise take "
         f"most of the time), best of {args.repeats} interleaved runs; every score agreed within 1e-4 before the "

@@ -7,15 +7,17 @@ already imported (it reads no entry points), so run its CLI through this module,
     python -m gpt2lora.app.harness run --model gpt2lora --model_args pretrained=gpt2,adapter=runs/x/adapter \\
         --tasks lambada_openai
 
-From Python, ``import gpt2lora.app.harness`` before ``lm_eval.simple_evaluate(model="gpt2lora", ...)``, or
-pass a :class:`GPT2LoRALM` instance as ``model=``.
+lm-eval's own ``lm_eval run --model gpt2lora`` works when a ``--tasks`` entry is a task YAML path that names
+:func:`process_docs` (see there). From Python, ``import gpt2lora.app.harness`` before
+``lm_eval.simple_evaluate(model="gpt2lora", ...)``, or pass a :class:`GPT2LoRALM` instance as ``model=``.
 
 Scoring follows lm-eval's transformers backend (``hf``) request by request: the same tokenisation (the
 harness's trailing-space rule), left truncation to ``n_positions``, rolling windows for perplexity and stop
 strings for generation, so the numbers are the ones ``hf`` gives for the merged export of the same model.
 What differs is the work: requests whose model input is identical (multiple choice with one-token answers,
-the same context scored twice) run once, batches are sorted by length, and the LM head and log-softmax run
-on the continuation positions only.
+the same context scored twice) run once, batches are sorted by length and bounded in padding, and the LM head
+runs on the scored positions only, in blocks reduced to the targets' log-probabilities (no positions × vocab
+log-softmax).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,9 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from torch import Tensor
 
-from ..constants import SUMMARY_FILE
+from ..constants import DEFAULT_LOSS_CHUNK_SIZE, SUMMARY_FILE
 from ..devices import resolve_device
 from ..errors import ConfigError
 from ..model.gpt2 import GPT2
@@ -54,6 +58,12 @@ def lm_eval_version() -> str:
 
 MODEL_TYPE = "gpt2lora"
 """The name lm-eval knows this model by (``--model gpt2lora``)."""
+
+HEAD_CHUNK_ROWS = DEFAULT_LOSS_CHUNK_SIZE
+"""Rows of hidden states the LM head turns into logits at a time when scoring (one (rows, vocab) block)."""
+
+MIN_BATCH_TOKENS = 256
+"""Real tokens a batch holds before bounded padding may close it: below that a CPU's products slow down."""
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,6 +96,25 @@ def _adapters_arg(adapter: str | os.PathLike | Sequence[str | os.PathLike] | dic
     return named
 
 
+def _max_padding_arg(value: float | str | None, device: torch.device) -> float | None:
+    """``max_padding`` as a fraction, or None for batches filled to ``batch_size`` whatever their padding.
+
+    ``"auto"``: 0.1 on a CPU, where a padded token costs as much as a real one; None on an accelerator,
+    where padding is nearly free and fewer, fuller batches win."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+        return None
+    if isinstance(value, str) and value.lower() == "auto":
+        return 0.1 if device.type == "cpu" else None
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = -1.0
+    if not fraction >= 0:
+        raise ConfigError(f"max_padding={value!r}: expected a fraction >= 0 (padded tokens per real token a "
+                          "batch may add), 'auto' or 'none'")
+    return fraction
+
+
 class GPT2LoRALM(TemplateLM):
     """lm-eval's ``LM`` interface over a gpt2lora GPT-2: a base model, a run, or one or several adapters.
 
@@ -95,14 +124,16 @@ class GPT2LoRALM(TemplateLM):
     :meth:`generate_mixed`, which put rows of different adapters in one batch). ``run``: a run folder
     written by ``gpt2lora train`` (its base model, method and trained tensors). ``model`` + ``tokenizer``:
     objects already built. ``batch_size``: rows per forward pass. ``max_length``: the context window
-    (default: the model's ``n_positions``).
+    (default: the model's ``n_positions``). ``max_padding``: scoring batches close early rather than pad
+    more than this fraction of their real tokens (``"auto"``: 0.1 on a CPU, unbounded elsewhere).
     """
 
     def __init__(self, pretrained: str | os.PathLike | None = None, adapter: Any = None,
                  run: str | os.PathLike | None = None, adapter_name: str | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, device: str = "auto",
                  dtype: str | torch.dtype | None = None, model: torch.nn.Module | None = None,
-                 tokenizer: Any = None, max_gen_toks: int = 256, **unused: Any) -> None:
+                 tokenizer: Any = None, max_gen_toks: int = 256, max_padding: float | str | None = "auto",
+                 **unused: Any) -> None:
         super().__init__()
         if sum(x is not None for x in (pretrained, run, model)) != 1:
             raise ConfigError("gpt2lora harness model: pass exactly one of pretrained=, run= or model=")
@@ -147,6 +178,7 @@ class GPT2LoRALM(TemplateLM):
             raise ConfigError(f"max_length={max_length}: expected 1 to the model's n_positions "
                               f"{model.config.n_positions}")
         self._max_gen_toks = int(max_gen_toks)
+        self.max_padding = _max_padding_arg(max_padding, self._device)
 
     # ------------------------------------------------------------------------------------------ lm-eval API
 
@@ -222,7 +254,7 @@ class GPT2LoRALM(TemplateLM):
                 windows.append((ctx, cont, name))
                 owner.append(i)
         totals = [0.0] * len(texts)
-        for i, (logprob, _) in zip(owner, self.score_tokens(windows)):
+        for i, (logprob, _) in zip(owner, self.score_tokens(windows, greedy=False)):
             totals[i] += logprob
         for text, total in zip(texts, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
@@ -273,12 +305,37 @@ class GPT2LoRALM(TemplateLM):
             raise ConfigError("adapter_names: name every row's adapter (or '__base__') when any row names one")
         return row_adapters(self.model, list(names), len(names))
 
+    def _length_batches(self, lengths: Sequence[int]) -> list[tuple[int, int]]:
+        """``(start, stop)`` runs of ``lengths`` (sorted longest first) that go through the model together.
+
+        At most ``batch_size`` rows; with ``max_padding`` set, a batch also closes before its padding would
+        exceed that fraction of its real tokens, once it holds :data:`MIN_BATCH_TOKENS` real tokens (a
+        padded token costs as much as a real one on a CPU, while tiny batches waste the matrix products).
+        """
+        batches, start = [], 0
+        while start < len(lengths):
+            stop, real = start + 1, lengths[start]
+            while stop < len(lengths) and stop - start < self.batch_size_per_call:
+                padded = lengths[start] * (stop - start + 1)
+                if (self.max_padding is not None and real >= MIN_BATCH_TOKENS
+                        and padded > (real + lengths[stop]) * (1 + self.max_padding)):
+                    break
+                real += lengths[stop]
+                stop += 1
+            batches.append((start, stop))
+            start = stop
+        return batches
+
     @torch.inference_mode()
-    def score_tokens(self, requests: Sequence[Scored]) -> list[tuple[float, bool]]:
+    def score_tokens(self, requests: Sequence[Scored], greedy: bool = True) -> list[tuple[float, bool]]:
         """``(sum of log-probabilities of the continuation, whether greedy decoding gives it)`` per request.
 
         The input is ``(context + continuation)`` cut from the left to ``max_length + 1`` tokens minus the
         last, as lm-eval's ``hf`` backend builds it; requests with the same input and adapter run once.
+        Inputs run longest first in batches of bounded padding (:meth:`_length_batches`); the LM head runs
+        on the scored positions only (:meth:`_target_logprobs`); in a batch of one-token continuations the
+        model's last block also finishes only each row's last position. ``greedy=False`` skips the greedy check
+        (every flag is then False), as rolling perplexity does not read it.
         """
         groups: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
         for i, (ctx, cont, name) in enumerate(requests):
@@ -288,31 +345,87 @@ class GPT2LoRALM(TemplateLM):
             groups.setdefault((name, tuple((ctx + cont)[-(self.max_length + 1):][:-1])), []).append(i)
         keys = sorted(groups, key=lambda k: -len(k[1]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for start in range(0, len(keys), self.batch_size_per_call):
-            chunk = keys[start:start + self.batch_size_per_call]
+        for start, stop in self._length_batches([len(k[1]) for k in keys]):
+            chunk = keys[start:stop]
             width = len(chunk[0][1])
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, (_, inp) in enumerate(chunk):
                 ids[row, :len(inp)] = torch.tensor(inp)
             # right padding: a causal row never sees the padding after it, so no mask is needed
+            spans = [max(len(requests[i][1]) for i in groups[key]) for key in chunk]
             with self._routing([name for name, _ in chunk]):
-                hidden = self.model.transformer(ids.to(self._device))
-                spans = [max(len(requests[i][1]) for i in groups[key]) for key in chunk]
-                picked = torch.cat([hidden[row, len(inp) - span:len(inp)]
-                                    for row, ((_, inp), span) in enumerate(zip(chunk, spans))])
-                logprobs = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
-            offset = 0
-            for key, span in zip(chunk, spans):
-                rows = logprobs[offset:offset + span]
-                offset += span
-                greedy = rows.argmax(dim=-1)
-                for i in groups[key]:
-                    cont = requests[i][1]
-                    target = torch.tensor(cont, device=rows.device)
-                    tail = rows[span - len(cont):]
-                    results[i] = (float(tail.gather(1, target[:, None]).sum()),
-                                  bool((greedy[span - len(cont):] == target).all()))
+                if max(spans) == 1:
+                    # one scored position per row (one-token answers): the last block's projection and MLP
+                    # run on that position only; the mask tells the model where each row ends
+                    lengths = torch.tensor([len(inp) for _, inp in chunk])
+                    mask = (torch.arange(width) < lengths[:, None]).long()
+                    picked = self.model.transformer(ids.to(self._device), mask.to(self._device),
+                                                    last_token_only=True)
+                else:
+                    hidden = self.model.transformer(ids.to(self._device))
+                    picked = torch.cat([hidden[row, len(inp) - span:len(inp)]
+                                        for row, ((_, inp), span) in enumerate(zip(chunk, spans))])
+                # every request of a key scores the last len(cont) positions of its input, each against
+                # its own continuation token there: (row of the scored positions, target) per token
+                offset, query_rows, query_tokens, owners = 0, [], [], []
+                for key, span in zip(chunk, spans):
+                    for i in groups[key]:
+                        cont = requests[i][1]
+                        query_rows.extend(range(offset + span - len(cont), offset + span))
+                        query_tokens.extend(cont)
+                        owners.append((i, len(cont)))
+                    offset += span
+                logprobs, is_greedy = self._target_logprobs(
+                    picked, spans, torch.tensor(query_rows, device=picked.device),
+                    torch.tensor(query_tokens, device=picked.device), greedy)
+            for (i, _), lp, hit in zip(owners, logprobs.split([c for _, c in owners]),
+                                           is_greedy.split([c for _, c in owners])):
+                results[i] = (float(lp.sum()), bool(hit.all()) if greedy else False)
         return results
+
+    def _target_logprobs(self, hidden: Tensor, spans: Sequence[int], rows: Tensor, targets: Tensor,
+                         greedy: bool) -> tuple[Tensor, Tensor]:
+        """Log-probability of ``targets[j]`` after ``hidden[rows[j]]`` (fp32) and whether it is the argmax.
+
+        ``hidden`` holds the scored positions of the batch rows one after the other (``spans[b]`` of row b).
+        The head runs :data:`HEAD_CHUNK_ROWS` rows at a time and each block of logits is reduced to the
+        targets' values and the rows' log-sum-exp, so no (positions, vocab) tensor exists beyond one block.
+        A head routed per batch row (LoRA on ``lm_head`` in a mixed-adapter batch) needs the batch's rows
+        at once: it gets them as a (batch, longest span) stack.
+        """
+        head = self.model.lm_head
+        every: Tensor | None = None
+        if getattr(head, "routing", None) is not None:
+            stack = hidden.new_zeros(len(spans), max(spans), hidden.size(-1))
+            batch_row = torch.repeat_interleave(torch.arange(len(spans), device=hidden.device),
+                                                torch.tensor(spans, device=hidden.device))
+            position = torch.cat([torch.arange(span, device=hidden.device) for span in spans])
+            stack[batch_row, position] = hidden
+            every = head(stack)[batch_row, position]
+        values = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+        hits = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device)
+        order = torch.argsort(rows, stable=True)
+        rows, targets = rows[order], targets[order]
+        bounds = torch.arange(0, hidden.size(0) + HEAD_CHUNK_ROWS, HEAD_CHUNK_ROWS, device=rows.device)
+        edges = torch.searchsorted(rows, bounds.clamp(max=hidden.size(0))).tolist()
+        for block, (lo, hi) in enumerate(pairwise(edges)):
+            if lo == hi:
+                continue
+            first = block * HEAD_CHUNK_ROWS
+            block_rows = slice(first, first + HEAD_CHUNK_ROWS)
+            logits = (head(hidden[block_rows]) if every is None else every[block_rows]).float()
+            local, wanted = rows[lo:hi] - first, targets[lo:hi]
+            chosen = logits[local, wanted]
+            values[order[lo:hi]] = chosen - torch.logsumexp(logits, dim=-1)[local]
+            if greedy:
+                # greedy: the target holds its row's largest logit and is the first index that does
+                # (argmax's rule for ties); the max is a cheaper pass than argmax, which runs on those rows only
+                hit = chosen == logits.amax(dim=-1)[local]
+                top = hit.nonzero().squeeze(1)
+                if top.numel():
+                    hit[top] = logits[local[top]].argmax(dim=-1) == wanted[top]
+                hits[order[lo:hi]] = hit
+        return values, hits
 
     @torch.inference_mode()
     def _generate_rows(self, prompts: list[list[int]], names: list[str | None], until: list[str],
@@ -352,6 +465,18 @@ class GPT2LoRALM(TemplateLM):
 # A lazy entry (the class by import path), so running this file as ``python -m`` and importing it register once.
 if MODEL_TYPE not in model_registry:
     model_registry.register(MODEL_TYPE, target="gpt2lora.app.harness:GPT2LoRALM")
+
+
+def process_docs(dataset: Any) -> Any:
+    """The task's documents as they are: a task YAML that names this (``process_docs: !function
+    gpt2lora.app.harness.process_docs``) makes lm-eval import this module, which registers ``--model gpt2lora``.
+
+    lm-eval's own ``lm_eval run`` resolves the ``!function`` tags of the YAML files given as ``--tasks`` paths
+    before it looks the model up, so such a file lets its command line find the model without this module's
+    ``run`` wrapper (a task given by name, from lm-eval or ``--include_path``, is read without its functions
+    until after the model is built, so it does not).
+    """
+    return dataset
 
 
 def harness_command(tasks: Sequence[str], run_dir: str | os.PathLike | None = None, model: str | None = None,
