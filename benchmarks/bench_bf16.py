@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> tuple[str, list[str]]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--skip-classification", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> tuple[str, list[str]]:
         return body, []
     load_before = os.getloadavg()[0]
     table, goals = [], []
-    runs = [("classification", args.length)] + ([] if args.skip_lm else [("LM (alpaca_2k)", args.lm_max_length)])
+    runs = (([] if args.skip_classification else [("classification", args.length)])
+            + ([] if args.skip_lm else [("LM (alpaca_2k)", args.lm_max_length)]))
     for kind, length in runs:
         timings, tokens = bench("classification" if kind == "classification" else "lm", args.shape, args.batch,
                                 length, args.repeats)
