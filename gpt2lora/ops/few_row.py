@@ -9,9 +9,14 @@ never copied, so LoRA-wrapped and merged layers take the same path: the model's 
 :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
 
+bf16 weights on a CPU with bf16 units have a third candidate, oneDNN's product on a packed copy of the
+weight (:mod:`gpt2lora.ops.packed`): plain bf16 ``F.linear`` reads a weight at half the fp32 speed on an AMX
+Xeon, the packed one about twice as fast as that.
+
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
-slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed both ways on first use
-and the faster kept (:class:`KernelChoice`, cached per shape, dtype and thread count).
+slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
+and the fastest kept (:class:`KernelChoice`, cached per shape, dtype and thread count); a decided call then
+costs :func:`linear` one tuple and one dict lookup (``KernelChoice.routes``), about 2 us.
 """
 
 from __future__ import annotations
@@ -77,9 +82,10 @@ class KernelChoice:
 
     The first calls with a new ``key`` take the candidates in turn, each timed where it really runs (in
     decoding: the weights as cold as they are when each token reads them, the machine as busy as it is), until
-    every candidate has ``samples`` timings after one untimed first run; the candidate with the lowest median
-    is kept for ``key``, and later calls run it alone. The first candidate is the plain one: another replaces it
-    only when faster by more than ``margin`` (a fraction). The key holds everything the speed depends on
+    every candidate has ``samples`` timings after one untimed first run (which also makes a packed copy); the
+    candidate with the lowest median is kept for ``key``, and later calls run it alone. The first candidate is
+    the plain one: another replaces it only when faster by more than ``margin`` (a fraction), so a difference
+    within the noise of single-call timings on a busy machine keeps the plain kernel. The key holds everything the speed depends on
     (shape, layout, dtype, thread count). Every candidate computes the same product, so the cache decides how
     fast a call is, never what another model computes beyond float rounding.
     """

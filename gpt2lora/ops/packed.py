@@ -9,7 +9,8 @@ same result as ``F.linear`` (equal in the tests, and within bf16 rounding by con
 The packed copy of a weight is made on its first packed product and kept **on that weight** (an attribute
 of the parameter, so it lives and dies with the model that owns it; nothing is cached process-wide). It
 records the weight's ``_version``, storage address, shape and strides, and is made again when any of them
-changed (an in-place update, a load, ``.data =``). Cost: one more copy of every packed weight, as many bytes
+changed (an in-place update, a load, ``.data =``). Weights made under ``torch.inference_mode`` have no
+version counter and are left to ``F.linear``. Cost: one more copy of every packed weight, as many bytes
 as the weight itself (250 MB for GPT-2 124M in bf16); :func:`release_packed` frees them. Copying or pickling
 a parameter never carries its pack.
 """
@@ -46,10 +47,11 @@ class _Pack:
         self.stamp = stamp
         self.packed = packed
 
-    def __deepcopy__(self, memo: dict) -> None:  # a copied parameter packs its own data again
+    # A copied or unpickled parameter holds None in its place and packs its own data again.
+    def __deepcopy__(self, memo: dict) -> None:
         return None
 
-    def __reduce__(self):  # pickling (torch.save of a whole module) keeps the weight only
+    def __reduce__(self) -> tuple:
         return (type(None), ())
 
 
@@ -59,6 +61,8 @@ def _stamp(weight: Tensor) -> tuple:
 
 def packed_weight(weight: Tensor) -> Tensor:
     """``weight``'s packed copy, made now if it has none or if the weight changed since it was made."""
+    if weight.is_inference():  # no version counter to notice an in-place change: packed for this call only
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     stamp = _stamp(weight)
     pack = weight.__dict__.get(PACKED_ATTR)
     if pack is None or pack.stamp != stamp:
@@ -72,7 +76,7 @@ def packed_weight(weight: Tensor) -> Tensor:
 def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`packed_linear` computes ``F.linear(x, weight, bias)`` here (bf16 on a bf16 CPU)."""
     return (weight.dtype in PACKABLE and x.dtype == weight.dtype and weight.dim() == 2
-            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.device.type == "cpu" and weight.device.type == "cpu" and not weight.is_inference()
             and (bias is None or bias.dtype == weight.dtype) and packed_linear_available())
 
 
@@ -92,4 +96,5 @@ def release_packed(model: nn.Module) -> int:
 
 def packed_bytes(model: nn.Module) -> int:
     """Bytes of weights that currently hold a packed copy (the copies take as many again)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if PACKED_ATTR in p.__dict__)
+    return sum(p.numel() * p.element_size() for p in model.parameters()
+               if p.__dict__.get(PACKED_ATTR) is not None)
