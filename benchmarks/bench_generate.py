@@ -26,6 +26,8 @@ from common import interleaved, machine_line, write_section
 
 from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
+from gpt2lora.ops.few_row import KERNELS, linear_by_halves
+from gpt2lora.ops.packed import packed_bytes, packed_linear_available, packed_weight, release_packed
 
 NOTES = """\
 Decoding one row is bound by reading the weights: every new token reads every block matrix and the
@@ -109,13 +111,16 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
 
     timings = interleaved({"with": lambda: run("with", few_row),
                            "without": lambda: run("without", contextlib.nullcontext)},
-                          repeats=repeats)
+                          repeats=max(repeats, 5))  # two runs of the same code: 3 cannot show a 2% gap
     if not torch.equal(outputs["with"], outputs["without"]):
         raise SystemExit("the few-row linear path changed the generated tokens")
     with_, without = (new / timings[k].median for k in ("with", "without"))
-    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the measured few-row kernel choice, "
-            f"{without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×; goal: never below 1×); tokens "
-            "identical.")
+    kept = [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == torch.float32]
+    counts = ", ".join(f"{name} {kept.count(name)}" for name in sorted(set(kept)))
+    return (f"Ablation (batch 1, same run, median of {max(repeats, 5)}): gpt2lora {with_:.1f} tok/s with the "
+            f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×; "
+            f"goal: never below 1×); tokens identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
+            f"{counts}.")
 
 
 READ_MB = 1024
@@ -135,26 +140,82 @@ def ceiling_line(model: GPT2, bandwidth: float, tok_s: float, label: str) -> str
             f"ceiling {ceiling:.1f} tok/s; gpt2lora {tok_s:.1f} tok/s = {100 * tok_s / ceiling:.0f}% of it")
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int, bandwidth: float) -> str:
     """Batch 1 with the weights loaded in bf16 against the same model in fp32, interleaved (``bandwidth``:
-    measured beside the fp32 batch-1 row)."""
+    measured beside the fp32 batch-1 row); also bf16 on plain ``F.linear`` (no kernel choice, no packing)."""
     half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
+    module = sys.modules["gpt2lora.model.generate"]
+    few_row = module.few_row_products
 
-    def run(name: str, model: GPT2):
+    def run(name: str, model: GPT2, plain: bool = False):
         def go() -> None:
-            outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
+            if plain:
+                module.few_row_products = contextlib.nullcontext
+            try:
+                outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
+            finally:
+                module.few_row_products = few_row
         return go
 
-    timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half)}, repeats=repeats)
-    fp32, bf16 = (new / timings[k].median for k in ("fp32", "bf16"))
+    before = rss_bytes()
+    run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
+    grown = rss_bytes() - before
+    timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
+                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=repeats)
+    fp32, bf16, plain = (new / timings[k].median for k in ("fp32", "bf16", "bf16 plain"))
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
+    kept = packed_bytes(half)
     return (f"bf16 weights (batch 1, same run, bf16 units: {units}): {bf16:.1f} tok/s vs fp32 {fp32:.1f} tok/s "
-            f"({bf16 / fp32:.2f}×; goal ≥ 1.6× where the CPU has a fast bf16 path); the first {same} of {new} "
-            f"tokens equal fp32's (random weights: tiny logit margins). "
-            + ceiling_line(half, bandwidth, bf16, "bf16"))
+            f"({bf16 / fp32:.2f}×; goal ≥ 1.6× where the CPU has a fast bf16 path); bf16 on plain F.linear "
+            f"{plain:.1f} tok/s (packed weights {bf16 / plain:.2f}× that; tokens "
+            f"{'identical' if torch.equal(outputs['bf16'], outputs['bf16 plain']) else 'DIFFERENT'}); the first "
+            f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Packed copies kept on "
+            f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
+            f"first bf16 generate grew the process by {grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
+            f"{peak_rss_bytes() / 1e9:.2f} GB. " + ceiling_line(half, bandwidth, bf16, "bf16"))
+
+
+def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
+    """Read bandwidth of each few-row kernel over the model's own linear weights (48 block matrices + the LM
+    head, one row, as one decoding step reads them), fp32 and bf16, interleaved."""
+    half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    contenders, sizes = {}, {}
+    for label, model in (("fp32", ours), ("bf16", half)):
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        x = torch.randn(1, model.config.n_embd, dtype=weights[0].dtype)
+        xs = {w.size(1): torch.randn(1, w.size(1), dtype=w.dtype) for w in weights}
+        sizes[label] = sum(w.numel() * w.element_size() for w in weights)
+        kernels = {"F.linear": torch.nn.functional.linear, "by_halves": linear_by_halves}
+        if packed_linear_available():
+            kernels["packed"] = lambda a, w: torch.ops.mkldnn._linear_pointwise(a, packed_weight(w), None, "none",
+                                                                                 [], "")
+        for name, fn in kernels.items():
+            contenders[f"{label} {name}"] = (lambda fn=fn, weights=weights, xs=xs:
+                                             [fn(xs[w.size(1)], w) for w in weights])
+        del x
+    with torch.inference_mode():
+        timings = interleaved(contenders, repeats=max(repeats, 5))
+    parts = [f"{name} {sizes[name.split()[0]] / timings[name].median / 1e9:.1f}" for name in contenders]
+    release_packed(half)
+    return ("Few-row kernels alone (1 row, every linear weight of the model once per pass, as a decoding step "
+            "reads them; GB/s of weights read, median of interleaved passes): " + ", ".join(parts) + ".")
 
 
 def bench_load(folder: Path, repeats: int) -> dict:
@@ -215,6 +276,8 @@ def main(argv: list[str] | None = None) -> str:
                 print(notes[-1], flush=True)
         del read
         if args.bf16 and 1 in args.batches:
+            notes.append(kernel_note(ours, folder, args.repeats))
+            print(notes[-1], flush=True)
             notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)
         load = bench_load(folder, args.repeats)
