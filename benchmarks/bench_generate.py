@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved, machine_line, write_section
+from common import Timing, interleaved, machine_line, write_section
 
 from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
@@ -95,6 +96,12 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
     return result
 
 
+def paired(fast: Timing, slow: Timing) -> float:
+    """Median over repeats of ``slow``'s time / ``fast``'s time in the same round: runs of one round are
+    adjacent in time, so a load change between rounds (the CPU is shared) cancels out of each ratio."""
+    return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds, strict=True))
+
+
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
     module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
@@ -118,8 +125,9 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     kept = [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == torch.float32]
     counts = ", ".join(f"{name} {kept.count(name)}" for name in sorted(set(kept)))
     return (f"Ablation (batch 1, same run, median of {max(repeats, 5)}): gpt2lora {with_:.1f} tok/s with the "
-            f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×; "
-            f"goal: never below 1×); tokens identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
+            f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×, "
+            f"paired per round {paired(timings['with'], timings['without']):.2f}×; goal: never below 1×); tokens "
+            f"identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
             f"{counts}.")
 
 
@@ -177,14 +185,15 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
     grown = rss_bytes() - before
     timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
-                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=repeats)
+                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=max(repeats, 5))
     fp32, bf16, plain = (new / timings[k].median for k in ("fp32", "bf16", "bf16 plain"))
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
     kept = packed_bytes(half)
     return (f"bf16 weights (batch 1, same run, bf16 units: {units}): {bf16:.1f} tok/s vs fp32 {fp32:.1f} tok/s "
-            f"({bf16 / fp32:.2f}×; goal ≥ 1.6× where the CPU has a fast bf16 path); bf16 on plain F.linear "
-            f"{plain:.1f} tok/s (packed weights {bf16 / plain:.2f}× that; tokens "
+            f"({bf16 / fp32:.2f}×, paired per round {paired(timings['bf16'], timings['fp32']):.2f}×; goal ≥ 1.6× "
+            f"where the CPU has a fast bf16 path); bf16 on plain F.linear {plain:.1f} tok/s (the kernel choice "
+            f"{bf16 / plain:.2f}× that, paired {paired(timings['bf16'], timings['bf16 plain']):.2f}×; tokens "
             f"{'identical' if torch.equal(outputs['bf16'], outputs['bf16 plain']) else 'DIFFERENT'}); the first "
             f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Packed copies kept on "
             f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
