@@ -27,6 +27,7 @@ from common import Timing, interleaved, machine_line, write_section
 
 from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
+from gpt2lora.ops import few_row as few_row_module
 from gpt2lora.ops.few_row import KERNELS, linear_by_halves
 from gpt2lora.ops.packed import packed_bytes, packed_linear_available, packed_weight, release_packed
 
@@ -37,10 +38,15 @@ Decoding one row is bound by reading the weights: every new token reads every bl
 divided by those bytes; the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache writes and Python add about 1.4 ms a token.
 Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
 product into a two-block `bmm` was 1.4-2.9x faster than `F.linear` on an AVX2 EPYC and is slower for
-most shapes on an AMX Xeon. generate therefore times both on first use of each shape (dtype, rows,
-thread count) and keeps the faster (`gpt2lora/ops/few_row.py`, `KernelChoice`), so it is never slower
-than plain `F.linear` decoding beyond the one-time measurement (a few ms per shape). The choice is
-scoped to the generate call's thread: other threads and models keep `F.linear`.
+most shapes on an AMX Xeon; for bf16 weights on a CPU with bf16 units, oneDNN's product on a copy of the
+weight packed once (`gpt2lora/ops/packed.py`, kept on the weight, remade when it changes) reads about twice
+as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed (the "kernels alone" line). generate
+times the candidates on first use of each decoding shape (dtype, rows, thread count) and keeps the fastest
+only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
+`KernelChoice`); the prompt's forward stays on `F.linear` (every prompt length would be a new shape to time).
+A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is kept the choice
+costs well under 1% of a token. The choice is scoped to the generate call's thread: other threads and models
+keep `F.linear`. "Paired per round" ratios are medians of the ratio within each interleaved round.
 With the CPU shared by other processes, 2 intra-op threads can be slower than 1 (`--threads 1`).\
 """
 
@@ -102,6 +108,25 @@ def paired(fast: Timing, slow: Timing) -> float:
     return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds, strict=True))
 
 
+def route_cost(calls: int = 2000) -> float:
+    """Seconds a decided call adds to ``F.linear`` inside ``few_row_products`` (a weight below the few-row
+    size, so both sides run the same kernel), median of interleaved loops."""
+    layer = torch.nn.Linear(128, 256)
+    x = torch.randn(1, 128)
+    plain, routed = torch.nn.functional.linear, few_row_module.linear
+
+    def loop(fn):
+        def go() -> None:
+            with few_row_module.few_row_products():
+                for _ in range(calls):
+                    fn(x, layer.weight, layer.bias)
+        return go
+
+    with torch.inference_mode():
+        timings = interleaved({"plain": loop(plain), "routed": loop(routed)}, repeats=7)
+    return (timings["routed"].median - timings["plain"].median) / calls
+
+
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
     module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
@@ -128,7 +153,7 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
             f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×, "
             f"paired per round {paired(timings['with'], timings['without']):.2f}×; goal: never below 1×); tokens "
             f"identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
-            f"{counts}.")
+            f"{counts}; a decided call costs {route_cost() * 1e6:.1f} us more than F.linear itself.")
 
 
 READ_MB = 1024
