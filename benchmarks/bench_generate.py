@@ -102,6 +102,12 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
     return result
 
 
+def even(repeats: int) -> int:
+    """At least 6 rounds, an even number: ``interleaved`` reverses the order every other round, so each side
+    runs first equally often (a 2% gap between two runs of the same code needs more than 3 rounds)."""
+    return max(6, repeats + repeats % 2)
+
+
 def paired(fast: Timing, slow: Timing) -> float:
     """Median over repeats of ``slow``'s time / ``fast``'s time in the same round: runs of one round are
     adjacent in time, so a load change between rounds (the CPU is shared) cancels out of each ratio."""
@@ -143,13 +149,13 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
 
     timings = interleaved({"with": lambda: run("with", few_row),
                            "without": lambda: run("without", contextlib.nullcontext)},
-                          repeats=max(repeats, 5))  # two runs of the same code: 3 cannot show a 2% gap
+                          repeats=even(repeats))
     if not torch.equal(outputs["with"], outputs["without"]):
         raise SystemExit("the few-row linear path changed the generated tokens")
     with_, without = (new / timings[k].median for k in ("with", "without"))
     kept = [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == torch.float32]
     counts = ", ".join(f"{name} {kept.count(name)}" for name in sorted(set(kept)))
-    return (f"Ablation (batch 1, same run, median of {max(repeats, 5)}): gpt2lora {with_:.1f} tok/s with the "
+    return (f"Ablation (batch 1, same run, median of {even(repeats)}): gpt2lora {with_:.1f} tok/s with the "
             f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×, "
             f"paired per round {paired(timings['with'], timings['without']):.2f}×; goal: never below 1×); tokens "
             f"identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
@@ -210,7 +216,7 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
     grown = rss_bytes() - before
     timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
-                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=max(repeats, 5))
+                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=even(repeats))
     fp32, bf16, plain = (new / timings[k].median for k in ("fp32", "bf16", "bf16 plain"))
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
