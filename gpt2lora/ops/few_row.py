@@ -169,7 +169,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = linear(x.to(weight.dtype), weight).to(x.dtype)
         return out.add_(bias) if bias is not None else out
     kernels = _few_rows.get()
-    if kernels is None or torch.compiler.is_compiling():
+    if kernels is None or weight.numel() < MIN_WEIGHT_SIZE or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     # Every decoding step makes ~50 of these calls, so a decided shape costs one tuple and one dict lookup:
     # the key holds everything takes_few_row_path and the choice depend on.
