@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -22,10 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved, machine_line, write_section
+from common import Timing, interleaved, machine_line, write_section
 
 from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
+from gpt2lora.ops import few_row as few_row_module
+from gpt2lora.ops.few_row import KERNELS, linear_by_halves
+from gpt2lora.ops.packed import packed_bytes, packed_linear_available, packed_weight, release_packed
 
 NOTES = """\
 Decoding one row is bound by reading the weights: every new token reads every block matrix and the
@@ -34,10 +39,15 @@ Decoding one row is bound by reading the weights: every new token reads every bl
 divided by those bytes; the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache writes and Python add about 1.4 ms a token.
 Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
 product into a two-block `bmm` was 1.4-2.9x faster than `F.linear` on an AVX2 EPYC and is slower for
-most shapes on an AMX Xeon. generate therefore times both on first use of each shape (dtype, rows,
-thread count) and keeps the faster (`gpt2lora/ops/few_row.py`, `KernelChoice`), so it is never slower
-than plain `F.linear` decoding beyond the one-time measurement (a few ms per shape). The choice is
-scoped to the generate call's thread: other threads and models keep `F.linear`.
+most shapes on an AMX Xeon; for bf16 weights on a CPU with bf16 units, oneDNN's product on a copy of the
+weight packed once (`gpt2lora/ops/packed.py`, kept on the weight, remade when it changes) reads about twice
+as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed (the "kernels alone" line). generate
+times the candidates on first use of each decoding shape (dtype, rows, thread count) and keeps the fastest
+only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
+`KernelChoice`); the prompt's forward stays on `F.linear` (every prompt length would be a new shape to time).
+A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is kept the choice
+costs well under 1% of a token. The choice is scoped to the generate call's thread: other threads and models
+keep `F.linear`. "Paired per round" ratios are medians of the ratio within each interleaved round.
 With the CPU shared by other processes, 2 intra-op threads can be slower than 1 (`--threads 1`).\
 """
 
@@ -93,29 +103,70 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
     return result
 
 
+def even(repeats: int) -> int:
+    """At least 6 rounds, an even number: ``interleaved`` reverses the order every other round, so each side
+    runs first equally often (a 2% gap between two runs of the same code needs more than 3 rounds)."""
+    return max(6, repeats + repeats % 2)
+
+
+def paired(fast: Timing, slow: Timing) -> float:
+    """Median over repeats of ``slow``'s time / ``fast``'s time in the same round: runs of one round are
+    adjacent in time, so a load change between rounds (the CPU is shared) cancels out of each ratio."""
+    return statistics.median(s / f for f, s in zip(fast.seconds, slow.seconds, strict=True))
+
+
+def route_cost(calls: int = 2000) -> float:
+    """Seconds a decided call adds to ``F.linear`` inside ``few_row_products`` (a weight below the few-row
+    size, so both sides run the same kernel), median of interleaved loops."""
+    layer = torch.nn.Linear(128, 256)
+    x = torch.randn(1, 128)
+    plain, routed = torch.nn.functional.linear, few_row_module.linear
+
+    def loop(fn):
+        def go() -> None:
+            with few_row_module.few_row_products():
+                for _ in range(calls):
+                    fn(x, layer.weight, layer.bias)
+        return go
+
+    with torch.inference_mode():
+        timings = interleaved({"plain": loop(plain), "routed": loop(routed)}, repeats=7)
+    return (timings["routed"].median - timings["plain"].median) / calls
+
+
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
     module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
     few_row = module.few_row_products
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
+    cpu: dict[str, list[float]] = {"with": [], "without": []}
 
     def run(name: str, mode) -> None:
         module.few_row_products = mode
         try:
+            start = time.process_time()
             outputs[name] = generate(ours, ids, max_new_tokens=new, eos_token_id=None)
+            cpu[name].append(time.process_time() - start)
         finally:
             module.few_row_products = few_row
 
     timings = interleaved({"with": lambda: run("with", few_row),
                            "without": lambda: run("without", contextlib.nullcontext)},
-                          repeats=repeats)
+                          repeats=even(repeats))
     if not torch.equal(outputs["with"], outputs["without"]):
         raise SystemExit("the few-row linear path changed the generated tokens")
     with_, without = (new / timings[k].median for k in ("with", "without"))
-    return (f"Ablation (batch 1, same run): gpt2lora {with_:.1f} tok/s with the measured few-row kernel choice, "
-            f"{without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×; goal: never below 1×); tokens "
-            "identical.")
+    # CPU time of this process: on a shared CPU a run also waits for the core, which wall time counts
+    cpu_with, cpu_without = (Timing(k, cpu[k][-even(repeats):]) for k in ("with", "without"))
+    kept = [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == torch.float32]
+    counts = ", ".join(f"{name} {kept.count(name)}" for name in sorted(set(kept)))
+    return (f"Ablation (batch 1, same run, median of {even(repeats)}): gpt2lora {with_:.1f} tok/s with the "
+            f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×, "
+            f"paired per round {paired(timings['with'], timings['without']):.2f}×; in CPU time "
+            f"{cpu_without.median / cpu_with.median:.2f}×, paired {paired(cpu_with, cpu_without):.2f}×; goal: never "
+            f"below 1×); tokens identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
+            f"{counts}; a decided call costs {route_cost() * 1e6:.1f} us more than F.linear itself.")
 
 
 READ_MB = 1024
@@ -135,26 +186,90 @@ def ceiling_line(model: GPT2, bandwidth: float, tok_s: float, label: str) -> str
             f"ceiling {ceiling:.1f} tok/s; gpt2lora {tok_s:.1f} tok/s = {100 * tok_s / ceiling:.0f}% of it")
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int, bandwidth: float) -> str:
     """Batch 1 with the weights loaded in bf16 against the same model in fp32, interleaved (``bandwidth``:
-    measured beside the fp32 batch-1 row)."""
+    measured beside the fp32 batch-1 row); also bf16 on plain ``F.linear`` (no kernel choice, no packing)."""
     half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
+    module = sys.modules["gpt2lora.model.generate"]
+    few_row = module.few_row_products
 
-    def run(name: str, model: GPT2):
+    cpu: dict[str, list[float]] = {"first": [], "fp32": [], "bf16": [], "bf16 plain": []}
+
+    def run(name: str, model: GPT2, plain: bool = False):
         def go() -> None:
-            outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
+            if plain:
+                module.few_row_products = contextlib.nullcontext
+            try:
+                start = time.process_time()
+                outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
+                cpu[name].append(time.process_time() - start)
+            finally:
+                module.few_row_products = few_row
         return go
 
-    timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half)}, repeats=repeats)
-    fp32, bf16 = (new / timings[k].median for k in ("fp32", "bf16"))
+    before = rss_bytes()
+    run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
+    grown = rss_bytes() - before
+    timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
+                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=even(repeats))
+    fp32, bf16, plain = (new / timings[k].median for k in ("fp32", "bf16", "bf16 plain"))
+    cpu_fp32, cpu_bf16, cpu_plain = (Timing(k, cpu[k][-even(repeats):]) for k in ("fp32", "bf16", "bf16 plain"))
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
+    kept = packed_bytes(half)
     return (f"bf16 weights (batch 1, same run, bf16 units: {units}): {bf16:.1f} tok/s vs fp32 {fp32:.1f} tok/s "
-            f"({bf16 / fp32:.2f}×; goal ≥ 1.6× where the CPU has a fast bf16 path); the first {same} of {new} "
-            f"tokens equal fp32's (random weights: tiny logit margins). "
-            + ceiling_line(half, bandwidth, bf16, "bf16"))
+            f"({bf16 / fp32:.2f}×, paired per round {paired(timings['bf16'], timings['fp32']):.2f}×, in CPU time "
+            f"{cpu_fp32.median / cpu_bf16.median:.2f}× paired {paired(cpu_bf16, cpu_fp32):.2f}×; goal ≥ 1.6× "
+            f"where the CPU has a fast bf16 path); bf16 on plain F.linear {plain:.1f} tok/s (the kernel choice "
+            f"{bf16 / plain:.2f}× that, paired {paired(timings['bf16'], timings['bf16 plain']):.2f}×, in CPU time "
+            f"{cpu_plain.median / cpu_bf16.median:.2f}×; tokens "
+            f"{'identical' if torch.equal(outputs['bf16'], outputs['bf16 plain']) else 'DIFFERENT'}); the first "
+            f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Packed copies kept on "
+            f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
+            f"first bf16 generate grew the process by {grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
+            f"{peak_rss_bytes() / 1e9:.2f} GB. " + ceiling_line(half, bandwidth, bf16, "bf16"))
+
+
+def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
+    """Read bandwidth of each few-row kernel over the model's own linear weights (48 block matrices + the LM
+    head, one row, as one decoding step reads them), fp32 and bf16, interleaved."""
+    half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    contenders, sizes = {}, {}
+    for label, model in (("fp32", ours), ("bf16", half)):
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        x = torch.randn(1, model.config.n_embd, dtype=weights[0].dtype)
+        xs = {w.size(1): torch.randn(1, w.size(1), dtype=w.dtype) for w in weights}
+        sizes[label] = sum(w.numel() * w.element_size() for w in weights)
+        kernels = {"F.linear": torch.nn.functional.linear, "by_halves": linear_by_halves}
+        if packed_linear_available():
+            kernels["packed"] = lambda a, w: torch.ops.mkldnn._linear_pointwise(a, packed_weight(w), None, "none",
+                                                                                 [], "")
+        for name, fn in kernels.items():
+            contenders[f"{label} {name}"] = (lambda fn=fn, weights=weights, xs=xs:
+                                             [fn(xs[w.size(1)], w) for w in weights])
+        del x
+    with torch.inference_mode():
+        timings = interleaved(contenders, repeats=max(repeats, 5))
+    parts = [f"{name} {sizes[name.split()[0]] / timings[name].median / 1e9:.1f}" for name in contenders]
+    release_packed(half)
+    return ("Few-row kernels alone (1 row, every linear weight of the model once per pass, as a decoding step "
+            "reads them; GB/s of weights read, median of interleaved passes): " + ", ".join(parts) + ".")
 
 
 def bench_load(folder: Path, repeats: int) -> dict:
@@ -215,6 +330,8 @@ def main(argv: list[str] | None = None) -> str:
                 print(notes[-1], flush=True)
         del read
         if args.bf16 and 1 in args.batches:
+            notes.append(kernel_note(ours, folder, args.repeats))
+            print(notes[-1], flush=True)
             notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)
         load = bench_load(folder, args.repeats)

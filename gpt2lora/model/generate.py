@@ -127,12 +127,10 @@ def generate(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None = Non
         input_ids, attention_mask = left_align(input_ids, attention_mask)
     weight = model.transformer.wpe.weight  # the activations' dtype (a frozen base may be held in bf16)
     cache = KVCache(model.config, batch, virtual + prompt_len + max_new_tokens, weight.dtype, weight.device)
-    # Decoding feeds one position per row: its products are bound by reading the weights, which
-    # few_row_products does faster on CPU (and leaves to F.linear elsewhere).
     routing = nullcontext()
     if adapter_names is not None:
         routing = row_adapters(model, adapter_names, batch)
-    with few_row_products(), routing:
+    with routing:
         new_tokens = _decode(model, input_ids, attention_mask, cache, max_new_tokens,
                              lambda logits: next_token(logits, temperature, top_k, top_p, generator), eos_token_id,
                              stop)
@@ -143,10 +141,20 @@ def _decode(model: GPT2, input_ids: Tensor, attention_mask: Tensor | None, cache
             choose: Callable[[Tensor], Tensor], eos_token_id: int | None,
             stop: Tensor | None = None) -> list[Tensor]:
     """The new tokens, one (B,) tensor per step: prefill the cache, then feed back each choice."""
-    batch = input_ids.size(0)
     hidden = model.transformer(input_ids, attention_mask, kv_cache=cache)
-    logits = model.lm_head(hidden[:, -1])
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    # Decoding feeds one position per row: its products are bound by reading the weights, which
+    # few_row_products does faster on CPU (and leaves to F.linear elsewhere). The prompt stays outside it: its
+    # row count changes with every prompt, and each new count would be timed kernel by kernel again.
+    with few_row_products():
+        logits = model.lm_head(hidden[:, -1])
+        return _steps(model, logits, attention_mask, cache, max_new_tokens, choose, eos_token_id, stop)
+
+
+def _steps(model: GPT2, logits: Tensor, attention_mask: Tensor | None, cache: KVCache, max_new_tokens: int,
+           choose: Callable[[Tensor], Tensor], eos_token_id: int | None, stop: Tensor | None) -> list[Tensor]:
+    """The decoding steps after the prompt: choose a token from ``logits``, feed it back, repeat."""
+    batch = logits.size(0)
+    finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
     new_tokens = []
     for step in range(max_new_tokens):
         token = choose(logits)

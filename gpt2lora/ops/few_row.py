@@ -9,9 +9,14 @@ never copied, so LoRA-wrapped and merged layers take the same path: the model's 
 :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
 
+bf16 weights on a CPU with bf16 units have a third candidate, oneDNN's product on a packed copy of the
+weight (:mod:`gpt2lora.ops.packed`): plain bf16 ``F.linear`` reads a weight at half the fp32 speed on an AMX
+Xeon, the packed one about twice as fast as that.
+
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
-slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed both ways on first use
-and the faster kept (:class:`KernelChoice`, cached per shape, dtype and thread count).
+slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
+and the fastest kept (:class:`KernelChoice`, cached per shape, dtype and thread count); a decided call then
+costs :func:`linear` one tuple and one dict lookup (``KernelChoice.routes``), about 2 us.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .packed import can_pack, packed_linear
 
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
@@ -75,19 +82,22 @@ class KernelChoice:
 
     The first calls with a new ``key`` take the candidates in turn, each timed where it really runs (in
     decoding: the weights as cold as they are when each token reads them, the machine as busy as it is), until
-    every candidate has ``samples`` timings after one untimed first run; the candidate with the lowest median
-    is kept for ``key``, and later calls run it alone. The first candidate is the plain one: another replaces it
-    only when faster by more than ``margin`` (a fraction). The key holds everything the speed depends on
+    every candidate has ``samples`` timings after one untimed first run (which also makes a packed copy); the
+    candidate with the lowest median is kept for ``key``, and later calls run it alone. The first candidate is
+    the plain one: another replaces it only when faster by more than ``margin`` (a fraction), so a difference
+    within the noise of single-call timings on a busy machine keeps the plain kernel. The key holds everything the speed depends on
     (shape, layout, dtype, thread count). Every candidate computes the same product, so the cache decides how
     fast a call is, never what another model computes beyond float rounding.
     """
 
-    def __init__(self, timer: Callable[[], float] = time.perf_counter, samples: int = 5,
-                 margin: float = 0.03) -> None:
+    def __init__(self, timer: Callable[[], float] = time.perf_counter, samples: int = 8,
+                 margin: float = 0.05) -> None:
         self.timer = timer
         self.samples = samples
         self.margin = margin
         self.chosen: dict[Hashable, str] = {}
+        self.routes: dict[Hashable, str] = {}
+        """:func:`linear`'s index of decided calls: exact call shape (and dtype, device, threads) -> kernel."""
         self._trials: dict[Hashable, dict[str, list[float]]] = {}
         self._lock = threading.Lock()
 
@@ -144,24 +154,50 @@ def few_row_products(kernels: KernelChoice | None = None) -> Iterator[KernelChoi
         _few_rows.reset(token)
 
 
+_KERNEL_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
+    "F.linear": F.linear, "by_halves": lambda x, w, b: linear_by_halves(x, w, b), "packed": packed_linear}
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``; inside ``few_row_products()``, for a few CPU rows without gradients, the faster of
-    ``F.linear`` and ``linear_by_halves`` as measured on first use of the shape (see :class:`KernelChoice`)."""
+    """``F.linear``; inside ``few_row_products()``, for a few CPU rows without gradients, the fastest of
+    ``F.linear``, ``linear_by_halves`` and (bf16 weights on a CPU with bf16 units) :func:`packed_linear` as
+    measured on first use of the shape (see :class:`KernelChoice`)."""
     if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dtype != weight.dtype
             and weight.dtype in HALF and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)):
         # A frozen base held in half precision (gpt2lora.training.precision) read by fp32 activations outside
         # autocast: the product in the weight's dtype, the result and the bias in the input's.
         out = linear(x.to(weight.dtype), weight).to(x.dtype)
         return out.add_(bias) if bias is not None else out
-    if torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
     kernels = _few_rows.get()
-    if kernels is None or not takes_few_row_path(x, weight, bias):
+    if kernels is None or weight.numel() < MIN_WEIGHT_SIZE or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    # Every decoding step makes ~50 of these calls, so a decided shape costs one tuple and one dict lookup:
+    # the key holds everything takes_few_row_path and the choice depend on.
+    route = (x.shape, x.dtype, x.is_cpu, weight.shape, weight.stride(), weight.dtype, weight.is_cpu,
+             None if bias is None else bias.dtype, torch.is_grad_enabled(), torch.get_num_threads())
+    name = kernels.routes.get(route)
+    if name is not None:
+        return _KERNEL_FUNCTIONS[name](x, weight, bias)
+    return _first_uses(kernels, route, x, weight, bias)
+
+
+def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``linear`` for a shape not decided yet: not eligible (decided at once), or one more timed trial."""
+    if not takes_few_row_path(x, weight, bias):
+        if x.numel() <= MAX_ROWS * x.size(-1):  # many-row shapes (prompts) are not remembered: unbounded
+            kernels.routes[route] = "F.linear"
         return F.linear(x, weight, bias)
     key = ("linear", x.numel() // weight.size(1), *weight.shape, weight.is_contiguous(), weight.dtype,
            bias is not None, torch.get_num_threads())
-    return kernels.pick(key, {"F.linear": lambda: F.linear(x, weight, bias),
-                              "by_halves": lambda: linear_by_halves(x, weight, bias)})
+    candidates = {"F.linear": lambda: F.linear(x, weight, bias),
+                  "by_halves": lambda: linear_by_halves(x, weight, bias)}
+    if can_pack(x, weight, bias):
+        candidates["packed"] = lambda: packed_linear(x, weight, bias)
+    out = kernels.pick(key, candidates)
+    chosen = kernels.chosen.get(key)
+    if chosen is not None:
+        kernels.routes[route] = chosen
+    return out
 
 
 class Linear(nn.Linear):

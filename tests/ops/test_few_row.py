@@ -201,9 +201,10 @@ def test_generation_on_the_path_matches_transformers(wide_checkpoint, monkeypatc
     with torch.no_grad():
         expected = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
-    # every decoding step ran the four block layers of each block and the (odd-sized) head on the path
+    # every decoding step ran the four block layers of each block and the (odd-sized) head on the path; the
+    # prompt's rows did not (each prompt length would be a new shape to time)
     assert calls.count(WIDE["vocab_size"]) == new
-    assert calls.count(3 * WIDE["n_embd"]) >= new * WIDE["n_layer"]
+    assert calls.count(3 * WIDE["n_embd"]) == (new - 1) * WIDE["n_layer"]
 
 
 def test_lora_generation_on_the_path_equals_merged(wide_checkpoint):
@@ -220,3 +221,65 @@ def test_lora_generation_on_the_path_equals_merged(wide_checkpoint):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), full_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(generate(model, ids, max_new_tokens=20, eos_token_id=None), unmerged)
+
+
+class CountingPicks(few_row.KernelChoice):
+    """The real choice on a fake clock where ``linear_by_halves`` is always faster; counts calls to ``pick``."""
+
+    def __init__(self) -> None:
+        self.clock = 0.0
+        super().__init__(timer=lambda: self.clock)
+        self.picks = 0
+
+    def pick(self, key, candidates):
+        self.picks += 1
+        timed = {name: self._costing(run, 1.0 if name == "F.linear" else 0.5) for name, run in candidates.items()}
+        return super().pick(key, timed)
+
+    def _costing(self, run, cost):
+        def go():
+            self.clock += cost
+            return run()
+        return go
+
+
+def test_a_decided_shape_takes_one_lookup_and_never_times_again():
+    kernels = CountingPicks()
+    layer = Linear(256, 512)
+    x = torch.randn(1, 256)
+    trial_calls = 2 * (kernels.samples + 1)
+    with torch.no_grad(), few_row_products(kernels):
+        expected = F.linear(x, layer.weight, layer.bias)
+        for _ in range(trial_calls):
+            layer(x)
+        assert kernels.picks == trial_calls and set(kernels.chosen.values()) == {"by_halves"}
+        assert list(kernels.routes.values()) == ["by_halves"]
+        for _ in range(10):
+            torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+        assert kernels.picks == trial_calls  # decided: no pick, no timer
+        # the same weight with gradients wanted, or with many rows, is F.linear itself whatever was chosen
+        with torch.enable_grad():
+            assert torch.equal(layer(x), expected)
+        many = torch.randn(few_row.MAX_ROWS + 1, 256)
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        layer(x.view(1, 1, 256))  # another call shape is a new route
+    assert kernels.picks == trial_calls + 1
+    routes = {(tuple(key[0]), key[8]): name for key, name in kernels.routes.items()}  # (shape, grad) -> kernel
+    assert routes == {((1, 256), False): "by_halves", ((1, 256), True): "F.linear",
+                      ((1, 1, 256), False): "by_halves"}  # the same product, decided already; many rows: not kept
+
+
+def test_default_choice_keeps_the_plain_kernel_when_the_other_is_only_slightly_faster():
+    clock = [0.0]
+
+    def run(cost):
+        def go():
+            clock[0] += cost
+            return torch.zeros(1)
+        return go
+
+    kernels = few_row.KernelChoice(timer=lambda: clock[0])
+    assert kernels.margin >= 0.05 and kernels.samples >= 8
+    for _ in range(2 * (kernels.samples + 1)):
+        kernels.pick("k", {"F.linear": run(1.0), "by_halves": run(0.96)})  # 4% faster: within the noise
+    assert kernels.chosen == {"k": "F.linear"}

@@ -1,0 +1,208 @@
+"""bf16 few-row products through oneDNN-packed weights: equal to F.linear, packed once per weight and kept on it."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY
+
+from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora, generate
+from gpt2lora.ops import few_row, packed
+from gpt2lora.ops.few_row import Linear, few_row_products
+from gpt2lora.ops.packed import packed_bytes, packed_linear, packed_weight, release_packed
+from gpt2lora.training.precision import hold_frozen_weights
+
+needs_packing = pytest.mark.skipif(not packed.packed_linear_available(),
+                                   reason="no oneDNN packed linear or no bf16 units on this CPU")
+
+# GPT-2 124M's four block matrices (the checkpoint's (in, out) layout, read transposed) and a head with an odd
+# vocabulary, stored (out, in) like the tied LM head.
+SHAPES = [(2304, 768, "in_out"), (768, 768, "in_out"), (3072, 768, "in_out"), (768, 3072, "in_out"),
+          (1001, 768, "out_in")]
+
+
+def weight_of(out_features: int, in_features: int, layout: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if layout == "out_in":
+        return (torch.randn(out_features, in_features, generator=g) / 16).bfloat16()
+    return (torch.randn(in_features, out_features, generator=g) / 16).bfloat16().t()
+
+
+def assert_bf16_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """At most one bf16 step apart (2**-7 relative at worst), and almost all equal: same fp32 accumulation."""
+    assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=2**-12)
+    assert (got != expected).float().mean() < 0.01
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, 32])
+def test_packed_linear_equals_f_linear_for_decoding_shapes(shape, rows):
+    out_features, in_features, layout = shape
+    weight = weight_of(out_features, in_features, layout, seed=rows)
+    with torch.inference_mode():
+        check_shape(weight, rows)
+
+
+def check_shape(weight: torch.Tensor, rows: int) -> None:
+    out_features, in_features = weight.shape
+    g = torch.Generator().manual_seed(100 + rows)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g).bfloat16()
+    for b in (bias, None):
+        assert_bf16_close(packed_linear(x, weight, b), F.linear(x, weight, b))
+    # a (batch, 1, features) step input, and a non-contiguous one (a column slice of a wider tensor)
+    batched = x.view(rows, 1, in_features)
+    assert_bf16_close(packed_linear(batched, weight, bias), F.linear(batched, weight, bias))
+    strided = torch.randn(rows, 2 * in_features, generator=g).bfloat16()[:, ::2]
+    assert_bf16_close(packed_linear(strided, weight, bias), F.linear(strided, weight, bias))
+
+
+@needs_packing
+@torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed
+def test_pack_is_made_once_kept_on_the_weight_and_remade_when_the_weight_changes():
+    layer = Linear(768, 512).to(torch.bfloat16)
+    x = torch.randn(1, 768).bfloat16()
+    first = packed_weight(layer.weight)
+    assert packed_weight(layer.weight) is first  # reused while the weight is unchanged
+    assert packed_bytes(layer) == layer.weight.numel() * 2
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # in place: a new _version
+    second = packed_weight(layer.weight)
+    assert second is not first
+    assert_bf16_close(packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    layer.weight.data = torch.randn(512, 768).bfloat16()  # new storage (e.g. a load): packed again
+    assert packed_weight(layer.weight) is not second
+    assert_bf16_close(packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    assert release_packed(layer) == layer.weight.numel() * 2
+    assert packed_bytes(layer) == 0 and release_packed(layer) == 0
+
+
+@needs_packing
+@torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed
+def test_copies_and_saved_modules_do_not_carry_the_pack():
+    layer = Linear(768, 512).to(torch.bfloat16)
+    packed_weight(layer.weight)
+    twin = copy.deepcopy(layer)
+    assert packed_bytes(twin) == 0 and packed_bytes(layer) > 0
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert packed_bytes(loaded) == 0
+    assert torch.equal(loaded.weight, layer.weight)
+    assert packed_bytes(pickle.loads(pickle.dumps(layer))) == 0
+    x = torch.randn(2, 768).bfloat16()
+    assert_bf16_close(packed_linear(x, twin.weight, twin.bias), F.linear(x, layer.weight, layer.bias))
+
+
+class Recording(few_row.KernelChoice):
+    """Runs one named candidate (default: the plain one) and records which candidates each call was offered."""
+
+    def __init__(self, name: str = "F.linear") -> None:
+        super().__init__()
+        self.name = name
+        self.offered: list[tuple[str, ...]] = []
+
+    def pick(self, key, candidates):
+        self.offered.append(tuple(candidates))
+        return candidates[self.name]()
+
+
+@torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed
+def test_packed_is_a_candidate_only_for_bf16_weights_where_it_is_available(monkeypatch):
+    kernels = Recording()
+    x32, layer32 = torch.randn(1, 768), Linear(768, 512)
+    layer16 = Linear(768, 512).to(torch.bfloat16)
+    with few_row_products(kernels):
+        layer32(x32)
+        layer16(x32.bfloat16())
+    assert kernels.offered[0] == ("F.linear", "by_halves")  # fp32: packing is not faster (RESULTS.md)
+    assert ("packed" in kernels.offered[1]) == packed.packed_linear_available()
+    monkeypatch.setattr(packed, "packed_linear_available", lambda: False)  # an old torch, or no bf16 units
+    kernels = Recording()
+    with few_row_products(kernels):
+        out = layer16(x32.bfloat16())
+    assert kernels.offered == [("F.linear", "by_halves")]
+    assert torch.equal(out, F.linear(x32.bfloat16(), layer16.weight, layer16.bias))
+    assert packed_bytes(layer16) == 0
+
+
+def tiny_bf16(lora: bool) -> GPT2:
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(**{**TINY, "n_embd": 256, "n_head": 4, "vocab_size": 1001})).eval()
+    if lora:
+        apply_lora(model, LoRAConfig(rank=4, alpha=8), seed=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def counting_packed(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = few_row._KERNEL_FUNCTIONS["packed"]
+
+    def counted(x, weight, bias=None):
+        calls.append(weight.size(0))
+        return original(x, weight, bias)
+
+    monkeypatch.setitem(few_row._KERNEL_FUNCTIONS, "packed", counted)
+    monkeypatch.setattr(few_row, "packed_linear", counted)
+    return calls
+
+
+@needs_packing
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_generation_on_packed_weights_equals_plain_bf16(monkeypatch, lora):
+    """A bf16 model (LoRA-wrapped or not): every decoding product packed gives plain bf16 F.linear's tokens."""
+    model = tiny_bf16(lora).to(torch.bfloat16)
+    ids = torch.randint(1, 1001, (3, 5), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(few_row, "KERNELS", Recording("F.linear"))  # generate's own context uses KERNELS
+    plain = generate(model, ids, max_new_tokens=12, eos_token_id=None)
+    assert packed_bytes(model) == 0
+    calls = counting_packed(monkeypatch)
+    monkeypatch.setattr(few_row, "KERNELS", Recording("packed"))
+    assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=None), plain)
+    assert calls.count(1001) == 12 and calls.count(3 * 256) == 11 * TINY["n_layer"]  # every step, not the prompt
+    assert packed_bytes(model) > 0
+    with torch.inference_mode():
+        logits = model(ids)
+        with few_row_products(Recording("packed")):
+            assert_bf16_close(model(ids[:1, :4]), logits[:1, :4])
+
+
+@needs_packing
+def test_frozen_base_held_in_bf16_decodes_through_the_pack(monkeypatch):
+    """precision="bf16"'s held base: fp32 activations, bf16 matrices; the packed product equals the plain one."""
+    model = tiny_bf16(lora=True)
+    assert hold_frozen_weights(model) > 0
+    ids = torch.randint(1, 1001, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        with few_row_products(Recording("F.linear")):
+            expected = model(ids[:, :1])
+        calls = counting_packed(monkeypatch)
+        with few_row_products(Recording("packed")):
+            got = model(ids[:, :1])
+    assert got.dtype == torch.float32 and len(calls) >= 4 * TINY["n_layer"]
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-3)
+
+
+@needs_packing
+def test_weights_made_under_inference_mode_are_not_packed_or_kept():
+    with torch.inference_mode():
+        layer = Linear(768, 512).to(torch.bfloat16)
+        x = torch.randn(1, 768).bfloat16()
+        kernels = Recording()
+        with few_row_products(kernels):
+            layer(x)
+        assert kernels.offered == [("F.linear", "by_halves")]
+        assert_bf16_close(packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    assert packed_bytes(layer) == 0
