@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import LoRAConfig, is_residual_init
 from ..errors import ConfigError
 from .layers import LORA_LAYERS, lora_modules
-from .mixed import RowRouting, routed
+from .mixed import FactorCache, RowRouting, routed
 from .slots import BASE_ADAPTER, DEFAULT_ADAPTER, HEAD_NAME
 
 if TYPE_CHECKING:
@@ -159,10 +159,12 @@ class AdapterRegistry:
         return names
 
     @contextmanager
-    def route_rows(self, model: nn.Module, adapter_names: Sequence[str], batch: int) -> Iterator[None]:
-        """Within this context row i of every forward uses adapter ``adapter_names[i]``."""
+    def route_rows(self, model: nn.Module, adapter_names: Sequence[str], batch: int,
+                   factors: FactorCache | None = None) -> Iterator[None]:
+        """Within this context row i of every forward uses adapter ``adapter_names[i]``; ``factors`` keeps the
+        stacked factors across calls (see :class:`~gpt2lora.peft.mixed.FactorCache`)."""
         names = self.check_adapter_names(model, adapter_names, batch)
-        with routed(model, names) as routing:
+        with routed(model, names, factors) as routing:
             self.routing = routing
             try:
                 yield

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,10 @@ from torch import Tensor, nn
 from ...config import GPT2Config
 from ...errors import ConfigError
 from ...model.generate import next_token
-from ...model.hooks import KVCache, row_adapters
+from ...model.hooks import KVCache
 from ...ops.few_row import few_row_products
+from ...peft.mixed import FactorCache
+from ...peft.registry import adapter_configs
 
 SLACK = 32
 """Columns of holes the cache frame may carry before it is compacted, beyond the longest row again."""
@@ -182,6 +184,9 @@ class Engine:
         weight = model.lm_head.weight
         self.device = device or weight.device
         self.cache = SlotCache(model.config, max_batch, weight.dtype, self.device)
+        self.factors = FactorCache()
+        """The adapters' stacked factors, kept across steps; cleared after every :meth:`call` (which may load
+        or delete adapters)."""
         self.rows: list[GenerationRequest] = []
         self.waiting: deque[GenerationRequest] = deque()
         self.commands: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -267,6 +272,8 @@ class Engine:
                     future.set_result(fn())
                 except BaseException as err:  # noqa: BLE001 - the caller gets it
                     future.set_exception(err)
+                finally:
+                    self.factors.clear()
             try:
                 with torch.inference_mode():
                     self._step()
@@ -323,9 +330,10 @@ class Engine:
 
     def _forward(self, ids: Tensor, mask: Tensor, cache: KVCache | SlotCache, seqs: list[GenerationRequest]) -> Tensor:
         """Last-position logits of ``seqs`` (one row each, through its adapter) in one pass."""
-        routing = nullcontext()
-        if getattr(self.model, "adapter_router", None) is not None:
-            routing = row_adapters(self.model, [s.adapter for s in seqs], len(seqs))
+        routing: AbstractContextManager = nullcontext()
+        if adapter_configs(self.model):  # stacked adapter factors are kept across steps (self.factors)
+            routing = self.model.adapter_router.route_rows(self.model, [s.adapter for s in seqs], len(seqs),
+                                                           factors=self.factors)
         with routing:
             states = self.model.transformer(ids, mask, kv_cache=cache)
         return self.model.lm_head(states[:, -1])
