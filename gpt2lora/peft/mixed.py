@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -35,10 +34,11 @@ DENSE_WIDTH = 256
 class Stack:
     """One layer's factors of a set of adapters, stacked once: what a mixed forward multiplies every row with."""
 
-    flat_a: Tensor
-    """(K R, in): the A' of the K adapters, each zero-padded to R rows."""
-    flat_b: Tensor
-    """(out, K R): their B' (scaling, and DoRA's m/||W + dW||, folded in), in the same column blocks."""
+    a_t: Tensor
+    """(in, K R): the A' of the K adapters, each zero-padded to R rows, transposed (contiguous: the products
+    of a few rows with it run at about twice the speed of the transposed view's)."""
+    b_t: Tensor
+    """(K R, out): their B' (scaling, and DoRA's m/||W + dW||, folded in), in the same blocks, transposed."""
     gains: Tensor | None
     """(K + 1, out): DoRA's m/||W + dW|| - 1 per adapter (row 0, no adapter: zeros); None without DoRA."""
     rank: int
@@ -46,12 +46,22 @@ class Stack:
     names: tuple[str, ...]
     _padded: tuple[Tensor, Tensor] | None = None
 
+    @property
+    def flat_a(self) -> Tensor:
+        """(K R, in): the stacked A'."""
+        return self.a_t.t()
+
+    @property
+    def flat_b(self) -> Tensor:
+        """(out, K R): the stacked B'."""
+        return self.b_t.t()
+
     def padded(self) -> tuple[Tensor, Tensor]:
         """The factors as (K + 1, R, in) and (K + 1, out, R), slot 0 zeros (for gathering rows' factors)."""
         if self._padded is None:
             k = len(self.names)
-            a = self.flat_a.view(k, self.rank, -1)
-            b = self.flat_b.view(self.flat_b.shape[0], k, self.rank).permute(1, 0, 2)
+            a = self.flat_a.reshape(k, self.rank, -1)
+            b = self.flat_b.reshape(self.flat_b.shape[0], k, self.rank).permute(1, 0, 2)
             self._padded = (torch.cat([a.new_zeros(1, *a.shape[1:]), a]),
                             torch.cat([b.new_zeros(1, *b.shape[1:]), b]))
         return self._padded
@@ -76,7 +86,7 @@ def stack_factors(layer: LoRALinear, names: tuple[str, ...], device: torch.devic
             flat_b[:, cols] *= factor.unsqueeze(1)
             gains[i + 1] = factor - 1
             dora = True
-    return Stack(flat_a, flat_b, gains if dora else None, width, names)
+    return Stack(flat_a.t().contiguous(), flat_b.t().contiguous(), gains if dora else None, width, names)
 
 
 def _stamp(layer: LoRALinear, names: tuple[str, ...]) -> list:
@@ -130,7 +140,7 @@ class FactorCache:
         stamp = _stamp(layer, names)
         entries = self._stacks.setdefault(id(layer), OrderedDict())
         hit = entries.get(names)
-        if hit is not None and _same(hit[0], stamp) and hit[1].flat_a.device == device:
+        if hit is not None and _same(hit[0], stamp) and hit[1].a_t.device == device:
             entries.move_to_end(names)
             return hit[1]
         stack = stack_factors(layer, names, device)
@@ -150,7 +160,7 @@ class FactorCache:
         total = 0
         for entries in self._stacks.values():
             for _, stack in entries.values():
-                tensors = [stack.flat_a, stack.flat_b, stack.gains, *(stack._padded or ())]
+                tensors = [stack.a_t, stack.b_t, stack.gains, *(stack._padded or ())]
                 total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total
 
@@ -218,7 +228,7 @@ class RowRouting:
             stack = self.factors.stack(layer, present, x.device)
         else:
             stack = stack_factors(layer, present, x.device)
-        dtype, width, k = stack.flat_a.dtype, stack.rank, len(present)
+        dtype, width, k = stack.a_t.dtype, stack.rank, len(present)
         shared = (present, width, dtype, x.device)
         if shared not in self._rows:
             index = {n: i for i, n in enumerate(present, start=1)}
@@ -238,9 +248,10 @@ class RowRouting:
         plan = self.plan(layer, x)
         if plan is None:
             return out
-        xr = x.reshape(x.size(0), -1, layer.in_features).to(plan.flat_a.dtype)  # (B, T, in)
+        stack = plan.stack
+        xr = x.reshape(x.size(0), -1, layer.in_features).to(stack.a_t.dtype)  # (B, T, in)
         if plan.mask is not None:
-            up = F.linear(F.linear(xr, plan.flat_a) * plan.mask.unsqueeze(1), plan.flat_b)  # (B, T, out)
+            up = torch.matmul(torch.matmul(xr, stack.a_t) * plan.mask.unsqueeze(1), stack.b_t)  # (B, T, out)
         else:
             a_rows, b_rows = plan.gathered()
             up = torch.bmm(torch.bmm(xr, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))

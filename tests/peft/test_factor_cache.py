@@ -6,10 +6,12 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 from helpers import NO_DROPOUT, TINY
 
-from gpt2lora import GPT2, GPT2Config, LoRAConfig, add_adapter, delete_adapter
+from gpt2lora import GPT2, GPT2Config, LoRAConfig, add_adapter, delete_adapter, merge_lora, set_adapter
+from gpt2lora.errors import ConfigError
 from gpt2lora.peft.layers import lora_modules
 from gpt2lora.peft.mixed import FactorCache
 
@@ -80,3 +82,13 @@ def test_the_cache_holds_no_deleted_adapter_alive():
     factors.clear()  # what a caller does after deleting adapters: the stacked copies go too
     assert factors.nbytes() == 0
     assert torch.equal(mixed(model, ["a", "b"], factors), mixed(model, ["a", "b"], None))
+
+
+def test_a_merged_model_is_refused_with_kept_factors_too():
+    model = model_with_adapters()
+    factors = FactorCache()
+    mixed(model, ["a", "b"], factors)  # the cache knows the LoRA layers now
+    set_adapter(model, "a")
+    merge_lora(model)
+    with pytest.raises(ConfigError, match="merged"):
+        mixed(model, ["a", "b"], factors)
