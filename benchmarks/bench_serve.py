@@ -87,15 +87,16 @@ def drive(answer: Callable[[Job], Any], jobs: list[list[Job]]) -> dict[str, Any]
                 outputs[(c, r)] = tokens
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(len(jobs))]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(n for mine in jobs for _, _, n in mine)
     ordered = sorted(latencies)
-    return {"wall": wall, "tokens_per_s": tokens / wall, "p50": statistics.median(ordered),
+    return {"wall": wall, "cpu": cpu, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu,
+            "p50": statistics.median(ordered),
             "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], "outputs": outputs,
             "latencies": latencies}
 
@@ -193,6 +194,12 @@ def vocabulary_folder() -> Path:
     if not (folder / "vocab.json").is_file():
         raise SystemExit(f"--http needs the GPT-2 tokenizer files in {folder} (set GPT2LORA_SHARED)")
     return folder
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -301,6 +308,7 @@ def merged(runs: list[dict]) -> dict[str, object]:
     """Several runs of one contender: median throughput and wall time, latency percentiles over every request."""
     latencies = sorted(x for r in runs for x in r["latencies"])
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in runs),
             "wall": statistics.median(r["wall"] for r in runs), "p50": statistics.median(latencies),
             "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
             "outputs": runs[0]["outputs"], "repeats": [r["tokens_per_s"] for r in runs]}
@@ -318,11 +326,14 @@ def timed(contenders: dict, runs: dict[str, list[dict]], jobs: list[list[Job]], 
             if label == HTTP:
                 servers[-1].completion_tokens = 0
                 servers[-1].rss.append(rss_mib(servers[-1].process.pid))
+                server_cpu = cpu_seconds(servers[-1].process.pid)
             runs[label].append(drive(answer, jobs))
-            stop()
             r = runs[label][-1]
             if label == HTTP:  # what the server generated (it stops at end of text, the others never do)
+                r["cpu"] += cpu_seconds(servers[-1].process.pid) - server_cpu  # the server's and the clients'
                 r["tokens_per_s"] = servers[-1].completion_tokens / r["wall"]
+                r["tokens_per_cpu_s"] = servers[-1].completion_tokens / r["cpu"]
+            stop()
             print(f"{label}: {r['tokens_per_s']:.1f} tokens/s, p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s",
                   flush=True)
 
@@ -418,6 +429,11 @@ def report(args: argparse.Namespace, out: dict, load: tuple[float, float]) -> st
                      f"{engine['tokens_per_s'] / r['tokens_per_s']:.2f}× | {100 * r['same']:.0f} % |")
     a, b = results["peft, batches per adapter"], results["peft, adapter_names"]
     ra, rb = engine["tokens_per_s"] / a["tokens_per_s"], engine["tokens_per_s"] / b["tokens_per_s"]
+    cpu = ", ".join(f"{label} {r['tokens_per_cpu_s']:.1f} ({engine['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}×)"
+                    for label, r in results.items() if label != "gpt2lora engine")
+    lines += ["", (f"Per CPU-second of this process (what contention from other work inflates least: the engine "
+                   f"and peft's loops each use one thread), tokens: gpt2lora engine "
+                   f"{engine['tokens_per_cpu_s']:.1f}; {cpu} (the engine's figure over each).")]
     lines += ["", (f"Goal ≥ 3× (a) per-adapter batches: **{'met' if ra >= 3 else 'not met'}** ({ra:.2f}×); "
               f"goal ≥ 1.5× (b) peft's mixed batches: **{'met' if rb >= 1.5 else 'not met'}** ({rb:.2f}×); "
               f"p95 latency {engine['p95']:.2f} s against {a['p95']:.2f} s (a) and {b['p95']:.2f} s (b): "
