@@ -434,8 +434,11 @@ def report(args: argparse.Namespace, out: dict, load: tuple[float, float]) -> st
     lines += ["", (f"Per CPU-second of this process (what contention from other work inflates least: the engine "
                    f"and peft's loops each use one thread), tokens: gpt2lora engine "
                    f"{engine['tokens_per_cpu_s']:.1f}; {cpu} (the engine's figure over each).")]
-    lines += ["", (f"Goal ≥ 3× (a) per-adapter batches: **{'met' if ra >= 3 else 'not met'}** ({ra:.2f}×); "
-              f"goal ≥ 1.5× (b) peft's mixed batches: **{'met' if rb >= 1.5 else 'not met'}** ({rb:.2f}×); "
+    ca = engine["tokens_per_cpu_s"] / a["tokens_per_cpu_s"]
+    cb = engine["tokens_per_cpu_s"] / b["tokens_per_cpu_s"]
+    lines += ["", (f"Goal ≥ 3× (a) per-adapter batches: **{'met' if min(ra, ca) >= 3 else 'not met'}** ({ra:.2f}× "
+              f"in wall time, {ca:.2f}× per CPU-second); goal ≥ 1.5× (b) peft's mixed batches: "
+              f"**{'met' if min(rb, cb) >= 1.5 else 'not met'}** ({rb:.2f}×, {cb:.2f}×); "
               f"p95 latency {engine['p95']:.2f} s against {a['p95']:.2f} s (a) and {b['p95']:.2f} s (b): "
               f"**{'lower' if engine['p95'] < min(a['p95'], b['p95']) else 'not lower'}**.")]
     if HTTP in results:
