@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import LoRAConfig, is_residual_init
 from ..errors import ConfigError
 from .layers import LORA_LAYERS, lora_modules
-from .mixed import RowRouting, routed
+from .mixed import FactorCache, RowRouting, routed
 from .slots import BASE_ADAPTER, DEFAULT_ADAPTER, HEAD_NAME
 
 if TYPE_CHECKING:
@@ -133,8 +133,10 @@ class AdapterRegistry:
 
     # --- what the model calls (gpt2lora.model.hooks.AdapterRouter) ---
 
-    def check_adapter_names(self, model: nn.Module, adapter_names: object, batch: int) -> list[str]:
-        """``adapter_names`` as a list, checked: one known adapter (or ``"__base__"``) per row, inference only."""
+    def check_adapter_names(self, model: nn.Module, adapter_names: object, batch: int,
+                            layers: Sequence[nn.Module] | None = None) -> list[str]:
+        """``adapter_names`` as a list, checked: one known adapter (or ``"__base__"``) per row, inference only.
+        ``layers``: the model's LoRA layers when the caller knows them (no walk over every module)."""
         configs = self.require("adapter_names")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
                 isinstance(n, str) for n in adapter_names):
@@ -150,7 +152,8 @@ class AdapterRegistry:
         if model.training:
             raise ConfigError("adapter_names: mixed-adapter batches are for inference; call model.eval() first "
                               "(training uses the active adapter, see set_adapter)")
-        require_unmerged(model, "adapter_names")
+        if layers is None or any(layer.merged for layer in layers):
+            require_unmerged(model, "adapter_names")
         residual = self.residual_adapter()
         if residual is not None:
             raise ConfigError(f"adapter_names: adapter {residual!r} left a residual (PiSSA / OLoRA) in the base "
@@ -159,10 +162,13 @@ class AdapterRegistry:
         return names
 
     @contextmanager
-    def route_rows(self, model: nn.Module, adapter_names: Sequence[str], batch: int) -> Iterator[None]:
-        """Within this context row i of every forward uses adapter ``adapter_names[i]``."""
-        names = self.check_adapter_names(model, adapter_names, batch)
-        with routed(model, names) as routing:
+    def route_rows(self, model: nn.Module, adapter_names: Sequence[str], batch: int,
+                   factors: FactorCache | None = None) -> Iterator[None]:
+        """Within this context row i of every forward uses adapter ``adapter_names[i]``; ``factors`` keeps the
+        stacked factors across calls (see :class:`~gpt2lora.peft.mixed.FactorCache`)."""
+        layers = factors.modules(model) if factors is not None else None
+        names = self.check_adapter_names(model, adapter_names, batch, layers)
+        with routed(model, names, factors) as routing:
             self.routing = routing
             try:
                 yield

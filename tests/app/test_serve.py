@@ -3,10 +3,13 @@ vocabulary, three LoRA adapters and a classification adapter, all created here."
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
 import time
+import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +24,8 @@ httpx = pytest.importorskip("httpx")
 
 import gpt2lora as gl
 from gpt2lora.app.serve import BackgroundServer, build_app
-from gpt2lora.app.serve.engine import Engine, GenerationRequest
+from gpt2lora.app.serve.engine import Engine, GenerationRequest, run_on_engine
+from gpt2lora.peft.registry import adapter_configs
 
 KEY = "test-key"
 ADAPTERS = ("alpha", "beta", "gamma")
@@ -119,6 +123,20 @@ def settled(server, timeout: float = 10.0) -> dict:
         if (stats["running"] == 0 and stats["waiting"] == 0) or time.monotonic() > deadline:
             return stats
         time.sleep(0.01)
+
+
+def live_tensors() -> tuple[int, int]:
+    """Storages of every live CPU tensor the garbage collector sees, and their bytes."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on every object touches torch's deprecated lazy attributes
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and not tensor.is_meta:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return len(storages), sum(storages.values())
 
 
 def post(server, path: str, body, key: str | None = KEY, raw: bool = False) -> httpx.Response:
@@ -458,6 +476,40 @@ def test_load_and_unload_adapters_at_run_time_only_from_the_root(server, client,
     assert response.status_code == 400 and "no such folder" in response.text
 
 
+def test_unloading_a_models_only_adapter_frees_its_tensors(files, reference):
+    app = build_app(str(files["base"]), {"solo": str(files["gamma"]), "sentiment": str(files["sentiment"])},
+                    adapter_root=str(files["root"]), name="base", max_tokens=50)
+    served = app.state.api.served
+    ids = reference.tok.encode_ordinary("Only one adapter")
+
+    def complete(client, model: str) -> str:
+        return client.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0).choices[0].text
+
+    def expected(adapter: str) -> str:
+        return reference.tok.decode(reference(ids, adapter, 6))
+
+    with BackgroundServer(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert complete(client, "solo") == expected("gamma")
+        solo = [weakref.ref(p) for n, p in served.model.named_parameters() if "lora_" in n]
+        classifier = weakref.ref(served._classifier_of("sentiment"))
+        base_count = sum(p.numel() for n, p in served.model.named_parameters() if "lora_" not in n)
+        assert solo and classifier() is not None
+        for name in ("solo", "sentiment"):
+            response = httpx.post(running.url + "/v1/unload_lora_adapter", json={"lora_name": name})
+            assert response.status_code == 200, response.text
+        gc.collect()
+        assert all(r() is None for r in solo) and classifier() is None
+        assert served.classifiers == {} and not adapter_configs(served.model)
+        assert sum(p.numel() for p in served.model.parameters()) == base_count  # the base alone, no LoRA left
+        assert complete(client, "base") == expected("__base__")
+        # and an adapter can be loaded again on the plain base
+        response = httpx.post(running.url + "/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": "gamma"})
+        assert response.status_code == 200, response.text
+        assert complete(client, "again") == expected("gamma")
+        assert complete(client, "base") == expected("__base__")
+
+
 def test_runtime_loading_is_off_without_an_adapter_root(files):
     app = build_app(str(files["base"]), {})
     with BackgroundServer(app) as running:
@@ -485,7 +537,10 @@ def test_load_300_requests_from_24_clients_over_four_models(server, client, refe
         result = client.completions.create(model=model, prompt=ids, max_tokens=n, temperature=0, user=str(i))
         return i, result
 
-    start = server.served.engine.stats()
+    engine = server.served.engine
+    settled(server)
+    run_on_engine(engine, lambda: None)  # a command: the engine drops its stacked adapter factors
+    start, held = engine.stats(), live_tensors()
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(ask, jobs))
     assert sorted(i for i, _ in answers) == list(range(300))
@@ -496,7 +551,14 @@ def test_load_300_requests_from_24_clients_over_four_models(server, client, refe
     stats = settled(server)
     assert (stats["running"], stats["waiting"], stats["cache_rows"], stats["cache_length"]) == (0, 0, 0, 0)
     assert stats["failures"] == start["failures"]
-    assert not server.served.engine.rows and not server.served.engine.waiting
+    assert not engine.rows and not engine.waiting and not engine.cache.valid.any()
+    # memory: the KV cache is allocated once; what the load left (stacked factors) goes at the next command,
+    # and then the process holds the very tensors it held before, byte for byte (tensors, not RSS: the
+    # allocator keeps freed pages)
+    assert stats["factor_bytes"] > 0
+    run_on_engine(engine, lambda: None)
+    assert engine.stats()["factor_bytes"] == 0
+    assert live_tensors() == held
 
 
 def test_readme_client_example_runs(server, capsys):

@@ -32,3 +32,15 @@ def test_every_server_answers_every_request_with_the_engines_tokens():
     assert set(out["steps"]) == {4, 16}
     lengths = {k: len(v) for k, v in out["results"]["gpt2lora engine"]["outputs"].items()}
     assert sum(lengths.values()) == out["tokens"]
+
+
+def test_http_option_runs_the_requests_through_the_real_server():
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    out = bench_serve.run("tiny", clients=3, requests=1, n_adapters=2, max_batch=3, prompt=(3, 8), output=(2, 6),
+                          rank=4, http=True)
+    http = out["results"][bench_serve.HTTP]
+    assert len(http["outputs"]) == 3 and http["same"] == 1.0  # the server's text is the engine's tokens decoded
+    assert http["tokens_per_s"] > 0 and http["p50"] <= http["p95"]
+    assert len(out["rss"]) == 1 and len(out["rss"][0]) == 2 and all(x > 0 for x in out["rss"][0])

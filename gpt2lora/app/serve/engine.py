@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,10 @@ from torch import Tensor, nn
 from ...config import GPT2Config
 from ...errors import ConfigError
 from ...model.generate import next_token
-from ...model.hooks import KVCache, row_adapters
+from ...model.hooks import KVCache
 from ...ops.few_row import few_row_products
+from ...peft.mixed import FactorCache
+from ...peft.registry import adapter_configs
 
 SLACK = 32
 """Columns of holes the cache frame may carry before it is compacted, beyond the longest row again."""
@@ -102,7 +104,13 @@ class GenerationRequest:
 class SlotCache:
     """Keys and values for ``slots`` rows over a shared frame of columns; ``valid[s, c]`` says whether column c
     holds a token of slot s's sequence. The model sees it as a :class:`~gpt2lora.model.hooks.KVCache` over the
-    first ``batch`` slots (the running rows)."""
+    first ``batch`` slots (the running rows) and the columns ``start:end``.
+
+    Every row's tokens end at ``end`` (each step appends one column to every row; a joining row goes
+    right-aligned), so no running row has a token before the first column of the row that started earliest:
+    a forward reads the frame from there (``start``). When that row leaves, the frame narrows at no cost; the
+    columns before ``start`` are dead and are reused when the frame is compacted.
+    """
 
     def __init__(self, config: GPT2Config, slots: int, dtype: torch.dtype, device: torch.device) -> None:
         width = config.n_positions
@@ -110,46 +118,69 @@ class SlotCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(slots, width, dtype=torch.bool, device=device)
+        self.first = [0] * slots
+        """Each slot's first column holding a token of its sequence."""
         self.width = width
-        self.length = 0
+        self.start = 0
+        self.end = 0
         self.batch = 0
         self.compactions = 0
 
+    @property
+    def length(self) -> int:
+        """Columns a forward reads (what the model counts as cached positions)."""
+        return self.end - self.start
+
+    @length.setter
+    def length(self, value: int) -> None:  # the model adds each forward's new columns
+        self.end = self.start + value
+
+    def reset(self) -> None:
+        """No running row: an empty frame."""
+        self.valid.zero_()
+        self.start = self.end = 0
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """As :meth:`KVCache.update`, on the first ``batch`` slots."""
-        end = self.length + k.size(2)
-        self.keys[layer, :self.batch, :, self.length:end] = k
-        self.values[layer, :self.batch, :, self.length:end] = v
-        return self.keys[layer, :self.batch, :, :end], self.values[layer, :self.batch, :, :end]
+        end = self.end + k.size(2)
+        self.keys[layer, :self.batch, :, self.end:end] = k
+        self.values[layer, :self.batch, :, self.end:end] = v
+        return self.keys[layer, :self.batch, :, self.start:end], self.values[layer, :self.batch, :, self.start:end]
 
     def mask(self, extra: int) -> Tensor:
-        """The attention mask of the running rows for a forward that appends ``extra`` columns."""
+        """The attention mask of the running rows for a forward that appends ``extra`` columns (and the frame's
+        start moved to the earliest running row's first token)."""
+        self.start = min(self.first[:self.batch], default=self.end)
         ones = torch.ones(self.batch, extra, dtype=torch.bool, device=self.valid.device)
-        return torch.cat([self.valid[:self.batch, :self.length], ones], dim=1).long()
+        return torch.cat([self.valid[:self.batch, self.start:self.end], ones], dim=1).long()
 
     def insert(self, slots: list[int], prefill: KVCache, mask: Tensor) -> None:
         """Place prefilled rows (left-padded, ``mask`` (n, P)) right-aligned at the end of the frame."""
         width = mask.size(1)
-        if width > self.length:  # the frame grows; the new columns belong to no running row
-            self.valid[:, self.length:width] = False
-            self.length = width
+        if width > self.end:  # the frame grows; the new columns belong to no running row
+            self.valid[:, self.end:width] = False
+            self.end = width
         index = torch.tensor(slots, device=self.keys.device)
-        cols = slice(self.length - width, self.length)
+        cols = slice(self.end - width, self.end)
         self.keys[:, index, :, cols] = prefill.keys[:, :, :, :width]
         self.values[:, index, :, cols] = prefill.values[:, :, :, :width]
         self.valid[index] = False
         self.valid[index, cols] = mask.bool()
+        for slot, count in zip(slots, mask.sum(dim=1).tolist(), strict=True):
+            self.first[slot] = self.end - int(count)
 
     def move(self, src: int, dst: int) -> None:
         """Slot ``src``'s sequence into slot ``dst`` (keeping the running rows the first ``batch`` slots)."""
-        self.keys[:, dst, :, :self.length] = self.keys[:, src, :, :self.length]
-        self.values[:, dst, :, :self.length] = self.values[:, src, :, :self.length]
+        lo = self.first[src]
+        self.keys[:, dst, :, lo:self.end] = self.keys[:, src, :, lo:self.end]
+        self.values[:, dst, :, lo:self.end] = self.values[:, src, :, lo:self.end]
         self.valid[dst] = self.valid[src]
         self.valid[src] = False
+        self.first[dst] = lo
 
     def compact(self) -> None:
-        """Right-align every running row's tokens in the narrowest frame that holds them all (the rows' own
-        positions come from their masks, so nothing they compute changes)."""
+        """Right-align every running row's tokens in the narrowest frame that holds them all, from column 0
+        (the rows' own positions come from their masks, so nothing they compute changes)."""
         counts = self.valid[:self.batch].sum(dim=1).tolist()
         new_length = max(counts, default=0)
         for slot, count in enumerate(counts):
@@ -159,7 +190,8 @@ class SlotCache:
             self.values[:, slot, :, dst] = self.values[:, slot, :, src]
             self.valid[slot] = False
             self.valid[slot, dst] = True
-        self.length = new_length
+            self.first[slot] = new_length - count
+        self.start, self.end = 0, new_length
         self.compactions += 1
 
 
@@ -182,6 +214,9 @@ class Engine:
         weight = model.lm_head.weight
         self.device = device or weight.device
         self.cache = SlotCache(model.config, max_batch, weight.dtype, self.device)
+        self.factors = FactorCache()
+        """The adapters' stacked factors, kept across steps; cleared after every :meth:`call` (which may load
+        or delete adapters)."""
         self.rows: list[GenerationRequest] = []
         self.waiting: deque[GenerationRequest] = deque()
         self.commands: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -229,7 +264,7 @@ class Engine:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "cache_length": self.cache.length,
                     "cache_rows": int(self.cache.valid.any(dim=1).sum()), "compactions": self.cache.compactions,
-                    "steps": self.steps, "failures": self.failures}
+                    "steps": self.steps, "failures": self.failures, "factor_bytes": self.factors.nbytes()}
 
     def in_use(self, adapter: str) -> bool:
         """Whether a running or waiting request uses ``adapter``."""
@@ -267,6 +302,8 @@ class Engine:
                     future.set_result(fn())
                 except BaseException as err:  # noqa: BLE001 - the caller gets it
                     future.set_exception(err)
+                finally:
+                    self.factors.clear()
             try:
                 with torch.inference_mode():
                     self._step()
@@ -274,8 +311,7 @@ class Engine:
                 self.failures += len(self.rows)
                 for slot in reversed(range(len(self.rows))):
                     self._release(slot, f"error: {err}")
-                self.cache.valid.zero_()
-                self.cache.length = 0
+                self.cache.reset()
 
     def _step(self) -> None:
         with self.cond:
@@ -306,7 +342,7 @@ class Engine:
         self.rows.pop()
         self.cache.batch = len(self.rows)
         if not self.rows:
-            self.cache.length = 0
+            self.cache.reset()
         seq.finish_reason = reason
         if notify:
             self._emit(seq, "", None, reason)
@@ -323,9 +359,10 @@ class Engine:
 
     def _forward(self, ids: Tensor, mask: Tensor, cache: KVCache | SlotCache, seqs: list[GenerationRequest]) -> Tensor:
         """Last-position logits of ``seqs`` (one row each, through its adapter) in one pass."""
-        routing = nullcontext()
-        if getattr(self.model, "adapter_router", None) is not None:
-            routing = row_adapters(self.model, [s.adapter for s in seqs], len(seqs))
+        routing: AbstractContextManager = nullcontext()
+        if adapter_configs(self.model):  # stacked adapter factors are kept across steps (self.factors)
+            routing = self.model.adapter_router.route_rows(self.model, [s.adapter for s in seqs], len(seqs),
+                                                           factors=self.factors)
         with routing:
             states = self.model.transformer(ids, mask, kv_cache=cache)
         return self.model.lm_head(states[:, -1])
@@ -360,29 +397,31 @@ class Engine:
 
     def _decode(self) -> None:
         cache = self.cache
-        if cache.length + 1 > cache.width or cache.length > SLACK:
+        frame = cache.end - min(cache.first[:cache.batch])
+        if cache.end + 1 > cache.width or frame > SLACK:
             # Attention reads the whole frame: once holes make it much wider than the longest row, close them.
             longest = int(cache.valid[:cache.batch].sum(dim=1).max())
-            if cache.length + 1 > cache.width or cache.length > 2 * longest + SLACK:
+            if cache.end + 1 > cache.width or frame > 2 * longest + SLACK:
                 cache.compact()
         rows = list(self.rows)
         ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
-        before = self.cache.length
+        before = cache.end
         try:
             with few_row_products():
-                logits = self._forward(ids, self.cache.mask(1), self.cache, rows)
+                logits = self._forward(ids, cache.mask(1), cache, rows)
         except Exception as err:  # noqa: BLE001 - fail the rows of this pass, keep the engine
-            self.cache.length = before
+            cache.end = before
             self.failures += len(rows)
             for slot in reversed(range(len(rows))):
                 self._release(slot, f"error: {err}")
             return
-        self.cache.valid[:len(rows), self.cache.length - 1] = True
+        cache.valid[:len(rows), cache.end - 1] = True
         self._choose(list(range(len(rows))), logits)
 
     def _choose(self, slots: list[int], logits: Tensor) -> None:
         """Pick each row's next token, send it, and let finished rows leave."""
-        greedy = logits.argmax(dim=-1).tolist()
+        # max() gives argmax's index (the first maximum) in well under half argmax's time on CPU
+        greedy = logits.max(dim=-1).indices.tolist()
         done: list[tuple[int, str]] = []
         for row, slot in enumerate(slots):
             seq = self.rows[slot]

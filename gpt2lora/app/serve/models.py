@@ -21,8 +21,10 @@ from ...model.classifier import GPT2ForSequenceClassification
 from ...model.gpt2 import GPT2
 from ...model.tokenizer import load_tokenizer
 from ...peft.files import load_adapter
+from ...peft.layers import lora_modules
 from ...peft.lora import adapter_configs
 from ...peft.named import delete_adapter, set_adapter
+from ...peft.registry import adapter_registry
 from ...peft.slots import check_adapter_name
 from .engine import BASE, Engine
 
@@ -169,16 +171,27 @@ class ServedModels:
 
     def unload(self, name: str, timeout: float = 60.0) -> None:
         """Stop serving adapter ``name``: new requests for it get 404 at once; its tensors go when no running
-        request uses it (an adapter that is the only one on its model stays in memory, unused)."""
+        request uses it. A classifier left without adapters goes whole; the language model left without
+        adapters is the plain base model again."""
         adapter = self.adapters.pop(name, None)
         if adapter is None:
             raise NotFound(f"no adapter named {name!r} is loaded")
         deadline = time.monotonic() + timeout
         while self.engine.in_use(name) and time.monotonic() < deadline:
             time.sleep(0.01)
-        model = self.model if adapter.kind == "generate" else self._classifier_of(name)
-        if model is not None:
-            self.engine.call(lambda: _drop(model, name)).result()
+        if adapter.kind == "generate":
+            self.engine.call(lambda: _drop(self.model, name)).result()
+            return
+
+        def drop_classifier() -> None:
+            for classes, model in list(self.classifiers.items()):
+                if name in adapter_configs(model):
+                    if len(adapter_configs(model)) == 1:
+                        del self.classifiers[classes]  # its own copy of the base goes with it
+                    else:
+                        _drop(model, name)
+
+        self.engine.call(drop_classifier).result()
 
     def _classifier_of(self, name: str) -> nn.Module | None:
         return next((m for m in self.classifiers.values() if name in adapter_configs(m)), None)
@@ -239,6 +252,22 @@ def _drop(model: nn.Module, name: str) -> None:
     if getattr(model, "active_adapter", None) == name:
         others = [n for n in configs if n != name]
         if not others:
-            return  # the model's only adapter: no request reaches it any more
+            _drop_only_adapter(model, name)
+            return
         set_adapter(model, others[0])
     delete_adapter(model, name)
+
+
+def _drop_only_adapter(model: nn.Module, name: str) -> None:
+    """Remove ``model``'s only adapter (``delete_adapter`` keeps an active one): every LoRA layer goes back to
+    its plain layer, and the model has no adapter left (the registry stays, empty, for adapters loaded later)."""
+    for path, module in list(lora_modules(model)):
+        module.remove_slot(name)
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base_layer)
+    registry = adapter_registry(model)
+    if registry is not None:
+        registry.remove_head(name)
+        registry.configs.pop(name, None)
+        registry.active = None
