@@ -357,8 +357,22 @@ def activation_parts(setting: PlanSetting, model: torch.nn.Module) -> tuple[floa
     if not active:
         return kept, loss_block, 0.0
     if not s.gradient_checkpointing:
-        return kept, loss_block, attention_scores_transient(s, rows)
+        scores = attention_scores_transient(s, rows)
+        if s.objective == "classification":
+            return kept, loss_block, scores
+        # the last block's backward: at its start the gradients of BLOCK_START_GRADS; in its attention's backward
+        # one block of scores and ATTENTION_GRADS, the tensors kept after the attention core freed by then
+        start = BLOCK_START_GRADS[stored] * tokens * d
+        attention = scores + (ATTENTION_GRADS - after_attention_kept(stored, recomputed=False)) * tokens * d
+        return kept, loss_block, max(start, attention)
     return kept, loss_block, checkpointed_backward(s, model).peak - kept
+
+
+def after_attention_kept(stored: str, recomputed: bool) -> float:
+    """:data:`AFTER_ATTENTION_KEPT_BYTES`, per token and unit of width; outside a checkpointed recompute, full
+    fine-tuning does not keep the LayerNorm and GELU outputs (:mod:`gpt2lora.ops.recompute` remakes them)."""
+    not_kept = 0.0 if recomputed else RECOMPUTED_LAYER_BYTES[stored][0] - LAYER_BYTES[stored][0]
+    return AFTER_ATTENTION_KEPT_BYTES[stored] - not_kept
 
 
 def attention_scores_transient(setting: PlanSetting, rows: int) -> float:

@@ -23,6 +23,7 @@ from gpt2lora.training.memory_plan import (
     ModelShape,
     PlanSetting,
     activation_parts,
+    after_attention_kept,
     checkpointed_backward,
 )
 
@@ -108,3 +109,6 @@ def test_without_checkpointing_the_attention_backward_adds_one_block_of_scores(m
     # full fine-tuning's parameter gradients are alive too; the plan counts them as gradients, not activations
     gradients = sum(4 * p.numel() for p in model.parameters() if p.requires_grad) if method == "full" else 0
     assert peak.total - gradients == pytest.approx(kept + backward, rel=0.06), (peak, kept, backward)
+    # of what the forward kept, the last block's tensors after its attention core are freed by then
+    freed = after_attention_kept(method, recomputed=False) * 8 * 256 * shape.n_embd
+    assert peak.forward == pytest.approx(kept - freed, rel=0.08), (peak, kept, freed)
