@@ -118,15 +118,13 @@ def live_peak(run: Callable[[], object], blocks: list[Any]) -> LivePeak:
     return LivePeak(peak, where=events[peak_at][3], **parts)
 
 
-def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int) -> dict:
-    """Train in this process; the fit's training-added peak and the plan's estimate, in MiB."""
+def model_and_batches(method: str, rows: int, length: int, steps: int) -> tuple[Any, list[dict[str, Any]]]:
+    """The benchmark's random GPT-2 prepared for ``method``, and ``steps`` LM batches of ``rows`` x ``length``."""
     import torch
 
-    from gpt2lora import GPT2, GPT2Config, LoRAConfig, TrainConfig, Trainer
+    from gpt2lora import GPT2, GPT2Config, LoRAConfig
     from gpt2lora.peft.methods import prepare_model
-    from gpt2lora.training.memory_plan import ModelShape, PlanSetting, plan_memory
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = GPT2(GPT2Config(**SHAPE, vocab_size=50257, n_positions=1024))
     prepare_model(model, method, lora=LoRAConfig() if method == "lora" else None, seed=0)
@@ -135,6 +133,18 @@ def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int
     for _ in range(steps):
         ids = torch.randint(0, 50257, (rows, length), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return model, batches
+
+
+def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int) -> dict:
+    """Train in this process; the fit's training-added peak and the plan's estimate, in MiB."""
+    import torch
+
+    from gpt2lora import TrainConfig, Trainer
+    from gpt2lora.training.memory_plan import ModelShape, PlanSetting, plan_memory
+
+    torch.set_num_threads(1)
+    model, batches = model_and_batches(method, rows, length, steps)
     config = TrainConfig(lr=1e-4, max_steps=steps, progress=False, device="cpu", precision="fp32",
                          gradient_checkpointing=checkpointing, batch_size=rows)
     history = Trainer(model, config).fit(batches)
@@ -148,20 +158,11 @@ def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int
 
 def where(method: str, rows: int, length: int, steps: int) -> str:
     """Profile a checkpointed fit: the tensors alive at its peak by who allocated them, beside the plan's terms."""
-    import torch
 
-    from gpt2lora import GPT2, GPT2Config, LoRAConfig, TrainConfig, Trainer
-    from gpt2lora.peft.methods import prepare_model
+    from gpt2lora import TrainConfig, Trainer
     from gpt2lora.training.memory_plan import ModelShape, PlanSetting, checkpointed_backward, plan_memory
 
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(**SHAPE, vocab_size=50257, n_positions=1024))
-    prepare_model(model, method, lora=LoRAConfig() if method == "lora" else None, seed=0)
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(steps):
-        ids = torch.randint(0, 50257, (rows, length), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    model, batches = model_and_batches(method, rows, length, steps)
     config = TrainConfig(lr=1e-4, max_steps=steps, progress=False, device="cpu", precision="fp32",
                          gradient_checkpointing=True, batch_size=rows)
     peak = live_peak(lambda: Trainer(model, config).fit(batches), list(model.transformer.h))
