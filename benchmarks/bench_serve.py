@@ -394,10 +394,14 @@ for a fraction of what per-adapter batches of about 4 rows pay; that ratio bound
 where a step's cost still grows with its rows (one thread does the multiply-adds). Over peft's own mixed batches
 (b), the gain is what static batches waste: rows padded to the longest prompt of their batch, rows decoded past
 their own `max_tokens` until the batch's longest request ends, clients idle while a batch they cannot join
-runs, and transformers' per-step overhead. Prompts are prefilled as they arrive (one forward for those admitted
-together), the same work for every contender. The engine's decoding step runs the kernels of a plain `generate`
-step (`few_row_products`, one routed LoRA product per layer: two matmuls over the adapters' stacked factors and
-a row mask). What a step does beyond the base model's products is kept small: the stacked factors are built
+runs, and transformers' per-step overhead. Prompts are prefilled as they arrive: those admitted together in
+forwards of similar lengths (at most 64 padding positions a forward, `engine.prefill_groups`). The engine's
+decoding step runs the kernels of a plain `generate` step (`few_row_products`, one routed LoRA product per layer:
+two matmuls over the adapters' stacked factors and a row mask); for 2 to 32 fp32 rows the measured kernel choice
+includes oneDNN's product on a packed copy of each weight (`ops/packed.py`: `F.linear` repacks the weight on
+every call of a few rows; the packed copies take as much memory as the weights), and row counts share a choice in
+buckets (1, 2, 3-4, 5-8, 9-16, ...), so the first run of a fresh process still times kernels (the "each run"
+column: the first run is the coldest). What a step does beyond the base model's products is kept small: the stacked factors are built
 once and kept across steps (`peft.mixed.FactorCache`, checked against the adapters' tensors each step, dropped
 after any engine command such as loading an adapter), attention reads the shared KV frame only from the first
 token of the earliest running row (the frame narrows for free when a long row leaves; it is compacted when

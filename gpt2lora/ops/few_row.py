@@ -1,17 +1,18 @@
 """Linear layers on a few rows (one token per sequence while decoding) as batched matrix products.
 
 On CPU, ``F.linear`` of a handful of rows against a large weight runs BLAS's matrix-vector
-kernel, which reads the weight at a fraction of the memory bandwidth (12-13 GB/s measured on the
-2-core development machine). Viewing the same weight as two halves and multiplying them with
+kernel, which reads the weight at a fraction of the memory bandwidth (12-13 GB/s measured on a
+2-core AVX2 EPYC). Viewing the same weight as two halves and multiplying them with
 one ``torch.bmm`` lets torch split the work across threads with a faster kernel: 1.4x faster
 for GPT-2 124M's block weights and 2.9x for its LM head at batch 1. The weight is only viewed,
 never copied, so LoRA-wrapped and merged layers take the same path: the model's layers are
 :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
 
-bf16 weights on a CPU with bf16 units have a third candidate, oneDNN's product on a packed copy of the
-weight (:mod:`gpt2lora.ops.packed`): plain bf16 ``F.linear`` reads a weight at half the fp32 speed on an AMX
-Xeon, the packed one about twice as fast as that.
+A third candidate is oneDNN's product on a packed copy of the weight (:mod:`gpt2lora.ops.packed`): for bf16
+weights on a CPU with bf16 units (plain bf16 ``F.linear`` reads a weight at half the fp32 speed on an AMX Xeon,
+the packed one about twice as fast as that), and for fp32 products of 2 to 32 rows (``F.linear`` repacks the
+weight on every such call).
 
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
 slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
@@ -24,6 +25,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packed import can_pack, packed_linear
+from .packed import can_pack, packed_linear, settle_pack
 
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
@@ -100,6 +102,8 @@ class KernelChoice:
         """:func:`linear`'s index of decided calls: exact call shape (and dtype, device, threads) -> kernel."""
         self._trials: dict[Hashable, dict[str, list[float]]] = {}
         self._lock = threading.Lock()
+        self.packed_on_trial: dict[Hashable, list[weakref.ref]] = {}
+        """Weights packed to time a packed candidate of a key not decided yet (see :func:`settle_pack`)."""
 
     def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
         """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new."""
@@ -181,22 +185,37 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _first_uses(kernels, route, x, weight, bias)
 
 
+def row_bucket(rows: int) -> int:
+    """The row counts that share one measured choice: 1, 2, then up to the next power of two (3-4, 5-8, ...).
+
+    A kernel's speed changes smoothly with the rows, while every key costs trials: a serving engine's batch
+    takes every count from 1 to its maximum, and the LM head, called once a step, needs about 27 steps to
+    decide a key."""
+    return 1 << (rows - 1).bit_length()
+
+
 def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``linear`` for a shape not decided yet: not eligible (decided at once), or one more timed trial."""
     if not takes_few_row_path(x, weight, bias):
         if x.numel() <= MAX_ROWS * x.size(-1):  # many-row shapes (prompts) are not remembered: unbounded
             kernels.routes[route] = "F.linear"
         return F.linear(x, weight, bias)
-    key = ("linear", x.numel() // weight.size(1), *weight.shape, weight.is_contiguous(), weight.dtype,
+    key = ("linear", row_bucket(x.numel() // weight.size(1)), *weight.shape, weight.is_contiguous(), weight.dtype,
            bias is not None, torch.get_num_threads())
     candidates = {"F.linear": lambda: F.linear(x, weight, bias),
                   "by_halves": lambda: linear_by_halves(x, weight, bias)}
     if can_pack(x, weight, bias):
         candidates["packed"] = lambda: packed_linear(x, weight, bias)
+        trial = kernels.packed_on_trial.setdefault(key, [])
+        if not any(ref() is weight for ref in trial):
+            trial.append(weakref.ref(weight))
     out = kernels.pick(key, candidates)
     chosen = kernels.chosen.get(key)
     if chosen is not None:
         kernels.routes[route] = chosen
+        for ref in kernels.packed_on_trial.pop(key, ()):  # a pack kept only if its product won
+            if (packed := ref()) is not None:
+                settle_pack(packed, chosen == "packed")
     return out
 
 

@@ -24,7 +24,14 @@ httpx = pytest.importorskip("httpx")
 
 import gpt2lora as gl
 from gpt2lora.app.serve import BackgroundServer, build_app
-from gpt2lora.app.serve.engine import Engine, GenerationRequest, run_on_engine
+from gpt2lora.app.serve.engine import (
+    PREFILL_PADDING,
+    Engine,
+    GenerationRequest,
+    prefill_groups,
+    run_on_engine,
+)
+from gpt2lora.ops.packed import packed_bytes
 from gpt2lora.peft.registry import adapter_configs
 
 KEY = "test-key"
@@ -126,14 +133,15 @@ def settled(server, timeout: float = 10.0) -> dict:
 
 
 def live_tensors() -> tuple[int, int]:
-    """Storages of every live CPU tensor the garbage collector sees, and their bytes."""
+    """Storages of every live CPU tensor the garbage collector sees, and their bytes; not the weights' packed
+    copies (opaque oneDNN tensors, kept on the weights they pack: see ``packed_bytes``)."""
     gc.collect()
     storages = {}
     with warnings.catch_warnings():  # isinstance() on every object touches torch's deprecated lazy attributes
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for tensor in tensors:
-        if tensor.device.type == "cpu" and not tensor.is_meta:
+        if tensor.device.type == "cpu" and not tensor.is_meta and not tensor.is_mkldnn:
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return len(storages), sum(storages.values())
@@ -411,6 +419,18 @@ def test_engine_rows_joining_and_leaving_a_full_context_frame_equal_generate(tmp
         engine.stop()
 
 
+def test_prompts_admitted_together_are_prefilled_in_groups_of_little_padding():
+    lengths = [96, 20, 90, 16, 95, 60, 33, 64, 17, 88]
+    seqs = [GenerationRequest([1] * n, "__base__", 1, lambda *a: None, lambda t: "") for n in lengths]
+    groups = prefill_groups(seqs)
+    assert sorted(id(s) for g in groups for s in g) == sorted(id(s) for s in seqs)  # each request once
+    for group in groups:
+        width = max(len(s.prompt) for s in group)
+        assert sum(width - len(s.prompt) for s in group) <= PREFILL_PADDING
+    assert [[len(s.prompt) for s in g] for g in groups] == [[96, 95, 90, 88, 64], [60, 33], [20, 17, 16]]
+    assert prefill_groups([]) == [] and len(prefill_groups(seqs[:1])) == 1
+
+
 def test_one_failing_request_never_stops_the_engine_or_the_others(files, reference):
     model = gl.GPT2.from_pretrained(files["base"]).eval()
     for name in ADAPTERS:
@@ -563,6 +583,8 @@ def test_load_300_requests_from_24_clients_over_four_models(server, client, refe
             break
         time.sleep(0.1)
     assert live_tensors() == held
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    assert packed_bytes(engine.model) <= weights  # at most one packed copy of each weight, however many requests
 
 
 def test_readme_client_example_runs(server, capsys):

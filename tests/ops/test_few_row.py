@@ -136,8 +136,8 @@ def test_choice_is_measured_again_for_another_shape_or_thread_count(monkeypatch)
     threads = torch.get_num_threads()
     trial_calls = 2 * (kernels.samples + 1)
     with torch.no_grad(), few_row_products(kernels):
-        for rows in (1, 2):
-            for _ in range(trial_calls + 3):
+        for rows in (1, 2):  # two rows of fp32 may have a third candidate, the packed product (a tie: not kept)
+            for _ in range(trial_calls + kernels.samples + 4):
                 layer(torch.randn(rows, 256))
         torch.set_num_threads(threads + 1)
         try:
@@ -283,3 +283,20 @@ def test_default_choice_keeps_the_plain_kernel_when_the_other_is_only_slightly_f
     for _ in range(2 * (kernels.samples + 1)):
         kernels.pick("k", {"F.linear": run(1.0), "by_halves": run(0.96)})  # 4% faster: within the noise
     assert kernels.chosen == {"k": "F.linear"}
+
+
+def test_nearby_row_counts_share_one_choice():
+    """3 and 4 rows are one key (1, 2, then up to the next power of two): deciding 3 rows decides 4; 5 is new."""
+    assert [few_row.row_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 32]
+    kernels = CountingPicks()
+    layer = Linear(256, 512)
+    with torch.no_grad(), few_row_products(kernels):
+        while not kernels.chosen:
+            layer(torch.randn(3, 256))
+        picks = kernels.picks
+        x = torch.randn(4, 256)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
+        assert kernels.picks == picks + 1  # one pick that finds the key decided, no trial
+        assert len(kernels.chosen) == 1
+        layer(torch.randn(5, 256))
+        assert len(kernels._trials) == 1  # a new key on trial

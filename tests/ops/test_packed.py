@@ -1,4 +1,5 @@
-"""bf16 few-row products through oneDNN-packed weights: equal to F.linear, packed once per weight and kept on it."""
+"""Few-row products through oneDNN-packed weights (bf16, and fp32 for several rows): equal to F.linear, packed
+once per weight and kept on it while the kernel choice keeps the packed product."""
 
 from __future__ import annotations
 
@@ -116,22 +117,80 @@ class Recording(few_row.KernelChoice):
 
 
 @torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed
-def test_packed_is_a_candidate_only_for_bf16_weights_where_it_is_available(monkeypatch):
+def test_packed_is_a_candidate_for_bf16_weights_and_for_several_fp32_rows_where_it_is_available(monkeypatch):
     kernels = Recording()
     x32, layer32 = torch.randn(1, 768), Linear(768, 512)
     layer16 = Linear(768, 512).to(torch.bfloat16)
     with few_row_products(kernels):
         layer32(x32)
         layer16(x32.bfloat16())
-    assert kernels.offered[0] == ("F.linear", "by_halves")  # fp32: packing is not faster (RESULTS.md)
-    assert ("packed" in kernels.offered[1]) == packed.packed_linear_available()
-    monkeypatch.setattr(packed, "packed_linear_available", lambda: False)  # an old torch, or no bf16 units
+        layer32(torch.randn(4, 768))
+    assert kernels.offered[0] == ("F.linear", "by_halves")  # one fp32 row: MKL's gemv reads at the bandwidth
+    assert ("packed" in kernels.offered[1]) == packed.packed_linear_available(torch.bfloat16)
+    assert ("packed" in kernels.offered[2]) == packed.packed_linear_available(torch.float32)
+    monkeypatch.setattr(packed, "packed_linear_available", lambda dtype: False)  # an old torch, or no bf16 units
     kernels = Recording()
     with few_row_products(kernels):
         out = layer16(x32.bfloat16())
-    assert kernels.offered == [("F.linear", "by_halves")]
+        layer32(torch.randn(4, 768))
+    assert kernels.offered == [("F.linear", "by_halves")] * 2
     assert torch.equal(out, F.linear(x32.bfloat16(), layer16.weight, layer16.bias))
     assert packed_bytes(layer16) == 0
+
+
+needs_fp32_packing = pytest.mark.skipif(not packed.packed_linear_available(torch.float32),
+                                        reason="torch has no oneDNN packed linear here")
+
+
+@needs_fp32_packing
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
+@pytest.mark.parametrize("rows", [2, 5, 16, 32])
+def test_fp32_packed_linear_equals_f_linear(shape, rows):
+    out_features, in_features, layout = shape
+    weight = weight_of(out_features, in_features, layout, seed=rows).float()
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g)
+    with torch.no_grad():
+        for b in (bias, None):
+            # the same sums in another order: fp32 rounding of values up to ~5 in size
+            torch.testing.assert_close(packed_linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+class FakeClock(few_row.KernelChoice):
+    """The real choice on a fake clock where the ``winner`` kernel takes 1 tick and every other 3."""
+
+    def __init__(self, winner: str) -> None:
+        self.clock = 0.0
+        self.winner = winner
+        super().__init__(timer=lambda: self.clock)
+
+    def pick(self, key, candidates):
+        def costing(name, run):
+            def go():
+                self.clock += 1.0 if name == self.winner else 3.0
+                return run()
+            return go
+        return super().pick(key, {name: costing(name, run) for name, run in candidates.items()})
+
+
+@needs_fp32_packing
+@pytest.mark.parametrize("winner", ["packed", "F.linear"])
+@torch.no_grad()
+def test_packs_made_to_time_a_losing_product_are_dropped_and_a_winning_one_kept(winner):
+    """Two layers of one shape share a choice; each is packed while on trial, and keeps its pack only if the
+    packed product won (a pack is as large as its weight)."""
+    layers = [Linear(256, 512), Linear(256, 512)]
+    x = torch.randn(4, 1, 256)
+    kernels = FakeClock(winner)
+    with few_row_products(kernels):
+        for _ in range(3 * (kernels.samples + 1)):
+            for layer in layers:
+                torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+    assert set(kernels.chosen.values()) == {winner}
+    assert kernels.packed_on_trial == {}
+    kept = sum(packed_bytes(layer) for layer in layers)
+    assert kept == (2 * 512 * 256 * 4 if winner == "packed" else 0)
 
 
 def tiny_bf16(lora: bool) -> GPT2:

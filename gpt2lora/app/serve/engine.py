@@ -38,6 +38,10 @@ from ...peft.registry import adapter_configs
 SLACK = 32
 """Columns of holes the cache frame may carry before it is compacted, beyond the longest row again."""
 
+PREFILL_PADDING = 64
+"""Padding positions one prefill forward may carry before the prompts are split into more forwards: about what
+an extra forward costs in reading the weights once (a padded position costs the block products of a token)."""
+
 BASE = "__base__"
 """The adapter name of rows that run the base model (as in mixed batches)."""
 
@@ -319,8 +323,8 @@ class Engine:
             admitted = []
             while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
                 admitted.append(self.waiting.popleft())
-        if admitted:
-            self._prefill(admitted)
+        for group in prefill_groups(admitted):
+            self._prefill(group)
         if self.rows:
             self._decode()
         self.steps += 1
@@ -445,6 +449,21 @@ class Engine:
                 done.append((slot, reason))
         for slot, reason in sorted(done, reverse=True):
             self._release(slot, reason or "cancelled", notify=reason is not None)
+
+
+def prefill_groups(seqs: list[GenerationRequest]) -> list[list[GenerationRequest]]:
+    """``seqs`` in groups to prefill together: by prompt length, longest first, each group padding at most
+    :data:`PREFILL_PADDING` positions in all (left padding to the group's longest prompt)."""
+    groups: list[list[GenerationRequest]] = []
+    padding = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt), reverse=True):
+        if groups and padding + len(groups[-1][0].prompt) - len(seq.prompt) <= PREFILL_PADDING:
+            groups[-1].append(seq)
+            padding += len(groups[-1][0].prompt) - len(seq.prompt)
+        else:
+            groups.append([seq])
+            padding = 0
+    return groups
 
 
 def run_on_engine(engine: Engine, fn: Callable[[], Any], timeout: float | None = None) -> Any:
