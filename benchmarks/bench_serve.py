@@ -418,9 +418,9 @@ def report(args: argparse.Namespace, out: dict, load: tuple[float, float]) -> st
                f"{args.requests} --adapters {args.adapters} --max-batch {args.max_batch} --threads {args.threads} "
                f"--repeats {args.repeats}{' --http' if args.http else ''}")
     lines = [f"Command: `{command}`  ", f"Machine: {machine_line()}  ",
-             (f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after: the CPU (2 cores) is shared with "
-             "other agents' work while this runs, so read the ratios (same run, same requests); the seconds are "
-             "indicative."), "",
+             (f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after (this benchmark alone keeps one core "
+             "busy; above about 1, other work shared the CPU: then read the ratios, from the same run and the same "
+             "requests, rather than the seconds)."), "",
              (f"{args.clients} clients, each sending {args.requests} requests one after another, over {args.adapters} "
              f"LoRA adapters (r={args.rank} on {', '.join(TARGETS)}); prompts of {args.prompt[0]}-{args.prompt[1]} "
              f"tokens, {args.output[0]}-{args.output[1]} new tokens, greedy; {out['requests']} requests, "
