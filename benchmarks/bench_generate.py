@@ -30,25 +30,38 @@ from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
 from gpt2lora.ops import few_row as few_row_module
 from gpt2lora.ops.few_row import KERNELS, linear_by_halves
-from gpt2lora.ops.packed import packed_bytes, packed_linear_available, packed_weight, release_packed
+from gpt2lora.ops.packed import (
+    mkl_packed_available,
+    mkl_packed_linear,
+    packed_bytes,
+    packed_linear_available,
+    packed_weight,
+    release_packed,
+)
 
 NOTES = """\
 Decoding one row is bound by reading the weights: every new token reads every block matrix and the
 (vocab, n_embd) LM head once. The ceiling printed above is the machine's read bandwidth (a `sum` over
 1 GB of fp32, same thread count, timed interleaved with the batch-1 runs so that both see the same load)
-divided by those bytes; the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache writes and Python add about 1.4 ms a token.
+divided by those bytes; the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache
+writes and Python take the rest: about 1.4 ms a token with the caches warm, 3-4 ms in decoding, where every
+token's weights have just flushed them.
 Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
 product into a two-block `bmm` was 1.4-2.9x faster than `F.linear` on an AVX2 EPYC and is slower for
 most shapes on an AMX Xeon; for bf16 weights on a CPU with bf16 units, oneDNN's product on a copy of the
 weight packed once (`gpt2lora/ops/packed.py`, kept on the weight, remade when it changes) reads about twice
-as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed (the "kernels alone" line). generate
+as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed (the "kernels alone" line). For one
+fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed"; on the Xeon it reads the LM
+head about 10% faster than `F.linear` and the block matrices slower), for 2-32 fp32 rows oneDNN's. generate
 times the candidates on first use of each decoding shape (dtype, rows, thread count) and keeps the fastest
 only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
-`KernelChoice`); the prompt's forward stays on `F.linear` (every prompt length would be a new shape to time).
-A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is kept the choice
-costs well under 1% of a token. The choice is scoped to the generate call's thread: other threads and models
-keep `F.linear`. "Paired per round" ratios are medians of the ratio within each interleaved round.
-With the CPU shared by other processes, 2 intra-op threads can be slower than 1 (`--threads 1`).\
+`KernelChoice`); while a packed candidate is timed only one weight of each shape is packed, and its pack is
+dropped when another kernel wins. The prompt's forward stays on `F.linear` (every prompt length would be a new
+shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
+kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
+threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each
+interleaved round. With the CPU shared by other processes, 2 intra-op threads can be slower than 1
+(`--threads 1`).\
 """
 
 SHAPES = {
@@ -257,9 +270,11 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
         xs = {w.size(1): torch.randn(1, w.size(1), dtype=w.dtype) for w in weights}
         sizes[label] = sum(w.numel() * w.element_size() for w in weights)
         kernels = {"F.linear": torch.nn.functional.linear, "by_halves": linear_by_halves}
-        if packed_linear_available():
+        if packed_linear_available(weights[0].dtype):
             kernels["packed"] = lambda a, w: torch.ops.mkldnn._linear_pointwise(a, packed_weight(w), None, "none",
                                                                                  [], "")
+        if label == "fp32" and mkl_packed_available():
+            kernels["mkl_packed"] = mkl_packed_linear
         for name, fn in kernels.items():
             contenders[f"{label} {name}"] = (lambda fn=fn, weights=weights, xs=xs:
                                              [fn(xs[w.size(1)], w) for w in weights])
@@ -268,6 +283,7 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
         timings = interleaved(contenders, repeats=max(repeats, 5))
     parts = [f"{name} {sizes[name.split()[0]] / timings[name].median / 1e9:.1f}" for name in contenders]
     release_packed(half)
+    release_packed(ours)  # the packs of kernels the choice did not keep; the kept ones are made again on use
     return ("Few-row kernels alone (1 row, every linear weight of the model once per pass, as a decoding step "
             "reads them; GB/s of weights read, median of interleaved passes): " + ", ".join(parts) + ".")
 

@@ -71,17 +71,17 @@ class CausalSelfAttention(nn.Module):
         if unpadded is not None:
             qkv = unpadded.scatter(qkv)
         B, T, C = qkv.size(0), qkv.size(1), self.n_embd
-        q, k, v = qkv.split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # (B, T, 3 C) -> q, k, v as (B, nh, T, hs) views: one view and one permute (decoding runs this per layer
+        # per token, so every op counts)
+        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
         y = attention(q, k, v, attn_mask, is_causal, self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         if unpadded is not None:
             y = unpadded.gather(y)
-        return self.resid_dropout(self.c_proj(y))
+        out = self.c_proj(y)
+        return self.resid_dropout(out) if self.training else out  # eval: identity (one call less per token)
 
     def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
         """Output (B, 1, C) at query position ``rows[b]`` of each row: keys and values come from every position.
@@ -118,7 +118,8 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        out = self.c_proj(self.act(self.c_fc(x)))
+        return self.dropout(out) if self.training else out
 
 
 class Block(nn.Module):
@@ -271,7 +272,9 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
             else:
                 position_ids = position_ids_from_mask(attention_mask, T)
-        x = self.drop(inputs_embeds + self.wpe(position_ids))
+        x = inputs_embeds + self.wpe(position_ids)
+        if self.training:
+            x = self.drop(x)
         if segments is not None:
             keys = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
                                                                                  device=x.device)
@@ -314,7 +317,7 @@ class Transformer(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ConfigError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= self.config.vocab_size:
                 bad = high if high >= self.config.vocab_size else low
                 raise ConfigError(f"input_ids contains token id {bad}, outside the vocabulary "

@@ -9,10 +9,10 @@ never copied, so LoRA-wrapped and merged layers take the same path: the model's 
 :class:`Linear` (an ``nn.Linear``) and LoRA's base products call :func:`linear`.
 Results equal ``F.linear`` up to float rounding (a different summation order).
 
-A third candidate is oneDNN's product on a packed copy of the weight (:mod:`gpt2lora.ops.packed`): for bf16
+A third candidate runs on a packed copy of the weight (:mod:`gpt2lora.ops.packed`): oneDNN's product for bf16
 weights on a CPU with bf16 units (plain bf16 ``F.linear`` reads a weight at half the fp32 speed on an AMX Xeon,
-the packed one about twice as fast as that), and for fp32 products of 2 to 32 rows (``F.linear`` repacks the
-weight on every such call).
+the packed one about twice as fast as that) and for fp32 products of 2 to 32 rows (``F.linear`` repacks the
+weight on every such call); MKL's for one fp32 row. Only one weight of a shape is packed while it is timed.
 
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
 slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packed import can_pack, packed_linear, settle_pack
+from .packed import MKL, ONEDNN, can_mkl_pack, can_pack, mkl_packed_linear, packed_linear, settle_pack
 
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
@@ -102,8 +102,9 @@ class KernelChoice:
         """:func:`linear`'s index of decided calls: exact call shape (and dtype, device, threads) -> kernel."""
         self._trials: dict[Hashable, dict[str, list[float]]] = {}
         self._lock = threading.Lock()
-        self.packed_on_trial: dict[Hashable, list[weakref.ref]] = {}
-        """Weights packed to time a packed candidate of a key not decided yet (see :func:`settle_pack`)."""
+        self.packed_on_trial: dict[Hashable, weakref.ref] = {}
+        """The one weight per undecided key whose packed product is timed (the others of that shape are not
+        packed unless the packed product wins: a pack is as large as its weight)."""
 
     def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
         """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new."""
@@ -113,7 +114,9 @@ class KernelChoice:
         with self._lock:
             name = self.chosen.get(key)
             if name is None:
-                trials = self._trials.setdefault(key, {n: [] for n in candidates})
+                trials = self._trials.setdefault(key, {})
+                for n in candidates:  # a candidate may be offered on some calls only (a packed one: one weight)
+                    trials.setdefault(n, [])
                 timing = min(candidates, key=lambda n: len(trials[n]))  # round robin
         if name is not None:
             return candidates[name]()
@@ -159,7 +162,10 @@ def few_row_products(kernels: KernelChoice | None = None) -> Iterator[KernelChoi
 
 
 _KERNEL_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
-    "F.linear": F.linear, "by_halves": lambda x, w, b: linear_by_halves(x, w, b), "packed": packed_linear}
+    "F.linear": F.linear, "by_halves": lambda x, w, b: linear_by_halves(x, w, b), "packed": packed_linear,
+    "mkl_packed": mkl_packed_linear}
+PACK_KINDS = {"packed": ONEDNN, "mkl_packed": MKL}
+"""The candidates that run on a packed copy of the weight, and the kind of pack each needs."""
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -204,18 +210,24 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
            bias is not None, torch.get_num_threads())
     candidates = {"F.linear": lambda: F.linear(x, weight, bias),
                   "by_halves": lambda: linear_by_halves(x, weight, bias)}
+    packed = None
     if can_pack(x, weight, bias):
-        candidates["packed"] = lambda: packed_linear(x, weight, bias)
-        trial = kernels.packed_on_trial.setdefault(key, [])
-        if not any(ref() is weight for ref in trial):
-            trial.append(weakref.ref(weight))
+        packed = "packed"
+    elif can_mkl_pack(x, weight, bias):
+        packed = "mkl_packed"
+    if packed is not None:
+        trial = kernels.packed_on_trial.get(key)
+        if trial is None or trial() is None:
+            trial = kernels.packed_on_trial[key] = weakref.ref(weight)
+        if trial() is weight:  # the other weights of this shape take the other candidates meanwhile
+            candidates[packed] = lambda: _KERNEL_FUNCTIONS[packed](x, weight, bias)
     out = kernels.pick(key, candidates)
     chosen = kernels.chosen.get(key)
     if chosen is not None:
         kernels.routes[route] = chosen
-        for ref in kernels.packed_on_trial.pop(key, ()):  # a pack kept only if its product won
-            if (packed := ref()) is not None:
-                settle_pack(packed, chosen == "packed")
+        ref = kernels.packed_on_trial.pop(key, None)
+        if packed is not None and ref is not None and (timed := ref()) is not None:
+            settle_pack(timed, PACK_KINDS[packed], chosen == packed)  # kept only if the packed product won
     return out
 
 

@@ -1,4 +1,4 @@
-"""Products on few rows against weights repacked once into oneDNN's blocked layout.
+"""Products on few rows against weights repacked once into a BLAS library's blocked layout.
 
 torch's plain bf16 ``F.linear`` of one or a few rows reads a weight at about half the bandwidth of the fp32
 product on an AMX/AVX512-BF16 Xeon, so bf16 weights decoded slower than fp32 ones. oneDNN's linear on a
@@ -6,18 +6,21 @@ weight reordered ahead of time (``torch.ops.mkldnn._reorder_linear_weight``, the
 compiler uses for linears on CPU) reads it about twice as fast: same products, same fp32 accumulation,
 same result as ``F.linear`` (equal in the tests, and within bf16 rounding by contract).
 
-fp32 weights are packed for products of 2 to 32 rows (batched decoding, a serving engine's steps): there
-``F.linear`` repacks the weight on every call, and the packed product was 1.2-1.6x faster on the Xeon
-(benchmarks/RESULTS.md). One fp32 row is never packed: MKL's matrix-vector product already reads the weight
-at the machine's read bandwidth, so a pack would double the weights' memory for nothing.
+fp32 weights are packed by oneDNN for products of 2 to 32 rows (batched decoding, a serving engine's steps):
+there ``F.linear`` repacks the weight on every call, and the packed product was 1.2-1.6x faster on the Xeon
+(benchmarks/RESULTS.md). For one fp32 row, MKL's own packed layout for exactly one row
+(``torch.ops.mkl._mkl_reorder_linear_weight``) is the candidate: it read GPT-2's LM head about 10% faster
+than ``F.linear`` on the Xeon (and its block matrices slower, so those stay unpacked).
+
+Whether a packed product is used is measured (:class:`gpt2lora.ops.few_row.KernelChoice`); only one weight of
+each product shape is packed while that is timed, and its pack is dropped if another kernel wins.
 
 The packed copy of a weight is made on its first packed product and kept **on that weight** (an attribute
 of the parameter, so it lives and dies with the model that owns it; nothing is cached process-wide). It
 records the weight's ``_version``, storage address, shape and strides, and is made again when any of them
 changed (an in-place update, a load, ``.data =``). Weights made under ``torch.inference_mode`` have no
 version counter and are left to ``F.linear``. Cost: one more copy of every packed weight, as many bytes
-as the weight itself (250 MB for GPT-2 124M in bf16); a pack made only to time it is dropped when the kernel
-choice keeps another kernel (:func:`settle_pack`), and :func:`release_packed` frees the rest. Copying or pickling
+as the weight itself (250 MB for GPT-2 124M in bf16); :func:`release_packed` frees them. Copying or pickling
 a parameter never carries its pack.
 """
 
@@ -40,6 +43,14 @@ MIN_ROWS = {torch.bfloat16: 1, torch.float32: 2}
 
 
 @functools.cache
+def mkl_packed_available() -> bool:
+    """Whether torch was built with MKL's packed fp32 linear (``torch.ops.mkl._mkl_linear``)."""
+    ops = torch.ops.mkl
+    return (torch.backends.mkl.is_available() and hasattr(ops, "_mkl_reorder_linear_weight")
+            and hasattr(ops, "_mkl_linear"))
+
+
+@functools.cache
 def packed_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether torch has oneDNN's packed linear, and for bf16 whether the CPU has bf16 units to run it (a fact
     of the build and the CPU)."""
@@ -59,7 +70,12 @@ class _Pack:
         self.kept = False
         """Whether a kernel choice kept the packed product for some shape (else the pack is only on trial)."""
 
-    # A copied or unpickled parameter holds None in its place and packs its own data again.
+
+
+class _Packs(dict):
+    """A weight's packs by kind. A copied or unpickled parameter holds None in its place and packs its own data
+    again."""
+
     def __deepcopy__(self, memo: dict) -> None:
         return None
 
@@ -71,33 +87,45 @@ def _stamp(weight: Tensor) -> tuple:
     return (weight._version, weight.data_ptr(), weight.shape, weight.stride())
 
 
-def packed_weight(weight: Tensor) -> Tensor:
-    """``weight``'s packed copy, made now if it has none or if the weight changed since it was made."""
-    rows = PACK_ROWS[weight.dtype]
+ONEDNN, MKL = "onednn", "mkl"
+"""The two kinds of pack: oneDNN's (bf16, and fp32 for several rows) and MKL's (fp32, one row)."""
+
+
+def _reorder(weight: Tensor, kind: str) -> Tensor:
+    if kind == MKL:
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS[weight.dtype])
+
+
+def packed_weight(weight: Tensor, kind: str = ONEDNN) -> Tensor:
+    """``weight``'s packed copy of ``kind``, made now if it has none or if the weight changed since it was made."""
     if weight.is_inference():  # no version counter to notice an in-place change: packed for this call only
-        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        return _reorder(weight, kind)
     stamp = _stamp(weight)
-    pack = weight.__dict__.get(PACKED_ATTR)
+    packs = weight.__dict__.setdefault(PACKED_ATTR, _Packs())
+    pack = packs.get(kind)
     if pack is None or pack.stamp != stamp:
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            packed = _reorder(weight.detach(), kind)
         kept = pack is not None and pack.kept
-        pack = _Pack(stamp, packed)
+        pack = packs[kind] = _Pack(stamp, packed)
         pack.kept = kept
-        weight.__dict__[PACKED_ATTR] = pack
     return pack.packed
 
 
-def settle_pack(weight: Tensor, chosen: bool) -> None:
-    """A kernel choice that timed ``weight``'s packed product decided: keep the pack when ``chosen``; drop it
-    when not, unless another shape's choice kept it (a pack is as large as its weight)."""
-    pack = weight.__dict__.get(PACKED_ATTR)
+def settle_pack(weight: Tensor, kind: str, chosen: bool) -> None:
+    """A kernel choice that timed ``weight``'s packed product of ``kind`` decided: keep the pack when ``chosen``;
+    drop it when not, unless another shape's choice kept it (a pack is as large as its weight)."""
+    packs = weight.__dict__.get(PACKED_ATTR)
+    pack = packs.get(kind) if packs is not None else None
     if pack is None:
         return
     if chosen:
         pack.kept = True
     elif not pack.kept:
-        del weight.__dict__[PACKED_ATTR]
+        del packs[kind]
+        if not packs:
+            del weight.__dict__[PACKED_ATTR]
 
 
 def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -110,20 +138,35 @@ def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` through ``weight``'s packed copy (no gradients: decoding only)."""
+    """``F.linear(x, weight, bias)`` through ``weight``'s oneDNN-packed copy (no gradients: decoding only)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), bias, "none", [], "")
 
 
+def can_mkl_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`mkl_packed_linear` is offered for ``F.linear(x, weight, bias)``: one fp32 row on the CPU,
+    where torch has MKL's packed linear."""
+    return (weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.dim() == 2
+            and x.numel() == weight.size(1) and x.device.type == "cpu" and weight.device.type == "cpu"
+            and not weight.is_inference() and (bias is None or bias.dtype == torch.float32)
+            and mkl_packed_available())
+
+
+def mkl_packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` of one row through ``weight``'s MKL-packed copy (decoding only)."""
+    out = torch.ops.mkl._mkl_linear(x.reshape(1, -1).contiguous(), packed_weight(weight, MKL), weight, bias, 1)
+    return out.view(*x.shape[:-1], weight.size(0))
+
+
 def release_packed(model: nn.Module) -> int:
-    """Free the packed copies held by ``model``'s parameters; returns the bytes their weights hold."""
+    """Free the packed copies held by ``model``'s parameters; returns their bytes."""
     freed = 0
     for param in model.parameters():
-        if param.__dict__.pop(PACKED_ATTR, None) is not None:
-            freed += param.numel() * param.element_size()
+        packs = param.__dict__.pop(PACKED_ATTR, None)
+        if packs:
+            freed += len(packs) * param.numel() * param.element_size()
     return freed
 
 
 def packed_bytes(model: nn.Module) -> int:
-    """Bytes of weights that currently hold a packed copy (the copies take as many again)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()
-               if p.__dict__.get(PACKED_ATTR) is not None)
+    """Bytes of the packed copies ``model``'s weights hold (each as large as its weight)."""
+    return sum(len(p.__dict__.get(PACKED_ATTR) or ()) * p.numel() * p.element_size() for p in model.parameters())

@@ -107,7 +107,13 @@ def fake_clock(monkeypatch, halves_cost: float) -> tuple[few_row.KernelChoice, l
         return clock[0]
 
     monkeypatch.setattr(few_row, "linear_by_halves", halves)
+    two_candidates(monkeypatch)
     return few_row.KernelChoice(timer=timer), calls
+
+
+def two_candidates(monkeypatch) -> None:
+    """Leave out the packed candidate of one fp32 row (tested in tests/ops/test_packed.py)."""
+    monkeypatch.setattr(few_row, "can_mkl_pack", lambda x, weight, bias: False)
 
 
 @pytest.mark.parametrize("halves_cost", [3.0, -0.5])
@@ -243,7 +249,8 @@ class CountingPicks(few_row.KernelChoice):
         return go
 
 
-def test_a_decided_shape_takes_one_lookup_and_never_times_again():
+def test_a_decided_shape_takes_one_lookup_and_never_times_again(monkeypatch):
+    two_candidates(monkeypatch)
     kernels = CountingPicks()
     layer = Linear(256, 512)
     x = torch.randn(1, 256)

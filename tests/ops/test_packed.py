@@ -104,7 +104,8 @@ def test_copies_and_saved_modules_do_not_carry_the_pack():
 
 
 class Recording(few_row.KernelChoice):
-    """Runs one named candidate (default: the plain one) and records which candidates each call was offered."""
+    """Decides every key for one named candidate (default: the plain one) at its first call, and records which
+    candidates each call was offered."""
 
     def __init__(self, name: str = "F.linear") -> None:
         super().__init__()
@@ -113,6 +114,7 @@ class Recording(few_row.KernelChoice):
 
     def pick(self, key, candidates):
         self.offered.append(tuple(candidates))
+        self.chosen[key] = self.name
         return candidates[self.name]()
 
 
@@ -125,15 +127,19 @@ def test_packed_is_a_candidate_for_bf16_weights_and_for_several_fp32_rows_where_
         layer32(x32)
         layer16(x32.bfloat16())
         layer32(torch.randn(4, 768))
-    assert kernels.offered[0] == ("F.linear", "by_halves")  # one fp32 row: MKL's gemv reads at the bandwidth
+    one_row = ("F.linear", "by_halves") + (("mkl_packed",) if packed.mkl_packed_available() else ())
+    assert kernels.offered[0] == one_row  # one fp32 row: MKL's pack for exactly one row
     assert ("packed" in kernels.offered[1]) == packed.packed_linear_available(torch.bfloat16)
     assert ("packed" in kernels.offered[2]) == packed.packed_linear_available(torch.float32)
+    assert "mkl_packed" not in kernels.offered[1] + kernels.offered[2]
     monkeypatch.setattr(packed, "packed_linear_available", lambda dtype: False)  # an old torch, or no bf16 units
+    monkeypatch.setattr(few_row, "can_mkl_pack", lambda x, weight, bias: False)
     kernels = Recording()
     with few_row_products(kernels):
         out = layer16(x32.bfloat16())
         layer32(torch.randn(4, 768))
-    assert kernels.offered == [("F.linear", "by_halves")] * 2
+        layer32(x32)
+    assert kernels.offered == [("F.linear", "by_halves")] * 3
     assert torch.equal(out, F.linear(x32.bfloat16(), layer16.weight, layer16.bias))
     assert packed_bytes(layer16) == 0
 
@@ -178,15 +184,18 @@ class FakeClock(few_row.KernelChoice):
 @pytest.mark.parametrize("winner", ["packed", "F.linear"])
 @torch.no_grad()
 def test_packs_made_to_time_a_losing_product_are_dropped_and_a_winning_one_kept(winner):
-    """Two layers of one shape share a choice; each is packed while on trial, and keeps its pack only if the
-    packed product won (a pack is as large as its weight)."""
+    """Two layers of one shape share a choice; only the first is packed while the packed product is timed; it
+    keeps its pack only if the packed product won, and then the other is packed too (a pack is as large as its
+    weight)."""
     layers = [Linear(256, 512), Linear(256, 512)]
     x = torch.randn(4, 1, 256)
     kernels = FakeClock(winner)
     with few_row_products(kernels):
-        for _ in range(3 * (kernels.samples + 1)):
+        for _ in range(4 * (kernels.samples + 1)):
             for layer in layers:
                 torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+            if not kernels.chosen:  # on trial: only the first weight of the shape is ever packed
+                assert packed_bytes(layers[1]) == 0
     assert set(kernels.chosen.values()) == {winner}
     assert kernels.packed_on_trial == {}
     kept = sum(packed_bytes(layer) for layer in layers)
