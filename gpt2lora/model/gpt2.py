@@ -38,11 +38,25 @@ class Unpadded:
     tokens: Tensor
     batch: int
     length: int
+    lengths: list[int] | None = None
+    """Each row's count of real tokens when every row's real tokens are one unbroken run (left or right
+    padding, no packed sequences): attention then runs row by row on those tokens alone. None otherwise."""
 
     @classmethod
-    def of(cls, attention_mask: Tensor) -> Unpadded:
+    def of(cls, attention_mask: Tensor, runs: bool = True) -> Unpadded:
+        """``runs``: find whether each row's tokens are one run (pass False when a row holds packed sequences)."""
         B, T = attention_mask.shape
-        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), B, T)
+        mask = attention_mask.bool()
+        tokens = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = None
+        if runs:
+            counts = mask.sum(dim=1)
+            positions = torch.arange(T, device=mask.device)
+            first = torch.where(mask, positions, T).amin(dim=1)
+            last = torch.where(mask, positions, -1).amax(dim=1)
+            if bool(((counts == 0) | (last - first + 1 == counts)).all()):
+                lengths = counts.tolist()
+        return cls(tokens, B, T, lengths)
 
     def gather(self, padded: Tensor) -> Tensor:
         """(B, T, F) → (real tokens, F)."""
@@ -66,8 +80,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
                 kv_cache: KVCache | None = None, layer: int = 0, unpadded: Unpadded | None = None) -> Tensor:
-        """``x`` (B, T, C), or (real tokens, C) with ``unpadded``: attention sees them in their padded rows."""
+        """``x`` (B, T, C), or (real tokens, C) with ``unpadded``: attention sees them in their padded rows, or
+        row by row when each row's tokens are one run (no score is computed for padding)."""
         qkv = self.c_attn(x)
+        if unpadded is not None and unpadded.lengths is not None and kv_cache is None:
+            out = self.c_proj(self._attention_by_rows(qkv, unpadded.lengths))
+            return self.resid_dropout(out) if self.training else out
         if unpadded is not None:
             qkv = unpadded.scatter(qkv)
         B, T, C = qkv.size(0), qkv.size(1), self.n_embd
@@ -82,6 +100,22 @@ class CausalSelfAttention(nn.Module):
             y = unpadded.gather(y)
         out = self.c_proj(y)
         return self.resid_dropout(out) if self.training else out  # eval: identity (one call less per token)
+
+    def _attention_by_rows(self, qkv: Tensor, lengths: list[int]) -> Tensor:
+        """Causal attention of each sequence over its own tokens: ``qkv`` (real tokens, 3 C) in row order, each
+        row's tokens one run; returns (real tokens, C). The same as attention over the padded rows (a real query
+        sees exactly the real keys up to itself), without the padding's scores."""
+        C, H = self.n_embd, self.n_head
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        outputs = []
+        for rows in qkv.split(lengths):
+            L = rows.size(0)
+            if L == 0:
+                continue
+            q, k, v = rows.view(1, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (1, nh, L, hs) each
+            y = attention(q, k, v, None, L > 1, dropout_p)
+            outputs.append(y.transpose(1, 2).reshape(L, C))
+        return torch.cat(outputs) if outputs else qkv[:, :C]  # no token (an empty rank): still on the graph
 
     def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
         """Output (B, 1, C) at query position ``rows[b]`` of each row: keys and values come from every position.
@@ -288,7 +322,8 @@ class Transformer(nn.Module):
         training = self.training and torch.is_grad_enabled() and kv_cache is None
         blocks = self.h[:-1] if last_token_only else self.h
         # Padding slots carry nothing a real token reads: in training the block layers skip them.
-        unpadded = Unpadded.of(attention_mask) if training and attention_mask is not None and blocks else None
+        unpadded = (Unpadded.of(attention_mask, runs=segments is None)
+                    if training and attention_mask is not None and blocks else None)
         if unpadded is not None:
             x = unpadded.gather(x)
         if training and self.gradient_checkpointing:

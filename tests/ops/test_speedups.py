@@ -159,3 +159,63 @@ def test_lora_forward_frozen_input_still_trains_adapter():
     expected_b = layer.scaling * (x @ layer.lora_A.t()).sum(0).expand(4, 2)
     torch.testing.assert_close(layer.lora_B.grad, expected_b.detach(), atol=1e-5, rtol=1e-5)
     assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+
+
+def _padded_lm_batch(side: str, lengths: list[int], width: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(len(lengths))
+    ids = torch.randint(0, vocab, (len(lengths), width), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, width - n:] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_training_attention_row_by_row_equals_the_padded_path(side, monkeypatch):
+    """Rows whose real tokens are one run attend row by row without the padding's scores: loss and every gradient
+    equal the padded path's (and with a soft prompt, whose rows are not one run, the padded path runs)."""
+    from gpt2lora import GPT2, GPT2Config
+    from gpt2lora.model import gpt2
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = GPT2(config).train()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), seed=0)
+    with torch.no_grad():  # non-zero B: every LoRA factor gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    ids, mask, labels = _padded_lm_batch(side, [20, 7, 13, 1], 20, 300)
+    runs_seen = []
+    original = gpt2.Unpadded.of.__func__
+
+    def results(by_rows: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        def of(cls, attention_mask, runs=True):
+            found = original(cls, attention_mask, runs and by_rows)
+            runs_seen.append(found.lengths)
+            return found
+        monkeypatch.setattr(gpt2.Unpadded, "of", classmethod(of))
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    by_rows, padded = results(True), results(False)
+    assert runs_seen == [[20, 7, 13, 1], None]
+    torch.testing.assert_close(by_rows[0], padded[0], rtol=1e-6, atol=1e-5)
+    assert len(by_rows[1]) == len(padded[1]) > 0
+    for a, b in zip(by_rows[1], padded[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_that_are_not_one_run_keep_the_padded_path():
+    from gpt2lora.model.gpt2 import Unpadded
+
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
+    assert Unpadded.of(mask).lengths == [2, 3, 0]
+    assert Unpadded.of(mask, runs=False).lengths is None
+    assert Unpadded.of(torch.tensor([[1, 0, 1, 1]])).lengths is None  # a hole inside the row

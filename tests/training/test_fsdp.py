@@ -170,7 +170,11 @@ def test_fsdp_trains_like_one_process_on_the_same_global_batches(fsdp_results, k
         trained = load_file(str(fsdp_results / f"weights-{kind}-{method}-{rank}.safetensors"))
         assert trained.keys() == weights.keys()
         for name, tensor in weights.items():
-            torch.testing.assert_close(trained[name], tensor, atol=1e-5, rtol=0)
+            # Each rank's rows go through other kernels than one process's batch (another row count, and rows
+            # without padding take causal attention instead of row by row), so gradients differ in their last
+            # bits; three AdamW steps at lr 3e-3 (each entry's update divided by its own running scale) turn that
+            # into up to a few 1e-5 on single entries: 1% of one step's update.
+            torch.testing.assert_close(trained[name], tensor, atol=5e-5, rtol=0)
 
 
 @pytest.mark.slow
