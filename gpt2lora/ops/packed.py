@@ -39,7 +39,7 @@ PACK_ROWS = {torch.bfloat16: 1, torch.float32: 16}
 for one row reads fastest at one row; an fp32 pack made for 16 rows was as fast as one made for the exact count
 at every count from 2 to 32 (1 row: 10-25 % slower, whatever the hint)."""
 MIN_ROWS = {torch.bfloat16: 1, torch.float32: 2}
-"""Fewest rows a packed product is offered for: one fp32 row stays with MKL's matrix-vector product."""
+"""Fewest rows oneDNN's packed product is offered for: one fp32 row has MKL's one-row pack instead."""
 
 
 @functools.cache
@@ -69,7 +69,6 @@ class _Pack:
         self.packed = packed
         self.kept = False
         """Whether a kernel choice kept the packed product for some shape (else the pack is only on trial)."""
-
 
 
 class _Packs(dict):
@@ -102,7 +101,9 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN) -> Tensor:
     if weight.is_inference():  # no version counter to notice an in-place change: packed for this call only
         return _reorder(weight, kind)
     stamp = _stamp(weight)
-    packs = weight.__dict__.setdefault(PACKED_ATTR, _Packs())
+    packs = weight.__dict__.get(PACKED_ATTR)
+    if packs is None:  # none yet, or a copy's None
+        packs = weight.__dict__[PACKED_ATTR] = _Packs()
     pack = packs.get(kind)
     if pack is None or pack.stamp != stamp:
         with torch.no_grad():

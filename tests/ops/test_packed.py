@@ -101,6 +101,7 @@ def test_copies_and_saved_modules_do_not_carry_the_pack():
     assert packed_bytes(pickle.loads(pickle.dumps(layer))) == 0
     x = torch.randn(2, 768).bfloat16()
     assert_bf16_close(packed_linear(x, twin.weight, twin.bias), F.linear(x, layer.weight, layer.bias))
+    assert packed_bytes(twin) == packed_bytes(layer)  # the copy packed its own data
 
 
 class Recording(few_row.KernelChoice):
