@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_bf16 import lm_batch
 from common import machine_line
-from pairs import TARGETS, Side, adamw, hf_config, ours_lm_loss
+from pairs import TARGETS, Side, adamw, check_same_loss, hf_config, ours_lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,15 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         transformers.GPT2LMHeadModel(hf_config(args.shape)).save_pretrained(folder / "ckpt")
         sides = build_sides({"before": before, "after": gpt2lora}, folder / "ckpt")
     data = lm_batch(args.shape, args.batch, args.lm_max_length)
-    with torch.no_grad():
-        losses = {}
-        for name, side in sides.items():
-            side.model.eval()
-            losses[name] = float(side.loss(data))
-            side.model.train()
-    spread = max(losses.values()) - min(losses.values())
-    if spread > 5e-2:
-        raise SystemExit(f"the four sides disagree on the eval loss by {spread:.3g}: {losses}")
+    losses = check_same_loss(sides, data, tol=5e-2)  # bf16 and fp32 sides: agree to bf16 rounding
     for side in sides.values():  # warm-up
         side.step(data)
     wall: dict[str, list[float]] = {name: [] for name in sides}

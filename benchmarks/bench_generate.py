@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,26 +148,35 @@ def route_cost(calls: int = 2000) -> float:
     return (timings["routed"].median - timings["plain"].median) / calls
 
 
+def timed_generate(model: GPT2, ids: torch.Tensor, new: int, plain: bool, outputs: dict[str, torch.Tensor],
+                   cpu_seconds: list[float], name: str) -> Callable[[], None]:
+    """A greedy ``generate`` to time: its tokens go to ``outputs[name]``, its CPU seconds to ``cpu_seconds``;
+    ``plain``: with ``few_row_products`` switched off (plain ``F.linear`` for every product)."""
+    module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
+
+    def go() -> None:
+        few_row = module.few_row_products
+        if plain:
+            module.few_row_products = contextlib.nullcontext
+        try:
+            start = time.process_time()
+            outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
+            cpu_seconds.append(time.process_time() - start)
+        finally:
+            module.few_row_products = few_row
+    return go
+
+
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
-    module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
-    few_row = module.few_row_products
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
     cpu: dict[str, list[float]] = {"with": [], "without": []}
 
-    def run(name: str, mode) -> None:
-        module.few_row_products = mode
-        try:
-            start = time.process_time()
-            outputs[name] = generate(ours, ids, max_new_tokens=new, eos_token_id=None)
-            cpu[name].append(time.process_time() - start)
-        finally:
-            module.few_row_products = few_row
+    def run(name: str, plain: bool) -> Callable[[], None]:
+        return timed_generate(ours, ids, new, plain, outputs, cpu[name], name)
 
-    timings = interleaved({"with": lambda: run("with", few_row),
-                           "without": lambda: run("without", contextlib.nullcontext)},
-                          repeats=even(repeats))
+    timings = interleaved({"with": run("with", False), "without": run("without", True)}, repeats=even(repeats))
     if not torch.equal(outputs["with"], outputs["without"]):
         raise SystemExit("the few-row linear path changed the generated tokens")
     with_, without = (new / timings[k].median for k in ("with", "without"))
@@ -219,22 +229,10 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
-    module = sys.modules["gpt2lora.model.generate"]
-    few_row = module.few_row_products
-
     cpu: dict[str, list[float]] = {"first": [], "fp32": [], "bf16": [], "bf16 plain": []}
 
-    def run(name: str, model: GPT2, plain: bool = False):
-        def go() -> None:
-            if plain:
-                module.few_row_products = contextlib.nullcontext
-            try:
-                start = time.process_time()
-                outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)
-                cpu[name].append(time.process_time() - start)
-            finally:
-                module.few_row_products = few_row
-        return go
+    def run(name: str, model: GPT2, plain: bool = False) -> Callable[[], None]:
+        return timed_generate(model, ids, new, plain, outputs, cpu[name], name)
 
     before = rss_bytes()
     run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use

@@ -64,10 +64,10 @@ class _Pack:
 
     __slots__ = ("kept", "packed", "stamp")
 
-    def __init__(self, stamp: tuple, packed: Tensor) -> None:
+    def __init__(self, stamp: tuple, packed: Tensor, kept: bool = False) -> None:
         self.stamp = stamp
         self.packed = packed
-        self.kept = False
+        self.kept = kept
         """Whether a kernel choice kept the packed product for some shape (else the pack is only on trial)."""
 
 
@@ -108,9 +108,7 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN) -> Tensor:
     if pack is None or pack.stamp != stamp:
         with torch.no_grad():
             packed = _reorder(weight.detach(), kind)
-        kept = pack is not None and pack.kept
-        pack = packs[kind] = _Pack(stamp, packed)
-        pack.kept = kept
+        pack = packs[kind] = _Pack(stamp, packed, kept=pack is not None and pack.kept)
     return pack.packed
 
 
