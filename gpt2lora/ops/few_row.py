@@ -133,6 +133,20 @@ class KernelChoice:
                     del self._trials[key]
         return out
 
+    def decide(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
+        """The kept candidate for ``key``; a new key is decided at once, every candidate timed on this call's own
+        operands (``samples`` + 1 runs each, round robin) before its result is used.
+
+        For products whose results feed training: every result a caller uses then comes from the kept kernel,
+        so the choice never mixes kernels within one run once decided (they agree only up to float rounding).
+        """
+        for _ in range((self.samples + 2) * len(candidates)):  # pick times the least-timed candidate each call
+            name = self.chosen.get(key)
+            if name is not None:
+                return name
+            self.pick(key, candidates)
+        return self.chosen.get(key) or next(iter(candidates))
+
     def _fastest(self, medians: dict[str, float]) -> str:
         plain = next(iter(medians))
         best = min(medians, key=medians.__getitem__)

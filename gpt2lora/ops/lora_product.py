@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .products import product
+
 
 class LoRAProduct(torch.autograd.Function):
     """``x Wᵀ + b + scaling · (h Aᵀ) Bᵀ`` for 2-D ``x`` (tokens, in); ``h`` is ``x`` or its dropped copy.
@@ -37,7 +39,7 @@ class LoRAProduct(torch.autograd.Function):
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        out = product(x, weight.t(), bias)  # the base product: see gpt2lora.ops.products
         down = (h @ lora_a.t()).mul_(scaling)
         out.addmm_(down, lora_b.t())
         ctx.same_input = h is x
@@ -53,7 +55,7 @@ class LoRAProduct(torch.autograd.Function):
         grad_up = grad @ lora_b  # (tokens, rank): the gradient reaching the down product
         grad_x = grad_h = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
-            grad_x = grad @ weight
+            grad_x = product(grad, weight)
         if ctx.same_input and need_x:  # one tensor passed twice: its whole gradient goes to x
             grad_x.addmm_(grad_up, lora_a, alpha=ctx.scaling)
         elif need_h:
