@@ -35,8 +35,8 @@ from gpt2lora.ops.packed import (
     mkl_packed_available,
     mkl_packed_linear,
     packed_bytes,
+    packed_linear,
     packed_linear_available,
-    packed_weight,
     release_packed,
 )
 
@@ -269,8 +269,7 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
         sizes[label] = sum(w.numel() * w.element_size() for w in weights)
         kernels = {"F.linear": torch.nn.functional.linear, "by_halves": linear_by_halves}
         if packed_linear_available(weights[0].dtype):
-            kernels["packed"] = lambda a, w: torch.ops.mkldnn._linear_pointwise(a, packed_weight(w), None, "none",
-                                                                                 [], "")
+            kernels["packed"] = packed_linear
         if label == "fp32" and mkl_packed_available():
             kernels["mkl_packed"] = mkl_packed_linear
         for name, fn in kernels.items():
