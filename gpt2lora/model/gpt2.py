@@ -244,9 +244,11 @@ class Transformer(nn.Module):
         """Soft prompt of method ``prompt`` (see :mod:`gpt2lora.peft.prompt`), prepended to every row."""
         self.gradient_checkpointing = False
         """Recompute block activations in backward (training with grad enabled only, never with a cache)."""
-        self.recompute_cheap_outputs = True
+        self.recompute_cheap_outputs: bool | None = None
         """In training, save the inputs of ``ln_1``, ``ln_2`` and the MLP activation in place of their outputs
-        and recompute those in backward (see :mod:`gpt2lora.ops.recompute`): exact, less memory."""
+        and recompute those in backward (see :mod:`gpt2lora.ops.recompute`): exact, less memory. ``None`` (the
+        default): all but bf16/fp16 outputs on the CPU, whose recompute costs a larger share of the step than
+        the memory it saves is worth there; ``True``: all of them; ``False``: none."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
@@ -332,8 +334,9 @@ class Transformer(nn.Module):
                 # dropout with the saved RNG state, so losses and gradients equal the plain pass.
                 x = checkpoint(block, x, mask, is_causal, None, layer, unpadded, use_reentrant=False)
         else:
-            cheap = training and self.recompute_cheap_outputs and not torch.compiler.is_compiling()
-            with recompute_cheap_outputs(cheap_layers(blocks)) if cheap else nullcontext():
+            cheap = training and self.recompute_cheap_outputs is not False and not torch.compiler.is_compiling()
+            keep_half = self.recompute_cheap_outputs is None
+            with recompute_cheap_outputs(cheap_layers(blocks), keep_half) if cheap else nullcontext():
                 for layer, block in enumerate(blocks):
                     x = block(x, mask, is_causal, kv_cache, layer, unpadded)
         if unpadded is not None and last_token_only:

@@ -7,6 +7,11 @@ the activation already keep for their backward. Inside :func:`recompute_cheap_ou
 tensor that is (a view of) such an output is stored as (layer, input, view geometry) and computed
 again when backward reads it: the same function of the same input, so the same values; about a
 third less saved activation memory for one extra LayerNorm/activation forward per layer in backward.
+
+``keep_half_on_cpu`` keeps bf16/fp16 outputs on the CPU as they are. There the recompute is the costly half
+of the trade: torch's CPU tanh-GELU takes as long in bf16 as in fp32 (about 5 ms for a (900, 3072) tensor on
+the AMX Xeon), so in a bf16 LoRA step, 2.4x shorter than an fp32 one, recomputing it cost 5% of the step
+(0.4% in fp32), while the kept outputs take half the bytes fp32 ones would (benchmarks/RESULTS.md, bf16).
 """
 
 from __future__ import annotations
@@ -48,13 +53,15 @@ class RecomputeRule:
 class OutputRegistry:
     """Outputs of the watched layers in the current forward pass, by tensor identity."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_half_on_cpu: bool = False) -> None:
         self.outputs: dict[int, tuple[weakref.ref, nn.Module, Tensor]] = {}
         self.thread = threading.get_ident()
+        self.keep_half_on_cpu = keep_half_on_cpu
 
     def record(self, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         # The hooks sit on the layers; a forward of the same layers in another thread is not this pass.
-        if threading.get_ident() == self.thread and isinstance(output, Tensor) and len(inputs) == 1 and isinstance(inputs[0], Tensor):
+        if (threading.get_ident() == self.thread and isinstance(output, Tensor) and len(inputs) == 1
+                and isinstance(inputs[0], Tensor) and not (self.keep_half_on_cpu and _half_on_cpu(output))):
             self.outputs[id(output)] = (weakref.ref(output), layer, inputs[0])
 
     def pack(self, tensor: Tensor) -> Tensor | RecomputeRule:
@@ -76,14 +83,19 @@ class OutputRegistry:
         return saved.compute() if isinstance(saved, RecomputeRule) else saved
 
 
+def _half_on_cpu(tensor: Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
+
+
 @contextmanager
-def recompute_cheap_outputs(layers: Iterable[nn.Module]) -> Iterator[None]:
+def recompute_cheap_outputs(layers: Iterable[nn.Module], keep_half_on_cpu: bool = False) -> Iterator[None]:
     """Within this block, tensors autograd saves that are outputs of ``layers`` are recomputed in backward.
 
     Each layer must be deterministic and take one tensor (LayerNorm, GELU): its output is computed
-    again from the same input, which must not be modified in place before backward.
+    again from the same input, which must not be modified in place before backward. With
+    ``keep_half_on_cpu``, bf16/fp16 outputs on the CPU are saved as they are (see the module's docstring).
     """
-    registry = OutputRegistry()
+    registry = OutputRegistry(keep_half_on_cpu)
     handles = [layer.register_forward_hook(registry.record) for layer in layers]
     try:
         with torch.autograd.graph.saved_tensors_hooks(registry.pack, registry.unpack):

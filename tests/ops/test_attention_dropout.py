@@ -18,6 +18,7 @@ from gpt2lora.ops.attention import DropoutAttention, attention
 from gpt2lora.ops.dropout import Dropout, MaskedScale, drop_threshold, dropout, keep_mask
 from gpt2lora.ops.lora_product import LoRAProduct
 from gpt2lora.ops.recompute import count_saved_tensors, recompute_cheap_outputs
+from gpt2lora.training.precision import hold_frozen_weights
 
 
 def reference_attention(q, k, v, visible, keep, p):
@@ -196,7 +197,7 @@ def lm_batch(B=4, T=40):
     return ids, mask, labels
 
 
-def step_grads(model: GPT2, recompute: bool, seed: int = 5) -> tuple[float, dict[str, torch.Tensor], object]:
+def step_grads(model: GPT2, recompute: bool | None, seed: int = 5) -> tuple[float, dict[str, torch.Tensor], object]:
     model.transformer.recompute_cheap_outputs = recompute
     ids, mask, labels = lm_batch()
     torch.manual_seed(seed)
@@ -225,6 +226,35 @@ def test_recomputing_layernorm_and_gelu_outputs_changes_no_gradient_and_saves_le
     tokens, width = int(lm_batch()[1].sum()), TINY["n_embd"]  # training runs the layers on real tokens
     outputs = layers * tokens * (2 * width + 4 * width) * 4  # two LayerNorm outputs + one GELU output, fp32
     assert saved_off.bytes - saved_on.bytes >= outputs
+
+
+def bf16_step(model: GPT2, recompute: bool | None) -> tuple[float, dict[str, torch.Tensor], object]:
+    model.transformer.recompute_cheap_outputs = recompute
+    ids, mask, labels = lm_batch()
+    torch.manual_seed(5)
+    with count_saved_tensors(model.parameters()) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, mask, labels=labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads, saved
+
+
+def test_the_default_keeps_half_precision_outputs_on_the_cpu_and_recomputes_fp32_ones():
+    model = tiny_lora_lm(dropout=0.1).train()
+    hold_frozen_weights(model)  # what precision="bf16" trains: the GELU outputs are bf16
+    loss_default, grads_default, saved_default = bf16_step(model, None)
+    loss_all, grads_all, saved_all = bf16_step(model, True)
+    layers = TINY["n_layer"]
+    assert saved_all.recomputed >= layers  # True recomputes the bf16 activation outputs as well
+    assert saved_default.recomputed == 0  # the default keeps them (the LayerNorms' fp32 outputs are not saved)
+    tokens, width = int(lm_batch()[1].sum()), TINY["n_embd"]
+    assert saved_default.bytes - saved_all.bytes >= layers * tokens * 4 * width * 2  # one bf16 GELU output each
+    assert loss_default == loss_all
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_default[name], grad, rtol=0, atol=0)  # the same values either way
+    _, _, saved_fp32 = step_grads(tiny_lora_lm(dropout=0.1).train(), None)
+    assert saved_fp32.recomputed >= 3 * layers  # in fp32 the default recomputes all three per block
 
 
 def test_recompute_refuses_an_input_modified_in_place():
