@@ -8,8 +8,8 @@ from helpers import NO_DROPOUT, TINY
 
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora
 from gpt2lora.config import BLOCK_TARGETS
-from gpt2lora.ops import few_row, products
-from gpt2lora.ops.products import BLOCK_ROWS, product
+from gpt2lora.ops import few_row, packed, products
+from gpt2lora.ops.products import BLOCK_ROWS, frozen_weight_product, product
 from gpt2lora.training.precision import hold_frozen_weights
 
 
@@ -31,28 +31,32 @@ def test_row_blocks_equal_the_whole_product(dtype, rows, transposed, with_bias):
     torch.testing.assert_close(blocks.float(), expected, **tolerance)
 
 
-def fake_clock(monkeypatch, blocks_cost: float) -> tuple[few_row.KernelChoice, dict[str, int]]:
-    """A KernelChoice on a fake clock: the whole product reads 1 tick, the row blocks 1 + ``blocks_cost``."""
+def clocked(monkeypatch, costs: dict[str, tuple[str, float]]) -> tuple[few_row.KernelChoice, dict[str, int]]:
+    """A KernelChoice on a fake clock, each ``products`` function named in ``costs`` ({attribute: (label, extra
+    ticks)}) counted under its label and reading 1 + its extra ticks; returns the choice and the counts."""
     clock = [0.0]
-    calls = {"whole": 0, "row blocks": 0}
-    whole, blocks = products._whole, products._row_blocks
+    calls = {label: 0 for label, _ in costs.values()}
 
-    def timed_whole(a, b, bias):
-        calls["whole"] += 1
-        return whole(a, b, bias)
+    def counted(function, label, cost):
+        def run(*args, **kwargs):
+            calls[label] += 1
+            clock[0] += cost
+            return function(*args, **kwargs)
+        return run
 
-    def timed_blocks(a, b, bias):
-        calls["row blocks"] += 1
-        clock[0] += blocks_cost
-        return blocks(a, b, bias)
+    for attribute, (label, cost) in costs.items():
+        monkeypatch.setattr(products, attribute, counted(getattr(products, attribute), label, cost))
 
     def timer() -> float:
         clock[0] += 0.5
         return clock[0]
 
-    monkeypatch.setattr(products, "_whole", timed_whole)
-    monkeypatch.setattr(products, "_row_blocks", timed_blocks)
     return few_row.KernelChoice(timer=timer), calls
+
+
+def fake_clock(monkeypatch, blocks_cost: float) -> tuple[few_row.KernelChoice, dict[str, int]]:
+    """The whole product reads 1 tick, the row blocks 1 + ``blocks_cost``."""
+    return clocked(monkeypatch, {"_whole": ("whole", 0.0), "_row_blocks": ("row blocks", blocks_cost)})
 
 
 @pytest.mark.parametrize("blocks_cost", [2.0, -0.5])
@@ -95,7 +99,7 @@ class Always:
         self.name = name
 
     def decide(self, key, candidates) -> str:
-        return self.name
+        return self.name if self.name in candidates else next(iter(candidates))
 
 
 def test_a_bf16_lora_step_trains_alike_with_either_form(monkeypatch):
@@ -125,3 +129,76 @@ def test_a_bf16_lora_step_trains_alike_with_either_form(monkeypatch):
     assert abs(loss_whole - loss_blocks) < 1e-2
     for name, grad in grads_whole.items():
         torch.testing.assert_close(grads_blocks[name], grad, atol=2e-3, rtol=0.1)
+
+
+needs_packing = pytest.mark.skipif(not packed.packed_linear_available(),
+                                   reason="torch has no oneDNN packed bf16 linear or this CPU has no bf16 units")
+
+
+def frozen_head(vocab: int = 300, width: int = 64) -> torch.nn.Parameter:
+    g = torch.Generator().manual_seed(vocab)
+    return torch.nn.Parameter(torch.randn(vocab, width, generator=g).bfloat16(), requires_grad=False)
+
+
+def packed_clock(monkeypatch, packed_cost: float) -> tuple[few_row.KernelChoice, dict[str, int]]:
+    """The plain product reads 1 tick, the packed one 1 + ``packed_cost``."""
+    return clocked(monkeypatch, {"_whole": ("plain", 0.0), "packed_linear": ("packed", packed_cost)})
+
+
+@needs_packing
+@pytest.mark.parametrize("packed_cost", [2.0, -0.5])
+def test_a_frozen_bf16_weight_is_packed_only_where_that_was_measured_faster(monkeypatch, packed_cost):
+    kernels, calls = packed_clock(monkeypatch, packed_cost)
+    weight, x = frozen_head(), torch.randn(100, 64).bfloat16()
+    out = frozen_weight_product(x, weight, kernels=kernels)
+    (key, name), = kernels.chosen.items()
+    faster = "plain" if packed_cost > 0 else "packed"
+    assert name == faster and key[-1] == torch.get_num_threads()
+    trials = kernels.samples + 1  # both timed before the first result
+    assert calls == {"plain": trials + (faster == "plain"), "packed": trials + (faster == "packed")}
+    assert out.shape == (100, 300) and out.is_contiguous()
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), atol=0.05, rtol=0.02)
+    # the pack stays on the weight only when it is used
+    assert packed.packed_bytes(torch.nn.ParameterList([weight])) == (weight.numel() * 2 if faster == "packed" else 0)
+    before = dict(calls)
+    frozen_weight_product(torch.randn(77, 64).bfloat16(), weight, kernels=kernels)  # same row step: decided
+    assert sum(calls.values()) == sum(before.values()) + 1 and calls[faster] == before[faster] + 1
+
+
+def test_other_weights_are_never_packed_or_measured():
+    kernels = few_row.KernelChoice(timer=lambda: pytest.fail("timed a product that has one form"))
+    x = torch.randn(100, 64).bfloat16()
+    trainable = torch.nn.Parameter(frozen_head().detach().clone())  # packing again after every update
+    not_a_parameter = frozen_head().detach()  # a per-call copy (a cast or a concatenation)
+    fp32 = torch.nn.Parameter(frozen_head().detach().float(), requires_grad=False)
+    for weight in (trainable, not_a_parameter, fp32):
+        rows = x.to(weight.dtype)
+        assert torch.equal(frozen_weight_product(rows, weight, kernels=kernels), rows @ weight.detach().t())
+        assert packed.PACKED_ATTR not in weight.__dict__
+    assert kernels.chosen == {}
+
+
+@needs_packing
+def test_a_bf16_lm_loss_is_alike_with_the_head_packed_or_plain(monkeypatch):
+    """The chunked LM loss and its gradients on a bf16-held LoRA model, the head's logits forced either way."""
+    config = GPT2Config(**{**TINY, "n_positions": 128}, **NO_DROPOUT)
+    ids = torch.randint(0, TINY["vocab_size"], (4, 60), generator=torch.Generator().manual_seed(4))
+    results = {}
+    used = []
+    packed_product = products.packed_linear
+    monkeypatch.setattr(products, "packed_linear", lambda x, w, b=None: used.append(x.size(0)) or packed_product(x, w, b))
+    for name in ("plain", "packed"):
+        monkeypatch.setattr(products, "KERNELS", Always(name))
+        torch.manual_seed(0)
+        net = GPT2(config)
+        apply_lora(net, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=BLOCK_TARGETS), seed=0)
+        hold_frozen_weights(net)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net.train()(ids, labels=ids) / ids.numel()
+        loss.backward()
+        results[name] = loss.item(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    assert used  # the packed head ran
+    (loss_plain, grads_plain), (loss_packed, grads_packed) = results.values()
+    assert abs(loss_plain - loss_packed) < 1e-3
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=2e-3, rtol=0.05)
