@@ -97,10 +97,11 @@ OUTSIDE_BYTES = {("full", False): 9.8, ("full", True): 9.1, ("lora", False): 0.8
 CPU_RUNTIME_BYTES = 16 * 2**20
 #: bf16/fp16 autocast keeps activations at about this share of fp32's (masks stay 1 byte, norms stay fp32).
 HALF_ACTIVATIONS = 0.55
-#: The same on the CPU, where bf16 LayerNorm/GELU outputs are kept instead of recomputed
-#: (:mod:`gpt2lora.ops.recompute`): counted 0.58-0.91 of fp32's for LoRA with a bf16 base (with and without LoRA
-#: dropout) and 1.00 for full fine-tuning (2 layers, width 256, 8 x 200 tokens); the plan takes the upper end.
-HALF_ACTIVATIONS_CPU = 1.0
+#: The same on the CPU, by whether the block weights train, where bf16 GELU outputs are kept instead of recomputed
+#: (:mod:`gpt2lora.ops.recompute`) and full fine-tuning's linears also keep bf16 copies of their LayerNorm inputs:
+#: counted 0.58-0.91 of fp32's for LoRA with a bf16 base (with and without LoRA dropout) and 0.93-1.33 for full
+#: fine-tuning (1-3 layers, widths 64-256, 96-1,600 tokens); the plan takes the upper ends.
+HALF_ACTIVATIONS_CPU = {True: 1.35, False: 1.0}
 METHODS_WITH_BLOCK_GRADIENTS = ("full", "lora", "prompt", "embeddings", "last_n_full")
 
 
@@ -415,7 +416,8 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     kept, loss_block, backward = activation_parts(s, model)
     acts = kept + max(loss_block, backward)
     if half:
-        acts *= HALF_ACTIVATIONS if s.device.startswith("cuda") else HALF_ACTIVATIONS_CPU
+        blocks_train = s.method in ("full", "last_n_full")
+        acts *= HALF_ACTIVATIONS if s.device.startswith("cuda") else HALF_ACTIVATIONS_CPU[blocks_train]
     grads += grads if n > 1 and not sharded else 0.0  # DDP's gradient buckets
     largest = max((p.numel() for p in trainable), default=0)
     update = 8.0 * largest / (n if sharded else 1)

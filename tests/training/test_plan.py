@@ -24,6 +24,7 @@ from gpt2lora.training.memory_plan import (
     parse_size,
     plan_memory,
 )
+from gpt2lora.training.precision import hold_frozen_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,6 +79,29 @@ def test_kept_activations_match_what_autograd_saves(method, checkpointing, dims)
                           gradient_checkpointing=checkpointing)
     kept, _, _ = activation_parts(setting, model)
     assert kept == pytest.approx(saved.bytes, rel=0.05), (kept, saved.bytes)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_cpu_bf16_plan_covers_what_a_bf16_step_keeps(method):
+    """On the CPU bf16 keeps its GELU outputs (gpt2lora.ops.recompute): the plan's bf16 activations there are not
+    below what a bf16 step (frozen base held in bf16 for LoRA) saves, nor below the fp32 plan's."""
+    shape = ModelShape(2, 128, 4, 300, n_positions=64)
+    model = real_model(shape, "lm", method)
+    if method == "lora":
+        hold_frozen_weights(model)
+    model.train()
+    ids = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(0))
+    with count_saved_tensors(model.parameters()) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, torch.ones_like(ids), labels=ids)
+    setting = PlanSetting(shape, method=method, batch_size=4, max_length=64, precision="bf16", device="cpu")
+    fp32 = plan_memory(PlanSetting(shape, method=method, batch_size=4, max_length=64, device="cpu"))
+    bf16 = plan_memory(setting)
+    kept_fp32, _, _ = activation_parts(setting, model)  # before the precision's share
+    assert bf16.activations >= fp32.activations
+    assert bf16.activations * kept_fp32 / fp32.activations >= saved.bytes  # the kept part alone covers the count
+    cuda = plan_memory(PlanSetting(shape, method=method, batch_size=4, max_length=64, precision="bf16",
+                                   device="cuda"))
+    assert cuda.activations < fp32.activations  # on CUDA bf16 outputs are recomputed: the plan stays lower
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
