@@ -10,7 +10,13 @@ from helpers import NO_DROPOUT, TINY
 from gpt2lora import ConfigError
 from gpt2lora.config import GPT2Config, LoRAConfig
 from gpt2lora.model.gpt2 import GPT2
-from gpt2lora.ops.lm_head_loss import ChunkedHeadCrossEntropy, count_targets, lm_head_loss, target_rows
+from gpt2lora.ops.lm_head_loss import (
+    SOFTMAX_ROWS,
+    ChunkedHeadCrossEntropy,
+    count_targets,
+    lm_head_loss,
+    target_rows,
+)
 from gpt2lora.ops.recompute import count_saved_tensors
 from gpt2lora.peft.lora import apply_lora
 
@@ -145,6 +151,27 @@ def test_bf16_autocast_tracks_fp32():
     assert float(half) == pytest.approx(float(exact), rel=2e-2)
     (grad,) = torch.autograd.grad(half, hidden)
     assert grad.dtype == hidden.dtype and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("chunk", [37, 128])
+def test_bf16_logits_turned_into_gradients_a_few_rows_at_a_time_equal_the_whole_block(chunk):
+    """bf16 logits on the CPU go through the fp32 log-softmax SOFTMAX_ROWS rows at a time: the loss and the
+    gradients equal the whole block's (widened to fp32 at once, cast back once)."""
+    g = torch.Generator().manual_seed(5)
+    rows = 3 * SOFTMAX_ROWS + 5  # several groups of rows and a short last one
+    hidden = torch.randn(rows, 32, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(300, 32, generator=g) * 0.3).bfloat16()
+    targets = torch.randint(0, 300, (rows,), generator=g)
+    total = ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk, torch.bfloat16, True)
+    (grad,) = torch.autograd.grad(total * 2.0, hidden)
+    log_probs = torch.log_softmax((hidden.detach() @ weight.t()).float(), dim=-1)
+    picked = torch.arange(rows), targets
+    expected_total = -log_probs[picked].sum()
+    softmax = log_probs.exp()
+    softmax[picked] -= 1.0
+    expected_grad = (softmax.bfloat16() @ weight) * 2.0
+    torch.testing.assert_close(total, expected_total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 
 def saved_bytes(fn) -> tuple[int, int]:
