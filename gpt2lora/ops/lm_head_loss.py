@@ -61,6 +61,36 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _loss_and_gradient(logits: Tensor, targets: Tensor, rows: Tensor, grads: bool) -> tuple[Tensor, Tensor | None]:
+    """``(sum of the targets' log-probabilities, softmax - one_hot in the logits' dtype or None)`` of a logits block.
+
+    The log-softmax runs in fp32 (bf16 logits widen exactly): one fused kernel for the max, the sum of exponentials
+    and the normalised row, instead of logsumexp's separate passes. fp32 logits (and any block on a GPU) are taken
+    whole, the gradient formed in the log-probabilities' memory; half-precision logits on the CPU
+    ``SOFTMAX_ROWS`` rows at a time, each group's gradient written back over its own logits.
+    """
+    if logits.device.type != "cpu" or logits.dtype == torch.float32:
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        picked = rows, targets
+        part = log_probs[picked].sum()
+        if not grads:
+            return part, None
+        grad = log_probs.exp_()  # softmax, in the log-probabilities' memory
+        grad[picked] -= 1.0
+        return part, grad.to(logits.dtype)
+    part = logits.new_zeros((), dtype=torch.float32)
+    for first in range(0, logits.size(0), SOFTMAX_ROWS):
+        last = min(first + SOFTMAX_ROWS, logits.size(0))
+        log_probs = torch.log_softmax(logits[first:last], dim=-1, dtype=torch.float32)
+        picked = rows[:last - first], targets[first:last]
+        part += log_probs[picked].sum()
+        if grads:
+            grad_rows = log_probs.exp_()
+            grad_rows[picked] -= 1.0
+            logits[first:last] = grad_rows
+    return part, (logits if grads else None)
+
+
 class ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, ``chunk_size`` rows at a time.
 
@@ -85,25 +115,10 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             stop = min(start + chunk_size, h.size(0))
             block = h[start:stop]
             logits = frozen_weight_product(block, w)
-            # SOFTMAX_ROWS rows at a time, each turned into its log-probabilities, its share of the loss and (with
-            # gradients) its softmax - one_hot written back over its own logits in ``dtype``: the fp32 rows stay
-            # cache-sized between the passes instead of a (chunk_size, vocab) fp32 block going through memory
-            # fp32 logits become their gradient in place anyway; a GPU takes the block at once
-            step = SOFTMAX_ROWS if logits.device.type == "cpu" and logits.dtype != torch.float32 else stop - start
-            for first in range(0, stop - start, step):
-                last = min(first + step, stop - start)
-                # log-softmax in fp32 (bf16 logits widen exactly): one fused kernel for the max, the sum of
-                # exponentials and the normalised row, instead of logsumexp's separate passes
-                log_probs = torch.log_softmax(logits[first:last], dim=-1, dtype=torch.float32)
-                picked = rows[:last - first], targets[start + first:start + last]
-                total -= log_probs[picked].sum()
-                if need_h or need_w:
-                    grad_rows = log_probs.exp_()  # softmax, in the log-probabilities' memory
-                    grad_rows[picked] -= 1.0
-                    logits[first:last] = grad_rows
-            if not (need_h or need_w):
+            part, grad = _loss_and_gradient(logits, targets[start:stop], rows[:stop - start], need_h or need_w)
+            total -= part
+            if grad is None:
                 continue
-            grad = logits  # now softmax - one_hot, in dtype
             if need_h:
                 grad_h[start:stop] = product(grad, w)
             if need_w:
