@@ -69,26 +69,25 @@ def _loss_and_gradient(logits: Tensor, targets: Tensor, rows: Tensor, grads: boo
     whole, the gradient formed in the log-probabilities' memory; half-precision logits on the CPU
     ``SOFTMAX_ROWS`` rows at a time, each group's gradient written back over its own logits.
     """
-    if logits.device.type != "cpu" or logits.dtype == torch.float32:
-        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        picked = rows, targets
-        part = log_probs[picked].sum()
-        if not grads:
-            return part, None
-        grad = log_probs.exp_()  # softmax, in the log-probabilities' memory
-        grad[picked] -= 1.0
-        return part, grad.to(logits.dtype)
+    count = logits.size(0)
+    step = count if logits.device.type != "cpu" or logits.dtype == torch.float32 else SOFTMAX_ROWS
     part = logits.new_zeros((), dtype=torch.float32)
-    for first in range(0, logits.size(0), SOFTMAX_ROWS):
-        last = min(first + SOFTMAX_ROWS, logits.size(0))
+    grad = None
+    for first in range(0, count, step):
+        last = min(first + step, count)
         log_probs = torch.log_softmax(logits[first:last], dim=-1, dtype=torch.float32)
         picked = rows[:last - first], targets[first:last]
         part += log_probs[picked].sum()
-        if grads:
-            grad_rows = log_probs.exp_()
-            grad_rows[picked] -= 1.0
-            logits[first:last] = grad_rows
-    return part, (logits if grads else None)
+        if not grads:
+            continue
+        rows_grad = log_probs.exp_()  # softmax, in the log-probabilities' memory
+        rows_grad[picked] -= 1.0
+        if step == count:
+            grad = rows_grad.to(logits.dtype)
+        else:
+            logits[first:last] = rows_grad
+            grad = logits
+    return part, grad
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):

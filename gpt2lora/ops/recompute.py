@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .few_row import HALF
+
 
 @dataclass
 class RecomputeRule:
@@ -84,7 +86,7 @@ class OutputRegistry:
 
 
 def _half_on_cpu(tensor: Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
+    return tensor.device.type == "cpu" and tensor.dtype in HALF
 
 
 @contextmanager
