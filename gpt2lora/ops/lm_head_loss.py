@@ -23,9 +23,6 @@ from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
 from ..errors import ConfigError
 from .products import frozen_weight_product, product
 
-"""Rows of one (rows, vocab) logits block: 128 × 50,257 fp32 logits are about 26 MB (as fast as 512 on a CPU)."""
-
-
 SOFTMAX_ROWS = 16
 """Rows of half-precision logits a CPU turns into fp32 log-probabilities and gradients at a time: (16, 50257) fp32 is
 3.2 MB, which stays in a core's cache between the passes, and the gradient goes back over the logits in their own

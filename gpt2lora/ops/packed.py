@@ -75,6 +75,9 @@ class _Packs(dict):
     """A weight's packs by kind. A copied or unpickled parameter holds None in its place and packs its own data
     again."""
 
+    moves = 0
+    """How many times a pack was remade because the weight's storage had moved (see :func:`storage_keeps_moving`)."""
+
     def __deepcopy__(self, memo: dict) -> None:
         return None
 
@@ -105,6 +108,8 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN) -> Tensor:
     if packs is None:  # none yet, or a copy's None
         packs = weight.__dict__[PACKED_ATTR] = _Packs()
     pack = packs.get(kind)
+    if pack is not None and pack.stamp[1] != stamp[1]:
+        packs.moves += 1
     if pack is None or pack.stamp != stamp:
         with torch.no_grad():
             packed = _reorder(weight.detach(), kind)
@@ -125,6 +130,21 @@ def settle_pack(weight: Tensor, kind: str, chosen: bool) -> None:
         del packs[kind]
         if not packs:
             del weight.__dict__[PACKED_ATTR]
+
+
+MOVES_TO_STOP_PACKING = 2
+"""Storage moves after which a weight is not packed again: FSDP gathers a sharded weight into new memory for
+every forward, so its pack (51 ms for GPT-2's bf16 head on one thread) would be remade on every step."""
+
+
+def storage_keeps_moving(weight: Tensor) -> bool:
+    """Whether ``weight``'s packs were remade for a moved storage ``MOVES_TO_STOP_PACKING`` times; its packs are
+    dropped then, and the caller should take the plain product."""
+    packs = weight.__dict__.get(PACKED_ATTR)
+    if packs is None or packs.moves < MOVES_TO_STOP_PACKING:
+        return False
+    packs.clear()
+    return True
 
 
 def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:

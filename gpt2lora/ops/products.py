@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .few_row import HALF, KERNELS, KernelChoice
-from .packed import ONEDNN, can_pack, packed_linear, settle_pack
+from .packed import ONEDNN, can_pack, packed_linear, settle_pack, storage_keeps_moving
 
 BLOCK_ROWS = 512
 """Rows of one block of the blocked product; products of at most this many rows are never split."""
@@ -73,11 +73,12 @@ def frozen_weight_product(x: Tensor, weight: Tensor, kernels: KernelChoice | Non
     For a frozen bf16 parameter on a CPU with bf16 units, the product through the weight's packed copy or the
     plain product, the faster as measured on first use of each (rows in steps of ``PACKED_ROW_STEP``, shape,
     dtype, thread count; ``kernels``: whose measurements, default the process's); the pack is dropped when the
-    plain product is kept. A trainable weight would be packed again after every update, so it takes
-    :func:`product`, as does everything else.
+    plain product is kept. A trainable weight would be packed again after every update, and a weight whose
+    storage keeps moving (FSDP's gathered head) on every step, so both take :func:`product`, as does everything
+    else.
     """
     if (not isinstance(weight, torch.nn.Parameter) or weight.requires_grad or x.dim() != 2 or x.dtype not in HALF
-            or not can_pack(x, weight, None) or torch.compiler.is_compiling()):
+            or not can_pack(x, weight, None) or torch.compiler.is_compiling() or storage_keeps_moving(weight)):
         return product(x, weight.t(), kernels=kernels)
     key = ("frozen weight product", -(-x.size(0) // PACKED_ROW_STEP), *weight.shape, x.dtype,
            torch.get_num_threads())

@@ -240,6 +240,8 @@ class Trainer:
         self.model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.held_in_bf16 = hold_frozen_weights(model) if self.precision == "bf16" else 0
+        """How many frozen base matrices the Trainer holds in bf16 (``precision='bf16'``; see training.precision)."""
         # FSDP2 units (blocks, then the root) when sharding; the parameters become DTensors before the optimizer
         # is built over them
         self._fsdp_units: list[nn.Module] = []
@@ -253,8 +255,6 @@ class Trainer:
         # None when nothing trains: such a Trainer can still evaluate(), fit() refuses.
         self.optimizer = build_optimizer(model, config) if self.params else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.held_in_bf16 = hold_frozen_weights(model) if self.precision == "bf16" else 0
-        """How many frozen base matrices the Trainer holds in bf16 (``precision='bf16'``; see training.precision)."""
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         self.history_path = (Path(config.history_path) if config.history_path is not None
                              else self.out_dir / HISTORY_FILE if self.out_dir is not None else None)

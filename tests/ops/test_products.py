@@ -165,6 +165,27 @@ def test_a_frozen_bf16_weight_is_packed_only_where_that_was_measured_faster(monk
     assert sum(calls.values()) == sum(before.values()) + 1 and calls[faster] == before[faster] + 1
 
 
+@needs_packing
+def test_a_weight_whose_storage_keeps_moving_is_no_longer_packed(monkeypatch):
+    """FSDP gathers a sharded weight into new memory for every forward: its pack would be remade every step."""
+    reorders = []
+    reorder = packed._reorder
+    monkeypatch.setattr(packed, "_reorder", lambda w, kind: reorders.append(w.data_ptr()) or reorder(w, kind))
+    weight, x = frozen_head(), torch.randn(100, 64).bfloat16()
+    kernels = Always("packed")
+    expected = frozen_weight_product(x, weight, kernels=kernels)
+    assert len(reorders) == 1
+    frozen_weight_product(x, weight, kernels=kernels)  # same storage: the pack is reused
+    assert len(reorders) == 1
+    for step in range(4):
+        with torch.no_grad():
+            weight.data = weight.data.clone()  # what a gather into new memory looks like to the weight
+        torch.testing.assert_close(frozen_weight_product(x, weight, kernels=kernels), expected, atol=0.05, rtol=0.02)
+    # packed again after the first two moves only; then the plain product, and no pack is kept
+    assert len(reorders) == 1 + packed.MOVES_TO_STOP_PACKING
+    assert packed.packed_bytes(torch.nn.ParameterList([weight])) == 0
+
+
 def test_other_weights_are_never_packed_or_measured():
     kernels = few_row.KernelChoice(timer=lambda: pytest.fail("timed a product that has one form"))
     x = torch.randn(100, 64).bfloat16()

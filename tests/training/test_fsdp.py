@@ -105,6 +105,17 @@ def run_case(kind: str, method: str, strategy: str, out_dir: Path | None = None,
 CASES = [("lm", "full"), ("cls", "full"), ("lm", "lora"), ("cls", "last_n_full")]
 
 
+def bf16_lora_case() -> tuple[list[dict], dict[str, str]]:
+    """LM LoRA with ``precision="bf16"`` (FSDP when distributed): the steps and the dtype of each frozen matrix
+    as this process holds it (its shard under FSDP)."""
+    model = model_for("lm", "lora")
+    trainer = Trainer(model, train_config(precision="bf16"))
+    held = {name: str(distributed.local_tensor(p).dtype) for name, p in model.named_parameters()
+            if not p.requires_grad and p.dim() == 2}
+    history = trainer.fit(batches("lm"), batches("lm", sizes=(3, 4), seed=1))
+    return history.steps, held
+
+
 def fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -124,6 +135,8 @@ def fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
                 # after fit the weights are gathered: every rank holds the full trained model
                 save_file({n: t.contiguous() for n, t in weights.items()},
                           str(out / f"weights-{kind}-{method}-{rank}.safetensors"))
+    steps, held = bf16_lora_case()
+    result["lm-lora-fsdp-bf16"] = {"steps": steps, "held": held}
     # a run that wrote a checkpoint at every step, resumed from step 1 by these two processes (and, in the
     # test, by one): the checkpoint holds full tensors, whatever the number of processes that wrote it
     run_case("lm", "full", "fsdp", out / "run", keep=3)
@@ -175,6 +188,20 @@ def test_fsdp_trains_like_one_process_on_the_same_global_batches(fsdp_results, k
             # bits; three AdamW steps at lr 3e-3 (each entry's update divided by its own running scale) turn that
             # into up to a few 1e-5 on single entries: 1% of one step's update.
             torch.testing.assert_close(trained[name], tensor, atol=5e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_lora_shards_the_frozen_matrices_in_bf16_and_trains_like_one_process(fsdp_results):
+    single, held = bf16_lora_case()
+    # the token embedding (the tied head) and the block matrices; position embeddings stay fp32
+    assert held["transformer.wte.weight"] == "torch.bfloat16"
+    assert held["transformer.h.0.attn.c_attn.weight"] == "torch.bfloat16"
+    for result in results(fsdp_results):
+        sharded = result["lm-lora-fsdp-bf16"]
+        # held before sharding: cast after it, FSDP would keep and gather fp32 shards (and cast per step)
+        assert sharded["held"] == held
+        # bf16 products over each rank's half of the rows round differently from one process's
+        assert [s["loss"] for s in sharded["steps"]] == pytest.approx([s["loss"] for s in single], abs=2e-3)
 
 
 @pytest.mark.slow
