@@ -26,6 +26,11 @@ nothing: gradients are freed after each step); ``G_ddp`` is DDP's gradient bucke
 With FSDP over N devices ``W``, ``G`` and ``O`` are ``1/N`` each, and the peak adds the full weights of the units
 gathered at once (the root's embeddings, final norm and head, and two blocks); every device runs
 ``batch_size / N`` rows.
+
+With ``precision="bf16"`` ``W`` counts the frozen matrices the Trainer holds in bf16 at 2 bytes
+(:func:`gpt2lora.training.precision.hold_frozen_weights`), and on a CPU with bf16 units an LM run may add the
+frozen head's packed copy (as large as the bf16 head), which the chunked loss keeps when its product measured
+faster (:func:`gpt2lora.ops.products.frozen_weight_product`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ from ..errors import ConfigError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2, Block, GPT2Config
 from ..ops.attention import batch_rows
+from ..ops.packed import packed_linear_available
 from ..peft.methods import prepare_model
+from .precision import hold_frozen_weights
 
 #: Shapes of the published GPT-2 checkpoints: (n_layer, n_embd, n_head); all have 50,257 tokens and 1,024 positions.
 KNOWN_MODELS: dict[str, tuple[int, int, int]] = {
@@ -205,6 +212,8 @@ class MemoryPlan:
     """On the CPU: what a fit adds besides tensors (:data:`CPU_RUNTIME_BYTES`)."""
     gathered: int = 0
     """FSDP: the full weights of the units gathered at once (the root: embeddings, final norm, head; two blocks)."""
+    packed_head: int = 0
+    """bf16 LM runs on a CPU with bf16 units: the frozen head's packed copy, if the chunked loss keeps it."""
 
     @property
     def held_gradients(self) -> int:
@@ -214,8 +223,8 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         """Weights + optimizer state + the larger of the backward pass's and the update's needs."""
-        return self.weights + self.gathered + self.optimizer + self.runtime + max(self.activations + self.held_gradients,
-                                                                  self.gradients + self.update)
+        return (self.weights + self.gathered + self.packed_head + self.optimizer + self.runtime
+                + max(self.activations + self.held_gradients, self.gradients + self.update))
 
     @property
     def training_added(self) -> int:
@@ -242,6 +251,8 @@ class MemoryPlan:
                  f"{f'  (1/{s.world_size} of them on each device)' if self.gathered else ''}"),
                  *([(f"  gathered (FSDP)  {format_size(self.gathered):>12}  (units whose weights are gathered at "
                     "once)")] if self.gathered else []),
+                 *([f"  packed LM head   {format_size(self.packed_head):>12}  (kept if measured faster)"]
+                   if self.packed_head else []),
                  f"  gradients        {format_size(self.gradients):>12}",
                  f"  optimizer state  {format_size(self.optimizer):>12}",
                  (f"  activations      {format_size(self.activations):>12}  (per micro-batch of "
@@ -392,25 +403,32 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
         raise ConfigError(f"max_length={setting.max_length} is beyond the model's {setting.shape.n_positions} "
                           "positions")
     model = _meta_model(setting)
+    n, s = setting.world_size, setting
+    if s.precision == "bf16":
+        hold_frozen_weights(model)  # as the Trainer does: the frozen matrices in bf16
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     trainable = [p for p in params if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
-    n, s = setting.world_size, setting
     sharded = s.strategy == "fsdp" and n > 1
     half = s.precision in ("bf16", "fp16")
 
-    weights = 4.0 * total
+    weights = float(_bytes(params))
     grads = 4.0 * n_train
     moments = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}.get(s.optimizer, 2) * 4.0 * n_train
     if sharded:
         blocks = [m for m in model.modules() if isinstance(m, Block)]
-        block_params = sum(p.numel() for p in blocks[0].parameters()) if blocks else 0
-        root_params = total - sum(p.numel() for b in blocks for p in b.parameters())
-        gathered = (root_params + 2 * block_params) * (2.0 if half and s.device == "cuda" else 4.0)
+        block_params = list(blocks[0].parameters()) if blocks else []
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        root_params = [p for p in params if id(p) not in in_blocks]
+        if half and s.device.startswith("cuda"):  # FSDP's mixed-precision policy gathers every weight in 2 bytes
+            gathered = 2.0 * (sum(p.numel() for p in root_params) + 2 * sum(p.numel() for p in block_params))
+        else:
+            gathered = float(_bytes(root_params) + 2 * _bytes(block_params))
         weights, grads, moments = weights / n, grads / n, moments / n
     else:
         gathered = 0.0
+    packed_head = _packed_head_bytes(s, model) if not sharded else 0  # FSDP's head moves: not packed
 
     # activations of one micro-batch on one device
     kept, loss_block, backward = activation_parts(s, model)
@@ -423,7 +441,21 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     update = 8.0 * largest / (n if sharded else 1)
     runtime = 0 if s.device.startswith("cuda") else CPU_RUNTIME_BYTES
     return MemoryPlan(s, total, n_train, int(weights), int(grads), int(moments), int(acts), int(update),
-                      device_memory, runtime, int(gathered))
+                      device_memory, runtime, int(gathered), packed_head)
+
+
+def _bytes(params: list[torch.nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _packed_head_bytes(setting: PlanSetting, model: torch.nn.Module) -> int:
+    """The frozen bf16 LM head's packed copy a CPU with bf16 units may keep (0 where it is never packed)."""
+    if setting.objective != "lm" or setting.device != "cpu" or not packed_linear_available(torch.bfloat16):
+        return 0
+    head = model.lm_head.weight if isinstance(model, GPT2) else None
+    if head is None or head.requires_grad or head.dtype != torch.bfloat16:
+        return 0
+    return head.numel() * head.element_size()
 
 
 def default_device_memory(device: str) -> int | None:

@@ -16,6 +16,7 @@ from gpt2lora import GPT2, GPT2ForSequenceClassification, LoRAConfig
 from gpt2lora.errors import ConfigError
 from gpt2lora.ops.recompute import count_saved_tensors
 from gpt2lora.peft.methods import prepare_model
+from gpt2lora.training import memory_plan
 from gpt2lora.training.memory_plan import (
     ModelShape,
     PlanSetting,
@@ -102,6 +103,44 @@ def test_a_cpu_bf16_plan_covers_what_a_bf16_step_keeps(method):
     cuda = plan_memory(PlanSetting(shape, method=method, batch_size=4, max_length=64, precision="bf16",
                                    device="cuda"))
     assert cuda.activations < fp32.activations  # on CUDA bf16 outputs are recomputed: the plan stays lower
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind,method", [("lm", "lora"), ("lm", "embeddings"), ("lm", "full"),
+                                         ("classification", "lora"), ("classification", "head")])
+def test_a_bf16_plan_counts_the_matrices_the_trainer_holds_in_bf16(kind, method):
+    shape = ModelShape(2, 64, 4, 300, n_positions=64)
+    model = real_model(shape, kind, method)
+    as_loaded = parameter_bytes(model)
+    hold_frozen_weights(model)  # what the Trainer does for precision="bf16"
+    held = parameter_bytes(model)
+    for device in ("cpu", "cuda"):
+        setting = {"method": method, "objective": kind, "num_labels": 3, "device": device, "max_length": 64}
+        assert plan_memory(PlanSetting(shape, precision="bf16", **setting)).weights == held
+        assert plan_memory(PlanSetting(shape, precision="fp32", **setting)).weights == as_loaded
+    assert (held < as_loaded) == (method != "full")
+
+
+def test_a_cpu_bf16_lm_plan_adds_the_packed_head_where_the_loss_may_keep_one(monkeypatch):
+    shape = ModelShape(2, 64, 4, 300, n_positions=64)
+
+    def plan(bf16_units: bool, **setting):
+        monkeypatch.setattr(memory_plan, "packed_linear_available", lambda dtype: bf16_units)
+        return plan_memory(PlanSetting(shape, **{"precision": "bf16", "device": "cpu", "batch_size": 4, "max_length": 64,
+                                                 **setting}))
+
+    def added(**setting) -> int:
+        """What a CPU with bf16 units adds to the peak over one without."""
+        return plan(True, **setting).peak - plan(False, **setting).peak
+
+    assert added() == plan(True).packed_head == 300 * 64 * 2  # the tied (vocab, n_embd) matrix in bf16
+    assert "packed LM head" in plan(True).text() and "packed LM head" not in plan(False).text()
+    # never packed: a trained head, fp32, another device, FSDP's gathered head (new memory every step), a classifier
+    assert added(method="full") == added(precision="fp32") == added(device="cuda") == 0
+    assert added(strategy="fsdp", world_size=2) == added(objective="classification") == 0
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
