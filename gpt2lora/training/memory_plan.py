@@ -6,8 +6,8 @@ memory) with the run's method applied. Activations follow what gpt2lora's own bl
 with :func:`gpt2lora.ops.recompute.count_saved_tensors` (fp32, GPT-2's dropout on, every row full length; the
 coefficients of :data:`LAYER_BYTES` were fitted by least squares to such counts on widths 64-256) plus the
 transients of the loss and of backward; ``tests/training/test_plan.py`` checks them against the count, and
-``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (not checked on a GPU yet; bf16's
-:data:`HALF_ACTIVATIONS` is an estimate, not measured).
+``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (fp32 on the CPU; not checked on a
+GPU yet: bf16's :data:`HALF_ACTIVATIONS` there come from counts on the CPU under CUDA's recompute policy).
 
 With gradient checkpointing the backward pass of a LoRA step peaks at the start of the first recomputed
 block's backward, not in its attention: measured live tensors (``tests/training/test_plan_live.py``) hold the
@@ -102,12 +102,14 @@ OUTSIDE_BYTES = {("full", False): 9.8, ("full", True): 9.1, ("lora", False): 0.8
 #: What the first fit of a CPU process adds besides tensors (autograd's engine, kernel workspaces), measured
 #: with a 1-block, width-32 model (15-17 MiB); CUDA's allocated figure counts tensors only.
 CPU_RUNTIME_BYTES = 16 * 2**20
-#: bf16/fp16 autocast keeps activations at about this share of fp32's (masks stay 1 byte, norms stay fp32).
-HALF_ACTIVATIONS = 0.55
-#: The same on the CPU, by whether the block weights train, where bf16 GELU outputs are kept instead of recomputed
-#: (:mod:`gpt2lora.ops.recompute`) and full fine-tuning's linears also keep bf16 copies of their LayerNorm inputs:
-#: counted 0.58-0.91 of fp32's for LoRA with a bf16 base (with and without LoRA dropout) and 0.93-1.33 for full
-#: fine-tuning (1-3 layers, widths 64-256, 96-1,600 tokens); the plan takes the upper ends.
+#: bf16/fp16 autocast's activations as a share of fp32's on CUDA, by whether the block weights train. Every cheap
+#: output is recomputed there (:mod:`gpt2lora.ops.recompute`), but full fine-tuning's linears keep bf16 copies of
+#: their fp32 LayerNorm outputs (which fp32 recomputes instead), and masks and norms stay as they are: counted on
+#: the CPU under that policy, 0.58-0.76 of fp32's for LoRA with a bf16 base (with and without LoRA dropout) and 1.0
+#: for full fine-tuning (2 layers, widths 128-256, 256-512 tokens); the plan takes the upper ends.
+HALF_ACTIVATIONS = {True: 1.0, False: 0.76}
+#: The same on the CPU, where bf16 GELU outputs are kept instead of recomputed: counted 0.58-0.91 of fp32's for
+#: LoRA with a bf16 base and 0.93-1.33 for full fine-tuning (1-3 layers, widths 64-256, 96-1,600 tokens).
 HALF_ACTIVATIONS_CPU = {True: 1.35, False: 1.0}
 METHODS_WITH_BLOCK_GRADIENTS = ("full", "lora", "prompt", "embeddings", "last_n_full")
 
@@ -435,7 +437,7 @@ def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> Memor
     acts = kept + max(loss_block, backward)
     if half:
         blocks_train = s.method in ("full", "last_n_full")
-        acts *= HALF_ACTIVATIONS if s.device.startswith("cuda") else HALF_ACTIVATIONS_CPU[blocks_train]
+        acts *= (HALF_ACTIVATIONS if s.device.startswith("cuda") else HALF_ACTIVATIONS_CPU)[blocks_train]
     grads += grads if n > 1 and not sharded else 0.0  # DDP's gradient buckets
     largest = max((p.numel() for p in trainable), default=0)
     update = 8.0 * largest / (n if sharded else 1)

@@ -83,26 +83,29 @@ def test_kept_activations_match_what_autograd_saves(method, checkpointing, dims)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_cpu_bf16_plan_covers_what_a_bf16_step_keeps(method):
-    """On the CPU bf16 keeps its GELU outputs (gpt2lora.ops.recompute): the plan's bf16 activations there are not
-    below what a bf16 step (frozen base held in bf16 for LoRA) saves, nor below the fp32 plan's."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_bf16_plan_covers_what_a_bf16_step_keeps(method, device):
+    """On the CPU bf16 keeps its GELU outputs, on CUDA every cheap output is recomputed (gpt2lora.ops.recompute):
+    the plan's bf16 activations are not below what a bf16 step (frozen base held in bf16 for LoRA) saves under
+    that device's policy (counted here on the CPU), and LoRA's stay below fp32's on CUDA only."""
     shape = ModelShape(2, 128, 4, 300, n_positions=64)
     model = real_model(shape, "lm", method)
     if method == "lora":
         hold_frozen_weights(model)
     model.train()
+    model.transformer.recompute_cheap_outputs = True if device == "cuda" else None
     ids = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(0))
     with count_saved_tensors(model.parameters()) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids, torch.ones_like(ids), labels=ids)
-    setting = PlanSetting(shape, method=method, batch_size=4, max_length=64, precision="bf16", device="cpu")
-    fp32 = plan_memory(PlanSetting(shape, method=method, batch_size=4, max_length=64, device="cpu"))
+    setting = PlanSetting(shape, method=method, batch_size=4, max_length=64, precision="bf16", device=device)
+    fp32 = plan_memory(PlanSetting(shape, method=method, batch_size=4, max_length=64, device=device))
     bf16 = plan_memory(setting)
     kept_fp32, _, _ = activation_parts(setting, model)  # before the precision's share
-    assert bf16.activations >= fp32.activations
     assert bf16.activations * kept_fp32 / fp32.activations >= saved.bytes  # the kept part alone covers the count
-    cuda = plan_memory(PlanSetting(shape, method=method, batch_size=4, max_length=64, precision="bf16",
-                                   device="cuda"))
-    assert cuda.activations < fp32.activations  # on CUDA bf16 outputs are recomputed: the plan stays lower
+    if device == "cuda" and method == "lora":
+        assert bf16.activations < fp32.activations
+    else:
+        assert bf16.activations >= fp32.activations
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
@@ -193,7 +196,7 @@ def test_checkpointing_accumulation_and_bf16_move_the_peak_the_right_way():
     base = {"shape": model_shape("gpt2"), "method": "lora", "batch_size": 16, "max_length": 512, "device": "cuda"}
     plain = plan_memory(PlanSetting(**base))
     assert plan_memory(PlanSetting(**base, gradient_checkpointing=True)).activations < 0.3 * plain.activations
-    assert plan_memory(PlanSetting(**base, precision="bf16")).activations < 0.6 * plain.activations
+    assert plan_memory(PlanSetting(**base, precision="bf16")).activations < 0.8 * plain.activations
     full = {**base, "method": "full"}
     assert plan_memory(PlanSetting(**full, grad_accum_steps=2)).peak > plan_memory(PlanSetting(**full)).peak
 
