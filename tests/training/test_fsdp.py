@@ -21,6 +21,7 @@ from gpt2lora import (
     TrainConfig,
     Trainer,
     apply_lora,
+    merge_lora,
 )
 from gpt2lora.data.batching import collate, lm_example
 from gpt2lora.errors import ConfigError
@@ -106,13 +107,15 @@ CASES = [("lm", "full"), ("cls", "full"), ("lm", "lora"), ("cls", "last_n_full")
 
 
 def bf16_lora_case() -> tuple[list[dict], dict[str, str]]:
-    """LM LoRA with ``precision="bf16"`` (FSDP when distributed): the steps and the dtype of each frozen matrix
-    as this process holds it (its shard under FSDP)."""
+    """LM LoRA with ``precision="bf16"`` (FSDP when distributed): the steps, the dtype of each frozen matrix as
+    this process holds it (its shard under FSDP), and after the fit, that of a block matrix with LoRA merged."""
     model = model_for("lm", "lora")
     trainer = Trainer(model, train_config(precision="bf16"))
     held = {name: str(distributed.local_tensor(p).dtype) for name, p in model.named_parameters()
             if not p.requires_grad and p.dim() == 2}
     history = trainer.fit(batches("lm"), batches("lm", sizes=(3, 4), seed=1))
+    merge_lora(model)  # the gathered model, as a user merges and saves it after training
+    held["merged"] = str(model.transformer.h[0].attn.c_attn.weight.dtype)
     return history.steps, held
 
 
@@ -196,6 +199,7 @@ def test_fsdp_bf16_lora_shards_the_frozen_matrices_in_bf16_and_trains_like_one_p
     # the token embedding (the tied head) and the block matrices; position embeddings stay fp32
     assert held["transformer.wte.weight"] == "torch.bfloat16"
     assert held["transformer.h.0.attn.c_attn.weight"] == "torch.bfloat16"
+    assert held["merged"] == "torch.float32"  # merging writes the checkpoint's dtype again
     for result in results(fsdp_results):
         sharded = result["lm-lora-fsdp-bf16"]
         # held before sharding: cast after it, FSDP would keep and gather fp32 shards (and cast per step)
