@@ -638,3 +638,30 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it(server):
         gate.set()
     stats = settled(server)
     assert (stats["running"], stats["waiting"], stats["cache_rows"]) == (0, 0, 0) and not seq.tokens
+
+
+def test_a_cpu_without_bf16_units_refuses_a_bf16_server_naming_the_flag(files, monkeypatch):
+    monkeypatch.setattr(gl.devices, "cpu_bf16_units", list)
+    with pytest.raises(gl.errors.ConfigError, match="--precision='bf16'.*no bf16 matrix units"):
+        build_app(str(files["base"]), {}, device="cpu", precision="bf16")
+
+
+@pytest.mark.skipif(not gl.devices.cpu_bf16_units(), reason="this CPU has no bf16 matrix units")
+def test_a_bf16_server_on_the_cpu_answers_as_the_bf16_model_generates(files):
+    """``--precision bf16`` on a CPU with bf16 units serves the model held in bf16, an adapter too."""
+    app = build_app(str(files["base"]), {"beta": str(files["beta"])}, api_key=KEY, name="tiny-bf16", device="cpu",
+                    precision="bf16", max_tokens=40)
+    model = gl.GPT2.from_pretrained(files["base"], dtype=torch.bfloat16).eval()
+    gl.load_adapter(model, files["beta"], adapter_name="beta")
+    tok = gl.load_tokenizer(files["base"])
+    ids = tok.encode("A bf16 server")
+    with BackgroundServer(app) as running:
+        served = app.state.api.served.model
+        assert {p.dtype for p in served.parameters() if not p.requires_grad} == {torch.bfloat16}
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        for name, adapter in (("tiny-bf16", "__base__"), ("beta", "beta")):
+            answer = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0)
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=12, eos_token_id=tok.eot_token,
+                                      adapter_names=[adapter])[0, len(ids):].tolist()
+            expected = expected[:expected.index(tok.eot_token)] if tok.eot_token in expected else expected
+            assert answer.choices[0].text == tok.decode(expected), name
