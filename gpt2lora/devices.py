@@ -53,6 +53,10 @@ def cpu_bf16_units() -> list[str]:
     return units
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The torch dtype of each precision name."""
+
+
 def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
     """``fp32``, ``bf16`` or ``fp16`` for ``device``.
 

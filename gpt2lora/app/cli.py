@@ -96,8 +96,8 @@ TRAIN_KEYS = tuple(s.key for s in SETTINGS)
 EVAL_KEYS = ("model", "model_revision", "smoke", "vocab", "device", "precision", "threads", "task", "data",
              "data_root", "data_source", "revision", "columns", "eval_rows", "eval_split", "max_length", "seed",
              "eval_batch_size", "gen_rows", "max_new_tokens", "out", "run_name", "quiet")
-GENERATE_KEYS = ("model", "model_revision", "smoke", "vocab", "device", "threads", "data_root", "max_new_tokens",
-                 "seed", "out")
+GENERATE_KEYS = ("model", "model_revision", "smoke", "vocab", "device", "precision", "threads", "data_root",
+                 "max_new_tokens", "seed", "out")
 
 
 def add_settings(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:

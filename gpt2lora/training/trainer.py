@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import TrainConfig
 from ..constants import BEST_CHECKPOINT, CHECKPOINT_PREFIX, HISTORY_FILE, TRAINER_STATE_FILE
 from ..data.batching import BucketedBatches, example_count, is_example_list
-from ..devices import autocast, resolve_device, resolve_precision
+from ..devices import PRECISION_DTYPES, autocast, resolve_device, resolve_precision
 from ..errors import ConfigError, DataError, TrainingError
 from ..model.classifier import is_classifier
 from ..model.gpt2 import Transformer
@@ -249,7 +249,7 @@ class Trainer:
             distributed.check_fsdp_torch()
             if self.dist.enabled:
                 cast = self.device.type == "cuda" and self.precision in ("bf16", "fp16")
-                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision] if cast else None
+                dtype = PRECISION_DTYPES[self.precision] if cast else None
                 self._fsdp_units = distributed.shard_model(model, self.device, self.dist, dtype)
         self.params = trainable_parameters(model)
         # None when nothing trains: such a Trainer can still evaluate(), fit() refuses.

@@ -104,10 +104,12 @@ def test_merge_writes_a_checkpoint_transformers_loads_with_the_same_logits(sst2_
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
 
 
-def test_generate_with_an_instruction_run_is_greedy_and_matches_the_library(tmp_path):
+def test_generate_with_an_instruction_run_is_greedy_and_matches_the_library(tmp_path, monkeypatch):
     from gpt2lora import load_tokenizer
     from gpt2lora.app.commands import generate_texts, load_run_model
     from gpt2lora.data.tasks import alpaca_prompt
+    from gpt2lora.devices import cpu_bf16_units
+    from gpt2lora.training.precision import hold_frozen_weights
 
     run_cli("train", "--task", "alpaca_2k", *smoke_args(tmp_path), "--run-name", "alp")
     generations = (tmp_path / "alp" / "generations.md").read_text()
@@ -117,9 +119,34 @@ def test_generate_with_an_instruction_run_is_greedy_and_matches_the_library(tmp_
     assert first == second and "### generated" in first
     model, config = load_run_model(tmp_path / "alp")
     tok = load_tokenizer(config["base_model"])
-    expected = generate_texts(model, tok, [tok.encode_ordinary(alpaca_prompt("Name a color."))], 6,
-                              torch.device("cpu"))[0]
+    prompt = [tok.encode_ordinary(alpaca_prompt("Name a color."))]
+    expected = generate_texts(model, tok, prompt, 6, torch.device("cpu"))[0]
     assert first.split("### generated\n")[1].rstrip("\n") == expected
+
+    # --precision bf16: the base's matrices held in bf16 for decoding (LoRA stays fp32), where the CPU has bf16 units
+    half = run_cli(*args, "--precision", "bf16", check=False)
+    if not cpu_bf16_units():
+        assert half.returncode != 0 and "--precision='bf16'" in half.stderr and "no bf16 matrix units" in half.stderr
+        return
+    assert half.returncode == 0, half.stderr[-3000:]
+    hold_frozen_weights(model.requires_grad_(False))
+    assert {p.dtype for n, p in model.named_parameters() if n.endswith("c_fc.weight")} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    held = generate_texts(model, tok, prompt, 6, torch.device("cpu"))[0]
+    assert half.stdout.split("### generated\n")[1].rstrip("\n") == held
+    # the same command in this process: the model it decodes with holds its base in bf16 and its LoRA in fp32
+    from gpt2lora.app import cli, commands
+
+    seen = {}
+
+    def spy(model, *rest, **options):
+        seen.update({n: p.dtype for n, p in model.named_parameters()})
+        return generate_texts(model, *rest, **options)
+
+    monkeypatch.setattr(commands, "generate_texts", spy)
+    assert cli.main([*args, "--precision", "bf16"]) == 0
+    assert seen["transformer.h.0.mlp.c_fc.weight"] == torch.bfloat16 == seen["transformer.wte.weight"]
+    assert {dtype for n, dtype in seen.items() if "lora_" in n} == {torch.float32}
 
 
 def test_sweep_writes_one_comparison_table_and_plots(tmp_path):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...constants import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, RUN_CONFIG_FILE
 from ...data.tasks import CLASSIFICATION_KINDS
-from ...devices import resolve_device, resolve_precision
+from ...devices import PRECISION_DTYPES, resolve_device, resolve_precision
 from ...errors import CheckpointError, ConfigError
 from ...model.classifier import GPT2ForSequenceClassification
 from ...model.gpt2 import GPT2
@@ -27,8 +27,6 @@ from ...peft.named import delete_adapter, set_adapter
 from ...peft.registry import adapter_registry
 from ...peft.slots import check_adapter_name
 from .engine import BASE, Engine
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Forbidden(ConfigError):
@@ -125,7 +123,7 @@ class ServedModels:
                  max_tokens: int | None = None) -> None:
         self.device = resolve_device(device, "--device")
         self.precision = resolve_precision(precision, self.device, "--precision")
-        self.dtype = DTYPES[self.precision]
+        self.dtype = PRECISION_DTYPES[self.precision]
         self.base_path = base
         self.name = name or base
         self.model = GPT2.from_pretrained(base, dtype=self.dtype, device=self.device).eval()
