@@ -47,12 +47,26 @@ def _with_run_data(config: RunConfig, run: dict[str, Any], given: set[str]) -> R
     return dataclasses.replace(config, **changes)
 
 
+def hold_for_inference(model: nn.Module, precision: str) -> nn.Module:
+    """With a half ``precision``, hold every matrix of the base in that dtype, as a Trainer holds its frozen base.
+
+    Nothing trains here, so all the base's matrices are frozen; LoRA factors are not layers' weights and stay
+    fp32. Autocast rounds the same weights the same way, so losses move only within bf16's rounding (LoRA's
+    product runs fused in bf16 on a bf16 base; a tied head's token embeddings are read rounded), as in a bf16
+    Trainer's own evaluations; decoding reads half the bytes per token.
+    """
+    if precision != "fp32":
+        hold_frozen_weights(model.requires_grad_(False), PRECISION_DTYPES[precision])
+    return model
+
+
 def evaluate_command(config: RunConfig, run_dir: str | os.PathLike | None = None, split: str | None = None,
                      given: set[str] | None = None) -> dict[str, Any]:
     """Evaluate a run folder, or the base model (the "foundation" row) with an untrained head.
 
     The table is printed; with a run folder (or ``run_name``) the row is written to
     ``eval-<task>-<split>.json`` there. ``given``: the settings the user set (the rest come from the run).
+    With a half precision the base is held in it (:func:`hold_for_inference`), as a bf16 Trainer evaluates.
     """
     device = resolve_device(config.train.device, "--device")
     if run_dir is not None:
@@ -68,6 +82,7 @@ def evaluate_command(config: RunConfig, run_dir: str | os.PathLike | None = None
     limits = row_limits(config, eval_set.kind)
     tok = load_tokenizer(checkpoint)
     max_length = min(limits["max_length"], model.config.n_positions)
+    hold_for_inference(model.to(device), resolve_precision(config.train.precision, device, "--precision"))
     metrics = task_metrics(model, tok, eval_set, max_length, config.eval_batch_size or 32, device,
                            config.train.precision, gen_rows=limits["gen"], max_new_tokens=limits["new_tokens"])
     row = {"method": label, "task": eval_set.name, "split": eval_set.split,
@@ -88,8 +103,8 @@ def generate_command(config: RunConfig, prompts: list[str], run_dir: str | os.Pa
                      top_p: float | None = None) -> list[str]:
     """Continue ``prompts`` (a batch) with a base model or a run's language model; prints and returns them.
 
-    With ``--precision bf16`` (or fp16 on CUDA) the model's matrices are held in that dtype for decoding, as a
-    bf16 Trainer holds its frozen base: half the bytes to read per token; adapters stay fp32.
+    With ``--precision bf16`` (or fp16 on CUDA) the base's matrices are held in that dtype
+    (:func:`hold_for_inference`): half the bytes to read per token.
     """
     device = resolve_device(config.train.device, "--device")
     precision = resolve_precision(config.train.precision, device, "--precision")
@@ -105,11 +120,7 @@ def generate_command(config: RunConfig, prompts: list[str], run_dir: str | os.Pa
     tok = load_tokenizer(checkpoint)
     texts = [alpaca_prompt(p) if alpaca else p for p in prompts]
     new_tokens = config.max_new_tokens or (SMOKE["lm"]["new_tokens"] if config.smoke else 64)
-    model.to(device)
-    if precision != "fp32":
-        # the base's matrices are frozen for decoding, so hold_frozen_weights takes them all (LoRA factors are
-        # not layers' weights and stay fp32)
-        hold_frozen_weights(model.requires_grad_(False), PRECISION_DTYPES[precision])
+    hold_for_inference(model.to(device), precision)
     outputs = generate_texts(model, tok, [tok.encode_ordinary(t) for t in texts], new_tokens, device,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=config.train.seed)
     for prompt, output in zip(prompts, outputs):

@@ -14,6 +14,7 @@ import torch
 from helpers import DATA, REPO, VOCAB, require_shared
 
 from gpt2lora.app.cli import main
+from gpt2lora.devices import cpu_bf16_units
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -81,6 +82,33 @@ def test_eval_of_the_run_reproduces_its_metrics(sst2_run):
     assert f"{100 * trained['accuracy']:.2f}" in proc.stdout
 
 
+@pytest.mark.skipif(not cpu_bf16_units(), reason="this CPU has no bf16 matrix units")
+def test_eval_in_bf16_holds_the_base_in_bf16_and_keeps_autocasts_losses(sst2_run, tmp_path, monkeypatch):
+    from gpt2lora.app import cli, commands
+
+    seen: dict[str, torch.dtype] = {}
+    task_metrics = commands.task_metrics
+
+    def spy(model, *rest, **options):
+        seen.update({n: p.dtype for n, p in model.named_parameters()})
+        return task_metrics(model, *rest, **options)
+
+    monkeypatch.setattr(commands, "task_metrics", spy)
+    args = ["eval", "--run", str(sst2_run), "--eval-rows", "100", "--data-root", str(DATA), "--precision", "bf16",
+            "--out", str(tmp_path)]
+    assert cli.main([*args, "--run-name", "held"]) == 0
+    assert seen["transformer.h.0.mlp.c_fc.weight"] == torch.bfloat16
+    assert {dtype for n, dtype in seen.items() if "lora_" in n} == {torch.float32}
+    monkeypatch.setattr(commands, "hold_for_inference", lambda model, precision: model)  # autocast alone
+    assert cli.main([*args, "--run-name", "autocast"]) == 0
+    assert seen["transformer.h.0.mlp.c_fc.weight"] == torch.float32
+    held, cast = (json.loads((tmp_path / name / "eval-sst2-validation.json").read_text())["result"]
+                  for name in ("held", "autocast"))
+    # the same rounded weights; only LoRA's product runs fused in bf16 on a bf16 base (1e-5 here)
+    assert held["loss"] == pytest.approx(cast["loss"], abs=1e-3)
+    assert held["accuracy"] == pytest.approx(cast["accuracy"], abs=0.02)
+
+
 def test_eval_of_the_foundation_model(tmp_path):
     proc = run_cli("eval", "--task", "snli", *smoke_args(tmp_path), "--run-name", "foundation", "--eval-rows", "60")
     result = json.loads((tmp_path / "foundation" / "eval-snli-validation.json").read_text())["result"]
@@ -108,7 +136,6 @@ def test_generate_with_an_instruction_run_is_greedy_and_matches_the_library(tmp_
     from gpt2lora import load_tokenizer
     from gpt2lora.app.commands import generate_texts, load_run_model
     from gpt2lora.data.tasks import alpaca_prompt
-    from gpt2lora.devices import cpu_bf16_units
     from gpt2lora.training.precision import hold_frozen_weights
 
     run_cli("train", "--task", "alpaca_2k", *smoke_args(tmp_path), "--run-name", "alp")
