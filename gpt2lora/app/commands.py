@@ -69,6 +69,7 @@ def evaluate_command(config: RunConfig, run_dir: str | os.PathLike | None = None
     With a half precision the base is held in it (:func:`hold_for_inference`), as a bf16 Trainer evaluates.
     """
     device = resolve_device(config.train.device, "--device")
+    precision = resolve_precision(config.train.precision, device, "--precision")  # refused before any loading
     if run_dir is not None:
         model, saved = load_run_model(run_dir)
         config = _with_run_data(config, saved, given or set())
@@ -82,7 +83,7 @@ def evaluate_command(config: RunConfig, run_dir: str | os.PathLike | None = None
     limits = row_limits(config, eval_set.kind)
     tok = load_tokenizer(checkpoint)
     max_length = min(limits["max_length"], model.config.n_positions)
-    hold_for_inference(model.to(device), resolve_precision(config.train.precision, device, "--precision"))
+    hold_for_inference(model.to(device), precision)
     metrics = task_metrics(model, tok, eval_set, max_length, config.eval_batch_size or 32, device,
                            config.train.precision, gen_rows=limits["gen"], max_new_tokens=limits["new_tokens"])
     row = {"method": label, "task": eval_set.name, "split": eval_set.split,
