@@ -400,7 +400,8 @@ def exportable_state(model: nn.Module) -> dict[str, Tensor]:
         raise CheckpointError("the model has a soft prompt (method 'prompt'), which a plain GPT-2 checkpoint "
                               "cannot hold; save it with save_adapter instead")
     # Matrices bf16 training held in bf16 (gpt2lora.training.precision) are written in the checkpoint's dtype.
-    held = {p.data_ptr(): p.held_from for p in model.parameters() if getattr(p, "held_from", None) is not None}
+    held = {m.weight.data_ptr(): m.weight_held_from for m in model.modules()
+            if getattr(m, "weight_held_from", None) is not None}
     state = {}
     for key, tensor in expected_state(model).items():
         if ".lora_" in key or key.startswith("adapter_heads."):

@@ -394,10 +394,10 @@ class LoRALinear(nn.Module):
         self.merged, self.merged_adapter = True, self.active_adapter
 
     def _store_merged(self, merged: Tensor) -> None:
-        held_from = getattr(self.weight, "held_from", None)  # a frozen base bf16 training held: back to its dtype
+        held_from = getattr(self, "weight_held_from", None)  # a frozen base bf16 training held: back to its dtype
         if held_from is not None and held_from != self.weight.dtype:
             self.weight.data = merged.to(held_from)
-            del self.weight.held_from
+            del self.weight_held_from
             return
         self.weight.copy_(merged.to(self.weight.dtype))
 
@@ -444,10 +444,10 @@ class TiedLoRALinear(LoRALinear):
         self._shared: tuple[nn.Parameter, ...] = ()  # a tuple, so the tied tensor is not registered twice
 
     def _store_merged(self, merged: Tensor) -> None:
-        held_from = getattr(self.weight, "held_from", None)  # a frozen base bf16 training held: back to its dtype
+        held_from = getattr(self, "weight_held_from", None)  # a frozen base bf16 training held: back to its dtype
         if held_from is not None and held_from != self.weight.dtype:
             self.weight.data = merged.to(held_from)
-            del self.weight.held_from
+            del self.weight_held_from
             return
         shared = self.weight
         self._shared = (shared,)

@@ -208,10 +208,6 @@ def check_fsdp_torch(version: str | None = None) -> None:
                           "2.7-2.8 and crashes on 2.6, pytorch#162338); upgrade torch or use distributed='ddp'")
 
 
-HELD_FROM_ATTR = "_gpt2lora_held_from"
-"""On a sharded root: parameter name -> the dtype bf16 training held that matrix from (see training.precision)."""
-
-
 def shard_model(model: nn.Module, device: torch.device, info: DistInfo,
                 param_dtype: torch.dtype | None = None) -> list[nn.Module]:
     """``fully_shard`` every gpt2lora block, then the root (embeddings, final norm, head, classifier).
@@ -226,9 +222,6 @@ def shard_model(model: nn.Module, device: torch.device, info: DistInfo,
     from ..model.gpt2 import Block
 
     check_fsdp_torch()
-    # fully_shard replaces every parameter: the dtype bf16 training held a matrix from is carried by name
-    # (gather_weights puts it back on the gathered parameters, which merging and saving read)
-    held = {name: p.held_from for name, p in model.named_parameters() if getattr(p, "held_from", None) is not None}
     with torch.no_grad():  # FSDP shards contiguous tensors only; loaded Conv1D weights are transposed views
         for param in model.parameters():
             if not param.is_contiguous():
@@ -243,7 +236,6 @@ def shard_model(model: nn.Module, device: torch.device, info: DistInfo,
             register_fsdp_forward_method(module, "forward_rows")
             units.append(module)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # backward needs it at once
-    setattr(model, HELD_FROM_ATTR, held)
     units.append(model)
     return units
 
@@ -257,10 +249,6 @@ def gather_weights(units: Sequence[nn.Module]) -> None:
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
-    held = getattr(units[-1], HELD_FROM_ATTR, {}) if units else {}
-    for name, param in units[-1].named_parameters() if held else ():
-        if name in held:
-            param.held_from = held[name]
 
 
 def scatter_weights(units: Sequence[nn.Module]) -> None:

@@ -23,12 +23,15 @@ def hold_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     seen: set[int] = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not (isinstance(module, nn.Linear) or hasattr(module, "in_features")):
+        if not (isinstance(module, nn.Linear) or hasattr(module, "in_features")) or not isinstance(weight, nn.Parameter):
             continue
-        if (isinstance(weight, nn.Parameter) and weight.dim() == 2 and not weight.requires_grad
-                and weight.dtype == torch.float32 and id(weight) not in seen):
+        if id(weight) not in seen:
+            if weight.dim() != 2 or weight.requires_grad or weight.dtype != torch.float32:
+                continue
             seen.add(id(weight))
             weight.data = weight.data.to(dtype)
-            weight.held_from = torch.float32  # merging and exporting write the checkpoint's dtype again
             cast += 1
+        # On the module, which outlives its parameter objects (FSDP replaces them when it shards and gathers):
+        # merging and exporting write the checkpoint's dtype again.
+        module.weight_held_from = torch.float32
     return cast
