@@ -47,6 +47,22 @@ def lm_batch(shape: str, batch: int, max_length: int) -> dict[str, torch.Tensor]
     return step_batch(examples, batch, seed=0, pad=pad_id(shape))
 
 
+def long_rows_batch(shape: str, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """``batch`` rows of exactly ``length`` tokens of real text: alpaca_2k's examples one after another, cut into
+    rows (every token a target, no padding): the long sequences a language model is fine-tuned on."""
+    from bench_lm import task_examples, vocab_limit
+
+    stream: list[int] = []
+    for example in task_examples("alpaca_2k", 2000, 1024, vocab_limit(shape)):
+        stream += example["input_ids"]
+        if len(stream) >= batch * length:
+            break
+    if len(stream) < batch * length:
+        raise SystemExit(f"alpaca_2k holds {len(stream)} tokens, fewer than {batch} rows of {length}")
+    ids = torch.tensor(stream[:batch * length]).view(batch, length)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def interleaved_clocks(contenders: dict[str, Callable[[], object]], repeats: int,
                        warmup: int = 1) -> tuple[dict[str, Timing], dict[str, Timing]]:
     """Wall-clock and CPU-time seconds of each contender, alternating A, B, C, C, B, A ... after ``warmup`` rounds.

@@ -2,10 +2,11 @@
 each in bf16 (``precision="bf16"``: frozen base held in bf16, autocast) and fp32, all four interleaved.
 
     python benchmarks/bench_bf16_ab.py --before d2b829d --threads 1 --repeats 4
+    python benchmarks/bench_bf16_ab.py --before d2b829d --threads 2 --batch 4 --long-rows 1024   # long rows
 
 The earlier package is exported with ``git archive`` into a temporary folder and imported under another
 name (its imports are relative), so both versions train the same random checkpoint on the same alpaca_2k
-batch as ``bench_bf16.py``'s LM row. Reports wall-clock and CPU-time medians and the bf16-vs-fp32 ratio of
+batch as ``bench_bf16.py``'s LM row (or, with ``--long-rows``, rows of that many tokens of the same text). Reports wall-clock and CPU-time medians and the bf16-vs-fp32 ratio of
 each version. Prints only (the figures go into RESULTS.md's bf16 section by hand).
 """
 
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_bf16 import lm_batch
+from bench_bf16 import lm_batch, long_rows_batch
 from common import machine_line
 from pairs import TARGETS, Side, adamw, check_same_loss, hf_config, ours_lm_loss
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--shape", default="gpt2")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lm-max-length", type=int, default=512)
+    parser.add_argument("--long-rows", type=int, default=None, metavar="TOKENS",
+                        help="train on rows of exactly this many tokens of real text instead of alpaca_2k's rows")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.manual_seed(0)
         transformers.GPT2LMHeadModel(hf_config(args.shape)).save_pretrained(folder / "ckpt")
         sides = build_sides({"before": before, "after": gpt2lora}, folder / "ckpt")
-    data = lm_batch(args.shape, args.batch, args.lm_max_length)
+    data = (lm_batch(args.shape, args.batch, args.lm_max_length) if args.long_rows is None
+            else long_rows_batch(args.shape, args.batch, args.long_rows))
     losses = check_same_loss(sides, data, tol=5e-2)  # bf16 and fp32 sides: agree to bf16 rounding
     for side in sides.values():  # warm-up
         side.step(data)
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
     print(f"Machine: {machine_line()}")
-    print(f"before = {args.before}, after = this tree; eval losses {losses}")
+    print(f"before = {args.before}, after = this tree; batch {tuple(data['input_ids'].shape)}, "
+          f"{int(data['attention_mask'].sum())} real tokens; eval losses {losses}")
     figures = {}
     for clock, seconds in (("wall", wall), ("CPU", cpu)):
         med = {name: statistics.median(values) for name, values in seconds.items()}

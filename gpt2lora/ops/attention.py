@@ -6,12 +6,15 @@ mask and their product) plus copies of q, k and v. :class:`DropoutAttention` kee
 the projection's output) and a bool keep mask, and recomputes the probabilities from q and k in
 backward: a quarter of one float (B, heads, T, S) tensor per layer, for one extra (T, S) matmul and
 softmax per layer in backward. Work is done a few batch rows at a time, so the float
-(T, S) blocks alive at once stay near :data:`BLOCK_ELEMENTS`.
+(T, S) blocks alive at once stay near :data:`BLOCK_ELEMENTS`; causal attention over longer sequences is
+also cut into blocks of queries (:func:`query_blocks`), each reading only the keys its queries may see.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,6 +32,29 @@ gradient), which stay in a core's L2 cache at this size: on the 2-core Xeon a (8
 forward + backward took 54 ms in bf16 and 102 ms in fp32 as one 4M-element block, 37 ms and 58 ms a batch
 row at a time (CPU time, 1 thread)."""
 
+MIN_QUERY_ROWS = 128
+"""Fewest queries in one block of causal attention (:func:`query_blocks`). Every block costs about 20 more
+small operations, and in backward adds its key and value gradients to the earlier blocks'. Whole LoRA training
+steps of GPT-2 124M on the 2-core Xeon, this attention against the one-block one in one process: on 1024-token
+rows 1.32x faster in bf16 (1.47x on one thread), on 512-token rows 1.03x in bf16 and 1.08x in fp32; blocks of
+at least 96 or 192 queries were up to 5% slower than 128 (``benchmarks/RESULTS.md``)."""
+
+
+def query_blocks(heads: int, queries: int, keys: int, causal: bool) -> list[tuple[int, int, int]]:
+    """``(first query, end query, end key)`` of each block of queries that causal attention works on at once.
+
+    The last ``queries`` of ``keys`` positions attend causally, so the queries before ``end query`` see only
+    the keys before ``end query + keys - queries``: a block skips the later keys' scores (for long sequences
+    close to half of them). Blocks hold about :data:`BLOCK_ELEMENTS` scores and at least
+    :data:`MIN_QUERY_ROWS` queries; short sequences and non-causal masks are one block of every query and key.
+    """
+    if not causal or heads * queries * keys <= BLOCK_ELEMENTS or queries < 2 * MIN_QUERY_ROWS:
+        return [(0, queries, keys)]
+    rows = max(MIN_QUERY_ROWS, BLOCK_ELEMENTS // (heads * keys))
+    count = queries // rows
+    edges = [i * queries // count for i in range(count + 1)]
+    return [(start, stop, stop + keys - queries) for start, stop in itertools.pairwise(edges)]
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
               dropout_p: float) -> Tensor:
@@ -40,21 +66,54 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_caus
     if dropout_p == 0.0 or q.device.type != "cpu" or not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal)
-    B, H, T, _ = q.shape
-    S = k.size(2)
-    visible = attn_mask
-    if visible is None and is_causal:
-        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
-    rows = batch_rows(H, T, S)
-    keep = fill_keep_mask(torch.empty(B, H, T, S, dtype=torch.bool, device=q.device), dropout_p, rows)
+    H, T, S = q.size(1), q.size(2), k.size(2)
+    causal = is_causal if attn_mask is None else (len(query_blocks(H, T, S, True)) > 1
+                                                  and within_causal(attn_mask, T, S))
+    keep = blocked_keep_mask(q.shape, S, dropout_p, causal, q.device)
     # Contiguous copies replace the strided views of the projection (which they free): the matmuls of
     # forward and backward would otherwise copy each head's slices again every time.
-    return DropoutAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), visible, keep, dropout_p)
+    return DropoutAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask, keep, dropout_p, causal)
+
+
+def within_causal(visible: Tensor, queries: int, keys: int) -> bool:
+    """Whether the bool mask ``visible`` (True = may attend; (..., T, S)) lets no query see a key after its own
+    position (the last T of S positions being the queries), as every mask GPT-2 builds does."""
+    later = torch.ones(queries, keys, dtype=torch.bool, device=visible.device).triu_(keys - queries + 1)
+    return visible.dtype == torch.bool and not bool((visible & later).any())
 
 
 def batch_rows(heads: int, queries: int, keys: int) -> int:
     """Batch rows per block, so that a block holds about :data:`BLOCK_ELEMENTS` scores (at least one row)."""
     return max(1, BLOCK_ELEMENTS // (heads * queries * keys))
+
+
+def block_plan(heads: int, queries: int, keys: int, causal: bool) -> tuple[int, list[tuple[int, int, int]]]:
+    """Batch rows per block and the :func:`query_blocks` each such group of rows is worked on in."""
+    blocks = query_blocks(heads, queries, keys, causal)
+    largest = max((end - first) * stop for first, end, stop in blocks)
+    return batch_rows(heads, 1, largest), blocks
+
+
+def block_scores(batch: int, heads: int, queries: int, keys: int, causal: bool) -> int:
+    """Scores in the largest block :class:`DropoutAttention` works on at once (its float temporaries' size)."""
+    step, blocks = block_plan(heads, queries, keys, causal)
+    return min(batch, step) * heads * max((end - first) * stop for first, end, stop in blocks)
+
+
+def blocked_keep_mask(shape: torch.Size | tuple[int, ...], keys: int, p: float, causal: bool,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """The bool keep mask (B, heads, T, ``keys``) of attention dropout over (B, heads, T, hs) queries of ``shape``.
+
+    Drawn block by block in :class:`DropoutAttention`'s order (:func:`block_plan`); entries outside every block
+    (keys a causal block skips) are left undefined: no product reads them.
+    """
+    B, H, T = shape[0], shape[1], shape[2]
+    step, blocks = block_plan(H, T, keys, causal)
+    keep = torch.empty(B, H, T, keys, dtype=torch.bool, device=device)
+    for start in range(0, B, step):
+        for first, end, stop in blocks:
+            fill_keep_mask(keep[start:start + step, :, first:end, :stop], p)
+    return keep
 
 
 def _rows_of(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
@@ -77,14 +136,19 @@ def _masking_bias(hidden: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, torch.finfo(dtype).min)
 
 
+def _causal_square(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The masking bias of a causal block's last ``size`` keys: its queries see the keys up to themselves."""
+    return _masking_bias(torch.ones(size, size, dtype=torch.bool, device=device).triu_(1), dtype)
+
+
 def _as_values(keep: Tensor, dtype: torch.dtype) -> Tensor:
     """The bool ``keep`` as 0/1 ``dtype`` values: converting its bytes and multiplying is several times faster
     on the CPU than ``masked_fill_`` with a full-size mask."""
     return keep.view(torch.uint8).to(dtype)
 
 
-def _probabilities(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """``softmax(q @ k.T * scale + bias)`` over keys, in q's dtype.
+def _probabilities(q: Tensor, k: Tensor, bias: Tensor | None, scale: float, square: Tensor | None = None) -> Tensor:
+    """``softmax(q @ k.T * scale + bias)`` over keys, in q's dtype; ``square`` (n, n) is added to the last n keys.
 
     The scale is the product's own factor (no pass over the scores). For bf16 scores the CPU softmax
     kernel normalises in fp32 and rounds once, which is what SDPA's math path computes
@@ -97,23 +161,32 @@ def _probabilities(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> T
                   beta=0.0, alpha=scale, out=scores.view(B * H, T, S))
     if bias is not None:
         scores.add_(bias)
+    if square is not None:
+        scores[..., S - square.size(-1):].add_(square)
     return torch.softmax(scores, dim=-1)
 
 
-def _product(a: Tensor, b: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
-    """``alpha * a @ b`` for (B, H, m, k) and (B, H, k, n) tensors, the scale applied by the product itself."""
+def _product(a: Tensor, b: Tensor, alpha: float, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+    """``alpha * a @ b`` for (B, H, m, k) and (B, H, k, n) tensors, the scale applied by the product itself;
+    written to ``out`` (a view of a larger tensor is written through), or added to it with ``accumulate``."""
     B, H, m, _ = a.shape
     n = b.size(-1)
     if out is None:
         out = a.new_empty(B, H, m, n)
     flat = out.view(B * H, m, n)
-    torch.baddbmm(flat, a.reshape(B * H, m, -1), b.reshape(B * H, -1, n), beta=0.0, alpha=alpha, out=flat)
+    if accumulate:
+        flat.baddbmm_(a.reshape(B * H, m, -1), b.reshape(B * H, -1, n), alpha=alpha)
+    else:
+        torch.baddbmm(flat, a.reshape(B * H, m, -1), b.reshape(B * H, -1, n), beta=0.0, alpha=alpha, out=flat)
     return out
 
 
 class DropoutAttention(torch.autograd.Function):
     """``dropout(softmax(q kᵀ / √hs + mask)) v`` with the dropout given as a bool ``keep`` mask (B, heads, T, S).
 
+    The mask is ``visible`` (True = may attend, broadcastable to (B, heads, T, S)), or None: every key, or with
+    ``causal`` the causal mask of the last T of S positions. ``causal`` (with a ``visible`` that lets no query
+    see a later key, :func:`within_causal`) lets the work go in :func:`query_blocks` that skip such keys.
     Saves q, k, v and the bool mask; backward recomputes the softmax from q and k (the same product, so
     the same probabilities). Dropped probabilities are zeroed in place, and the ``1 / (1 - p)`` of the kept
     ones is applied by the (T, head size) products instead of to the (T, S) blocks; backward uses torch's
@@ -123,20 +196,18 @@ class DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, keep: Tensor,
-                dropout_p: float) -> Tensor:
+                dropout_p: float, causal: bool = False) -> Tensor:
         B, H, T, D = q.shape
         scale, kept_scale = 1.0 / math.sqrt(D), 1.0 / (1.0 - dropout_p)
         hidden = None if visible is None else ~visible
         out = q.new_empty(B, H, T, D)
-        step = batch_rows(H, T, k.size(2))
-        for start in range(0, B, step):
-            stop = min(start + step, B)
-            bias = _masking_bias(_rows_of(hidden, start, stop), q.dtype)
-            probs = _probabilities(q[start:stop], k[start:stop], bias, scale)
-            probs.mul_(_as_values(keep[start:stop], probs.dtype))
-            _product(probs, v[start:stop], kept_scale, out=out[start:stop])
+        for rows, first, end, stop, bias, square in _blocks(q, k, hidden, causal):
+            probs = _probabilities(q[rows, :, first:end], k[rows, :, :stop], bias, scale, square)
+            probs.mul_(_as_values(keep[rows, :, first:end, :stop], probs.dtype))
+            _product(probs, v[rows, :, :stop], kept_scale, out=out[rows, :, first:end])
         ctx.save_for_backward(q, k, v, hidden, keep)
         ctx.scales = scale, kept_scale
+        ctx.causal = causal
         return out
 
     @staticmethod
@@ -145,27 +216,49 @@ class DropoutAttention(torch.autograd.Function):
         q, k, v, hidden, keep = ctx.saved_tensors
         scale, kept_scale = ctx.scales
         grad_out = grad_out.contiguous()
-        step = batch_rows(q.size(1), q.size(2), k.size(2))
-        if step >= q.size(0):  # one block: its products are the gradients, nothing to copy into place
-            return (*_block_grads(q, k, v, grad_out, keep, hidden, scale, kept_scale), None, None, None)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for start in range(0, q.size(0), step):
-            rows = slice(start, min(start + step, q.size(0)))
-            grad_q[rows], grad_k[rows], grad_v[rows] = _block_grads(
-                q[rows], k[rows], v[rows], grad_out[rows], keep[rows], _rows_of(hidden, rows.start, rows.stop),
-                scale, kept_scale)
-        return grad_q, grad_k, grad_v, None, None, None
+        # Each row group's last block reads every key: it writes the key and value gradients, the earlier
+        # blocks add to them.
+        for rows, first, end, stop, bias, square in _blocks(q, k, hidden, ctx.causal, last_first=True):
+            _block_grads(q[rows, :, first:end], k[rows, :, :stop], v[rows, :, :stop], grad_out[rows, :, first:end],
+                         keep[rows, :, first:end, :stop], bias, square, scale, kept_scale,
+                         (grad_q[rows, :, first:end], grad_k[rows, :, :stop], grad_v[rows, :, :stop]),
+                         accumulate=end < q.size(2))
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def _block_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, keep: Tensor, hidden: Tensor | None,
-                 scale: float, kept_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of q, k and v for one block of batch rows, the probabilities recomputed."""
-    probs = _probabilities(q, k, _masking_bias(hidden, q.dtype), scale)
+def _blocks(q: Tensor, k: Tensor, hidden: Tensor | None, causal: bool, last_first: bool = False
+            ) -> Iterator[tuple[slice, int, int, int, Tensor | None, Tensor | None]]:
+    """``(batch rows, first query, end query, end key, masking bias, causal square)`` of each block
+    (:func:`block_plan`); the bias is ``hidden``'s for the block, the square the causal mask's last keys."""
+    B, H, T, _ = q.shape
+    step, blocks = block_plan(H, T, k.size(2), causal)
+    squares: dict[int, Tensor] = {}
+    for start in range(0, B, step):
+        rows = slice(start, min(start + step, B))
+        bias = _masking_bias(_rows_of(hidden, rows.start, rows.stop), q.dtype)
+        for first, end, stop in reversed(blocks) if last_first else blocks:
+            square = None
+            if causal and hidden is None:  # blocks of one call come in at most two sizes
+                square = squares.get(end - first)
+                if square is None:
+                    square = squares[end - first] = _causal_square(end - first, q.dtype, q.device)
+            yield rows, first, end, stop, None if bias is None else bias[..., first:end, :stop], square
+
+
+def _block_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, keep: Tensor, bias: Tensor | None,
+                 square: Tensor | None, scale: float, kept_scale: float, grads: tuple[Tensor, Tensor, Tensor],
+                 accumulate: bool) -> None:
+    """Gradients of q, k and v for one block, the probabilities recomputed, written into ``grads`` (q's, k's,
+    v's); with ``accumulate`` k's and v's are added to what ``grads`` hold."""
+    grad_q, grad_k, grad_v = grads
+    probs = _probabilities(q, k, bias, scale, square)
     kept = _as_values(keep, probs.dtype)
     work = probs * kept  # the dropped probabilities the forward used (without 1 / (1 - p))
-    grad_v = _product(work.transpose(-1, -2), grad_out, kept_scale)
+    _product(work.transpose(-1, -2), grad_out, kept_scale, out=grad_v, accumulate=accumulate)
     grad_probs = _product(grad_out, v.transpose(-1, -2), 1.0, out=work).mul_(kept)
     # softmax backward is linear in its incoming gradient: the kept scale joins the score scale below
     grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
     both = scale * kept_scale
-    return (_product(grad_scores, k, both), _product(grad_scores.transpose(-1, -2), q, both), grad_v)
+    _product(grad_scores, k, both, out=grad_q)
+    _product(grad_scores.transpose(-1, -2), q, both, out=grad_k, accumulate=accumulate)

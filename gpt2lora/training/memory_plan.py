@@ -14,7 +14,7 @@ block's backward, not in its attention: measured live tensors (``tests/training/
 blocks' inputs, the whole recomputed block and the two (tokens, 4·n_embd) input gradients of its MLP output
 projection (the frozen path's and LoRA's, whose dropout gives it its own input); by the time the attention's
 backward runs, its output projection and MLP half have been freed. The plan takes the larger of that moment,
-the attention's backward (16 bytes per score of one block of rows, :func:`gpt2lora.ops.attention.batch_rows`)
+the attention's backward (16 bytes per score of its largest block, :func:`gpt2lora.ops.attention.block_scores`)
 and the loss.
 
 The peak of a step, per device (``W`` weights, ``G`` gradients, ``O`` optimizer state, ``A`` activations)::
@@ -48,7 +48,7 @@ from ..constants import MODEL_CONFIG_FILE
 from ..errors import ConfigError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2, Block, GPT2Config
-from ..ops.attention import batch_rows
+from ..ops.attention import block_scores
 from ..ops.packed import packed_linear_available
 from ..peft.methods import prepare_model
 from .precision import hold_frozen_weights
@@ -66,14 +66,14 @@ GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 #: 0.05); "checkpointed" keeps only the block's input (what the recomputed block keeps while backward runs it:
 #: :data:`RECOMPUTED_LAYER_BYTES`).
 LAYER_BYTES: dict[str, tuple[float, float, float]] = {
-    "full": (41.5, 100.0, 1.0), "lora": (93.5, 228.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
+    "full": (41.5, 52.0, 1.0), "lora": (93.5, 174.0, 1.0), "checkpointed": (4.0, 8.0, 0.0),
 }
 #: What the recomputed block keeps while checkpointed backward runs it, as ``LAYER_BYTES``: the recompute does
 #: not use :mod:`gpt2lora.ops.recompute`, so full fine-tuning keeps its LayerNorm and GELU outputs too (4 + 4
 #: + 16 bytes per unit of width, counted); LoRA's linear layers keep only their dropped inputs either way. The
 #: block's input (4 bytes per unit of width) is the checkpoint's own saved tensor and is not counted twice.
 RECOMPUTED_LAYER_BYTES: dict[str, tuple[float, float, float]] = {
-    "full": (65.5, 100.0, 1.0), "lora": LAYER_BYTES["lora"],
+    "full": (65.5, 52.0, 1.0), "lora": LAYER_BYTES["lora"],
 }
 #: Of those, what the block keeps after its attention core, freed before the attention's backward runs (per
 #: token and unit of width): the output projection's input (4 for "full"; for "lora" its dropped input and
@@ -394,9 +394,10 @@ def after_attention_kept(stored: str, recomputed: bool) -> float:
 
 
 def attention_scores_transient(setting: PlanSetting, rows: int) -> float:
-    """Bytes the CPU attention's backward adds for one block of batch rows (it works block by block)."""
+    """Bytes the CPU attention's backward adds for its largest block of scores (it works block by block; GPT-2's
+    masks are all causal, so long sequences go in blocks of queries)."""
     t, h = setting.max_length, setting.shape.n_head
-    return SCORE_TRANSIENT_BYTES * min(rows, batch_rows(h, t, t)) * h * t * t
+    return SCORE_TRANSIENT_BYTES * block_scores(rows, h, t, t, causal=True)
 
 
 def plan_memory(setting: PlanSetting, device_memory: int | None = None) -> MemoryPlan:

@@ -4,6 +4,7 @@ the plain computation (same masks, same inputs) for values and gradients, and fo
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -26,6 +27,15 @@ def reference_attention(q, k, v, visible, keep, p):
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     return (scores.softmax(-1) * keep / (1 - p)) @ v
+
+
+def assert_same_values_and_gradients(out, expected, inputs):
+    """``out`` equals ``expected`` (float64), and so do their gradients with respect to ``inputs``."""
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    for mine, theirs in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad),
+                            strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
 
 
 def qkv(B=3, H=2, T=7, D=4, dtype=torch.float64, seed=0):
@@ -55,11 +65,7 @@ def test_dropout_attention_equals_softmax_dropout_attention_with_the_same_mask(m
     assert 0 < keep.sum() < keep.numel()
     out = DropoutAttention.apply(q, k, v, visible, keep, 0.3)
     expected = reference_attention(q, k, v, visible, keep, 0.3)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-    grad = torch.randn_like(out)
-    for mine, theirs in zip(torch.autograd.grad(out, (q, k, v), grad),
-                            torch.autograd.grad(expected, (q, k, v), grad), strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+    assert_same_values_and_gradients(out, expected, (q, k, v))
     assert torch.autograd.gradcheck(lambda a, b, c: DropoutAttention.apply(a, b, c, visible, keep, 0.3), (q, k, v))
 
 
@@ -124,6 +130,78 @@ def test_causal_attention_dropout_matches_its_reference_under_the_same_seed():
     keep = keep_mask((3, 2, 7, 7), 0.25)  # attention draws its mask the same way, first thing
     expected = reference_attention(q, k, v, torch.ones(7, 7, dtype=torch.bool).tril_(), keep, 0.25)
     torch.testing.assert_close(out, expected)
+
+
+def test_query_blocks_cover_every_query_and_skip_only_keys_no_query_of_the_block_sees():
+    assert attention_module.query_blocks(12, 500, 500, causal=False) == [(0, 500, 500)]
+    assert attention_module.query_blocks(12, 100, 100, causal=True) == [(0, 100, 100)]  # short: one block
+    for queries, keys in ((500, 500), (300, 320), (1024, 1024)):
+        blocks = attention_module.query_blocks(12, queries, keys, causal=True)
+        assert len(blocks) > 1
+        assert blocks[0][0] == 0 and blocks[-1][1:] == (queries, keys)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))  # contiguous, in order
+        for first, end, stop in blocks:
+            assert end - first >= attention_module.MIN_QUERY_ROWS
+            assert stop == end + keys - queries  # the block's last query sees exactly the keys before stop
+        assert sum((end - first) * stop for first, end, stop in blocks) < 0.8 * queries * keys
+
+
+@pytest.mark.parametrize("batch, queries, keys", [(3, 13, 13), (2, 11, 16), (1, 40, 40)])
+def test_causal_attention_in_query_blocks_equals_the_reference(monkeypatch, batch, queries, keys):
+    """Blocks of 4-6 queries (several per row, some rows per block), each reading only the keys it may see:
+    values and gradients equal plain attention with the same mask, in float64."""
+    monkeypatch.setattr(attention_module, "MIN_QUERY_ROWS", 4)
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2 * 5 * keys)
+    assert len(attention_module.query_blocks(2, queries, keys, causal=True)) > 1
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(batch, 2, queries, 4, dtype=torch.float64, generator=g).requires_grad_()
+    k, v = (torch.randn(batch, 2, keys, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    torch.manual_seed(7)
+    out = attention(q, k, v, None, True, 0.3)
+    torch.manual_seed(7)
+    keep = attention_module.blocked_keep_mask(q.shape, keys, 0.3, causal=True)  # the same draws, in order
+    causal = torch.ones(queries, keys, dtype=torch.bool).tril_(keys - queries)
+    keep &= causal  # the entries no block reads are undefined; the reference's softmax zeroes them anyway
+    assert 0 < keep.sum() < causal.sum() * batch * 2
+    expected = reference_attention(q, k, v, causal, keep, 0.3)
+    assert_same_values_and_gradients(out, expected, (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: DropoutAttention.apply(a, b, c, None, keep, 0.3, True), (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["causal", "right-padded", "left-padded", "packed", "none"])
+def test_attention_with_a_mask_in_query_blocks_equals_the_reference(monkeypatch, name):
+    """Masks that let no query see a later key (all of GPT-2's) are worked on in query blocks too."""
+    monkeypatch.setattr(attention_module, "MIN_QUERY_ROWS", 2)
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2 * 3 * 7)
+    q, k, v = qkv()
+    visible = masks()[name]
+    blocked = visible is not None and attention_module.within_causal(visible, 7, 7)
+    assert blocked == (name != "none")
+    assert not attention_module.within_causal(torch.ones(7, 7, dtype=torch.bool), 7, 7)
+    torch.manual_seed(4)
+    out = attention(q, k, v, visible, False, 0.3)
+    torch.manual_seed(4)
+    keep = attention_module.blocked_keep_mask(q.shape, 7, 0.3, causal=blocked)
+    if blocked:
+        keep &= torch.ones(7, 7, dtype=torch.bool).tril_()
+    expected = reference_attention(q, k, v, visible, keep, 0.3)
+    assert_same_values_and_gradients(out, expected, (q, k, v))
+
+
+def test_bf16_causal_attention_in_query_blocks_tracks_fp32(monkeypatch):
+    monkeypatch.setattr(attention_module, "MIN_QUERY_ROWS", 8)
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2 * 16 * 48)
+    q, k, v = qkv(B=2, H=2, T=48, D=8, dtype=torch.float32)
+    keep = attention_module.blocked_keep_mask(q.shape, 48, 0.1, causal=True)
+    grad = torch.randn(2, 2, 48, 8, generator=torch.Generator().manual_seed(2))
+    exact = DropoutAttention.apply(q, k, v, None, keep, 0.1, True)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad)
+    halves = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    half = DropoutAttention.apply(*halves, None, keep, 0.1, True)
+    torch.testing.assert_close(half.float(), exact, rtol=0, atol=5e-2)
+    for mine, theirs in zip(torch.autograd.grad(half, halves, grad.bfloat16()), exact_grads, strict=True):
+        assert mine.dtype == torch.bfloat16
+        torch.testing.assert_close(mine.float(), theirs, rtol=0, atol=3e-2 * theirs.abs().max().item())
 
 
 def test_keep_masks_have_the_asked_rate_and_repeat_with_the_seed():
