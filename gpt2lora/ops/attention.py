@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -201,10 +201,10 @@ class DropoutAttention(torch.autograd.Function):
         scale, kept_scale = 1.0 / math.sqrt(D), 1.0 / (1.0 - dropout_p)
         hidden = None if visible is None else ~visible
         out = q.new_empty(B, H, T, D)
-        for rows, first, end, stop, bias, square in _blocks(q, k, hidden, causal):
-            probs = _probabilities(q[rows, :, first:end], k[rows, :, :stop], bias, scale, square)
-            probs.mul_(_as_values(keep[rows, :, first:end, :stop], probs.dtype))
-            _product(probs, v[rows, :, :stop], kept_scale, out=out[rows, :, first:end])
+        for block in _blocks(q, k, hidden, causal):
+            probs = _probabilities(block.queries(q), block.keys(k), block.bias, scale, block.square)
+            probs.mul_(_as_values(block.scores(keep), probs.dtype))
+            _product(probs, block.keys(v), kept_scale, out=block.queries(out))
         ctx.save_for_backward(q, k, v, hidden, keep)
         ctx.scales = scale, kept_scale
         ctx.causal = causal
@@ -219,18 +219,44 @@ class DropoutAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # Each row group's last block reads every key: it writes the key and value gradients, the earlier
         # blocks add to them.
-        for rows, first, end, stop, bias, square in _blocks(q, k, hidden, ctx.causal, last_first=True):
-            _block_grads(q[rows, :, first:end], k[rows, :, :stop], v[rows, :, :stop], grad_out[rows, :, first:end],
-                         keep[rows, :, first:end, :stop], bias, square, scale, kept_scale,
-                         (grad_q[rows, :, first:end], grad_k[rows, :, :stop], grad_v[rows, :, :stop]),
-                         accumulate=end < q.size(2))
+        for block in _blocks(q, k, hidden, ctx.causal, last_first=True):
+            _block_grads(block.queries(q), block.keys(k), block.keys(v), block.queries(grad_out), block.scores(keep),
+                         block.bias, block.square, scale, kept_scale,
+                         (block.queries(grad_q), block.keys(grad_k), block.keys(grad_v)),
+                         accumulate=block.end < q.size(2))
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
+class _Block(NamedTuple):
+    """One block of :class:`DropoutAttention`'s work: batch ``rows``, queries ``first:end``, keys ``:stop``."""
+
+    rows: slice
+    first: int
+    end: int
+    stop: int
+    whole: bool
+    """The block is every row, query and key (short sequences): its tensors are the whole ones, not views."""
+    bias: Tensor | None
+    """The block's part of the masking bias of ``visible``."""
+    square: Tensor | None
+    """The causal mask's bias of the block's last ``end - first`` keys."""
+
+    def queries(self, t: Tensor) -> Tensor:
+        """The block's part of a (B, heads, T, ...) tensor."""
+        return t if self.whole else t[self.rows, :, self.first:self.end]
+
+    def keys(self, t: Tensor) -> Tensor:
+        """The block's part of a (B, heads, S, ...) tensor."""
+        return t if self.whole else t[self.rows, :, :self.stop]
+
+    def scores(self, t: Tensor) -> Tensor:
+        """The block's part of a (B, heads, T, S) tensor."""
+        return t if self.whole else t[self.rows, :, self.first:self.end, :self.stop]
+
+
 def _blocks(q: Tensor, k: Tensor, hidden: Tensor | None, causal: bool, last_first: bool = False
-            ) -> Iterator[tuple[slice, int, int, int, Tensor | None, Tensor | None]]:
-    """``(batch rows, first query, end query, end key, masking bias, causal square)`` of each block
-    (:func:`block_plan`); the bias is ``hidden``'s for the block, the square the causal mask's last keys."""
+            ) -> Iterator[_Block]:
+    """The blocks of :func:`block_plan`, each with its masking bias (``hidden``'s) or causal square."""
     B, H, T, _ = q.shape
     step, blocks = block_plan(H, T, k.size(2), causal)
     squares: dict[int, Tensor] = {}
@@ -243,7 +269,9 @@ def _blocks(q: Tensor, k: Tensor, hidden: Tensor | None, causal: bool, last_firs
                 square = squares.get(end - first)
                 if square is None:
                     square = squares[end - first] = _causal_square(end - first, q.dtype, q.device)
-            yield rows, first, end, stop, None if bias is None else bias[..., first:end, :stop], square
+            whole = step >= B and len(blocks) == 1
+            yield _Block(rows, first, end, stop, whole, bias if bias is None or whole else bias[..., first:end, :stop],
+                         square)
 
 
 def _block_grads(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, keep: Tensor, bias: Tensor | None,
