@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import ODD, REPO, TINY, left_padded
@@ -221,3 +223,8 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
     assert "keep me" in text and "old figures" not in text
     assert text.count("## Generation") == 1 and body.strip() in text
     assert "| greedy, batch 3 |" in body and "| load checkpoint |" in body
+    # the ceiling divides by the fastest of the two read rates measured beside the batch-1 runs
+    found = re.search(r"read bandwidth ([\d.]+) GB/s \(the fastest of: a `sum` over 1 GB ([\d.]+), fp32 `F.linear` "
+                      r"over the model's weights ([\d.]+) GB/s\)", body)
+    assert found, body
+    assert float(found[1]) == max(float(found[2]), float(found[3]))
