@@ -43,9 +43,11 @@ from gpt2lora.ops.packed import (
 NOTES = """\
 Decoding one row is bound by reading the weights: every new token reads every block matrix and the
 (vocab, n_embd) LM head once. The ceiling printed above is the machine's read bandwidth divided by those
-bytes: the faster of two read rates timed interleaved with the batch-1 runs (so that all see the same load), a
-`sum` over 1 GB of fp32 and fp32 `F.linear` of one row over the model's own weights (on some machines the
-`sum` reads slower than the product, and a ceiling below what decoding reaches would say nothing); the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache
+bytes: the fastest of three read rates, a `sum` over 1 GB of fp32 and fp32 `F.linear` of one row over the
+model's own weights, both timed interleaved with the batch-1 runs (so that all see the same load), and the same
+product in the back-to-back passes of the "kernels alone" line (on some machines the `sum` reads slower than the
+product, and a pass right after the `sum` slower than repeated passes, whose weights partly stay in a large L3;
+a ceiling below what decoding reaches would say nothing); the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache
 writes and Python take the rest: about 1.4 ms a token with the caches warm, 3-4 ms in decoding, where every
 token's weights have just flushed them.
 Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
@@ -218,8 +220,10 @@ def bytes_per_token(model: GPT2) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
 
 
-READ_PASSES = {"sum": "a `sum` over 1 GB", "weights": "fp32 `F.linear` over the model's weights"}
-"""The passes whose read rate, timed between the batch-1 runs, measures the machine's read bandwidth."""
+READ_PASSES = {"sum": "a `sum` over 1 GB", "weights": "fp32 `F.linear` over the model's weights beside the runs",
+               "kernels": "the same in the kernels-alone passes"}
+"""The passes whose read rates measure the machine's read bandwidth: the first two timed between the batch-1
+runs, the third back to back with the other few-row kernels (the "kernels alone" line)."""
 
 
 def ceiling_line(model: GPT2, bandwidths: dict[str, float], tok_s: float, label: str) -> str:
@@ -282,14 +286,16 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"{peak_rss_bytes() / 1e9:.2f} GB. " + ceiling_line(half, bandwidth, bf16, "bf16"))
 
 
-def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
+def kernel_note(ours: GPT2, folder: Path, repeats: int, bf16: bool = True) -> tuple[str, dict[str, float]]:
     """Read bandwidth of each few-row kernel over the model's own linear weights (48 block matrices + the LM
-    head, one row, as one decoding step reads them), fp32 and bf16, interleaved."""
-    half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    head, one row, as one decoding step reads them), fp32 and (with ``bf16``) bf16, interleaved: the note and the
+    GB/s of each ``"dtype kernel"``."""
+    models = {"fp32": ours}
+    if bf16:
+        models["bf16"] = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     contenders, sizes = {}, {}
-    for label, model in (("fp32", ours), ("bf16", half)):
+    for label, model in models.items():
         weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        x = torch.randn(1, model.config.n_embd, dtype=weights[0].dtype)
         xs = {w.size(1): torch.randn(1, w.size(1), dtype=w.dtype) for w in weights}
         sizes[label] = sum(w.numel() * w.element_size() for w in weights)
         kernels = {"F.linear": torch.nn.functional.linear, "by_halves": linear_by_halves}
@@ -300,14 +306,14 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int) -> str:
         for name, fn in kernels.items():
             contenders[f"{label} {name}"] = (lambda fn=fn, weights=weights, xs=xs:
                                              [fn(xs[w.size(1)], w) for w in weights])
-        del x
     with torch.inference_mode():
         timings = interleaved(contenders, repeats=max(repeats, 5))
-    parts = [f"{name} {sizes[name.split()[0]] / timings[name].median / 1e9:.1f}" for name in contenders]
-    release_packed(half)
-    release_packed(ours)  # the packs of kernels the choice did not keep; the kept ones are made again on use
+    rates = {name: sizes[name.split()[0]] / timings[name].median for name in contenders}
+    for model in models.values():  # the packs of kernels the choice did not keep; the kept ones are made again
+        release_packed(model)
     return ("Few-row kernels alone (1 row, every linear weight of the model once per pass, as a decoding step "
-            "reads them; GB/s of weights read, median of interleaved passes): " + ", ".join(parts) + ".")
+            "reads them; GB/s of weights read, median of interleaved passes): "
+            + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in rates.items()) + "."), rates
 
 
 def bench_load(folder: Path, repeats: int) -> dict:
@@ -364,13 +370,16 @@ def main(argv: list[str] | None = None) -> str:
                         f"| {tps_ref:.1f} tok/s ({t_ref.median:.2f} s) | {tps_ours / tps_ref:.2f}× |")
             print(rows[-1], flush=True)
             if batch == 1:
-                notes.append(ceiling_line(ours, bandwidth, tps_ours, "Memory bound, fp32 batch 1")
-                             + f" (goal ≥ 85%; transformers {tps_ref:.1f} tok/s).")
-                print(notes[-1], flush=True)
+                batch_one = tps_ours, tps_ref
         del read, reads
+        if 1 in args.batches:
+            note, rates = kernel_note(ours, folder, args.repeats, args.bf16)
+            bandwidth["kernels"] = rates["fp32 F.linear"]
+            tps_ours, tps_ref = batch_one
+            notes += [ceiling_line(ours, bandwidth, tps_ours, "Memory bound, fp32 batch 1")
+                      + f" (goal ≥ 85%; transformers {tps_ref:.1f} tok/s).", note]
+            print(*notes[-2:], sep="\n", flush=True)
         if args.bf16 and 1 in args.batches:
-            notes.append(kernel_note(ours, folder, args.repeats))
-            print(notes[-1], flush=True)
             notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)
         load = bench_load(folder, args.repeats)
