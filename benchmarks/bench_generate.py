@@ -121,18 +121,24 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
     return result
 
 
-def weight_read(model: GPT2) -> tuple[Callable[[], object], int]:
-    """A pass of fp32 ``F.linear`` over one row against every linear weight of ``model`` (the 48 block matrices
-    and the LM head, as one decoding step reads them), and those weights' bytes."""
+def linear_weights(model: GPT2) -> tuple[list[torch.Tensor], dict[int, torch.Tensor], int]:
+    """Every linear weight of ``model`` (the 48 block matrices and the LM head, as one decoding step reads them),
+    one random input row per input width, and the weights' bytes."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = {w.size(1): torch.randn(1, w.size(1), dtype=w.dtype) for w in weights}
+    return weights, rows, sum(w.numel() * w.element_size() for w in weights)
+
+
+def weight_read(model: GPT2) -> tuple[Callable[[], object], int]:
+    """A pass of ``F.linear`` over one row against every linear weight of ``model``, and the bytes it reads."""
+    weights, rows, size = linear_weights(model)
 
     def read() -> None:
         with torch.no_grad():
             for w in weights:
                 torch.nn.functional.linear(rows[w.size(1)], w)
 
-    return read, sum(w.numel() * w.element_size() for w in weights)
+    return read, size
 
 
 def even(repeats: int) -> int:
@@ -295,9 +301,7 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int, bf16: bool = True) -> tu
         models["bf16"] = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     contenders, sizes = {}, {}
     for label, model in models.items():
-        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        xs = {w.size(1): torch.randn(1, w.size(1), dtype=w.dtype) for w in weights}
-        sizes[label] = sum(w.numel() * w.element_size() for w in weights)
+        weights, xs, sizes[label] = linear_weights(model)
         kernels = {"F.linear": torch.nn.functional.linear, "by_halves": linear_by_halves}
         if packed_linear_available(weights[0].dtype):
             kernels["packed"] = packed_linear

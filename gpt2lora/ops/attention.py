@@ -82,22 +82,18 @@ def within_causal(visible: Tensor, queries: int, keys: int) -> bool:
     return visible.dtype == torch.bool and not bool((visible & later).any())
 
 
-def batch_rows(heads: int, queries: int, keys: int) -> int:
-    """Batch rows per block, so that a block holds about :data:`BLOCK_ELEMENTS` scores (at least one row)."""
-    return max(1, BLOCK_ELEMENTS // (heads * queries * keys))
-
-
-def block_plan(heads: int, queries: int, keys: int, causal: bool) -> tuple[int, list[tuple[int, int, int]]]:
-    """Batch rows per block and the :func:`query_blocks` each such group of rows is worked on in."""
+def block_plan(heads: int, queries: int, keys: int, causal: bool) -> tuple[int, list[tuple[int, int, int]], int]:
+    """Batch rows per block (so that a block holds about :data:`BLOCK_ELEMENTS` scores, at least one row), the
+    :func:`query_blocks` each such group of rows is worked on in, and the scores of the largest block of one row."""
     blocks = query_blocks(heads, queries, keys, causal)
-    largest = max((end - first) * stop for first, end, stop in blocks)
-    return batch_rows(heads, 1, largest), blocks
+    largest = heads * max((end - first) * stop for first, end, stop in blocks)
+    return max(1, BLOCK_ELEMENTS // largest), blocks, largest
 
 
 def block_scores(batch: int, heads: int, queries: int, keys: int, causal: bool) -> int:
     """Scores in the largest block :class:`DropoutAttention` works on at once (its float temporaries' size)."""
-    step, blocks = block_plan(heads, queries, keys, causal)
-    return min(batch, step) * heads * max((end - first) * stop for first, end, stop in blocks)
+    step, _, largest = block_plan(heads, queries, keys, causal)
+    return min(batch, step) * largest
 
 
 def blocked_keep_mask(shape: torch.Size | tuple[int, ...], keys: int, p: float, causal: bool,
@@ -108,7 +104,7 @@ def blocked_keep_mask(shape: torch.Size | tuple[int, ...], keys: int, p: float, 
     (keys a causal block skips) are left undefined: no product reads them.
     """
     B, H, T = shape[0], shape[1], shape[2]
-    step, blocks = block_plan(H, T, keys, causal)
+    step, blocks, _ = block_plan(H, T, keys, causal)
     keep = torch.empty(B, H, T, keys, dtype=torch.bool, device=device)
     for start in range(0, B, step):
         for first, end, stop in blocks:
@@ -258,7 +254,8 @@ def _blocks(q: Tensor, k: Tensor, hidden: Tensor | None, causal: bool, last_firs
             ) -> Iterator[_Block]:
     """The blocks of :func:`block_plan`, each with its masking bias (``hidden``'s) or causal square."""
     B, H, T, _ = q.shape
-    step, blocks = block_plan(H, T, k.size(2), causal)
+    step, blocks, _ = block_plan(H, T, k.size(2), causal)
+    whole = step >= B and len(blocks) == 1
     squares: dict[int, Tensor] = {}
     for start in range(0, B, step):
         rows = slice(start, min(start + step, B))
@@ -269,7 +266,6 @@ def _blocks(q: Tensor, k: Tensor, hidden: Tensor | None, causal: bool, last_firs
                 square = squares.get(end - first)
                 if square is None:
                     square = squares[end - first] = _causal_square(end - first, q.dtype, q.device)
-            whole = step >= B and len(blocks) == 1
             yield _Block(rows, first, end, stop, whole, bias if bias is None or whole else bias[..., first:end, :stop],
                          square)
 

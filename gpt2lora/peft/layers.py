@@ -393,13 +393,18 @@ class LoRALinear(nn.Module):
             self._store_merged(merged)
         self.merged, self.merged_adapter = True, self.active_adapter
 
+    def _store_in_held_dtype(self, merged: Tensor) -> bool:
+        """A frozen base bf16 training held in bf16 goes back to its checkpoint's dtype; whether it was one."""
+        held_from = getattr(self, "weight_held_from", None)
+        if held_from is None or held_from == self.weight.dtype:
+            return False
+        self.weight.data = merged.to(held_from)
+        del self.weight_held_from
+        return True
+
     def _store_merged(self, merged: Tensor) -> None:
-        held_from = getattr(self, "weight_held_from", None)  # a frozen base bf16 training held: back to its dtype
-        if held_from is not None and held_from != self.weight.dtype:
-            self.weight.data = merged.to(held_from)
-            del self.weight_held_from
-            return
-        self.weight.copy_(merged.to(self.weight.dtype))
+        if not self._store_in_held_dtype(merged):
+            self.weight.copy_(merged.to(self.weight.dtype))
 
     def _restored_weight(self) -> Tensor:
         slot = self.slots[self.merged_adapter]
@@ -444,10 +449,7 @@ class TiedLoRALinear(LoRALinear):
         self._shared: tuple[nn.Parameter, ...] = ()  # a tuple, so the tied tensor is not registered twice
 
     def _store_merged(self, merged: Tensor) -> None:
-        held_from = getattr(self, "weight_held_from", None)  # a frozen base bf16 training held: back to its dtype
-        if held_from is not None and held_from != self.weight.dtype:
-            self.weight.data = merged.to(held_from)
-            del self.weight_held_from
+        if self._store_in_held_dtype(merged):
             return
         shared = self.weight
         self._shared = (shared,)
