@@ -48,7 +48,7 @@ from ..constants import MODEL_CONFIG_FILE
 from ..errors import ConfigError
 from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2, Block, GPT2Config
-from ..ops.attention import block_scores
+from ..ops.attention import block_scores, kept_scores
 from ..ops.packed import packed_linear_available
 from ..peft.methods import prepare_model
 from .precision import hold_frozen_weights
@@ -61,7 +61,8 @@ KNOWN_MODELS: dict[str, tuple[int, int, int]] = {
 GPT2_VOCAB, GPT2_POSITIONS = 50257, 1024
 
 #: Bytes a layer keeps for backward, per token: ``a * n_embd + b``, plus ``c`` per attention score (the attention
-#: dropout's 1-byte mask), by what the layer trains: ``(a, b, c)``. "full" also covers blocks that
+#: dropout's 1-byte mask; long causal rows keep it for their query blocks' scores only,
+#: :func:`gpt2lora.ops.attention.kept_scores`), by what the layer trains: ``(a, b, c)``. "full" also covers blocks that
 #: only pass gradients on (prompt and embedding tuning); "lora" is the default LoRA (q/k/v/o and MLP, dropout
 #: 0.05); "checkpointed" keeps only the block's input (what the recomputed block keeps while backward runs it:
 #: :data:`RECOMPUTED_LAYER_BYTES`).
@@ -286,7 +287,7 @@ def _layer_activations(setting: PlanSetting, rows: int, trains: str,
                        table: dict[str, tuple[float, float, float]] = LAYER_BYTES) -> float:
     a, b, c = table[trains]
     t, d, h = setting.max_length, setting.shape.n_embd, setting.shape.n_head
-    return rows * t * (a * d + b) + c * rows * h * t * t
+    return rows * t * (a * d + b) + c * rows * kept_scores(h, t, t, causal=True)
 
 
 @dataclass(frozen=True)
