@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import GPT2Config
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE
 from ..errors import ConfigError
-from ..ops.attention import attention
+from ..ops.attention import attention, attention_by_rows
 from ..ops.dropout import Dropout
 from ..ops.few_row import Linear
 from ..ops.lm_head_loss import check_chunk_size, lm_head_loss
@@ -84,7 +84,8 @@ class CausalSelfAttention(nn.Module):
         row by row when each row's tokens are one run (no score is computed for padding)."""
         qkv = self.c_attn(x)
         if unpadded is not None and unpadded.lengths is not None and kv_cache is None:
-            out = self.c_proj(self._attention_by_rows(qkv, unpadded.lengths))
+            dropout_p = self.attn_pdrop if self.training else 0.0
+            out = self.c_proj(attention_by_rows(qkv, unpadded.lengths, self.n_head, dropout_p))
             return self.resid_dropout(out) if self.training else out
         if unpadded is not None:
             qkv = unpadded.scatter(qkv)
@@ -100,22 +101,6 @@ class CausalSelfAttention(nn.Module):
             y = unpadded.gather(y)
         out = self.c_proj(y)
         return self.resid_dropout(out) if self.training else out  # eval: identity (one call less per token)
-
-    def _attention_by_rows(self, qkv: Tensor, lengths: list[int]) -> Tensor:
-        """Causal attention of each sequence over its own tokens: ``qkv`` (real tokens, 3 C) in row order, each
-        row's tokens one run; returns (real tokens, C). The same as attention over the padded rows (a real query
-        sees exactly the real keys up to itself), without the padding's scores."""
-        C, H = self.n_embd, self.n_head
-        dropout_p = self.attn_pdrop if self.training else 0.0
-        outputs = []
-        for rows in qkv.split(lengths):
-            L = rows.size(0)
-            if L == 0:
-                continue
-            q, k, v = rows.view(1, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (1, nh, L, hs) each
-            y = attention(q, k, v, None, L > 1, dropout_p)
-            outputs.append(y.transpose(1, 2).reshape(L, C))
-        return torch.cat(outputs) if outputs else qkv[:, :C]  # no token (an empty rank): still on the graph
 
     def forward_rows(self, x: Tensor, attn_mask: Tensor | None, rows: Tensor) -> Tensor:
         """Output (B, 1, C) at query position ``rows[b]`` of each row: keys and values come from every position.

@@ -216,34 +216,116 @@ class DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, keep: Tensor,
                 dropout_p: float, causal: bool = False) -> Tensor:
-        B, H, T, D = q.shape
-        scale, kept_scale = 1.0 / math.sqrt(D), 1.0 / (1.0 - dropout_p)
         hidden = None if visible is None else ~visible
-        out = q.new_empty(B, H, T, D)
-        for block in _blocks(q, k, hidden, causal, keep):
-            probs = _probabilities(block.queries(q), block.keys(k), block.bias, scale, block.square)
-            probs.mul_(_as_values(block.keep, probs.dtype))
-            _product(probs, block.keys(v), kept_scale, out=block.queries(out))
         ctx.save_for_backward(q, k, v, hidden, keep)
-        ctx.scales = scale, kept_scale
-        ctx.causal = causal
-        return out
+        ctx.dropout_p, ctx.causal = dropout_p, causal
+        return _attend(q, k, v, hidden, keep, dropout_p, causal)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, hidden, keep = ctx.saved_tensors
-        scale, kept_scale = ctx.scales
-        grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        # Each row group's last block reads every key: it writes the key and value gradients, the earlier
-        # blocks add to them.
-        for block in _blocks(q, k, hidden, ctx.causal, keep, last_first=True):
-            _block_grads(block.queries(q), block.keys(k), block.keys(v), block.queries(grad_out), block.keep,
-                         block.bias, block.square, scale, kept_scale,
-                         (block.queries(grad_q), block.keys(grad_k), block.keys(grad_v)),
-                         accumulate=block.end < q.size(2))
-        return grad_q, grad_k, grad_v, None, None, None, None
+        grads = _attend_grads(q, k, v, hidden, keep, ctx.dropout_p, ctx.causal, grad_out.contiguous())
+        return *grads, None, None, None, None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, hidden: Tensor | None, keep: Tensor, dropout_p: float,
+            causal: bool) -> Tensor:
+    """:class:`DropoutAttention`'s output; ``hidden`` is the mask of keys a query may not see (or None)."""
+    B, H, T, D = q.shape
+    scale, kept_scale = 1.0 / math.sqrt(D), 1.0 / (1.0 - dropout_p)
+    out = q.new_empty(B, H, T, D)
+    for block in _blocks(q, k, hidden, causal, keep):
+        probs = _probabilities(block.queries(q), block.keys(k), block.bias, scale, block.square)
+        probs.mul_(_as_values(block.keep, probs.dtype))
+        _product(probs, block.keys(v), kept_scale, out=block.queries(out))
+    return out
+
+
+def _attend_grads(q: Tensor, k: Tensor, v: Tensor, hidden: Tensor | None, keep: Tensor, dropout_p: float,
+                  causal: bool, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of q, k and v of :func:`_attend` for a contiguous ``grad_out``."""
+    scale, kept_scale = 1.0 / math.sqrt(q.size(-1)), 1.0 / (1.0 - dropout_p)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Each row group's last block reads every key: it writes the key and value gradients, the earlier
+    # blocks add to them.
+    for block in _blocks(q, k, hidden, causal, keep, last_first=True):
+        _block_grads(block.queries(q), block.keys(k), block.keys(v), block.queries(grad_out), block.keep,
+                     block.bias, block.square, scale, kept_scale,
+                     (block.queries(grad_q), block.keys(grad_k), block.keys(grad_v)),
+                     accumulate=block.end < q.size(2))
+    return grad_q, grad_k, grad_v
+
+
+def attention_by_rows(qkv: Tensor, lengths: list[int], heads: int, dropout_p: float) -> Tensor:
+    """Causal attention of each sequence over its own tokens: ``qkv`` (tokens, 3 C) holds the rows' projections
+    one after another (``lengths`` tokens each); returns (tokens, C). The same as attention over padded rows (a
+    query sees exactly its row's keys up to itself), without the padding's scores.
+
+    CPU training with attention dropout runs :class:`RowsAttention`, one autograd node for every row; otherwise
+    each row goes through :func:`attention`.
+    """
+    width = qkv.size(1) // 3
+    if sum(lengths) == 0:
+        return qkv[:, :width]  # no token (an empty rank): still on the graph
+    if dropout_p != 0.0 and qkv.device.type == "cpu" and torch.is_grad_enabled():
+        return RowsAttention.apply(qkv, lengths, heads, dropout_p)
+    outputs = []
+    for rows in qkv.split(lengths):
+        L = rows.size(0)
+        if L == 0:
+            continue
+        q, k, v = rows.view(1, L, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (1, nh, L, hs) each
+        y = attention(q, k, v, None, L > 1, dropout_p)
+        outputs.append(y.transpose(1, 2).reshape(L, width))
+    return torch.cat(outputs)
+
+
+class RowsAttention(torch.autograd.Function):
+    """:class:`DropoutAttention` of each row of :func:`attention_by_rows`, as one autograd function.
+
+    Per row it draws the keep mask and runs the same blocks as :func:`attention` would (same draws, same
+    result), but writes the output straight into the (tokens, C) result and, in backward, the query, key and
+    value gradients straight into the (tokens, 3 C) projection's gradient: per-row views, autograd nodes and the
+    concatenation would copy those gradients three more times. Saves what :class:`DropoutAttention` saves.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, lengths: list[int], heads: int, dropout_p: float) -> Tensor:
+        width = qkv.size(1) // 3
+        out = qkv.new_empty(qkv.size(0), width)
+        saved = []
+        for rows, target in zip(qkv.split(lengths), out.split(lengths), strict=True):
+            L = rows.size(0)
+            if L == 0:
+                continue
+            parts = rows.view(L, 3, heads, width // heads)
+            q, k, v = (parts[:, i].transpose(0, 1).unsqueeze(0).contiguous() for i in range(3))  # (1, nh, L, hs)
+            keep = blocked_keep_mask(q.shape, L, dropout_p, L > 1, q.device)
+            y = _attend(q, k, v, None, keep, dropout_p, L > 1)
+            target.view(L, heads, -1).copy_(y[0].transpose(0, 1))
+            saved += [q, k, v, keep]
+        ctx.save_for_backward(*saved)
+        ctx.lengths, ctx.dropout_p = lengths, dropout_p
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        grad_qkv = grad.new_empty(grad.size(0), 3 * grad.size(1))
+        for rows_grad, target in zip(grad.split(ctx.lengths), grad_qkv.split(ctx.lengths), strict=True):
+            L = rows_grad.size(0)
+            if L == 0:
+                continue
+            q, k, v, keep = (next(saved) for _ in range(4))
+            heads = q.size(1)
+            grad_out = rows_grad.view(L, heads, -1).transpose(0, 1).unsqueeze(0).contiguous()
+            grads = _attend_grads(q, k, v, None, keep, ctx.dropout_p, L > 1, grad_out)
+            parts = target.view(L, 3, heads, -1)
+            for i, part in enumerate(grads):
+                parts[:, i].copy_(part[0].transpose(0, 1))
+        return grad_qkv, None, None, None
 
 
 class _Block(NamedTuple):

@@ -224,6 +224,55 @@ def test_attention_with_a_mask_in_query_blocks_equals_the_reference(monkeypatch,
     assert_same_values_and_gradients(out, expected, (q, k, v))
 
 
+def rows_reference(qkv, lengths, heads, p):
+    """Attention of each row by itself through :func:`attention` (one autograd node per row), concatenated."""
+    width = qkv.size(1) // 3
+    outputs = []
+    for rows in qkv.split(lengths):
+        L = rows.size(0)
+        if L:
+            q, k, v = rows.view(1, L, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            outputs.append(attention(q, k, v, None, L > 1, p).transpose(1, 2).reshape(L, width))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 0, 9, 3], [40, 17]])
+def test_attention_by_rows_equals_each_row_through_attention(monkeypatch, lengths):
+    """One autograd node for every row (RowsAttention) draws the same masks in the same order and computes the
+    same values and projection gradients as each row's own attention, in float64; the 40-token row goes in
+    query blocks."""
+    monkeypatch.setattr(attention_module, "MIN_QUERY_ROWS", 8)
+    monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2 * 12 * 40)
+    assert len(attention_module.query_blocks(2, 40, 40, causal=True)) > 1
+    g = torch.Generator().manual_seed(11)
+    qkv_rows = torch.randn(sum(lengths), 3 * 8, dtype=torch.float64, generator=g).requires_grad_()
+    torch.manual_seed(5)
+    out = attention_module.attention_by_rows(qkv_rows, lengths, 2, 0.3)
+    assert out.grad_fn.name().startswith("RowsAttention")
+    torch.manual_seed(5)
+    expected = rows_reference(qkv_rows, lengths, 2, 0.3)
+    assert_same_values_and_gradients(out, expected, (qkv_rows,))
+    with count_saved_tensors() as mine:
+        attention_module.attention_by_rows(qkv_rows, lengths, 2, 0.3)
+    with count_saved_tensors() as theirs:
+        rows_reference(qkv_rows, lengths, 2, 0.3)
+    assert sorted(mine.tensors) == sorted(theirs.tensors)  # the same q, k, v copies and masks
+
+
+def test_attention_by_rows_without_dropout_or_gradients_runs_each_row_as_before():
+    qkv_rows = torch.randn(12, 3 * 8, dtype=torch.float64, requires_grad=True)
+    expected = rows_reference(qkv_rows, [7, 5], 2, 0.0)
+    torch.testing.assert_close(attention_module.attention_by_rows(qkv_rows, [7, 5], 2, 0.0), expected)
+    with torch.no_grad():  # dropout without gradients: SDPA's own, row by row
+        torch.manual_seed(2)
+        dropped = attention_module.attention_by_rows(qkv_rows, [7, 5], 2, 0.2)
+        torch.manual_seed(2)
+        torch.testing.assert_close(dropped, rows_reference(qkv_rows, [7, 5], 2, 0.2))
+        assert not torch.allclose(dropped, expected)
+    empty = torch.randn(0, 3 * 8, requires_grad=True)
+    assert attention_module.attention_by_rows(empty, [0, 0], 2, 0.1).shape == (0, 8)
+
+
 def test_bf16_causal_attention_in_query_blocks_tracks_fp32(monkeypatch):
     monkeypatch.setattr(attention_module, "MIN_QUERY_ROWS", 8)
     monkeypatch.setattr(attention_module, "BLOCK_ELEMENTS", 2 * 16 * 48)
