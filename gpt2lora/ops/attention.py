@@ -63,7 +63,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_caus
     ``attn_mask`` is a bool mask (True = may attend) broadcastable to (B, heads, T, S), or None.
     CPU attention with dropout that needs gradients runs :class:`DropoutAttention`; everything else SDPA.
     """
-    if dropout_p == 0.0 or q.device.type != "cpu" or not torch.is_grad_enabled():
+    if not _runs_dropout_kernels(dropout_p, q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal)
     H, T, S = q.size(1), q.size(2), k.size(2)
@@ -73,6 +73,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_caus
     # Contiguous copies replace the strided views of the projection (which they free): the matmuls of
     # forward and backward would otherwise copy each head's slices again every time.
     return DropoutAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask, keep, dropout_p, causal)
+
+
+def _runs_dropout_kernels(dropout_p: float, like: Tensor) -> bool:
+    """Whether attention runs this module's dropout kernels (CPU training with dropout) rather than SDPA."""
+    return dropout_p != 0.0 and like.device.type == "cpu" and torch.is_grad_enabled()
 
 
 def within_causal(visible: Tensor, queries: int, keys: int) -> bool:
@@ -268,7 +273,7 @@ def attention_by_rows(qkv: Tensor, lengths: list[int], heads: int, dropout_p: fl
     width = qkv.size(1) // 3
     if sum(lengths) == 0:
         return qkv[:, :width]  # no token (an empty rank): still on the graph
-    if dropout_p != 0.0 and qkv.device.type == "cpu" and torch.is_grad_enabled():
+    if _runs_dropout_kernels(dropout_p, qkv):
         return RowsAttention.apply(qkv, lengths, heads, dropout_p)
     outputs = []
     for rows in qkv.split(lengths):

@@ -45,14 +45,12 @@ def full_keep_mask(keep, shape, keys, causal):
         return keep
     B, H, T = shape[0], shape[1], shape[2]
     step, blocks, _ = attention_module.block_plan(H, T, keys, causal)
-    full, offset = torch.zeros(B, H, T, keys, dtype=torch.bool), 0
-    for start in range(0, B, step):
-        rows = min(step, B - start)
-        for first, end, stop in blocks:
-            size = rows * H * (end - first) * stop
-            full[start:start + rows, :, first:end, :stop] = keep[offset:offset + size].view(rows, H, end - first, stop)
-            offset += size
-    assert offset == keep.numel()
+    parts = attention_module._keep_parts(keep, B, H, step, blocks)
+    assert sum(part.numel() for part in parts) == keep.numel()
+    full = torch.zeros(B, H, T, keys, dtype=torch.bool)
+    regions = [(start, first, end, stop) for start in range(0, B, step) for first, end, stop in blocks]
+    for (start, first, end, stop), part in zip(regions, parts, strict=True):
+        full[start:start + part.size(0), :, first:end, :stop] = part
     return full
 
 
