@@ -183,7 +183,10 @@ def test_fsdp_trains_like_one_process_on_the_same_global_batches(fsdp_results, k
     for result in results(fsdp_results):
         steps = result[f"{kind}-{method}-fsdp"]["steps"]
         assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in single], abs=1e-5)
-        assert [s["grad_norm"] for s in steps] == pytest.approx([s["grad_norm"] for s in single], abs=1e-5)
+        # the norm sums shards in another order than one process: equal to float32 rounding of the total (on an
+        # AVX-512 EPYC a norm of 6.2 differed by 1.3e-5 between the two), relative to the norm's size
+        assert [s["grad_norm"] for s in steps] == pytest.approx([s["grad_norm"] for s in single], rel=1e-5,
+                                                                abs=1e-5)
     for rank in (0, 1):
         trained = load_file(str(fsdp_results / f"weights-{kind}-{method}-{rank}.safetensors"))
         assert trained.keys() == weights.keys()
@@ -191,8 +194,9 @@ def test_fsdp_trains_like_one_process_on_the_same_global_batches(fsdp_results, k
             # Each rank's rows go through other kernels than one process's batch (another row count, and rows
             # without padding take causal attention instead of row by row), so gradients differ in their last
             # bits; three AdamW steps at lr 3e-3 (each entry's update divided by its own running scale) turn that
-            # into up to a few 1e-5 on single entries: 1% of one step's update.
-            torch.testing.assert_close(trained[name], tensor, atol=5e-5, rtol=0)
+            # into up to a few 1e-5 on single entries (5.9e-5 seen on an AVX-512 EPYC): 2-3% of one step's
+            # update, while a wrong or missing gradient shard moves entries by whole updates (3e-3 a step).
+            torch.testing.assert_close(trained[name], tensor, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
