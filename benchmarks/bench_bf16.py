@@ -114,7 +114,10 @@ def rows(kind: str, timings: dict[str, Timing], cpu: dict[str, Timing], tokens: 
     return row, vs_ref, vs_fp32
 
 
-def verdict(value: float, goal: float) -> str:
+def verdict(value: float, goal: float, amx: bool = True) -> str:
+    """The goal's verdict; the goals are set for CPUs with AMX, so elsewhere the ratio is only reported."""
+    if not amx:
+        return f"{value:.2f}× (reported: the {goal:g}× goal is for CPUs with AMX, this one has none)"
     return f"**met** ({value:.2f}× ≥ {goal:g}×)" if value >= goal else f"**not met** ({value:.2f}× < {goal:g}×)"
 
 
@@ -148,8 +151,9 @@ def main(argv: list[str] | None = None) -> tuple[str, list[str]]:
         row, vs_ref, vs_fp32 = rows(kind, timings, cpu, tokens)
         table.append(row)
         print(row, flush=True)
-        goals.append(f"bf16 {kind} step vs transformers + peft bf16: {verdict(vs_ref, GOAL_REF)}; vs gpt2lora's own "
-                     f"fp32 step: {verdict(vs_fp32, GOAL_FP32)}.")
+        amx = "amx_bf16" in units
+        goals.append(f"bf16 {kind} step vs transformers + peft bf16: {verdict(vs_ref, GOAL_REF, amx)}; vs "
+                     f"gpt2lora's own fp32 step: {verdict(vs_fp32, GOAL_FP32, amx)}.")
     body = "\n".join([
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine_line()}; torch sees bf16 units: {', '.join(units)}  ",

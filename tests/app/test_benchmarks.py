@@ -11,6 +11,7 @@ from helpers import DATA, REPO, require_shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_bf16
 import bench_epoch
 import bench_memory
 import bench_train
@@ -106,8 +107,10 @@ def test_run_all_writes_goals_and_sections(tmp_path):
     assert "1. Training step (tiny" in text and "2. Epoch on 2,000 SST-2 rows" in text
     assert "5. LM LoRA step" in text and "6. LM step training-added peak memory" in text and "7. Epoch over" in text
     assert "## LM fine-tuning" in text
-    bf16 = bool(cpu_bf16_units())  # bf16 classification step: two verdicts in Goals and in its section
-    assert text.count("**met**") + text.count("**not met**") == 6 + 4 * bf16
+    bf16 = bool(cpu_bf16_units())  # bf16 classification step: two verdicts in Goals and in its section,
+    amx = "amx_bf16" in cpu_bf16_units()  # judged where the goals are set (AMX CPUs), else reported
+    assert text.count("**met**") + text.count("**not met**") == 6 + 4 * amx
+    assert text.count("goal is for CPUs with AMX") == 4 * (bf16 and not amx)
     assert ("8. bf16 classification step vs transformers + peft bf16" in text) == bf16
     assert "this section alone: `python benchmarks/bench_train.py --shape tiny" in text
 
@@ -127,6 +130,9 @@ def test_run_all_helpers():
         "generation with the measured kernel choice vs plain F.linear decoding: **met** (1.03× ≥ 1×)."]
     assert run_all.verdict(1.25, 1.2).startswith("**met**")
     assert run_all.verdict(1.1, 1.2).startswith("**not met**")
+    # the bf16 step goals are set for CPUs with AMX: elsewhere the ratio is reported, not judged
+    assert bench_bf16.verdict(2.6, 2.5).startswith("**met**") and bench_bf16.verdict(2.4, 2.5).startswith("**not")
+    assert bench_bf16.verdict(2.05, 2.5, amx=False) == "2.05× (reported: the 2.5× goal is for CPUs with AMX, this one has none)"
     titled = run_all.retitle("Command: `python benchmarks/bench_x.py --a --no-write`  \nrest", "python run_all.py")
     assert titled == "Command: `python run_all.py` (this section alone: `python benchmarks/bench_x.py --a`)  \nrest"
 
