@@ -20,8 +20,9 @@ of the parameter, so it lives and dies with the model that owns it; nothing is c
 records the weight's ``_version``, storage address, shape and strides, and is made again when any of them
 changed (an in-place update, a load, ``.data =``). Weights made under ``torch.inference_mode`` have no
 version counter and are left to ``F.linear``. Cost: one more copy of every packed weight, as many bytes
-as the weight itself (250 MB for GPT-2 124M in bf16); :func:`release_packed` frees them. Copying or pickling
-a parameter never carries its pack.
+as the weight itself (250 MB for GPT-2 124M in bf16), per kind of pack kept: an fp32 weight decoded both one row
+and several rows at a time may keep MKL's and oneDNN's (a serving engine's LM head on a Zen 4 EPYC did);
+:func:`release_packed` frees them. Copying or pickling a parameter never carries its pack.
 """
 
 from __future__ import annotations

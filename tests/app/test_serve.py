@@ -31,7 +31,7 @@ from gpt2lora.app.serve.engine import (
     prefill_groups,
     run_on_engine,
 )
-from gpt2lora.ops.packed import packed_bytes
+from gpt2lora.ops.packed import MKL, ONEDNN, PACKED_ATTR, packed_bytes
 from gpt2lora.peft.registry import adapter_configs
 
 KEY = "test-key"
@@ -584,7 +584,10 @@ def test_load_300_requests_from_24_clients_over_four_models(server, client, refe
         time.sleep(0.1)
     assert live_tensors() == held
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    assert packed_bytes(engine.model) <= weights  # at most one packed copy of each weight, however many requests
+    # however many requests, at most one packed copy of each weight per kind of pack: an fp32 weight may keep
+    # MKL's one-row pack and oneDNN's several-row pack when each was measured faster (the LM head on a Zen 4 EPYC)
+    assert all(set(p.__dict__.get(PACKED_ATTR) or ()) <= {MKL, ONEDNN} for p in engine.model.parameters())
+    assert packed_bytes(engine.model) <= 2 * weights
 
 
 def test_readme_client_example_runs(server, capsys):
