@@ -107,8 +107,9 @@ def test_run_all_writes_goals_and_sections(tmp_path):
     assert "1. Training step (tiny" in text and "2. Epoch on 2,000 SST-2 rows" in text
     assert "5. LM LoRA step" in text and "6. LM step training-added peak memory" in text and "7. Epoch over" in text
     assert "## LM fine-tuning" in text
-    bf16 = bool(cpu_bf16_units())  # bf16 classification step: two verdicts in Goals and in its section,
-    amx = "amx_bf16" in cpu_bf16_units()  # judged where the goals are set (AMX CPUs), else reported
+    # bf16 classification step: two verdicts in Goals and two in its section, judged where the goals are set
+    # (CPUs with AMX) and reported elsewhere
+    bf16, amx = bool(cpu_bf16_units()), "amx_bf16" in cpu_bf16_units()
     assert text.count("**met**") + text.count("**not met**") == 6 + 4 * amx
     assert text.count("goal is for CPUs with AMX") == 4 * (bf16 and not amx)
     assert ("8. bf16 classification step vs transformers + peft bf16" in text) == bf16
