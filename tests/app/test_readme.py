@@ -54,6 +54,9 @@ def test_setup_commands_are_exactly_two_and_ci_installs_what_they_install():
     test_command = setup[1].split("&&")[-1].strip()
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert re.search(rf"^{re.escape(test_command)}$", ci, flags=re.MULTILINE), "CI must run the README's test command"
+    # the default run leaves the slow tests out (pyproject's addopts); CI runs them too, after it
+    assert "-m 'not slow'" in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert ci.index(f"\n{test_command}\n") < ci.index(f"\n{test_command} -m slow\n")
     assert ci.index("torch==2.13.0") < ci.index("pip install --disable-pip-version-check -q -e")
     readme_installs, ci_installs = pip_installs(setup[0]) + pip_installs(setup[1]), pip_installs(ci)
     # beyond the two commands, CI builds the one optional binding the README names for the llama.cpp tests
