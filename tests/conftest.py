@@ -28,6 +28,21 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 torch.set_num_threads(TEST_THREADS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_choices_of_this_session(tmp_path_factory):
+    """The kernel choices stored by this session's processes (subprocesses inherit the variable) go to a file of
+    its own: each test run measures afresh, and the user's cache is left alone."""
+    from gpt2lora.ops.stored_choices import ENVIRONMENT
+
+    before = os.environ.get(ENVIRONMENT)
+    os.environ[ENVIRONMENT] = str(tmp_path_factory.mktemp("kernel-choices") / "choices.json")
+    yield
+    if before is None:
+        del os.environ[ENVIRONMENT]
+    else:
+        os.environ[ENVIRONMENT] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices train faster on one thread; on a loaded 2-core machine, far faster (no spin-waits).

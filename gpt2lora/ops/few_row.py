@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .packed import MKL, ONEDNN, can_mkl_pack, can_pack, mkl_packed_linear, packed_linear, settle_pack
+from .stored_choices import ChoiceFile, key_text
 
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
@@ -93,10 +94,12 @@ class KernelChoice:
     """
 
     def __init__(self, timer: Callable[[], float] = time.perf_counter, samples: int = 8,
-                 margin: float = 0.05) -> None:
+                 margin: float = 0.05, store: ChoiceFile | None = None) -> None:
         self.timer = timer
         self.samples = samples
         self.margin = margin
+        self.store = store
+        """Where :meth:`decide`'s choices are kept for every process on this machine (``None``: this object only)."""
         self.chosen: dict[Hashable, str] = {}
         self.routes: dict[Hashable, str] = {}
         """:func:`linear`'s index of decided calls: exact call shape (and dtype, device, threads) -> kernel."""
@@ -139,7 +142,26 @@ class KernelChoice:
 
         For products whose results feed training: every result a caller uses then comes from the kept kernel,
         so the choice never mixes kernels within one run once decided (they agree only up to float rounding).
+        With a ``store``, a choice made by an earlier process on this machine is reused untimed and a new one
+        is written there, so two runs of the same seed compute with the same kernels (bit for bit).
         """
+        name = self.chosen.get(key)
+        if name is not None:
+            return name
+        if self.store is None:
+            return self._measure(key, candidates)
+        with self.store.open() as stored:  # locked: a second process deciding this key waits, then reads it
+            if stored is None:
+                return self._measure(key, candidates)
+            name = stored.get(key_text(key))
+            if name in candidates:
+                with self._lock:
+                    self._trials.pop(key, None)
+                    return self.chosen.setdefault(key, name)
+            name = stored[key_text(key)] = self._measure(key, candidates)
+            return name
+
+    def _measure(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
         for _ in range((self.samples + 2) * len(candidates)):  # pick times the least-timed candidate each call
             name = self.chosen.get(key)
             if name is not None:
@@ -153,8 +175,9 @@ class KernelChoice:
         return best if medians[best] < medians[plain] * (1 - self.margin) else plain
 
 
-KERNELS = KernelChoice()
-"""The process's measured choices: a cache of which kernel is faster per shape and thread count."""
+KERNELS = KernelChoice(store=ChoiceFile())
+"""The process's measured choices: a cache of which kernel is faster per shape and thread count; the choices
+that feed training are shared with the machine's other processes (:mod:`gpt2lora.ops.stored_choices`)."""
 
 
 _few_rows: ContextVar[KernelChoice | None] = ContextVar("gpt2lora_few_row_products", default=None)

@@ -1,4 +1,5 @@
-"""Many-row products in half precision on the CPU: whole, or in blocks of rows, whichever this machine runs faster.
+"""Many-row products on the CPU in the form this machine runs faster: half precision whole or in blocks of rows,
+fp32 by MKL or by oneDNN.
 
 oneDNN's bf16 product splits its work over the threads by its own rules, which leave a core idle for some
 shapes: on the 2-core AMX Xeon with two threads, 900 rows of GPT-2's (3072 → 768) projection ran at about 1,060
@@ -8,7 +9,16 @@ BLAS, the shapes and the thread count, so :func:`product` measures both on first
 steps of ``ROW_STEP``, shapes, layouts, dtype, thread count) and keeps the faster
 (:meth:`gpt2lora.ops.few_row.KernelChoice.decide`: decided before any result is used, so a run never mixes
 the two once a shape is decided; both compute the same dot products and agree up to float rounding).
-fp32 (MKL's products scaled with the threads in every shape measured) and other devices take ``a @ b``.
+fp32 products of more than ``BLOCK_ROWS`` rows on the CPU have another exact form: oneDNN's product (the library
+torch's bf16 products run on) in place of MKL's. On a 2-core AVX512-BF16 EPYC (Zen 4) oneDNN ran GPT-2's
+training products 5-35% faster than MKL (about 100 against 70-97 GFLOP/s on one thread); MKL's products scaled
+with the threads in every shape measured on the AMX Xeon. So fp32 measures the two too, per power-of-two row
+count (fewer decisions: fp32 speeds change smoothly with the rows). Other devices take ``a @ b``.
+
+The two forms agree only up to float rounding, and where they run within the timing noise of each other two
+processes timing them could keep different ones, so the choices are stored per machine
+(:mod:`gpt2lora.ops.stored_choices`): the first process on a machine to meet a shape decides it, every later
+one reuses the decision, and runs of the same seed stay identical bit for bit across processes.
 
 :func:`frozen_weight_product` offers one more exact form for a frozen bf16 weight: oneDNN's product on the
 weight's packed copy (:mod:`gpt2lora.ops.packed`), which a product against the plain weight re-lays out on every
@@ -20,10 +30,12 @@ MB for GPT-2's head in bf16) and is kept only where it was measured faster.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from .few_row import HALF, KERNELS, KernelChoice
+from .few_row import HALF, KERNELS, KernelChoice, row_bucket
 from .packed import ONEDNN, can_pack, packed_linear, settle_pack, storage_keeps_moving
 
 BLOCK_ROWS = 512
@@ -47,19 +59,37 @@ def _row_blocks(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def _onednn(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+@functools.cache
+def onednn_fp32_available() -> bool:
+    """Whether torch has oneDNN's linear for fp32 products on the CPU (a fact of the build)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def product(a: Tensor, b: Tensor, bias: Tensor | None = None, kernels: KernelChoice | None = None) -> Tensor:
     """``a @ b`` (``+ bias``) for 2-D ``a`` (rows, k) and ``b`` (k, n): a new contiguous (rows, n) tensor.
 
-    For more than ``BLOCK_ROWS`` rows of bf16/fp16 on the CPU, the whole product or the same product in blocks
-    of ``BLOCK_ROWS`` rows, the faster as measured on first use (``kernels``: whose measurements, default the
-    process's); elsewhere the whole product. Callers are the autograd functions of :mod:`gpt2lora.ops`.
+    For more than ``BLOCK_ROWS`` rows on the CPU, the faster of two exact forms as measured on first use
+    (``kernels``: whose measurements, default the process's): bf16/fp16 whole or in blocks of ``BLOCK_ROWS``
+    rows, fp32 by MKL or by oneDNN; elsewhere the whole product. Callers are the autograd functions of
+    :mod:`gpt2lora.ops`.
     """
-    if (a.device.type != "cpu" or a.dtype not in HALF or a.dim() != 2 or b.dim() != 2 or a.size(0) <= BLOCK_ROWS
+    if (a.device.type != "cpu" or a.dim() != 2 or b.dim() != 2 or a.size(0) <= BLOCK_ROWS
             or torch.compiler.is_compiling()):
         return _whole(a, b, bias)
-    key = ("product", -(-a.size(0) // ROW_STEP), *b.shape, a.stride(), b.stride(), a.dtype, bias is not None,
-           torch.get_num_threads())
-    candidates = {"whole": lambda: _whole(a, b, bias), "row blocks": lambda: _row_blocks(a, b, bias)}
+    if a.dtype in HALF:
+        rows = -(-a.size(0) // ROW_STEP)
+        candidates = {"whole": lambda: _whole(a, b, bias), "row blocks": lambda: _row_blocks(a, b, bias)}
+    elif (a.dtype == torch.float32 and b.dtype == a.dtype and (bias is None or bias.dtype == a.dtype)
+          and onednn_fp32_available()):
+        rows = row_bucket(a.size(0))
+        candidates = {"whole": lambda: _whole(a, b, bias), "onednn": lambda: _onednn(a, b, bias)}
+    else:
+        return _whole(a, b, bias)
+    key = ("product", rows, *b.shape, a.stride(), b.stride(), a.dtype, bias is not None, torch.get_num_threads())
     return candidates[(kernels or KERNELS).decide(key, candidates)]()
 
 

@@ -1,4 +1,4 @@
-"""Many-row half-precision products: whole or in row blocks, the faster measured before any result is used."""
+"""Many-row products: bf16 whole or in row blocks, fp32 by MKL or oneDNN, the faster measured before any result is used."""
 
 from __future__ import annotations
 
@@ -80,16 +80,55 @@ def test_the_slower_form_is_never_kept_and_the_choice_is_made_before_a_result_is
     assert len(kernels.chosen) == 2
 
 
-@pytest.mark.parametrize("case", ["fp32", "few rows"])
-def test_other_products_are_whole_and_never_measured(case):
+@pytest.mark.parametrize("case", ["bf16", "fp32", "fp64"])
+def test_products_of_few_rows_or_other_dtypes_are_whole_and_never_measured(case):
     kernels = few_row.KernelChoice(timer=lambda: pytest.fail("timed a product that has one form"))
     a, b = torch.randn(900, 64).bfloat16(), torch.randn(64, 48).bfloat16()
-    if case == "fp32":
-        a, b = a.float(), b.float()
+    if case == "fp64":
+        a, b = a.double(), b.double()
     else:
-        a = a[:BLOCK_ROWS]
+        a = a[:BLOCK_ROWS].to(torch.float32 if case == "fp32" else a.dtype)
+        b = b.to(a.dtype)
     assert torch.equal(product(a, b, kernels=kernels), a @ b)
     assert kernels.chosen == {}
+
+
+needs_onednn = pytest.mark.skipif(not products.onednn_fp32_available(), reason="torch has no oneDNN fp32 linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_fp32_product_equals_mkls(transposed, with_bias):
+    g = torch.Generator().manual_seed(7)
+    rows = BLOCK_ROWS + 77
+    a = torch.randn(rows, 96, generator=g)
+    b = torch.randn(80, 96, generator=g).t() if transposed else torch.randn(96, 80, generator=g)
+    bias = torch.randn(80, generator=g) if with_bias else None
+    out = products._onednn(a, b, bias)
+    assert out.shape == (rows, 80) and out.is_contiguous() and out.dtype == torch.float32
+    expected = a.double() @ b.double() + (bias.double() if with_bias else 0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, products._whole(a, b, bias), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn_cost", [2.0, -0.5])
+def test_fp32_keeps_the_faster_library_per_power_of_two_rows(monkeypatch, onednn_cost):
+    kernels, calls = clocked(monkeypatch, {"_whole": ("mkl", 0.0), "_onednn": ("onednn", onednn_cost)})
+    a, b, bias = torch.randn(700, 64), torch.randn(64, 48), torch.randn(48)
+    out = product(a, b, bias, kernels=kernels)
+    (key, name), = kernels.chosen.items()
+    faster = "whole" if onednn_cost > 0 else "onednn"
+    assert name == faster and key[1] == 1024 and key[-1] == torch.get_num_threads()
+    trials = kernels.samples + 1  # both timed before the first result is used
+    assert calls == {"mkl": trials + (faster == "whole"), "onednn": trials + (faster == "onednn")}
+    torch.testing.assert_close(out, torch.addmm(bias, a, b), atol=1e-4, rtol=1e-5)
+    before = sum(calls.values())
+    product(torch.randn(1000, 64), b, bias, kernels=kernels)  # 513-1024 rows share the choice
+    assert sum(calls.values()) == before + 1 and len(kernels.chosen) == 1
+    product(torch.randn(1100, 64), b, bias, kernels=kernels)  # the next power of two: measured again
+    assert len(kernels.chosen) == 2
 
 
 class Always:
@@ -102,15 +141,16 @@ class Always:
         return self.name if self.name in candidates else next(iter(candidates))
 
 
-def test_a_bf16_lora_step_trains_alike_with_either_form(monkeypatch):
-    """Forward and backward of a bf16-held LoRA model over more than BLOCK_ROWS tokens, each form forced."""
+def lora_step_with_each_form(monkeypatch, spied: str, forms: tuple[str, str], bf16: bool) -> dict:
+    """A tiny LoRA model's loss and trainable gradients over 660 tokens (more than BLOCK_ROWS) with each of
+    ``forms`` forced on every product; checks that the ``products`` function ``spied`` ran on all of them."""
     config = GPT2Config(**{**TINY, "n_positions": 128}, **NO_DROPOUT)
     ids = torch.randint(0, TINY["vocab_size"], (6, 110), generator=torch.Generator().manual_seed(3))
     results = {}
-    blocked = products._row_blocks
+    function = getattr(products, spied)
     used = []
-    monkeypatch.setattr(products, "_row_blocks", lambda a, b, bias: used.append(a.size(0)) or blocked(a, b, bias))
-    for name in ("whole", "row blocks"):
+    monkeypatch.setattr(products, spied, lambda a, b, bias: used.append(a.size(0)) or function(a, b, bias))
+    for name in forms:
         monkeypatch.setattr(products, "KERNELS", Always(name))
         torch.manual_seed(0)
         net = GPT2(config)
@@ -119,12 +159,27 @@ def test_a_bf16_lora_step_trains_alike_with_either_form(monkeypatch):
             for param_name, p in net.named_parameters():
                 if "lora_B" in param_name:
                     p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
-        hold_frozen_weights(net)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        if bf16:
+            hold_frozen_weights(net)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = net.train()(ids, labels=ids) / ids.numel()
         loss.backward()
         results[name] = loss.item(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
-    assert used and set(used) == {ids.numel()}  # the forced blocks ran, on every token of the batch
+    assert used and set(used) == {ids.numel()}  # the forced form ran, on every token of the batch
+    return results
+
+
+@needs_onednn
+def test_an_fp32_lora_step_is_the_same_with_either_library(monkeypatch):
+    results = lora_step_with_each_form(monkeypatch, "_onednn", ("whole", "onednn"), bf16=False)
+    (loss_mkl, grads_mkl), (loss_onednn, grads_onednn) = results.values()
+    assert loss_onednn == pytest.approx(loss_mkl, abs=1e-6)
+    for name, grad in grads_mkl.items():
+        torch.testing.assert_close(grads_onednn[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_a_bf16_lora_step_trains_alike_with_either_form(monkeypatch):
+    results = lora_step_with_each_form(monkeypatch, "_row_blocks", ("whole", "row blocks"), bf16=True)
     (loss_whole, grads_whole), (loss_blocks, grads_blocks) = results.values()
     assert abs(loss_whole - loss_blocks) < 1e-2
     for name, grad in grads_whole.items():
