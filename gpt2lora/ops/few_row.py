@@ -22,6 +22,7 @@ costs :func:`linear` one tuple and one dict lookup (``KernelChoice.routes``), ab
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -148,18 +149,17 @@ class KernelChoice:
         name = self.chosen.get(key)
         if name is not None:
             return name
-        if self.store is None:
-            return self._measure(key, candidates)
-        with self.store.open() as stored:  # locked: a second process deciding this key waits, then reads it
+        # Locked: a second process deciding this key waits, then reads the first's choice.
+        with self.store.open() if self.store is not None else contextlib.nullcontext() as stored:
             if stored is None:
                 return self._measure(key, candidates)
-            name = stored.get(key_text(key))
-            if name in candidates:
+            text = key_text(key)
+            if stored.get(text) in candidates:
                 with self._lock:
                     self._trials.pop(key, None)
-                    return self.chosen.setdefault(key, name)
-            name = stored[key_text(key)] = self._measure(key, candidates)
-            return name
+                    return self.chosen.setdefault(key, stored[text])
+            stored[text] = self._measure(key, candidates)
+            return stored[text]
 
     def _measure(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
         for _ in range((self.samples + 2) * len(candidates)):  # pick times the least-timed candidate each call
