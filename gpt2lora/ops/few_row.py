@@ -48,9 +48,10 @@ HALF = (torch.bfloat16, torch.float16)
 def linear_by_halves(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` computed as one ``bmm`` over ``SPLITS`` blocks of the weight.
 
-    A contiguous (out, in) ``weight`` — GPT-2's tied LM head — is cut into blocks of output
-    features; the transpose of a contiguous (in, out) tensor — the layout the checkpoint's Conv1D
-    matrices are loaded in — into blocks of input features whose partial products are summed.
+    A contiguous (out, in) ``weight`` — every weight of a loaded or built model — is cut into blocks of output
+    features (each block's rows dotted with the input: the faster form); the transpose of a contiguous (in, out)
+    tensor — a Conv1D matrix passed as it is stored — into blocks of input features whose partial products are
+    summed.
     """
     out_features, in_features = weight.shape
     rows = x.reshape(-1, in_features)

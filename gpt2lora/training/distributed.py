@@ -222,7 +222,7 @@ def shard_model(model: nn.Module, device: torch.device, info: DistInfo,
     from ..model.gpt2 import Block
 
     check_fsdp_torch()
-    with torch.no_grad():  # FSDP shards contiguous tensors only; loaded Conv1D weights are transposed views
+    with torch.no_grad():  # FSDP shards contiguous tensors only (a weight may be a view)
         for param in model.parameters():
             if not param.is_contiguous():
                 param.data = param.data.contiguous()

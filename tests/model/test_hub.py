@@ -94,6 +94,19 @@ def test_load_with_dtype_and_device(tiny_checkpoint):
     torch.testing.assert_close(logits.float(), full(x), atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_loaded_conv1d_weights_take_the_linear_layout_of_a_model_built_from_a_config(tiny_checkpoint, dtype):
+    stored = load_file(tiny_checkpoint / "model.safetensors")
+    loaded = GPT2.from_pretrained(tiny_checkpoint, dtype=dtype)
+    built = GPT2.from_config(loaded.config)
+    for (name, weight), twin in zip(loaded.named_parameters(), built.parameters(), strict=True):
+        assert weight.shape == twin.shape and weight.stride() == twin.stride(), name
+    conv1d = stored["transformer.h.0.mlp.c_fc.weight"]  # (in, out) in the file
+    weight = loaded.transformer.h[0].mlp.c_fc.weight
+    assert conv1d.shape == weight.shape[::-1] and weight.is_contiguous()
+    assert torch.equal(weight, conv1d.t().to(weight.dtype))
+
+
 def test_loading_allocates_no_random_init(tiny_checkpoint, monkeypatch):
     import gpt2lora.model.gpt2 as model_module
 
