@@ -59,8 +59,8 @@ fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed";
 head about 10% faster than `F.linear` and the block matrices slower), for 2-32 fp32 rows oneDNN's. generate
 times the candidates on first use of each decoding shape (dtype, rows, thread count) and keeps the fastest
 only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
-`KernelChoice`); while a packed candidate is timed only one weight of each shape is packed, and its pack is
-dropped when another kernel wins. The prompt's forward stays on `F.linear` (every prompt length would be a new
+`KernelChoice`; the choice is stored per machine, so later processes reuse it untimed); while a packed
+candidate is timed only one weight of each shape is packed, and its pack is dropped when another kernel wins. The prompt's forward stays on `F.linear` (every prompt length would be a new
 shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
 kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
 threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each

@@ -101,7 +101,7 @@ class KernelChoice:
         self.samples = samples
         self.margin = margin
         self.store = store
-        """Where :meth:`decide`'s choices are kept for every process on this machine (``None``: this object only)."""
+        """Where the choices are kept for every process on this machine (``None``: this object only)."""
         self.chosen: dict[Hashable, str] = {}
         self.routes: dict[Hashable, str] = {}
         """:func:`linear`'s index of decided calls: exact call shape (and dtype, device, threads) -> kernel."""
@@ -112,10 +112,38 @@ class KernelChoice:
         packed unless the packed product wins: a pack is as large as its weight)."""
 
     def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
-        """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new."""
+        """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new.
+
+        With a ``store``, a key first met here takes the choice an earlier process on this machine stored (when
+        that kernel is among ``candidates``) instead of being timed again, and a choice made here is stored.
+        """
         name = self.chosen.get(key)
         if name is not None:
             return candidates[name]()
+        if self.store is not None and key not in self._trials:
+            name = self._recall(key, candidates)
+            if name is not None:
+                return candidates[name]()
+        out, decided = self._timed_run(key, candidates)
+        if decided is not None and self.store is not None:
+            with self.store.open() as stored:
+                if stored is not None:  # the first process's choice stays (later ones may differ within the noise)
+                    stored.setdefault(key_text(key), decided)
+        return out
+
+    def _recall(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str | None:
+        """The stored choice for ``key``, now kept for it, if it is one of ``candidates``; else ``None``."""
+        with self.store.open() as stored:  # type: ignore[union-attr]
+            name = stored.get(key_text(key)) if stored is not None else None
+        if name not in candidates:
+            return None
+        with self._lock:
+            self._trials.pop(key, None)
+            return self.chosen.setdefault(key, name)
+
+    def _timed_run(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> tuple[Tensor, str | None]:
+        """One call of the next candidate to time for ``key`` (or of the kept one, decided meanwhile), and the
+        name kept when this call's timing decided ``key``."""
         with self._lock:
             name = self.chosen.get(key)
             if name is None:
@@ -124,19 +152,21 @@ class KernelChoice:
                     trials.setdefault(n, [])
                 timing = min(candidates, key=lambda n: len(trials[n]))  # round robin
         if name is not None:
-            return candidates[name]()
+            return candidates[name](), None
         name = timing
         start = self.timer()
         out = candidates[name]()
         elapsed = self.timer() - start
+        decided = None
         with self._lock:
             trials = self._trials.get(key)
             if trials is not None and key not in self.chosen:
                 trials[name].append(elapsed)
                 if all(len(t) > self.samples for t in trials.values()):  # the first run of each is a warm-up
-                    self.chosen[key] = self._fastest({n: statistics.median(t[1:]) for n, t in trials.items()})
+                    decided = self.chosen[key] = self._fastest({n: statistics.median(t[1:])
+                                                                for n, t in trials.items()})
                     del self._trials[key]
-        return out
+        return out, decided
 
     def decide(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
         """The kept candidate for ``key``; a new key is decided at once, every candidate timed on this call's own
@@ -167,7 +197,7 @@ class KernelChoice:
             name = self.chosen.get(key)
             if name is not None:
                 return name
-            self.pick(key, candidates)
+            self._timed_run(key, candidates)  # not pick: the caller holds the store's lock
         return self.chosen.get(key) or next(iter(candidates))
 
     def _fastest(self, medians: dict[str, float]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2lora import GPT2, GPT2Config, generate
 from gpt2lora.ops import few_row, products, stored_choices
 from gpt2lora.ops.stored_choices import ChoiceFile, key_text
 
@@ -58,6 +59,65 @@ def test_a_stored_choice_is_reused_without_timing_by_another_chooser(tmp_path):
     assert second.decide(("product", 4, 64), candidates) == "plain"
     assert set(json.loads((tmp_path / "choices.json").read_text())["choices"]) == {
         key_text(("product", 3, 64)), key_text(("product", 4, 64))}
+
+
+def test_a_decoding_choice_is_stored_and_a_later_chooser_runs_it_untimed(tmp_path):
+    """``pick`` times candidates across calls (decoding's steps); its choice goes to the file too, and another
+    chooser's first call of that key runs the stored kernel with no trial, whatever its own timings say."""
+    path = tmp_path / "choices.json"
+    calls = {"plain": 0, "other": 0}
+    candidates, timer = ticking({"plain": 3.0, "other": 1.0}, calls)
+    first = few_row.KernelChoice(timer=timer, store=ChoiceFile(path))
+    while ("decode", 1) not in first.chosen:
+        first.pick(("decode", 1), candidates)
+    assert first.chosen[("decode", 1)] == "other" and calls["plain"] == first.samples + 1
+    assert json.loads(path.read_text())["choices"] == {key_text(("decode", 1)): "other"}
+
+    calls_after = {"plain": 0, "other": 0}
+    candidates, _ = ticking({"plain": 1.0, "other": 3.0}, calls_after)
+
+    def no_timing() -> float:
+        raise AssertionError("a stored choice is not timed again")
+
+    second = few_row.KernelChoice(timer=no_timing, store=ChoiceFile(path))
+    assert [second.pick(("decode", 1), candidates) for _ in range(3)] == ["other"] * 3
+    assert calls_after == {"plain": 0, "other": 3}
+
+
+def test_a_stored_decoding_choice_not_offered_is_timed_and_the_first_stored_choice_stays(tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"format": 1, "choices": {key_text(("decode", 2)): "packed"}}))
+    calls = {"plain": 0, "other": 0}
+    candidates, timer = ticking({"plain": 1.0, "other": 2.0}, calls)
+    kernels = few_row.KernelChoice(timer=timer, store=ChoiceFile(path))
+    while ("decode", 2) not in kernels.chosen:  # no packed candidate on these calls: measured here
+        kernels.pick(("decode", 2), candidates)
+    assert kernels.chosen[("decode", 2)] == "plain" and calls["other"] == kernels.samples + 1
+    # Another process may have stored its choice while this one timed: the file keeps the first.
+    assert json.loads(path.read_text())["choices"] == {key_text(("decode", 2)): "packed"}
+
+
+def test_generation_in_a_later_process_reuses_the_stored_decoding_choices(tmp_path, monkeypatch):
+    """Greedy decoding with the process's chooser stores its one-row choices; a new process's chooser (a new
+    KERNELS) on the same file decodes the same tokens without timing any product."""
+    monkeypatch.setenv(stored_choices.ENVIRONMENT, str(tmp_path / "choices.json"))
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=600, n_positions=64, n_embd=128, n_layer=2, n_head=4)).eval()
+    prompt = torch.randint(0, 600, (1, 5), generator=torch.Generator().manual_seed(1))
+    first = few_row.KernelChoice(store=ChoiceFile())
+    monkeypatch.setattr(few_row, "KERNELS", first)
+    tokens = generate(model, prompt, max_new_tokens=40, eos_token_id=None)
+    decided = {key_text(key): name for key, name in first.chosen.items()}
+    assert len(decided) == 3  # c_fc, the MLP's c_proj and the head: the other weights are too small to time
+    assert json.loads((tmp_path / "choices.json").read_text())["choices"] == decided
+
+    def no_timing() -> float:
+        raise AssertionError("a stored choice is not timed again")
+
+    second = few_row.KernelChoice(timer=no_timing, store=ChoiceFile())
+    monkeypatch.setattr(few_row, "KERNELS", second)
+    assert torch.equal(generate(model, prompt, max_new_tokens=40, eos_token_id=None), tokens)
+    assert {key_text(key): name for key, name in second.chosen.items()} == decided
 
 
 def test_a_stored_name_that_is_no_longer_offered_is_measured_again(tmp_path):
