@@ -24,10 +24,11 @@ from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, Unsa
 from .tensorcheck import (
     MODEL_DTYPES,
     SAFETENSORS_DTYPES,
-    check_finite,
     check_floating,
     check_model_dtype,
     dtype_name,
+    nonfinite_report,
+    raise_nonfinite,
 )
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -170,6 +171,40 @@ def read_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
             return {key: f.get_tensor(key) for key in names}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def read_tensor(path: Path, key: str) -> Tensor:
+    """One tensor of a safetensors file, through a mapping of the file of its own (gone with the tensor)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def read_owned(header: Mapping[str, TensorInfo], expected: Mapping[str, Tensor], dtype: torch.dtype,
+               allow_nonfinite: bool = False) -> dict[str, Tensor]:
+    """The tensors of a checkpoint that ``expected`` names (gpt2lora's names and layout), each an
+    :func:`owned_copy` in ``dtype``; every weight in the files is checked finite first (unless
+    ``allow_nonfinite``), the error naming each file's non-finite tensors.
+
+    Tensors are read one at a time, each dropped once copied, so loading holds the copies and one file tensor
+    (a whole file mapped beside the copies would double the resident memory while loading).
+    """
+    state: dict[str, Tensor] = {}
+    reports: dict[Path, list[str]] = {}
+    for key, info in header.items():
+        if not _is_weight(key):
+            continue
+        tensor = read_tensor(info.file, key)
+        if not allow_nonfinite:
+            reports.setdefault(info.file, []).extend(nonfinite_report({key: tensor}))
+        for name, value in from_hf_names({key: tensor}).items():  # renamed, a Conv1D matrix transposed
+            if name in expected:
+                state[name] = owned_copy(value, dtype)
+        del tensor
+    raise_nonfinite(reports.items())
+    return state
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:
@@ -337,6 +372,18 @@ def expected_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def owned_copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``, contiguous, in memory of its own (never a view of a safetensors file's mapping).
+
+    A Conv1D matrix arrives as a transposed view; copied to the (out, in) layout a model built from a config has,
+    one-row products (decoding) read it about 1.2x faster on a Zen 4 EPYC, and training products are no slower.
+    Every other tensor is copied too: while any tensor views the mapping, the whole file stays mapped (and in
+    the process's resident memory) beside the copies. Costs about 0.1-0.25 s for GPT-2 124M.
+    """
+    out = tensor.to(dtype, memory_format=torch.contiguous_format).contiguous()
+    return out.clone() if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else out
+
+
 def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, allow_nonfinite: bool = False,
@@ -369,17 +416,7 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
     ignored = ["lm_head.weight", "score.weight"] if config.tie_word_embeddings else ["score.weight"]
     ignored = [k for k in ignored if k not in expected]
     check_state(expected, layout, source=f"checkpoint {folder}", optional=optional, ignored=ignored)
-    stored = {path: read_safetensors(path) for path in files}
-    check_finite(((path, {k: t for k, t in tensors.items() if _is_weight(k)}) for path, tensors in stored.items()),
-                 allow_nonfinite)
-    found = from_hf_names({k: t for tensors in stored.values() for k, t in tensors.items()},
-                          source=f"checkpoint {folder}")
-    del stored
-    # Conv1D matrices arrive as transposed views: each is copied to the Linear layout a model built from a config
-    # has (converting the dtype in the same pass). One-row products (decoding) read a contiguous (out, in) weight
-    # faster (1.1x on a Zen 4 EPYC); training products are no slower. The copy costs about 0.25 s for 124M.
-    state = {k: found.pop(k).to(target, memory_format=torch.contiguous_format).contiguous() for k in list(found)
-             if k in expected}
+    state = read_owned(header, expected, target, allow_nonfinite)
     model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

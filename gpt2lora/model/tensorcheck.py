@@ -84,9 +84,13 @@ def check_finite(groups: Iterable[tuple[str | Path, Mapping[str, Tensor]]], allo
     """
     if allow_nonfinite:
         return
+    raise_nonfinite([(source, nonfinite_report(tensors)) for source, tensors in groups])
+
+
+def raise_nonfinite(reports: Iterable[tuple[str | Path, list[str]]]) -> None:
+    """Raise :func:`check_finite`'s error for ``reports`` (a file and its :func:`nonfinite_report`), if any."""
     parts, count = [], 0
-    for source, tensors in groups:
-        found = nonfinite_report(tensors)
+    for source, found in reports:
         if found:
             count += len(found)
             parts.append(f"{source}: {', '.join(found)}")

@@ -107,6 +107,23 @@ def test_loaded_conv1d_weights_take_the_linear_layout_of_a_model_built_from_a_co
     assert torch.equal(weight, conv1d.t().to(weight.dtype))
 
 
+def test_a_loaded_model_keeps_nothing_of_its_file(tiny_checkpoint, tmp_path):
+    """Every tensor is copied out of the file while loading (each read through a mapping of its own, dropped once
+    copied): overwriting the file in place afterwards changes nothing in the model."""
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    model = GPT2.from_pretrained(folder)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    with open(weights, "r+b") as f:  # same file, same inode: a mapping of it would see these bytes
+        f.seek(header)
+        f.write(bytes(size - header))
+    assert GPT2.from_pretrained(folder).transformer.wte.weight.abs().max() == 0  # the file did change
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
 def test_loading_allocates_no_random_init(tiny_checkpoint, monkeypatch):
     import gpt2lora.model.gpt2 as model_module
 
