@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -26,18 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import cpu_model, interleaved, machine_line, write_section
 
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "flags unknown"
-    found = set(re.search(r"^flags\s*:(.*)$", text, re.MULTILINE).group(1).split())
-    return ", ".join(f"{f} {'yes' if f in found else 'no'}" for f in FLAGS)
-
-
 def rows(name: str, split: str, limit: int) -> list[dict]:
     with open(SHARED / "data" / name / f"{split}.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(limit), f)]
@@ -156,7 +143,7 @@ def main() -> None:
     body = [
         (f"Command: `python benchmarks/bench_harness.py --threads {args.threads} --shape {args.shape} "
         f"--docs {args.docs} --repeats {args.repeats}`  "),
-        f"Machine: {machine_line()}; CPU flags: {cpu_flags()}  ",
+        f"Machine: {machine_line()}  ",
         (f"lm-eval {lm_eval.__version__}; the CPU was shared with other work (1-minute load average {load:.1f} at "
         "the end; both sides interleaved, so read the ratios, not the seconds)."),
         "",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2lora.devices import cpu_info
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -56,6 +58,10 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 3,
 
 
 def cpu_model() -> str:
+    """The CPU's name: ``/proc/cpuinfo``'s model name, else ``lscpu``'s (ARM), else the platform's."""
+    name = cpu_info().get("model name")
+    if name:
+        return name
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         match = re.search(r"Model name:\s*(.+)", out)
@@ -72,11 +78,9 @@ FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 def cpu_flags() -> str:
     """Which of :data:`FLAGS` the CPU has, as ``flags avx2 avx512f -avx512_bf16 ...`` (``-`` = absent)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            present = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
+    if "flags" not in cpu_info():
         return "flags unknown"
+    present = set(cpu_info()["flags"].split())
     return "flags " + " ".join(flag if flag in present else f"-{flag}" for flag in FLAGS)
 
 

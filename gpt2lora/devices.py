@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from typing import Any
 
@@ -38,6 +39,30 @@ def set_threads(threads: int | None, setting: str = "threads") -> None:
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ConfigError(f"{setting}: expected a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
+
+
+CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "flags")
+"""The fields of ``/proc/cpuinfo`` that name a CPU and its instruction sets."""
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's :data:`CPU_FIELDS` as ``/proc/cpuinfo`` gives them (those present; empty where the
+    file is missing). Kernel speeds depend on them: the kernel-choices file is named after them
+    (:mod:`gpt2lora.ops.stored_choices`) and the benchmarks print them."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if not name:  # the first processor's block has ended
+                    break
+                if name in CPU_FIELDS and name not in fields:
+                    fields[name] = value.strip()
+    except OSError:
+        pass
+    return fields
 
 
 def cpu_bf16_units() -> list[str]:

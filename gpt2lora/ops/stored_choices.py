@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..devices import cpu_info
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; two processes deciding one shape at once may time it both
@@ -46,18 +48,7 @@ FORMAT = 1
 @functools.cache
 def machine_identity() -> str:
     """What kernel speeds depend on, as one line: CPU vendor, family, model, name and flags, cores, torch."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name in ("vendor_id", "cpu family", "model", "model name", "flags") and name not in fields:
-                    fields[name] = value.strip()
-                if not name:  # the first processor's block is enough
-                    break
-    except OSError:
-        fields["processor"] = platform.processor() or platform.machine()
+    fields = cpu_info() or {"processor": platform.processor() or platform.machine()}
     capability = torch.backends.cpu.get_cpu_capability()
     return "; ".join([*(f"{k}: {v}" for k, v in fields.items()), f"cores: {os.cpu_count()}",
                       f"torch: {torch.__version__} ({capability})"])

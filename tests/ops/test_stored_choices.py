@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lora import GPT2, GPT2Config, generate
+from gpt2lora import GPT2, GPT2Config, devices, generate
 from gpt2lora.ops import few_row, products, stored_choices
 from gpt2lora.ops.stored_choices import ChoiceFile, key_text
 
@@ -168,6 +168,26 @@ def test_the_file_is_per_machine_and_the_variable_moves_or_turns_it_off(tmp_path
     candidates, timer = ticking({"plain": 2.0, "other": 1.0}, calls)
     assert few_row.KernelChoice(timer=timer, store=ChoiceFile()).decide(("k",), candidates) == "other"
     assert not (tmp_path / "mine.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cpu_info_reads_the_first_processor_of_proc_cpuinfo(monkeypatch):
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    info = devices.cpu_info()
+    assert set(info) <= set(devices.CPU_FIELDS)
+    for line in first.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in devices.CPU_FIELDS:  # (x86 names all five; ARM's file names none of them)
+            assert info[name.strip()] == value.strip()
+    if "flags" in info:
+        assert f"flags: {info['flags']}" in stored_choices.machine_identity()
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr("builtins.open", missing)
+    assert devices.cpu_info.__wrapped__() == {}
 
 
 def test_machine_identity_names_the_cpu_and_torch():
