@@ -1,15 +1,18 @@
 """A/B of two gpt2lora trees (before and after a refactor): a LoRA classification step (B=8, T=128), an LM
-LoRA step (B=8, T=176) and batch-1 greedy generation on a randomly initialised 124M-shape model, timed with
-whichever gpt2lora is first on the path. Alternate the trees to share the machine's noise:
+LoRA step (B=8, T=176) and batch-1 greedy generation on a randomly initialised 124M-shape model, and batch-1
+greedy generation on the same shape loaded from a checkpoint saved by transformers, timed with whichever
+gpt2lora is first on the path. Alternate the trees to share the machine's noise:
 
     for i in 1 2 3; do for t in OLD NEW; do (cd $t && PYTHONPATH=$PWD python benchmarks/bench_ab.py); done; done
 """
 
 import json
 import statistics
+import tempfile
 import time
 
 import torch
+import transformers
 
 import gpt2lora as gl
 
@@ -39,4 +42,10 @@ base = gl.GPT2.from_config(cfg, seed=0).eval()
 prompt = torch.randint(0, 50257, (1, 16))
 def gen():
     base.generate(prompt, max_new_tokens=48, eos_token_id=None)
-print(json.dumps({"cls_step_s": med(cls_step), "lm_step_s": med(lm_step), "gen_tok_s": 48 / med(gen), "where": gl.__file__}))
+with tempfile.TemporaryDirectory() as folder:  # a checkpoint as the hub holds one: Conv1D matrices, loaded
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(folder)
+    loaded = gl.GPT2.from_pretrained(folder).eval()
+def gen_loaded():
+    loaded.generate(prompt, max_new_tokens=128, eos_token_id=None)
+print(json.dumps({"cls_step_s": med(cls_step), "lm_step_s": med(lm_step), "gen_tok_s": 48 / med(gen),
+                  "gen_loaded_tok_s": 128 / med(gen_loaded, 5), "where": gl.__file__}))
