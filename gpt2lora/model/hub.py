@@ -163,21 +163,13 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointNotFoundError(f"{folder} has no {MODEL_WEIGHTS_FILE} (or {MODEL_WEIGHTS_INDEX_FILE})")
 
 
-def read_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
-    """Every tensor of one safetensors file; a corrupt or truncated file is named in the error."""
+def read_safetensors(path: Path, device: str = "cpu", keys: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Every tensor of one safetensors file (or those ``keys`` name); a corrupt or truncated file is named in the
+    error. Each call maps the file anew: the mapping goes with the last tensor read through it."""
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
-            names = list(f.keys())
+            names = list(f.keys()) if keys is None else list(keys)
             return {key: f.get_tensor(key) for key in names}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
-
-
-def read_tensor(path: Path, key: str) -> Tensor:
-    """One tensor of a safetensors file, through a mapping of the file of its own (gone with the tensor)."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
@@ -196,13 +188,12 @@ def read_owned(header: Mapping[str, TensorInfo], expected: Mapping[str, Tensor],
     for key, info in header.items():
         if not _is_weight(key):
             continue
-        tensor = read_tensor(info.file, key)
+        one = read_safetensors(info.file, keys=[key])  # its own mapping: unmapped once copied
         if not allow_nonfinite:
-            reports.setdefault(info.file, []).extend(nonfinite_report({key: tensor}))
-        for name, value in from_hf_names({key: tensor}).items():  # renamed, a Conv1D matrix transposed
+            reports.setdefault(info.file, []).extend(nonfinite_report(one))
+        for name, value in from_hf_names(one).items():  # renamed, a Conv1D matrix transposed
             if name in expected:
                 state[name] = owned_copy(value, dtype)
-        del tensor
     raise_nonfinite(reports.items())
     return state
 
