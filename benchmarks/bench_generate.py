@@ -29,6 +29,7 @@ from common import Timing, interleaved, machine_line, write_section
 
 from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
+from gpt2lora.model.pages import HUGE_PAGE, huge_page_mode
 from gpt2lora.ops import few_row as few_row_module
 from gpt2lora.ops.few_row import KERNELS, linear_by_halves
 from gpt2lora.ops.packed import (
@@ -65,7 +66,10 @@ shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a to
 kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
 threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each
 interleaved round. With the CPU shared by other processes, 2 intra-op threads can be slower than 1
-(`--threads 1`).\
+(`--threads 1`). The "2 MB pages" line loads the same checkpoint with `huge_pages=True` (`gpt2lora/model/pages.py`)
+and decodes it interleaved with the default load and transformers; its ceiling also counts the read pass over
+those weights. Its first load pays a fault per 2 MB page (slow in a VM whose host backs memory on first
+touch); the load row with `huge_pages=True` times later loads in the same process.\
 """
 
 SHAPES = {
@@ -227,7 +231,8 @@ def bytes_per_token(model: GPT2) -> int:
 
 
 READ_PASSES = {"sum": "a `sum` over 1 GB", "weights": "fp32 `F.linear` over the model's weights beside the runs",
-               "kernels": "the same in the kernels-alone passes"}
+               "kernels": "the same in the kernels-alone passes",
+               "huge weights": "the same over the weights on 2 MB pages beside those runs"}
 """The passes whose read rates measure the machine's read bandwidth: the first two timed between the batch-1
 runs, the third back to back with the other few-row kernels (the "kernels alone" line)."""
 
@@ -292,6 +297,44 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"{peak_rss_bytes() / 1e9:.2f} GB. " + ceiling_line(half, bandwidth, bf16, "bf16"))
 
 
+def huge_pages_note(ours: GPT2, ref, folder: Path, prompt_len: int, new: int, repeats: int,
+                    bandwidth: dict[str, float]) -> str:
+    """Batch 1 with the weights loaded on 2 MB pages (``huge_pages=True``) against the default load and
+    transformers, interleaved, with the fp32 ``F.linear`` read pass over those weights beside them."""
+    start = time.perf_counter()
+    huge = GPT2.from_pretrained(folder, huge_pages=True).eval()
+    first_load = time.perf_counter() - start
+    ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
+    outputs: dict[str, torch.Tensor] = {}
+    cpu: dict[str, list[float]] = {"first": [], "4 KB": [], "2 MB": []}
+
+    def run(name: str, model: GPT2) -> Callable[[], None]:
+        return timed_generate(model, ids, new, False, outputs, cpu[name], name)
+
+    def run_ref() -> None:
+        with torch.inference_mode():
+            outputs["ref"] = ref.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    run("first", huge)()
+    read, size = weight_read(huge)
+    timings = interleaved({"4 KB": run("4 KB", ours), "2 MB": run("2 MB", huge), "transformers": run_ref,
+                           "huge weights": read}, repeats=even(repeats))
+    if not (torch.equal(outputs["2 MB"], outputs["4 KB"]) and torch.equal(outputs["2 MB"], outputs["ref"])):
+        raise SystemExit("the weights on 2 MB pages generated other tokens")
+    small, large, theirs = (new / timings[k].median for k in ("4 KB", "2 MB", "transformers"))
+    rates = {**bandwidth, "huge weights": size / timings["huge weights"].median}
+    weights = [p for p in huge.parameters() if p.numel() * p.element_size() >= HUGE_PAGE]
+    aligned = sum(p.numel() * p.element_size() for p in weights if p.data_ptr() % HUGE_PAGE == 0)
+    return (f"Weights on 2 MB pages (`GPT2.from_pretrained(..., huge_pages=True)`; transparent huge pages: "
+            f"{huge_page_mode() or 'none'}; batch 1, same run, median of {even(repeats)}): {large:.1f} tok/s "
+            f"against {small:.1f} on 4 KB pages ({large / small:.2f}×, paired per round "
+            f"{paired(timings['2 MB'], timings['4 KB']):.2f}×) and transformers {theirs:.1f} ({large / theirs:.2f}×, "
+            f"paired {paired(timings['2 MB'], timings['transformers']):.2f}×); tokens identical; "
+            f"{aligned / 1e6:,.0f} MB of weights start on a 2 MB boundary; the first such load took "
+            f"{first_load:.2f} s. " + ceiling_line(huge, rates, large, "fp32 batch 1 on 2 MB pages")
+            + " (goal ≥ 85%).")
+
+
 def kernel_note(ours: GPT2, folder: Path, repeats: int, bf16: bool = True) -> tuple[str, dict[str, float]]:
     """Read bandwidth of each few-row kernel over the model's own linear weights (48 block matrices + the LM
     head, one row, as one decoding step reads them), fp32 and (with ``bf16``) bf16, interleaved: the note and the
@@ -320,9 +363,10 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int, bf16: bool = True) -> tu
             + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in rates.items()) + "."), rates
 
 
-def bench_load(folder: Path, repeats: int, forward: bool = False) -> dict:
+def bench_load(folder: Path, repeats: int, forward: bool = False, huge_pages: bool = False) -> dict:
     """Seconds to load the checkpoint; with ``forward``, to load it and run one 16-token forward (transformers
-    maps the file and reads a weight's pages on its first use; gpt2lora copies the Conv1D matrices at load)."""
+    maps the file and reads a weight's pages on its first use; gpt2lora copies the Conv1D matrices at load);
+    ``huge_pages``: gpt2lora's load puts the weights on 2 MB pages."""
     import transformers
 
     ids = torch.zeros(1, 16, dtype=torch.long)
@@ -333,7 +377,7 @@ def bench_load(folder: Path, repeats: int, forward: bool = False) -> dict:
                 model.eval()(ids)
 
     return interleaved({
-        "gpt2lora": lambda: then_forward(GPT2.from_pretrained(folder)),
+        "gpt2lora": lambda: then_forward(GPT2.from_pretrained(folder, huge_pages=huge_pages)),
         "transformers": lambda: then_forward(transformers.GPT2LMHeadModel.from_pretrained(folder)),
     }, repeats=repeats)
 
@@ -350,6 +394,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="skip the measured-kernel vs plain F.linear comparison")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
                         help="skip the bf16-weights row (run where torch reports bf16 matrix units)")
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                        help="skip the rows with the weights loaded on 2 MB pages")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -395,8 +441,14 @@ def main(argv: list[str] | None = None) -> str:
         if args.bf16 and 1 in args.batches:
             notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)
-        for label, forward in (("load checkpoint", False), ("load checkpoint + a 16-token forward", True)):
-            load = bench_load(folder, args.repeats, forward)
+        if args.huge_pages and 1 in args.batches:
+            notes.append(huge_pages_note(ours, ref, folder, args.prompt, args.new, args.repeats, bandwidth))
+            print(notes[-1], flush=True)
+        loads = [("load checkpoint", False, False), ("load checkpoint + a 16-token forward", True, False)]
+        if args.huge_pages:
+            loads.append(("load checkpoint, `huge_pages=True`", False, True))
+        for label, forward, huge_pages in loads:
+            load = bench_load(folder, args.repeats, forward, huge_pages)
             ratio = load["transformers"].median / load["gpt2lora"].median
             rows.append(f"| {label} | {load['gpt2lora'].median:.3f} s | {load['transformers'].median:.3f} s "
                         f"| {ratio:.2f}× |")

@@ -424,16 +424,19 @@ class GPT2(AdapterView, nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
                         cache_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, allow_nonfinite: bool = False) -> GPT2:
+                        device: torch.device | str | None = None, allow_nonfinite: bool = False,
+                        huge_pages: bool = False) -> GPT2:
         """Load a hub id (``gpt2``, ``openai-community/gpt2-medium``, ...) or a local HF-layout folder.
 
         ``dtype`` converts the weights (default, as transformers: the dtype ``config.json`` names, else the
         checkpoint's own). A weight holding NaN or inf is refused by name unless ``allow_nonfinite=True``.
+        ``huge_pages=True`` puts the CPU weights on 2 MB pages where Linux allows it (:mod:`gpt2lora.model.pages`):
+        faster decoding for a process that generates long enough to repay the slower load.
         """
         from .hub import load_pretrained
 
         return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
-                               dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
+                               dtype=dtype, device=device, allow_nonfinite=allow_nonfinite, huge_pages=huge_pages)
 
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,

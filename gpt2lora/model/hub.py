@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..config import HUB_IDS, GPT2Config
 from ..constants import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, MODEL_WEIGHTS_INDEX_FILE, TOKENIZER_FILES
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
+from .pages import empty_on_huge_pages
 from .tensorcheck import (
     MODEL_DTYPES,
     SAFETENSORS_DTYPES,
@@ -175,7 +176,7 @@ def read_safetensors(path: Path, device: str = "cpu", keys: Iterable[str] | None
 
 
 def read_owned(header: Mapping[str, TensorInfo], expected: Mapping[str, Tensor], dtype: torch.dtype,
-               allow_nonfinite: bool = False) -> dict[str, Tensor]:
+               allow_nonfinite: bool = False, huge_pages: bool = False) -> dict[str, Tensor]:
     """The tensors of a checkpoint that ``expected`` names (gpt2lora's names and layout), each an
     :func:`owned_copy` in ``dtype``; every weight in the files is checked finite first (unless
     ``allow_nonfinite``), the error naming each file's non-finite tensors.
@@ -193,7 +194,7 @@ def read_owned(header: Mapping[str, TensorInfo], expected: Mapping[str, Tensor],
             reports.setdefault(info.file, []).extend(nonfinite_report(one))
         for name, value in from_hf_names(one).items():  # renamed, a Conv1D matrix transposed
             if name in expected:
-                state[name] = owned_copy(value, dtype)
+                state[name] = owned_copy(value, dtype, huge_pages)
     raise_nonfinite(reports.items())
     return state
 
@@ -363,22 +364,24 @@ def expected_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def owned_copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+def owned_copy(tensor: Tensor, dtype: torch.dtype, huge_pages: bool = False) -> Tensor:
     """``tensor`` in ``dtype``, contiguous, in memory of its own (never a view of a safetensors file's mapping).
 
     A Conv1D matrix arrives as a transposed view; copied to the (out, in) layout a model built from a config has,
     one-row products (decoding) read it about 1.2x faster on a Zen 4 EPYC, and training products are no slower.
     Every other tensor is copied too: while any tensor views the mapping, the whole file stays mapped (and in
     the process's resident memory) beside the copies. Costs about 0.1-0.25 s for GPT-2 124M.
+    ``huge_pages``: the copy is written on 2 MB pages where the system allows it
+    (:func:`gpt2lora.model.pages.empty_on_huge_pages`).
     """
-    out = tensor.to(dtype, memory_format=torch.contiguous_format).contiguous()
-    return out.clone() if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else out
+    out = empty_on_huge_pages(tensor.shape, dtype) if huge_pages else torch.empty(tensor.shape, dtype=dtype)
+    return out.copy_(tensor)
 
 
 def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, allow_nonfinite: bool = False,
-                    **model_kwargs: Any) -> ModelT:
+                    huge_pages: bool = False, **model_kwargs: Any) -> ModelT:
     """Build ``cls`` from a checkpoint without a random-init pass (meta device, then assign).
 
     The safetensors headers are checked against ``config.json`` (sizes, block count, dtypes) and the
@@ -407,7 +410,8 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
     ignored = ["lm_head.weight", "score.weight"] if config.tie_word_embeddings else ["score.weight"]
     ignored = [k for k in ignored if k not in expected]
     check_state(expected, layout, source=f"checkpoint {folder}", optional=optional, ignored=ignored)
-    state = read_owned(header, expected, target, allow_nonfinite)
+    on_cpu = device is None or torch.device(device).type == "cpu"  # pages of copies moved off the CPU would not last
+    state = read_owned(header, expected, target, allow_nonfinite, huge_pages and on_cpu)
     model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -230,3 +230,7 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
     assert found, body
     assert float(found[1]) == max(float(found[2]), float(found[3]), float(found[4]))
     assert f"fp32 F.linear {found[4]}," in body  # the kernels-alone line's own figure
+    # the load on 2 MB pages: same tokens (checked inside), its own ceiling line with its own read pass, a load row
+    assert "Weights on 2 MB pages (`GPT2.from_pretrained(..., huge_pages=True)`" in body
+    assert re.search(r"fp32 batch 1 on 2 MB pages: .*the same over the weights on 2 MB pages beside those runs", body)
+    assert "| load checkpoint, `huge_pages=True` |" in body

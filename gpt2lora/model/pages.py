@@ -1,0 +1,86 @@
+"""Large CPU tensors on 2 MB pages (Linux transparent huge pages) where the system lets a program ask for them.
+
+Decoding one token streams every weight from memory once: on 4 KB pages about 120,000 page-table walks a token
+for GPT-2 124M. Linux backs a region with 2 MB pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` says
+``always``, or ``madvise`` and the program advised the region (``madvise(MADV_HUGEPAGE)``) before writing it:
+that advice is what this module gives, for the tensors it is handed only (``GPT2.from_pretrained(...,
+huge_pages=True)``). Each such page costs the system a fault of its own when first written, which is cheap
+where the memory is the machine's own and slow in a VM whose host backs the memory only when it is first
+touched (``benchmarks/RESULTS.md`` has both sides measured). Paging changes, contents never; off Linux, in mode
+``never`` or without ``madvise`` in the C library nothing is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import mmap
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+HUGE_PAGE = 2 << 20
+"""The x86-64 and arm64 (4 KB base pages) huge page size: regions aligned to it get huge pages."""
+MADV_HUGEPAGE = 14
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_page_mode(setting: Path = THP_SETTING) -> str:
+    """The system's transparent huge page mode: ``always``, ``madvise`` or ``never`` (the bracketed word of
+    ``setting``); ``""`` where there is no such file (not Linux, or a kernel without them)."""
+    try:
+        text = setting.read_text(encoding="ascii")
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else ""
+
+
+@functools.cache
+def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The C library's ``madvise`` (None off Linux or where it cannot be found)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def huge_page_span(tensor: Tensor) -> tuple[int, int]:
+    """The (start address, length) of the whole 2 MB pages inside ``tensor``'s memory; length 0 when none."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    last = end // HUGE_PAGE * HUGE_PAGE
+    return first, max(0, last - first)
+
+
+def empty_on_huge_pages(shape: Sequence[int], dtype: torch.dtype, mode: str | None = None) -> Tensor:
+    """An uninitialised contiguous CPU tensor that starts on a 2 MB boundary, its whole 2 MB pages advised onto
+    huge pages before anything is written (``mode``: the system's :func:`huge_page_mode` by default).
+
+    The memory is an anonymous mapping of its own (released with the last tensor on it) of which the tensor's
+    storage is exactly its own bytes, so saving it writes nothing more. Tensors under 2 MB, or where the system
+    gives no huge pages, are a plain ``torch.empty``.
+    """
+    mode = huge_page_mode() if mode is None else mode
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    madvise = _madvise()
+    if size < HUGE_PAGE or mode not in ("always", "madvise") or (mode == "madvise" and madvise is None):
+        return torch.empty(tuple(shape), dtype=dtype)
+    # Private: an anonymous shared mapping would be shmem, which takes huge pages by another setting.
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align
+    address = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
+    raw = torch.frombuffer(region, dtype=torch.uint8, count=size, offset=-address % HUGE_PAGE)
+    if mode == "madvise":  # "always" pages every aligned region without being asked
+        start, length = huge_page_span(raw)
+        madvise(start, length, MADV_HUGEPAGE)  # a refusal leaves 4 KB pages: nothing else changes
+    return raw.view(dtype).view(tuple(shape))
