@@ -76,8 +76,10 @@ def empty_on_huge_pages(shape: Sequence[int], dtype: torch.dtype, mode: str | No
     madvise = _madvise()
     if size < HUGE_PAGE or mode not in ("always", "madvise") or (mode == "madvise" and madvise is None):
         return torch.empty(tuple(shape), dtype=dtype)
-    # Private: an anonymous shared mapping would be shmem, which takes huge pages by another setting.
-    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align
+    try:  # private: an anonymous shared mapping would be shmem, which takes huge pages by another setting
+        region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align
+    except OSError:  # no mapping to be had (a limit on mappings): torch's own allocation, on whatever pages
+        return torch.empty(tuple(shape), dtype=dtype)
     address = torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr()
     raw = torch.frombuffer(region, dtype=torch.uint8, count=size, offset=-address % HUGE_PAGE)
     if mode == "madvise":  # "always" pages every aligned region without being asked

@@ -53,6 +53,15 @@ def test_small_tensors_and_systems_without_huge_pages_get_plain_memory(advice, s
     assert t.shape == shape and t.dtype == torch.bfloat16 and advice == []
 
 
+def test_no_mapping_to_be_had_gives_plain_memory(advice, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(pages.mmap, "mmap", refuse)
+    t = empty_on_huge_pages((8 << 20,), torch.float32, mode="madvise")
+    assert t.shape == (8 << 20,) and t.dtype == torch.float32 and advice == []
+
+
 def vma_flags(address: int) -> list[str] | None:
     """The VmFlags of the mapping of this process holding ``address`` (None when no mapping holds it)."""
     inside = False
