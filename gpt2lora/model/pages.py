@@ -4,10 +4,10 @@ Decoding one token streams every weight from memory once: on 4 KB pages about 12
 for GPT-2 124M. Linux backs a region with 2 MB pages when ``/sys/kernel/mm/transparent_hugepage/enabled`` says
 ``always``, or ``madvise`` and the program advised the region (``madvise(MADV_HUGEPAGE)``) before writing it:
 that advice is what this module gives, for the tensors it is handed only (``GPT2.from_pretrained(...,
-huge_pages=True)``). Each such page costs the system a fault of its own when first written, which is cheap
-where the memory is the machine's own and slow in a VM whose host backs the memory only when it is first
-touched (``benchmarks/RESULTS.md`` has both sides measured). Paging changes, contents never; off Linux, in mode
-``never`` or without ``madvise`` in the C library nothing is done.
+huge_pages=True)``). Each such page costs the system a fault of its own when first written: about 5 ms in the
+VM these figures come from, whose host backs the memory only when it is first touched (not measured on a
+machine's own memory; gain and cost in ``benchmarks/RESULTS.md``, round 12). Paging changes, contents never; off
+Linux, in mode ``never`` or without ``madvise`` in the C library nothing is done.
 """
 
 from __future__ import annotations
