@@ -71,10 +71,12 @@ def empty_on_huge_pages(shape: Sequence[int], dtype: torch.dtype, mode: str | No
     storage is exactly its own bytes, so saving it writes nothing more. Tensors under 2 MB, or where the system
     gives no huge pages, are a plain ``torch.empty``.
     """
+    size = math.prod(shape) * dtype.itemsize
+    if size < HUGE_PAGE:  # decided before reading the system's setting: most of a model's tensors are small
+        return torch.empty(tuple(shape), dtype=dtype)
     mode = huge_page_mode() if mode is None else mode
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     madvise = _madvise()
-    if size < HUGE_PAGE or mode not in ("always", "madvise") or (mode == "madvise" and madvise is None):
+    if mode not in ("always", "madvise") or (mode == "madvise" and madvise is None):
         return torch.empty(tuple(shape), dtype=dtype)
     try:  # private: an anonymous shared mapping would be shmem, which takes huge pages by another setting
         region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align
