@@ -68,6 +68,24 @@ class Side:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    def resident_bytes(self) -> int:
+        """Bytes this side keeps between steps: its parameters, buffers and optimizer state (each storage once)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    def cuda_peak(self, batch: dict[str, Tensor]) -> int:
+        """Peak CUDA bytes of one step of this side as if it were alone on the device: what it keeps between
+        steps plus what the step allocates above everything allocated before it (another side's model, an
+        earlier benchmark's leftovers stay out)."""
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self.step(batch)
+        torch.cuda.synchronize()
+        return self.resident_bytes() + torch.cuda.max_memory_allocated() - before
+
 
 def adamw(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

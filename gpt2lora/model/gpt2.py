@@ -183,6 +183,11 @@ def position_ids_from_mask(attention_mask: Tensor, length: int) -> Tensor:
     return positions[:, -length:]
 
 
+def attends_by_rows(device: torch.device, setting: bool | None) -> bool:
+    """``Transformer.attention_by_rows`` resolved for ``device``: ``None`` means row by row on the CPU only."""
+    return setting if setting is not None else device.type == "cpu"
+
+
 def packed_segments(position_ids: Tensor) -> Tensor | None:
     """Which packed sequence each position belongs to, (B, T) counting from 0; None if no row holds several.
 
@@ -234,6 +239,12 @@ class Transformer(nn.Module):
         and recompute those in backward (see :mod:`gpt2lora.ops.recompute`): exact, less memory. ``None`` (the
         default): all but bf16/fp16 outputs on the CPU, whose recompute costs a larger share of the step than
         the memory it saves is worth there; ``True``: all of them; ``False``: none."""
+        self.attention_by_rows: bool | None = None
+        """In padded training, run causal attention row by row over each row's real tokens (no score for
+        padding) rather than once over the padded batch. ``None`` (the default): row by row on the CPU, where
+        the padding's scores cost more than the loop; one padded batch elsewhere: on an H200 each row's kernels
+        cost a launch, the launches bound a small model's step, and one batch made the LM LoRA step 1.20-1.54x
+        faster (``benchmarks/bench_attention_layout.py``)."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
@@ -309,7 +320,8 @@ class Transformer(nn.Module):
         training = self.training and torch.is_grad_enabled() and kv_cache is None
         blocks = self.h[:-1] if last_token_only else self.h
         # Padding slots carry nothing a real token reads: in training the block layers skip them.
-        unpadded = (Unpadded.of(attention_mask, runs=segments is None)
+        by_rows = attends_by_rows(x.device, self.attention_by_rows)
+        unpadded = (Unpadded.of(attention_mask, runs=segments is None and by_rows)
                     if training and attention_mask is not None and blocks else None)
         if unpadded is not None:
             x = unpadded.gather(x)

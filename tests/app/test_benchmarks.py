@@ -193,6 +193,24 @@ def test_lm_step_sides_follow_the_same_trajectory():
     assert result.targets == pairs.target_count(data["labels"]) > 0
     rows = bench_lm.step_rows([result])
     assert rows[2].startswith("| instruction | 4 × ") and rows[2].count("×") >= 3
+    assert bench_lm.seconds(0.0532) == "53.2 ms" and bench_lm.seconds(2.5) == "2.50 s"  # GPU steps in ms
+
+
+def test_a_sides_resident_bytes_are_its_weights_once_and_its_optimizer_state():
+    """The CUDA peak of a side counts what it keeps between steps: tied weights once, Adam's two moments."""
+    sides = pairs.lm_pair("tiny", dropout=0.0)
+    ours = sides["gpt2lora"]
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in ours.model.parameters()}
+    assert ours.model.lm_head.weight.data_ptr() == ours.model.transformer.wte.weight.data_ptr()  # tied
+    buffers = sum(b.numel() * b.element_size() for b in ours.model.buffers())
+    assert ours.resident_bytes() == sum(weights.values()) + buffers
+    trainable = [p for p in ours.model.parameters() if p.requires_grad]
+    data = pairs.random_batch("tiny", 2, 16)
+    data["labels"] = data["input_ids"].clone()
+    ours.step(data)
+    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    counters = sum(s["step"].numel() * s["step"].element_size() for s in ours.optimizer.state.values())
+    assert ours.resident_bytes() == sum(weights.values()) + buffers + moments + counters > 0
 
 
 def test_lm_epoch_counts_tokens_exactly_and_checks_every_contender():
@@ -211,6 +229,16 @@ def test_lm_epoch_counts_tokens_exactly_and_checks_every_contender():
     assert real <= packed.slots <= bucketed.slots <= dynamic.slots < padded.slots
     assert all(r.sampled >= 1 and r.seconds > 0 for r in results)
     assert bench_lm.stratified([5, 1, 9, 3], 2) == [3, 2]  # midpoints of the two halves of the ranking
+
+    for warm, expected in ((False, 2), (True, 4)):  # a timed batch per contender (two each); warm: once more
+        steps: dict[str, int] = {}
+        for name, side in (fresh := pairs.lm_pair("tiny", dropout=0.0)).items():  # loss checks need untrained sides
+            def counting(data, step=side.step, name=name, steps=steps):
+                steps[name] = steps.get(name, 0) + 1
+                return step(data)
+            side.step = counting
+        bench_lm.bench_lm_epoch(fresh, examples, batch=4, max_length=256, samples=1, pad=pad, warm=warm)
+        assert steps == {"gpt2lora": expected, "transformers+peft": expected}
 
 
 def test_lm_generation_parts_give_the_same_answers_and_fewer_slots():
@@ -241,6 +269,19 @@ def test_lm_goal_lines_and_flops():
     assert bench_lm.lm_step_flops("tiny", 2, 10, 7) == 4 * linear * 20 + 3 * attention + 2 * head
     # 13 real tokens: the block layers skip the 7 padding slots, attention still spans the padded width
     assert bench_lm.lm_step_flops("tiny", 2, 10, 7, 13) == 4 * linear * 13 + 3 * attention + 2 * head
+
+
+def test_attention_layout_benchmark_checks_both_layouts_compute_the_same_loss():
+    import bench_attention_layout
+
+    require_shared(DATA / "alpaca_2k")
+    require_shared(DATA / "squad_v1")
+    body = bench_attention_layout.main(["--shape", "tiny", "--repeats", "1", "--precisions", "fp32"])
+    table = [line for line in body.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and len({line.count("|") for line in table}) == 1  # header, rule, two tasks
+    for row in table[2:]:
+        rows, padded, ref = (float(x) for x in row.split(" | ")[3].split(" / "))
+        assert rows == pytest.approx(padded, abs=1e-5) and rows == pytest.approx(ref, abs=1e-4)
 
 
 def test_gpu_script_dry_run_on_the_cpu(tmp_path):

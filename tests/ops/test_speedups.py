@@ -173,43 +173,90 @@ def _padded_lm_batch(side: str, lengths: list[int], width: int, vocab: int) -> t
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_training_attention_row_by_row_equals_the_padded_path(side, monkeypatch):
-    """Rows whose real tokens are one run attend row by row without the padding's scores: loss and every gradient
-    equal the padded path's (and with a soft prompt, whose rows are not one run, the padded path runs)."""
+def _lora_lm_without_dropout() -> torch.nn.Module:
+    """A small LoRA language model in training mode, no dropout, non-zero B (every LoRA factor gets a gradient)."""
     from gpt2lora import GPT2, GPT2Config
-    from gpt2lora.model import gpt2
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64,
                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     model = GPT2(config).train()
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0), seed=0)
-    with torch.no_grad():  # non-zero B: every LoRA factor gets a gradient
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.1)
-    ids, mask, labels = _padded_lm_batch(side, [20, 7, 13, 1], 20, 300)
-    runs_seen = []
+    return model
+
+
+def _record_row_lengths(monkeypatch) -> list:
+    """Each training forward's ``Unpadded.lengths`` from now on: a list when attention runs row by row, else None."""
+    from gpt2lora.model import gpt2
+
+    seen = []
     original = gpt2.Unpadded.of.__func__
 
-    def results(by_rows: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        def of(cls, attention_mask, runs=True):
-            found = original(cls, attention_mask, runs and by_rows)
-            runs_seen.append(found.lengths)
-            return found
-        monkeypatch.setattr(gpt2.Unpadded, "of", classmethod(of))
-        model.zero_grad()
-        loss = model(ids, attention_mask=mask, labels=labels)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    def of(cls, attention_mask, runs=True):
+        found = original(cls, attention_mask, runs)
+        seen.append(found.lengths)
+        return found
+    monkeypatch.setattr(gpt2.Unpadded, "of", classmethod(of))
+    return seen
 
-    by_rows, padded = results(True), results(False)
-    assert runs_seen == [[20, 7, 13, 1], None]
+
+def _loss_and_grads(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], device: str = "cpu"
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ids, mask, labels = (t.to(device) for t in batch)
+    model.to(device).zero_grad()
+    loss = model(ids, attention_mask=mask, labels=labels)
+    loss.backward()
+    return loss.detach().cpu(), [p.grad.cpu().clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_training_attention_row_by_row_equals_the_padded_path(side, monkeypatch):
+    """Rows whose real tokens are one run attend row by row without the padding's scores: loss and every gradient
+    equal the padded path's (``attention_by_rows=False``), and the CPU's default is row by row."""
+    model = _lora_lm_without_dropout()
+    batch = _padded_lm_batch(side, [20, 7, 13, 1], 20, 300)
+    runs_seen = _record_row_lengths(monkeypatch)
+
+    def results(by_rows: bool | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.transformer.attention_by_rows = by_rows
+        return _loss_and_grads(model, batch)
+
+    by_rows, padded, default = results(True), results(False), results(None)
+    assert runs_seen == [[20, 7, 13, 1], None, [20, 7, 13, 1]]  # the CPU's default: row by row
+    torch.testing.assert_close(default[0], by_rows[0], rtol=0, atol=0)
     torch.testing.assert_close(by_rows[0], padded[0], rtol=1e-6, atol=1e-5)
     assert len(by_rows[1]) == len(padded[1]) > 0
     for a, b in zip(by_rows[1], padded[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_padded_training_on_cuda_attends_the_padded_batch_and_matches_the_cpu_rows(monkeypatch):
+    """On CUDA padded training attends once over the padded batch (the default there): loss and gradients equal
+    the CPU's row-by-row path on the same model."""
+    model = _lora_lm_without_dropout()
+    batch = _padded_lm_batch("right", [20, 7, 13, 1], 20, 300)
+    runs_seen = _record_row_lengths(monkeypatch)
+    on_cpu, on_cuda = _loss_and_grads(model, batch, "cpu"), _loss_and_grads(model, batch, "cuda")
+    assert runs_seen == [[20, 7, 13, 1], None]
+    torch.testing.assert_close(on_cuda[0], on_cpu[0], rtol=1e-4, atol=1e-4)
+    assert len(on_cuda[1]) == len(on_cpu[1]) > 0
+    for a, b in zip(on_cuda[1], on_cpu[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_attention_by_rows_is_the_cpu_default_and_a_setting_overrides_it():
+    from gpt2lora.model.gpt2 import attends_by_rows
+
+    assert attends_by_rows(torch.device("cpu"), None) is True
+    assert attends_by_rows(torch.device("cuda", 0), None) is False  # measured on an H200: the loop's launches
+    assert attends_by_rows(torch.device("mps"), None) is False
+    assert attends_by_rows(torch.device("cpu"), False) is False
+    assert attends_by_rows(torch.device("cuda"), True) is True
 
 
 def test_rows_that_are_not_one_run_keep_the_padded_path():

@@ -209,6 +209,15 @@ def test_the_verdict_follows_the_budget():
     assert plan_memory(setting).fits is None
 
 
+def test_a_lora_the_bytes_were_not_counted_for_gets_a_note():
+    base = {"shape": model_shape("gpt2"), "method": "lora", "objective": "classification", "device": "cuda"}
+    assert "note:" not in plan_memory(PlanSetting(**base)).text()  # the default LoRA: as counted
+    assert "note:" not in plan_memory(PlanSetting(**{**base, "method": "full"})).text()
+    for lora in (LoRAConfig(rank=4, targets=("attn.c_attn",)), LoRAConfig(dropout=0.0)):
+        plan = plan_memory(PlanSetting(**base, lora=lora))
+        assert not plan.lora_as_counted and "note: activations are counted for LoRA on the four" in plan.text()
+
+
 def test_checkpointing_accumulation_and_bf16_move_the_peak_the_right_way():
     base = {"shape": model_shape("gpt2"), "method": "lora", "batch_size": 16, "max_length": 512, "device": "cuda"}
     plain = plan_memory(PlanSetting(**base))
