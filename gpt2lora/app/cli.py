@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter, loading only from "
                             "folders under DIR")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    serve.add_argument("--huge-pages", action="store_true",
+                       help="put the base's CPU weights on 2 MB pages where Linux allows it: fp32 decoding about "
+                            "1.1x faster, the first load seconds slower")
 
     quick = sub.add_parser("quickstart", help="offline demo: tiny GPT-2, synthetic task, lora vs full vs head")
     quick.add_argument("--out", default="runs/quickstart", help="folder for the run folders")
@@ -475,7 +478,7 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.base, parse_adapters(args.adapter), host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("GPT2LORA_SERVE_API_KEY") or None, adapter_root=args.adapter_root,
           name=args.name, device=args.device, precision=args.precision, max_batch=args.max_batch,
-          max_queue=args.max_queue, max_tokens=args.max_tokens)
+          max_queue=args.max_queue, max_tokens=args.max_tokens, huge_pages=args.huge_pages)
 
 
 def _quickstart(args: argparse.Namespace) -> None:

@@ -669,3 +669,40 @@ def test_a_bf16_server_on_the_cpu_answers_as_the_bf16_model_generates(files):
                                       adapter_names=[adapter])[0, len(ids):].tolist()
             expected = expected[:expected.index(tok.eot_token)] if tok.eot_token in expected else expected
             assert answer.choices[0].text == tok.decode(expected), name
+
+
+def test_a_server_on_2mb_pages_answers_as_the_plain_base_generates(files, reference, monkeypatch):
+    """``huge_pages=True`` (``gpt2lora serve --huge-pages``) writes the base's large weights where
+    :func:`~gpt2lora.model.pages.empty_on_huge_pages` puts them; the answers, an adapter's too, do not change."""
+    from gpt2lora.model import hub, pages
+
+    asked: list[tuple[int, ...]] = []
+    plain = hub.empty_on_huge_pages
+
+    def recording(shape, dtype, mode=None):
+        asked.append(tuple(shape))
+        return plain(shape, dtype, mode)
+    monkeypatch.setattr(hub, "empty_on_huge_pages", recording)
+    app = build_app(str(files["base"]), {"beta": str(files["beta"])}, api_key=KEY, name="tiny-huge", device="cpu",
+                    max_tokens=40, huge_pages=True)
+    wte = app.state.api.served.model.transformer.wte.weight
+    assert tuple(wte.shape) in asked and wte.numel() * 4 >= pages.HUGE_PAGE  # a 12.9 MB embedding
+    if pages.huge_page_mode() in ("madvise", "always"):
+        assert wte.data_ptr() % pages.HUGE_PAGE == 0
+    tok = reference.tok
+    ids = tok.encode_ordinary("Pages of two megabytes")
+    with BackgroundServer(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        for name, adapter in (("tiny-huge", "__base__"), ("beta", "beta")):
+            answer = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0)
+            assert answer.choices[0].text == tok.decode(reference(ids, adapter, 12)), name
+
+
+def test_the_serve_command_passes_huge_pages_on(monkeypatch):
+    from gpt2lora.app import cli, serve
+
+    seen: dict = {}
+    monkeypatch.setattr(serve, "serve", lambda base, adapters, **options: seen.update(options, base=base))
+    for flags, expected in (([], False), (["--huge-pages"], True)):
+        assert cli.main(["serve", "some/base", *flags]) == 0
+        assert seen["base"] == "some/base" and seen["huge_pages"] is expected

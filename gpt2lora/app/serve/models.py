@@ -120,13 +120,14 @@ class ServedModels:
 
     def __init__(self, base: str, adapters: dict[str, str] | None = None, name: str | None = None,
                  device: str = "auto", precision: str = "fp32", max_batch: int = 16, max_queue: int = 256,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, huge_pages: bool = False) -> None:
         self.device = resolve_device(device, "--device")
         self.precision = resolve_precision(precision, self.device, "--precision")
         self.dtype = PRECISION_DTYPES[self.precision]
         self.base_path = base
         self.name = name or base
-        self.model = GPT2.from_pretrained(base, dtype=self.dtype, device=self.device).eval()
+        # a server decodes for long: the base's weights on 2 MB pages repay their slower load (gpt2lora.model.pages)
+        self.model = GPT2.from_pretrained(base, dtype=self.dtype, device=self.device, huge_pages=huge_pages).eval()
         self.tokenizer = load_tokenizer(base)
         self.eos = self.tokenizer.eot_token
         self.context = self.model.config.n_positions
