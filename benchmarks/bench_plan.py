@@ -32,6 +32,17 @@ from common import machine_line, write_section
 
 SHAPE = {"n_layer": 6, "n_embd": 512, "n_head": 8}
 SETTINGS = ("4x128", "2x256", "1x512")
+#: LoRA variants a ``--methods`` name may ask for, by their LoRAConfig fields: "lora" is the default (the four
+#: block layers, dropout 0.05), "lora-c_attn" the SST-2 report's (r=4 on attn.c_attn alone, no LoRA dropout).
+LORA_VARIANTS: dict[str, dict[str, Any]] = {"lora": {}, "lora-c_attn": {"rank": 4, "alpha": 8,
+                                                                        "targets": ("attn.c_attn",), "dropout": 0.0}}
+
+
+def method_and_lora(name: str) -> tuple[str, Any]:
+    """The method and LoRAConfig (None unless LoRA) of a ``--methods`` name."""
+    from gpt2lora import LoRAConfig
+
+    return ("lora", LoRAConfig(**LORA_VARIANTS[name])) if name in LORA_VARIANTS else (name, None)
 BLOCK = "bench_plan.block"
 """The profiler range each block's forward runs in (also when checkpointing recomputes it in backward)."""
 
@@ -122,12 +133,13 @@ def model_and_batches(method: str, rows: int, length: int, steps: int) -> tuple[
     """The benchmark's random GPT-2 prepared for ``method``, and ``steps`` LM batches of ``rows`` x ``length``."""
     import torch
 
-    from gpt2lora import GPT2, GPT2Config, LoRAConfig
+    from gpt2lora import GPT2, GPT2Config
     from gpt2lora.peft.methods import prepare_model
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(**SHAPE, vocab_size=50257, n_positions=1024))
-    prepare_model(model, method, lora=LoRAConfig() if method == "lora" else None, seed=0)
+    kind, lora = method_and_lora(method)
+    prepare_model(model, kind, lora=lora, seed=0)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(steps):
@@ -148,8 +160,9 @@ def measure(method: str, rows: int, length: int, checkpointing: bool, steps: int
     config = TrainConfig(lr=1e-4, max_steps=steps, progress=False, device="cpu", precision="fp32",
                          gradient_checkpointing=checkpointing, batch_size=rows)
     history = Trainer(model, config).fit(batches)
-    setting = PlanSetting(ModelShape(**SHAPE), method=method, objective="lm", batch_size=rows, max_length=length,
-                          gradient_checkpointing=checkpointing, precision="fp32")
+    kind, lora = method_and_lora(method)
+    setting = PlanSetting(ModelShape(**SHAPE), method=kind, objective="lm", batch_size=rows, max_length=length,
+                          gradient_checkpointing=checkpointing, precision="fp32", lora=lora)
     plan = plan_memory(setting)
     return {"measured_mb": history.memory_added_mb, "method_of_measure": history.memory_method,
             "plan_mb": plan.training_added / 2**20, "plan_peak_mb": plan.peak / 2**20,
@@ -166,8 +179,9 @@ def where(method: str, rows: int, length: int, steps: int) -> str:
     config = TrainConfig(lr=1e-4, max_steps=steps, progress=False, device="cpu", precision="fp32",
                          gradient_checkpointing=True, batch_size=rows)
     peak = live_peak(lambda: Trainer(model, config).fit(batches), list(model.transformer.h))
-    setting = PlanSetting(ModelShape(**SHAPE), method=method, objective="lm", batch_size=rows, max_length=length,
-                          gradient_checkpointing=True, precision="fp32")
+    kind, lora = method_and_lora(method)
+    setting = PlanSetting(ModelShape(**SHAPE), method=kind, objective="lm", batch_size=rows, max_length=length,
+                          gradient_checkpointing=True, precision="fp32", lora=lora)
     terms, plan = checkpointed_backward(setting, model), plan_memory(setting)
     at_start = terms.start_gradients >= terms.attention
     nodes = [op.split(": ", 1)[1] for op in peak.where if op.startswith("autograd::engine::evaluate_function")]

@@ -6,10 +6,12 @@ memory) with the run's method applied. Activations follow what gpt2lora's own bl
 with :func:`gpt2lora.ops.recompute.count_saved_tensors` (fp32, GPT-2's dropout on, every row full length; the
 coefficients of :data:`LAYER_BYTES` were fitted by least squares to such counts on widths 64-256) plus the
 transients of the loss and of backward; ``tests/training/test_plan.py`` checks them against the count, and
-``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (fp32 on the CPU). On a GPU it was
-checked once, in ``benchmarks/gpu.sh``'s SST-2 setting on an H200 (gpt2 classifier, 16 x 128 tokens): full
-fine-tuning peaked at 1.09x the plan (fp32 and bf16); LoRA on ``attn.c_attn`` alone without LoRA dropout, a
-LoRA the per-layer bytes were not counted for, at 0.59x (fp32) and 0.54x (bf16). bf16's
+``benchmarks/bench_plan.py`` checks the whole estimate against measured peaks (fp32 on the CPU). A LoRA other than
+the default (other targets, no LoRA dropout, DoRA) keeps other per-layer bytes: the plan counts them for it when
+asked (:func:`counted_lora_layer_bytes`); its transients stay the default LoRA's. On a GPU the plan was checked
+once, in ``benchmarks/gpu.sh``'s SST-2 setting on an H200 (gpt2 classifier, 16 x 128 tokens): full fine-tuning
+peaked at 1.09x the plan (fp32 and bf16); LoRA r=4 on ``attn.c_attn`` alone without LoRA dropout at 1.05x
+(fp32) and 0.98x (bf16) of the counted plan (0.59x and 0.54x of the default LoRA's bytes it used before). bf16's
 :data:`HALF_ACTIVATIONS` there come from counts on the CPU under CUDA's recompute policy.
 
 With gradient checkpointing the backward pass of a LoRA step peaks at the start of the first recomputed
@@ -38,10 +40,11 @@ faster (:func:`gpt2lora.ops.products.frozen_weight_product`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +56,7 @@ from ..model.classifier import GPT2ForSequenceClassification
 from ..model.gpt2 import GPT2, Block, GPT2Config
 from ..ops.attention import block_scores, kept_scores
 from ..ops.packed import packed_linear_available
+from ..ops.recompute import count_saved_tensors
 from ..peft.methods import prepare_model
 from .precision import hold_frozen_weights
 
@@ -241,13 +245,6 @@ class MemoryPlan:
     def fits(self) -> bool | None:
         return None if self.budget is None else self.peak <= self.budget
 
-    @property
-    def lora_as_counted(self) -> bool:
-        """Whether the run's LoRA is the one the activation bytes were counted for (the four block layers, with
-        LoRA dropout); other targets or no LoRA dropout keep less or more than planned."""
-        lora = self.setting.lora or LoRAConfig()
-        return self.setting.method != "lora" or (set(lora.targets) == set(BLOCK_TARGETS) and lora.dropout > 0)
-
     def text(self) -> str:
         """The plan as a few aligned lines."""
         s = self.setting
@@ -272,10 +269,6 @@ class MemoryPlan:
                  f"{s.batch_size // s.world_size} rows)"),
                  *([f"  CPU runtime      {format_size(self.runtime):>12}"] if self.runtime else []),
                  f"  peak per device  {format_size(self.peak):>12}  ({when})"]
-        if not self.lora_as_counted:
-            lines.append("  note: activations are counted for LoRA on the four block layers with LoRA dropout; these "
-                         "targets or this dropout keep a different amount (on an H200, LoRA on attn.c_attn alone "
-                         "without dropout peaked at 0.54-0.59x of this plan)")
         if self.budget is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  device memory    {format_size(self.budget):>12}  -> {verdict} "
@@ -299,9 +292,49 @@ def _meta_model(setting: PlanSetting) -> torch.nn.Module:
 
 def _layer_activations(setting: PlanSetting, rows: int, trains: str,
                        table: dict[str, tuple[float, float, float]] = LAYER_BYTES) -> float:
-    a, b, c = table[trains]
+    a, b, c = lora_layer_bytes(setting.lora) if trains == "lora" else table[trains]
     t, d, h = setting.max_length, setting.shape.n_embd, setting.shape.n_head
     return rows * t * (a * d + b) + c * rows * kept_scores(h, t, t, causal=True)
+
+
+def lora_layer_bytes(lora: LoRAConfig | None) -> tuple[float, float, float]:
+    """:data:`LAYER_BYTES`' ``(a, b, c)`` for a block with this LoRA: the fitted entry for the default one (the
+    four block layers, LoRA dropout on), else :func:`counted_lora_layer_bytes`."""
+    lora = lora or LoRAConfig()
+    if set(lora.targets) == set(BLOCK_TARGETS) and lora.dropout > 0 and not lora.use_dora:
+        return LAYER_BYTES["lora"]
+    # what a block keeps depends on where LoRA sits and whether its dropout copies inputs, not on these
+    return counted_lora_layer_bytes(replace(lora, last_n_blocks=None, init="kaiming", alpha=None, style="peft"))
+
+
+@functools.lru_cache(maxsize=32)
+def counted_lora_layer_bytes(lora: LoRAConfig) -> tuple[float, float, float]:
+    """What one block with ``lora`` keeps for backward, counted as :data:`LAYER_BYTES` were: the bytes autograd
+    saves (:func:`~gpt2lora.ops.recompute.count_saved_tensors`, fp32, GPT-2's dropout on) in a 2-block model
+    less a 1-block one, at widths 64 and 128 (16 tokens, 2 heads), solved per token for ``a * n_embd + b``;
+    ``c``, the attention dropout's mask per score, is the default LoRA's. Targets without a trained block
+    layer (``lm_head`` alone) keep nothing in the blocks. A few milliseconds; the global RNG is left as it was.
+    """
+    c = LAYER_BYTES["lora"][2]
+    rows, length, heads = 2, 16, 2
+    per_token = []
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for width in (64, 128):
+            saved = []
+            for layers in (1, 2):
+                config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=64, n_positions=length)
+                torch.manual_seed(0)
+                model = GPT2(config)
+                prepare_model(model, "lora", lora=lora, seed=0)
+                model.train()
+                ids = torch.arange(rows * length).view(rows, length) % config.vocab_size
+                with count_saved_tensors(model.parameters()) as counter:
+                    model(ids, torch.ones_like(ids), labels=ids)
+                saved.append(counter.bytes)
+            layer = saved[1] - saved[0] - c * rows * kept_scores(heads, length, length, causal=True)
+            per_token.append(max(layer, 0.0) / (rows * length))
+    a = (per_token[1] - per_token[0]) / 64
+    return a, per_token[0] - 64 * a, c
 
 
 @dataclass(frozen=True)
