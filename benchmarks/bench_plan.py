@@ -32,6 +32,8 @@ from common import machine_line, write_section
 
 SHAPE = {"n_layer": 6, "n_embd": 512, "n_head": 8}
 SETTINGS = ("4x128", "2x256", "1x512")
+BLOCK = "bench_plan.block"
+"""The profiler range each block's forward runs in (also when checkpointing recomputes it in backward)."""
 #: LoRA variants a ``--methods`` name may ask for, by their LoRAConfig fields: "lora" is the default (the four
 #: block layers, dropout 0.05), "lora-c_attn" the SST-2 report's (r=4 on attn.c_attn alone, no LoRA dropout).
 LORA_VARIANTS: dict[str, dict[str, Any]] = {"lora": {}, "lora-c_attn": {"rank": 4, "alpha": 8,
@@ -43,8 +45,6 @@ def method_and_lora(name: str) -> tuple[str, Any]:
     from gpt2lora import LoRAConfig
 
     return ("lora", LoRAConfig(**LORA_VARIANTS[name])) if name in LORA_VARIANTS else (name, None)
-BLOCK = "bench_plan.block"
-"""The profiler range each block's forward runs in (also when checkpointing recomputes it in backward)."""
 
 
 @dataclass
