@@ -12,9 +12,8 @@ both layouts compute the same loss (no dropout). Prints a table; writes nothing.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_lm
 from bench_lm import PRECISIONS, REF
-from common import machine_line
+from common import interleaved, machine_line
 from pairs import lm_pair, pad_id
 
 #: variant -> (attention_by_rows, recompute_cheap_outputs)
@@ -53,30 +52,22 @@ def same_loss(shape: str, device: str, autocast: torch.dtype | None, batch: dict
 
 
 def timed_steps(shape: str, device: str, autocast: torch.dtype | None, batch: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of a training step per variant and for transformers + peft, interleaved."""
+    """Median seconds of a training step per variant and for transformers + peft, interleaved after 3 warm-ups."""
     sides = lm_pair(shape, device=device, autocast=autocast)
     ours, ref = sides["gpt2lora"], sides[REF]
 
-    def step(name: str) -> None:
-        if name in VARIANTS:
-            use(ours.model, name)
-            ours.step(batch)
-        else:
-            ref.step(batch)
+    def runner(name: str) -> Callable[[], None]:
+        def run() -> None:
+            if name in VARIANTS:
+                use(ours.model, name)
+                ours.step(batch)
+            else:
+                ref.step(batch)
+            bench_lm.sync(device)
+        return run
 
-    names = [*VARIANTS, REF]
-    for name in names:  # warm-up: kernels picked, pools grown
-        for _ in range(3):
-            step(name)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            bench_lm.sync(device)
-            start = time.perf_counter()
-            step(name)
-            bench_lm.sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    timings = interleaved({name: runner(name) for name in [*VARIANTS, REF]}, repeats=repeats, warmup=3)
+    return {name: t.median for name, t in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> str:

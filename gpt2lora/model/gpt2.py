@@ -320,8 +320,8 @@ class Transformer(nn.Module):
         training = self.training and torch.is_grad_enabled() and kv_cache is None
         blocks = self.h[:-1] if last_token_only else self.h
         # Padding slots carry nothing a real token reads: in training the block layers skip them.
-        by_rows = attends_by_rows(x.device, self.attention_by_rows)
-        unpadded = (Unpadded.of(attention_mask, runs=segments is None and by_rows)
+        unpadded = (Unpadded.of(attention_mask,
+                                runs=segments is None and attends_by_rows(x.device, self.attention_by_rows))
                     if training and attention_mask is not None and blocks else None)
         if unpadded is not None:
             x = unpadded.gather(x)
