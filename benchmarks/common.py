@@ -84,9 +84,16 @@ def cpu_flags() -> str:
     return "flags " + " ".join(flag if flag in present else f"-{flag}" for flag in FLAGS)
 
 
+def cores_line() -> str:
+    """``N cores visible``, or ``K of N cores usable`` where the process is pinned to fewer (``taskset``)."""
+    total = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    return f"{total} cores visible" if usable == total else f"{usable} of {total} cores usable (CPU affinity)"
+
+
 def machine_line() -> str:
     """One line naming the CPU and its flags, core count, torch version and threads the figures were taken with."""
-    return (f"{cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores visible, torch {torch.__version__}, "
+    return (f"{cpu_model()} ({cpu_flags()}), {cores_line()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}")
 
 
