@@ -44,13 +44,17 @@ from gpt2lora.ops.packed import (
 NOTES = """\
 Decoding one row is bound by reading the weights: every new token reads every block matrix and the
 (vocab, n_embd) LM head once. The ceiling printed above is the machine's read bandwidth divided by those
-bytes: the fastest of three read rates, a `sum` over 1 GB of fp32 and fp32 `F.linear` of one row over the
-model's own weights, both timed interleaved with the batch-1 runs (so that all see the same load), and the same
-product in the back-to-back passes of the "kernels alone" line (on some machines the `sum` reads slower than the
-product, and a pass right after the `sum` slower than repeated passes, whose weights partly stay in a large L3;
-a ceiling below what decoding reaches would say nothing); the fraction is how much of it generation reaches. Attention, LayerNorm, GELU, cache
-writes and Python take the rest: about 1.4 ms a token with the caches warm, 3-4 ms in decoding, where every
-token's weights have just flushed them.
+bytes: the fastest of three read rates, a `sum` over 1 GB of fp32 and one row through the model's own
+weights with the kernels decoding chose (a decoding step's products back to back), both timed interleaved with
+the batch-1 runs (so that all see the same load), and the fastest fp32 kernel of the back-to-back passes of the
+"kernels alone" line (on some machines the `sum` reads slower than the products, and a pass right after the
+`sum` slower than repeated passes, whose weights partly stay in a large L3; a ceiling below what decoding
+reaches would say nothing); the fraction is how much of it generation reaches. A virtual machine's read
+bandwidth can move by half within minutes (other tenants of the host), so the share is also given paired per
+round: each decoding run against the fastest read pass of its own round, the median over rounds. The bf16 line
+times a `sum` beside its runs too, and gives the fp32 runs there a ceiling line of their own. Attention,
+LayerNorm, GELU, cache writes and Python take the rest: about 1.4 ms a token with the caches warm, 3-4 ms in
+decoding, where every token's weights have just flushed them.
 Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
 product into a two-block `bmm` was 1.4-2.9x faster than `F.linear` on an AVX2 EPYC and is slower for
 most shapes on an AMX Xeon; for bf16 weights on a CPU with bf16 units, oneDNN's product on a copy of the
@@ -122,7 +126,19 @@ def bench_generation(ours: GPT2, ref, batch: int, prompt_len: int, new: int, rep
     result: dict = {name: (timings[name], tokens / timings[name].median) for name in ("gpt2lora", "transformers")}
     if reads:
         result["bandwidth"] = {name: size / timings[name].median for name, (_, size) in reads.items()}
+        passes = {name: (timings[name], size) for name, (_, size) in reads.items()}
+        result["rounds"] = paired_rounds(timings["gpt2lora"], tokens, passes)
     return result
+
+
+def paired_rounds(decoding: Timing, tokens: int, reads: dict[str, tuple[Timing, int]]) -> list[tuple[float, float]]:
+    """Per interleaved round: (tok/s of the decoding run, the fastest read rate of the passes timed in that round).
+
+    The host's read bandwidth can move by half within minutes (other tenants): a decoding run compared with the
+    read passes of its own round sees the same machine, where medians over the whole run mix slow and fast
+    phases."""
+    return [(tokens / seconds, max(size / timing.seconds[i] for timing, size in reads.values()))
+            for i, seconds in enumerate(decoding.seconds)]
 
 
 def linear_weights(model: GPT2) -> tuple[list[torch.Tensor], dict[int, torch.Tensor], int]:
@@ -134,13 +150,14 @@ def linear_weights(model: GPT2) -> tuple[list[torch.Tensor], dict[int, torch.Ten
 
 
 def weight_read(model: GPT2) -> tuple[Callable[[], object], int]:
-    """A pass of ``F.linear`` over one row against every linear weight of ``model``, and the bytes it reads."""
+    """A pass of one row against every linear weight of ``model`` with the kernels decoding chose for each shape
+    (``few_row_products``: the products of a decoding step back to back), and the bytes it reads."""
     weights, rows, size = linear_weights(model)
 
     def read() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), few_row_module.few_row_products():
             for w in weights:
-                torch.nn.functional.linear(rows[w.size(1)], w)
+                few_row_module.linear(rows[w.size(1)], w)
 
     return read, size
 
@@ -230,23 +247,31 @@ def bytes_per_token(model: GPT2) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
 
 
-READ_PASSES = {"sum": "a `sum` over 1 GB", "weights": "fp32 `F.linear` over the model's weights beside the runs",
-               "kernels": "the same in the kernels-alone passes",
-               "huge weights": "the same over the weights on 2 MB pages beside those runs"}
+READ_PASSES = {"sum": "a `sum` over 1 GB",
+               "weights": "the model's one-row products (decoding's kernel choice) beside the runs",
+               "kernels": "the fastest fp32 one-row kernel in the kernels-alone passes",
+               "huge weights": "the one-row products over the weights on 2 MB pages beside those runs"}
 """The passes whose read rates measure the machine's read bandwidth: the first two timed between the batch-1
 runs, the third back to back with the other few-row kernels (the "kernels alone" line), the fourth between the
 runs of the "2 MB pages" line."""
 
 
-def ceiling_line(model: GPT2, bandwidths: dict[str, float], tok_s: float, label: str) -> str:
-    """The decoding ceiling: the fastest of the measured read rates over the bytes a token reads."""
+def ceiling_line(model: GPT2, bandwidths: dict[str, float], tok_s: float, label: str,
+                 rounds: list[tuple[float, float]] | None = None) -> str:
+    """The decoding ceiling: the fastest of the measured read rates over the bytes a token reads; with
+    ``rounds`` (see :func:`paired_rounds`), also the median share of each round's own ceiling."""
     per_token = bytes_per_token(model)
     bandwidth = max(bandwidths.values())
     ceiling = bandwidth / per_token
     rates = ", ".join(f"{READ_PASSES[name]} {rate / 1e9:.1f}" for name, rate in bandwidths.items())
-    return (f"{label}: {per_token / 1e6:,.0f} MB read per token, read bandwidth {bandwidth / 1e9:.1f} GB/s "
+    line = (f"{label}: {per_token / 1e6:,.0f} MB read per token, read bandwidth {bandwidth / 1e9:.1f} GB/s "
             f"(the fastest of: {rates} GB/s), ceiling {ceiling:.1f} tok/s; gpt2lora {tok_s:.1f} tok/s = "
             f"{100 * tok_s / ceiling:.0f}% of it")
+    if rounds:
+        shares = [rate * per_token / read for rate, read in rounds]
+        line += (f" (paired per round, each run against the read passes of its own round: "
+                 f"{100 * statistics.median(shares):.0f}%, {100 * min(shares):.0f}-{100 * max(shares):.0f}%)")
+    return line
 
 
 def rss_bytes() -> int:
@@ -265,8 +290,9 @@ def peak_rss_bytes() -> int:
 
 def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
               bandwidth: dict[str, float]) -> str:
-    """Batch 1 with the weights loaded in bf16 against the same model in fp32, interleaved (``bandwidth``:
-    measured beside the fp32 batch-1 row); also bf16 on plain ``F.linear`` (no kernel choice, no packing)."""
+    """Batch 1 with the weights loaded in bf16 against the same model in fp32, interleaved with a `sum` read pass
+    (``bandwidth``: the read rates measured so far); also bf16 on plain ``F.linear`` (no kernel choice, no
+    packing). The fp32 runs get a ceiling line of their own: the same model, later in the run."""
     half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
     outputs = {}
@@ -278,9 +304,14 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     before = rss_bytes()
     run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
     grown = rss_bytes() - before
+    read = torch.ones(READ_MB * 2**20 // 4)
     timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
-                           "bf16 plain": run("bf16 plain", half, plain=True)}, repeats=even(repeats))
+                           "bf16 plain": run("bf16 plain", half, plain=True), "sum": read.sum}, repeats=even(repeats))
     fp32, bf16, plain = (new / timings[k].median for k in ("fp32", "bf16", "bf16 plain"))
+    size = read.numel() * read.element_size()
+    del read
+    rates = {**bandwidth, "sum": max(bandwidth.get("sum", 0.0), size / timings["sum"].median)}
+    reads = {"sum": (timings["sum"], size)}
     cpu_fp32, cpu_bf16, cpu_plain = (Timing(k, cpu[k][-even(repeats):]) for k in ("fp32", "bf16", "bf16 plain"))
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
@@ -295,13 +326,15 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Packed copies kept on "
             f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
             f"first bf16 generate grew the process by {grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
-            f"{peak_rss_bytes() / 1e9:.2f} GB. " + ceiling_line(half, bandwidth, bf16, "bf16"))
+            f"{peak_rss_bytes() / 1e9:.2f} GB. "
+            + ceiling_line(half, rates, bf16, "bf16", paired_rounds(timings["bf16"], new, reads)) + ". "
+            + ceiling_line(ours, rates, fp32, "fp32 in these runs", paired_rounds(timings["fp32"], new, reads)) + ".")
 
 
 def huge_pages_note(ours: GPT2, ref, folder: Path, prompt_len: int, new: int, repeats: int,
                     bandwidth: dict[str, float]) -> str:
     """Batch 1 with the weights loaded on 2 MB pages (``huge_pages=True``) against the default load and
-    transformers, interleaved, with the fp32 ``F.linear`` read pass over those weights beside them."""
+    transformers, interleaved, with the one-row read pass over those weights beside them."""
     start = time.perf_counter()
     huge = GPT2.from_pretrained(folder, huge_pages=True).eval()
     first_load = time.perf_counter() - start
@@ -430,13 +463,13 @@ def main(argv: list[str] | None = None) -> str:
                         f"| {tps_ref:.1f} tok/s ({t_ref.median:.2f} s) | {tps_ours / tps_ref:.2f}× |")
             print(rows[-1], flush=True)
             if batch == 1:
-                batch_one = tps_ours, tps_ref
+                batch_one, batch_one_rounds = (tps_ours, tps_ref), result["rounds"]
         del read, reads
         if 1 in args.batches:
             note, rates = kernel_note(ours, folder, args.repeats, args.bf16)
-            bandwidth["kernels"] = rates["fp32 F.linear"]
+            bandwidth["kernels"] = max(rate for name, rate in rates.items() if name.startswith("fp32 "))
             tps_ours, tps_ref = batch_one
-            notes += [ceiling_line(ours, bandwidth, tps_ours, "Memory bound, fp32 batch 1")
+            notes += [ceiling_line(ours, bandwidth, tps_ours, "Memory bound, fp32 batch 1", batch_one_rounds)
                       + f" (goal ≥ 85%; transformers {tps_ref:.1f} tok/s).", note]
             print(*notes[-2:], sep="\n", flush=True)
         if args.bf16 and 1 in args.batches:

@@ -146,6 +146,14 @@ def test_run_all_helpers():
     assert titled == "Command: `python run_all.py` (this section alone: `python benchmarks/bench_x.py --a`)  \nrest"
 
 
+def test_machine_line_says_when_the_process_is_pinned_to_fewer_cores(monkeypatch):
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert ", 2 of 16 cores usable (CPU affinity), torch " in common.machine_line()
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert ", 16 cores visible, torch " in common.machine_line()
+
+
 def test_run_all_keeps_sections_it_does_not_write(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmark results\n\n## Goals\n\nold goals\n\n## Training step\n\nold\n\n"

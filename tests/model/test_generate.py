@@ -224,13 +224,21 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
     assert text.count("## Generation") == 1 and body.strip() in text
     assert "| greedy, batch 3 |" in body and "| load checkpoint |" in body
     # the ceiling divides by the fastest of the read rates: two beside the batch-1 runs, one from the kernel passes
-    found = re.search(r"read bandwidth ([\d.]+) GB/s \(the fastest of: a `sum` over 1 GB ([\d.]+), fp32 `F.linear` "
-                      r"over the model's weights beside the runs ([\d.]+), the same in the kernels-alone passes "
-                      r"([\d.]+) GB/s\)", body)
+    found = re.search(r"read bandwidth ([\d.]+) GB/s \(the fastest of: a `sum` over 1 GB ([\d.]+), the model's "
+                      r"one-row products \(decoding's kernel choice\) beside the runs ([\d.]+), the fastest fp32 "
+                      r"one-row kernel in the kernels-alone passes ([\d.]+) GB/s\)", body)
     assert found, body
     assert float(found[1]) == max(float(found[2]), float(found[3]), float(found[4]))
-    assert f"fp32 F.linear {found[4]}," in body  # the kernels-alone line's own figure
+    kernels_alone = re.search(r"Few-row kernels alone .*?: (.*)\.", body)[1]
+    fp32_rates = [float(rate) for name, rate in re.findall(r"(fp32 \S+) ([\d.]+)", kernels_alone)]
+    assert len(fp32_rates) >= 2 and float(found[4]) == max(fp32_rates)  # the fastest fp32 kernel's own figure
+    # each batch-1 run against the read passes of its own round; the bf16 line's fp32 runs get a line of their own
+    assert re.search(r"Memory bound, fp32 batch 1: .*% of it \(paired per round, each run against the read passes "
+                     r"of its own round: \d+%, \d+-\d+%\) \(goal ≥ 85%", body), body
     # the load on 2 MB pages: same tokens (checked inside), its own ceiling line with its own read pass, a load row
     assert "Weights on 2 MB pages (`GPT2.from_pretrained(..., huge_pages=True)`" in body
-    assert re.search(r"fp32 batch 1 on 2 MB pages: .*the same over the weights on 2 MB pages beside those runs", body)
+    assert re.search(r"fp32 batch 1 on 2 MB pages: .*the one-row products over the weights on 2 MB pages beside "
+                     r"those runs", body)
+    if "bf16 weights (" in body:  # a CPU with bf16 units: the fp32 runs beside the bf16 ones get their own ceiling
+        assert re.search(r"fp32 in these runs: .*% of it \(paired per round", body), body
     assert "| load checkpoint, `huge_pages=True` |" in body
