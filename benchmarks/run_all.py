@@ -131,7 +131,7 @@ def decoding_goals(body: str) -> list[str]:
         judged = min(share, int(ceiling.group(3) or share))  # the lower of the two readings
         verdict_word = "met" if judged >= 85 else "not met"
         out.append(f"fp32 batch-1 decoding at ≥ 85% of the read-bandwidth ceiling: **{verdict_word}** ({share}%{paired}).")
-    bf16 = re.search(r"bf16 weights .*?\(([\d.]+)×; goal", body)
+    bf16 = re.search(r"bf16 weights \(batch 1[^)]*\): [\d.]+ tok/s vs fp32 [\d.]+ tok/s \(([\d.]+)×", body)
     if bf16:
         out.append(f"bf16 weights vs fp32 decoding: {verdict(float(bf16.group(1)), 1.6)}.")
     ablation = re.search(r"with plain F\.linear \(([\d.]+)×", body)

@@ -241,4 +241,11 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
                      r"those runs", body)
     if "bf16 weights (" in body:  # a CPU with bf16 units: the fp32 runs beside the bf16 ones get their own ceiling
         assert re.search(r"fp32 in these runs: .*% of it \(paired per round", body), body
+    # run_all reads its goal lines out of this very text: one per note that ran
+    import run_all
+    goals = run_all.decoding_goals(body)
+    assert [g.split(":")[0] for g in goals] == [
+        "fp32 batch-1 decoding at ≥ 85% of the read-bandwidth ceiling",
+        *(["bf16 weights vs fp32 decoding"] if "bf16 weights (" in body else []),
+        "generation with the measured kernel choice vs plain F.linear decoding"]
     assert "| load checkpoint, `huge_pages=True` |" in body
