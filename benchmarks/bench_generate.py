@@ -149,6 +149,12 @@ def linear_weights(model: GPT2) -> tuple[list[torch.Tensor], dict[int, torch.Ten
     return weights, rows, sum(w.numel() * w.element_size() for w in weights)
 
 
+def sum_read() -> tuple[Callable[[], object], int]:
+    """A ``sum`` over a fresh :data:`READ_MB` buffer (larger than the model and the L3), and the bytes it reads."""
+    buffer = torch.ones(READ_MB * 2**20 // 4)
+    return buffer.sum, buffer.numel() * buffer.element_size()
+
+
 def weight_read(model: GPT2) -> tuple[Callable[[], object], int]:
     """A pass of one row against every linear weight of ``model`` with the kernels decoding chose for each shape
     (``few_row_products``: the products of a decoding step back to back), and the bytes it reads."""
@@ -304,12 +310,11 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     before = rss_bytes()
     run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
     grown = rss_bytes() - before
-    read = torch.ones(READ_MB * 2**20 // 4)
+    read, size = sum_read()
     timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
-                           "bf16 plain": run("bf16 plain", half, plain=True), "sum": read.sum}, repeats=even(repeats))
+                           "bf16 plain": run("bf16 plain", half, plain=True), "sum": read}, repeats=even(repeats))
+    del read  # the 1 GB buffer
     fp32, bf16, plain = (new / timings[k].median for k in ("fp32", "bf16", "bf16 plain"))
-    size = read.numel() * read.element_size()
-    del read
     rates = {**bandwidth, "sum": max(bandwidth.get("sum", 0.0), size / timings["sum"].median)}
     reads = {"sum": (timings["sum"], size)}
     cpu_fp32, cpu_bf16, cpu_plain = (Timing(k, cpu[k][-even(repeats):]) for k in ("fp32", "bf16", "bf16 plain"))
@@ -451,8 +456,7 @@ def main(argv: list[str] | None = None) -> str:
         if args.ablation and 1 in args.batches:
             notes.append(ablation_note(ours, args.prompt, args.new, args.repeats))
             print(notes[-1], flush=True)
-        read = torch.ones(READ_MB * 2**20 // 4)
-        reads = {"sum": (read.sum, read.numel() * read.element_size()), "weights": weight_read(ours)}
+        reads = {"sum": sum_read(), "weights": weight_read(ours)}
         bandwidth: dict[str, float] = {}
         for batch in args.batches:
             result = bench_generation(ours, ref, batch, args.prompt, args.new, args.repeats,
@@ -464,7 +468,7 @@ def main(argv: list[str] | None = None) -> str:
             print(rows[-1], flush=True)
             if batch == 1:
                 batch_one, batch_one_rounds = (tps_ours, tps_ref), result["rounds"]
-        del read, reads
+        del reads
         if 1 in args.batches:
             note, rates = kernel_note(ours, folder, args.repeats, args.bf16)
             bandwidth["kernels"] = max(rate for name, rate in rates.items() if name.startswith("fp32 "))
