@@ -12,7 +12,9 @@ Results equal ``F.linear`` up to float rounding (a different summation order).
 A third candidate runs on a packed copy of the weight (:mod:`gpt2lora.ops.packed`): oneDNN's product for bf16
 weights on a CPU with bf16 units (plain bf16 ``F.linear`` reads a weight at half the fp32 speed on an AMX Xeon,
 the packed one about twice as fast as that) and for fp32 products of 2 to 32 rows (``F.linear`` repacks the
-weight on every such call); MKL's for one fp32 row. Only one weight of a shape is packed while it is timed.
+weight on every such call); MKL's for one fp32 row; fbgemm's fp16 copy for bf16 and fp16 weights (on a Zen 4
+EPYC the only half-precision product that reads about as fast as the fp32 split). Only one weight of a shape is
+packed while it is timed.
 
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
 slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
@@ -23,6 +25,7 @@ costs :func:`linear` one tuple and one dict lookup (``KernelChoice.routes``), ab
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import threading
 import time
@@ -36,7 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packed import MKL, ONEDNN, can_mkl_pack, can_pack, mkl_packed_linear, packed_linear, settle_pack
+from .packed import (
+    FP16,
+    MKL,
+    ONEDNN,
+    can_fp16_pack,
+    can_mkl_pack,
+    can_pack,
+    fp16_packed_linear,
+    mkl_packed_linear,
+    packed_linear,
+    settle_pack,
+)
 from .stored_choices import ChoiceFile, key_text
 
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
@@ -87,7 +101,8 @@ class KernelChoice:
 
     The first calls with a new ``key`` take the candidates in turn, each timed where it really runs (in
     decoding: the weights as cold as they are when each token reads them, the machine as busy as it is), until
-    every candidate has ``samples`` timings after one untimed first run (which also makes a packed copy); the
+    every candidate has ``samples`` timings after one untimed first run (which also makes a packed copy); a
+    call that is not offered the candidate whose turn it is runs the best so far untimed; the
     candidate with the lowest median is kept for ``key``, and later calls run it alone. The first candidate is
     the plain one: another replaces it only when faster by more than ``margin`` (a fraction), so a difference
     within the noise of single-call timings on a busy machine keeps the plain kernel. The key holds everything the speed depends on
@@ -150,9 +165,11 @@ class KernelChoice:
                 trials = self._trials.setdefault(key, {})
                 for n in candidates:  # a candidate may be offered on some calls only (a packed one: one weight)
                     trials.setdefault(n, [])
-                timing = min(candidates, key=lambda n: len(trials[n]))  # round robin
+                timing = _next_to_time(trials, candidates)
         if name is not None:
             return candidates[name](), None
+        if timing is None:  # untimed: see _next_to_time
+            return candidates[_best_so_far(trials, candidates)](), None
         name = timing
         start = self.timer()
         out = candidates[name]()
@@ -206,6 +223,23 @@ class KernelChoice:
         return best if medians[best] < medians[plain] * (1 - self.margin) else plain
 
 
+def _next_to_time(trials: dict[str, list[float]], offered: dict[str, Callable[[], Tensor]]) -> str | None:
+    """The candidate this call times: one of the least-timed of all seen for the key (the last of them, so that a
+    candidate offered on few calls takes its turn when it can), if offered here; else ``None``, and the call runs
+    untimed. No candidate gets more than one timing ahead of another, so all are timed over the same stretch of
+    a run: a packed candidate runs on one weight of a shape and the plain ones on all of them, and a host's
+    speed can change by half within seconds."""
+    fewest = min(len(times) for times in trials.values())
+    least = [name for name, times in trials.items() if len(times) == fewest and name in offered]
+    return least[-1] if least else None
+
+
+def _best_so_far(trials: dict[str, list[float]], offered: dict[str, Callable[[], Tensor]]) -> str:
+    """The offered candidate with the lowest median timing so far (warm-ups left out), else the plain one."""
+    timed = {name: statistics.median(trials[name][1:]) for name in offered if len(trials.get(name, ())) > 1}
+    return min(timed, key=timed.__getitem__) if timed else next(iter(offered))
+
+
 KERNELS = KernelChoice(store=ChoiceFile())
 """The process's measured choices: a cache of which kernel is faster per shape and thread count; the choices
 that feed training are shared with the machine's other processes (:mod:`gpt2lora.ops.stored_choices`)."""
@@ -231,15 +265,18 @@ def few_row_products(kernels: KernelChoice | None = None) -> Iterator[KernelChoi
 
 _KERNEL_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None], Tensor]] = {
     "F.linear": F.linear, "by_halves": lambda x, w, b: linear_by_halves(x, w, b), "packed": packed_linear,
-    "mkl_packed": mkl_packed_linear}
-PACK_KINDS = {"packed": ONEDNN, "mkl_packed": MKL}
+    "mkl_packed": mkl_packed_linear, "fp16_packed": fp16_packed_linear}
+PACK_KINDS = {"packed": ONEDNN, "mkl_packed": MKL, "fp16_packed": FP16}
 """The candidates that run on a packed copy of the weight, and the kind of pack each needs."""
+PACKED_OFFERS: dict[str, Callable[[Tensor, Tensor, Tensor | None], bool]] = {
+    "packed": can_pack, "mkl_packed": can_mkl_pack, "fp16_packed": can_fp16_pack}
+"""When each packed candidate is offered (looked up at each first use, so a test can take one away)."""
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``; inside ``few_row_products()``, for a few CPU rows without gradients, the fastest of
-    ``F.linear``, ``linear_by_halves`` and (bf16 weights on a CPU with bf16 units) :func:`packed_linear` as
-    measured on first use of the shape (see :class:`KernelChoice`)."""
+    ``F.linear``, ``linear_by_halves`` and the packed products offered for the weight's dtype and the row count
+    (:data:`PACKED_OFFERS`) as measured on first use of the shape (see :class:`KernelChoice`)."""
     if (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dtype != weight.dtype
             and weight.dtype in HALF and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)):
         # A frozen base held in half precision (gpt2lora.training.precision) read by fp32 activations outside
@@ -278,25 +315,27 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
            bias is not None, torch.get_num_threads())
     candidates = {"F.linear": lambda: F.linear(x, weight, bias),
                   "by_halves": lambda: linear_by_halves(x, weight, bias)}
-    packed = None
-    if can_pack(x, weight, bias):
-        packed = "packed"
-    elif can_mkl_pack(x, weight, bias):
-        packed = "mkl_packed"
-    if packed is not None:
+    packed = [name for name in PACK_KINDS if PACKED_OFFERS[name](x, weight, bias)]
+    if packed:
         trial = kernels.packed_on_trial.get(key)
         if trial is None or trial() is None:
             trial = kernels.packed_on_trial[key] = weakref.ref(weight)
         if trial() is weight:  # the other weights of this shape take the other candidates meanwhile
-            candidates[packed] = lambda: _KERNEL_FUNCTIONS[packed](x, weight, bias)
+            for name in packed:
+                candidates[name] = functools.partial(_run_kernel, name, x, weight, bias)
     out = kernels.pick(key, candidates)
     chosen = kernels.chosen.get(key)
     if chosen is not None:
         kernels.routes[route] = chosen
         ref = kernels.packed_on_trial.pop(key, None)
-        if packed is not None and ref is not None and (timed := ref()) is not None:
-            settle_pack(timed, PACK_KINDS[packed], chosen == packed)  # kept only if the packed product won
+        if ref is not None and (timed := ref()) is not None:
+            for name in packed:  # each pack kept only if its product won
+                settle_pack(timed, PACK_KINDS[name], chosen == name)
     return out
+
+
+def _run_kernel(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _KERNEL_FUNCTIONS[name](x, weight, bias)
 
 
 class Linear(nn.Linear):

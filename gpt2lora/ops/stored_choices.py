@@ -14,7 +14,8 @@ same kernels.
 
 The file lives in ``$XDG_CACHE_HOME/gpt2lora/kernel-choices/`` (``~/.cache`` by default), named after a hash of
 what the kernels' speed depends on: the CPU (vendor, family, model, name, flags), the core count and torch's
-version and CPU capability. A new torch or another CPU gets a new file. ``GPT2LORA_KERNEL_CHOICES`` names
+version and CPU capability, and the revision of the candidate kernels (``CANDIDATES``). A new torch, another
+CPU or a new candidate kernel gets a new file. ``GPT2LORA_KERNEL_CHOICES`` names
 another file, or ``off`` keeps the choices in memory only (each process times its own). Deleting the file makes
 the next process measure again.
 """
@@ -43,6 +44,9 @@ except ImportError:  # Windows: no advisory locks; two processes deciding one sh
 ENVIRONMENT = "GPT2LORA_KERNEL_CHOICES"
 """Names the choices file to use instead of this machine's default, or ``off`` for none."""
 FORMAT = 1
+CANDIDATES = 2
+"""Raised whenever a kernel is added to a choice's candidates or one changes (2: fbgemm's fp16 pack for half
+weights): a stored choice was made among the old ones, so a new set gets a new file and is measured again."""
 
 
 @functools.cache
@@ -51,7 +55,7 @@ def machine_identity() -> str:
     fields = cpu_info() or {"processor": platform.processor() or platform.machine()}
     capability = torch.backends.cpu.get_cpu_capability()
     return "; ".join([*(f"{k}: {v}" for k, v in fields.items()), f"cores: {os.cpu_count()}",
-                      f"torch: {torch.__version__} ({capability})"])
+                      f"torch: {torch.__version__} ({capability})", f"candidates: {CANDIDATES}"])
 
 
 def default_path() -> Path | None:

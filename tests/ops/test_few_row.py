@@ -112,8 +112,9 @@ def fake_clock(monkeypatch, halves_cost: float) -> tuple[few_row.KernelChoice, l
 
 
 def two_candidates(monkeypatch) -> None:
-    """Leave out the packed candidate of one fp32 row (tested in tests/ops/test_packed.py)."""
-    monkeypatch.setattr(few_row, "can_mkl_pack", lambda x, weight, bias: False)
+    """Leave out the packed candidates (tested in tests/ops/test_packed.py)."""
+    for name in few_row.PACKED_OFFERS:
+        monkeypatch.setitem(few_row.PACKED_OFFERS, name, lambda x, weight, bias: False)
 
 
 @pytest.mark.parametrize("halves_cost", [3.0, -0.5])

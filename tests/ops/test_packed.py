@@ -25,6 +25,7 @@ needs_packing = pytest.mark.skipif(not packed.packed_linear_available(),
 # vocabulary, stored (out, in) like the tied LM head.
 SHAPES = [(2304, 768, "in_out"), (768, 768, "in_out"), (3072, 768, "in_out"), (768, 3072, "in_out"),
           (1001, 768, "out_in")]
+each_shape = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
 
 
 def weight_of(out_features: int, in_features: int, layout: str, seed: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ def assert_bf16_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @needs_packing
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
+@each_shape
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, 32])
 def test_packed_linear_equals_f_linear_for_decoding_shapes(shape, rows):
     out_features, in_features, layout = shape
@@ -131,10 +132,13 @@ def test_packed_is_a_candidate_for_bf16_weights_and_for_several_fp32_rows_where_
     one_row = ("F.linear", "by_halves") + (("mkl_packed",) if packed.mkl_packed_available() else ())
     assert kernels.offered[0] == one_row  # one fp32 row: MKL's pack for exactly one row
     assert ("packed" in kernels.offered[1]) == packed.packed_linear_available(torch.bfloat16)
+    assert ("fp16_packed" in kernels.offered[1]) == packed.fp16_packed_available()  # half weights only
     assert ("packed" in kernels.offered[2]) == packed.packed_linear_available(torch.float32)
     assert "mkl_packed" not in kernels.offered[1] + kernels.offered[2]
+    assert "fp16_packed" not in kernels.offered[0] + kernels.offered[2]
     monkeypatch.setattr(packed, "packed_linear_available", lambda dtype: False)  # an old torch, or no bf16 units
-    monkeypatch.setattr(few_row, "can_mkl_pack", lambda x, weight, bias: False)
+    monkeypatch.setattr(packed, "fp16_packed_available", lambda: False)  # an ARM build: no fbgemm
+    monkeypatch.setitem(few_row.PACKED_OFFERS, "mkl_packed", lambda x, weight, bias: False)
     kernels = Recording()
     with few_row_products(kernels):
         out = layer16(x32.bfloat16())
@@ -150,7 +154,7 @@ needs_fp32_packing = pytest.mark.skipif(not packed.packed_linear_available(torch
 
 
 @needs_fp32_packing
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
+@each_shape
 @pytest.mark.parametrize("rows", [2, 5, 16, 32])
 def test_fp32_packed_linear_equals_f_linear(shape, rows):
     out_features, in_features, layout = shape
@@ -275,3 +279,130 @@ def test_weights_made_under_inference_mode_are_not_packed_or_kept():
         assert kernels.offered == [("F.linear", "by_halves")]
         assert_bf16_close(packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
     assert packed_bytes(layer) == 0
+
+
+def assert_one_bf16_step(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """At most one bf16 step apart: F.linear with a bias rounds its product and then the sum to bf16, the fp16
+    pack only the sum, so more results differ in the last place than between two single-rounding products."""
+    assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=2**-12)
+
+
+needs_fp16_packing = pytest.mark.skipif(not packed.fp16_packed_available(),
+                                        reason="torch has no fbgemm fp16 linear here (an ARM build)")
+
+
+@needs_fp16_packing
+@each_shape
+@pytest.mark.parametrize("rows", [1, 2, 17, 32])
+def test_fp16_packed_linear_equals_f_linear_for_bf16_decoding_shapes(shape, rows):
+    """fbgemm's fp16 copy of a bf16 weight: the same products in fp32, one rounding to bf16 at the end."""
+    out_features, in_features, layout = shape
+    weight = weight_of(out_features, in_features, layout, seed=rows)
+    g = torch.Generator().manual_seed(200 + rows)
+    bias = torch.randn(out_features, generator=g).bfloat16()
+    with torch.no_grad():
+        for x in (torch.randn(rows, in_features, generator=g).bfloat16(),
+                  torch.randn(rows, 1, in_features, generator=g).bfloat16(),  # a (batch, 1, features) step
+                  torch.randn(rows, 2 * in_features, generator=g).bfloat16()[:, ::2]):  # a strided view
+            for b in (bias, None):
+                assert_one_bf16_step(packed.fp16_packed_linear(x, weight, b), F.linear(x, weight, b))
+
+
+@needs_fp16_packing
+@torch.no_grad()
+def test_fp16_packed_linear_of_fp16_weights_and_of_bf16_values_fp16_cannot_hold():
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(512, 768, generator=g) / 16).half()
+    x = torch.randn(4, 768, generator=g).half()
+    bias = torch.randn(512, generator=g).half()
+    # fp16 weights are packed exactly: only the order of the fp32 sums differs from fp16 F.linear's
+    torch.testing.assert_close(packed.fp16_packed_linear(x, weight, bias), F.linear(x, weight, bias),
+                               rtol=2**-10, atol=2**-10)
+    # bf16 values below fp16's normal range are rounded to multiples of 2**-24: far below the result's rounding
+    tiny = (torch.randn(512, 768, generator=g) * 1e-5).bfloat16()
+    xb = torch.randn(4, 768, generator=g).bfloat16()
+    torch.testing.assert_close(packed.fp16_packed_linear(xb, tiny).float(), F.linear(xb, tiny).float(),
+                               rtol=2**-7, atol=1e-6)
+    # a value beyond fp16's range would saturate: that weight is not packed and keeps F.linear's result
+    huge = weight_of(512, 768, "out_in", seed=4)
+    huge[7, 9] = 1e5
+    expected = F.linear(xb, huge)
+    assert torch.equal(packed.fp16_packed_linear(xb, huge), expected)
+    layer = Linear(768, 512).to(torch.bfloat16)
+    layer.weight.copy_(huge)
+    assert torch.equal(packed.fp16_packed_linear(xb, layer.weight), expected)
+    assert packed_bytes(layer) == 0 and release_packed(layer) == 0
+
+
+@needs_fp16_packing
+@torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed
+def test_fp16_pack_is_kept_on_the_weight_and_remade_when_the_weight_changes():
+    layer = Linear(768, 512).to(torch.bfloat16)
+    x = torch.randn(1, 768).bfloat16()
+    first = packed_weight(layer.weight, packed.FP16)
+    assert packed_weight(layer.weight, packed.FP16) is first
+    assert packed_bytes(layer) == layer.weight.numel() * 2
+    layer.weight.mul_(-1)
+    assert packed_weight(layer.weight, packed.FP16) is not first
+    assert_one_bf16_step(packed.fp16_packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    assert packed_bytes(copy.deepcopy(layer)) == 0
+    assert release_packed(layer) == layer.weight.numel() * 2
+
+
+@needs_fp16_packing
+@pytest.mark.parametrize("winner", ["fp16_packed", "by_halves"])
+@torch.no_grad()
+def test_half_weights_keep_the_fp16_pack_only_when_it_wins(winner):
+    """bf16 layers of one shape: every packed kind offered is made on the first weight while it is timed; only
+    the winner's pack is kept, and then on every weight of the shape."""
+    layers = [Linear(256, 512).to(torch.bfloat16), Linear(256, 512).to(torch.bfloat16)]
+    x = torch.randn(1, 1, 256).bfloat16()
+    kernels = FakeClock(winner)
+    with few_row_products(kernels):
+        for _ in range(4 * (kernels.samples + 1)):
+            for layer in layers:
+                assert_one_bf16_step(layer(x), F.linear(x, layer.weight, layer.bias))
+            if not kernels.chosen:
+                assert packed_bytes(layers[1]) == 0
+    assert set(kernels.chosen.values()) == {winner}
+    packs = [set(layer.weight.__dict__.get(packed.PACKED_ATTR) or ()) for layer in layers]
+    assert packs == ([{packed.FP16}] * 2 if winner == "fp16_packed" else [set(), set()])
+
+
+@needs_fp16_packing
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_generation_on_fp16_packed_weights_equals_plain(monkeypatch, dtype):
+    model = tiny_bf16(lora=True).to(dtype)
+    ids = torch.randint(1, 1001, (3, 5), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(few_row, "KERNELS", Recording("F.linear"))
+    plain = generate(model, ids, max_new_tokens=12, eos_token_id=None)
+    assert packed_bytes(model) == 0
+    monkeypatch.setattr(few_row, "KERNELS", Recording("fp16_packed"))
+    assert torch.equal(generate(model, ids, max_new_tokens=12, eos_token_id=None), plain)
+    kinds = {kind for p in model.parameters() for kind in (p.__dict__.get(packed.PACKED_ATTR) or {})}
+    assert kinds == {packed.FP16}
+    head = model.transformer.wte.weight  # tied: the LM head's weight
+    assert packed_bytes(model) >= head.numel() * 2 and packed.FP16 in head.__dict__[packed.PACKED_ATTR]
+
+
+@needs_fp16_packing
+@torch.no_grad()
+def test_a_candidate_offered_on_one_weight_is_timed_alongside_the_others():
+    """Three bf16 layers of one shape: the packed candidates run on the first only, yet no candidate is timed more
+    than once ahead of another (the plain ones would otherwise finish within a token, the packed ones tokens
+    later, on a host whose speed moves); the calls that wait run the best so far, untimed."""
+    layers = [Linear(256, 512).to(torch.bfloat16) for _ in range(3)]
+    x = torch.randn(1, 1, 256).bfloat16()
+    kernels = FakeClock("fp16_packed")
+    spreads = []
+    with few_row_products(kernels):
+        for _ in range(40):
+            for layer in layers:
+                assert_one_bf16_step(layer(x), F.linear(x, layer.weight, layer.bias))
+                trials = kernels._trials.get(next(iter(kernels._trials), None), {})
+                if trials:
+                    counts = [len(times) for times in trials.values()]
+                    spreads.append(max(counts) - min(counts))
+    assert set(kernels.chosen.values()) == {"fp16_packed"}
+    assert spreads and max(spreads) <= 1

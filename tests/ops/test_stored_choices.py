@@ -190,11 +190,22 @@ def test_cpu_info_reads_the_first_processor_of_proc_cpuinfo(monkeypatch):
     assert devices.cpu_info.__wrapped__() == {}
 
 
-def test_machine_identity_names_the_cpu_and_torch():
+def test_machine_identity_names_the_cpu_torch_and_the_candidate_kernels(tmp_path, monkeypatch):
     identity = stored_choices.machine_identity()
     assert f"torch: {torch.__version__}" in identity and f"cores: {os.cpu_count()}" in identity
+    assert f"candidates: {stored_choices.CANDIDATES}" in identity
     if Path("/proc/cpuinfo").exists():
         assert "model name:" in identity and "flags:" in identity
+    # choices made among an older set of kernels live in another file: the new set is measured again
+    monkeypatch.delenv(stored_choices.ENVIRONMENT, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = stored_choices.default_path()
+    monkeypatch.setattr(stored_choices, "CANDIDATES", stored_choices.CANDIDATES - 1)
+    stored_choices.machine_identity.cache_clear()
+    try:
+        assert stored_choices.default_path() != here
+    finally:
+        stored_choices.machine_identity.cache_clear()
 
 
 WORKER = textwrap.dedent("""
