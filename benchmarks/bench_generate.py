@@ -33,6 +33,8 @@ from gpt2lora.model.pages import HUGE_PAGE, huge_page_mode
 from gpt2lora.ops import few_row as few_row_module
 from gpt2lora.ops.few_row import KERNELS, linear_by_halves
 from gpt2lora.ops.packed import (
+    fp16_packed_available,
+    fp16_packed_linear,
     mkl_packed_available,
     mkl_packed_linear,
     packed_bytes,
@@ -57,15 +59,20 @@ LayerNorm, GELU, cache writes and Python take the rest: about 1.4 ms a token wit
 decoding, where every token's weights have just flushed them.
 Which kernel reads a weight fastest for one or a few rows depends on the CPU and its BLAS: splitting the
 product into a two-block `bmm` was 1.4-2.9x faster than `F.linear` on an AVX2 EPYC and is slower for
-most shapes on an AMX Xeon; for bf16 weights on a CPU with bf16 units, oneDNN's product on a copy of the
-weight packed once (`gpt2lora/ops/packed.py`, kept on the weight, remade when it changes) reads about twice
-as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed (the "kernels alone" line). For one
-fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed"; on the Xeon it reads the LM
-head about 10% faster than `F.linear` and the block matrices slower), for 2-32 fp32 rows oneDNN's. generate
+most shapes on an AMX Xeon. bf16 weights have two packed candidates, copies of the weight made once
+(`gpt2lora/ops/packed.py`, kept on the weight, remade when it changes): oneDNN's bf16 product (on a CPU with
+bf16 units; about twice as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed on the
+Xeon) and fbgemm's fp16 product ("fp16_packed": an fp16 copy widened to fp32 in registers, in every x86 build;
+on the Zen 4 EPYC the fastest bf16 kernel, reading about as many GB/s as the fp32 split). A bf16 model's keys
+and values are cached in fp32 on the CPU (torch's one-query attention over bf16 keys was 4-5x slower than over
+fp32 ones). For one fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed"; on the
+Xeon it reads the LM head about 10% faster than `F.linear` and the block matrices slower), for 2-32 fp32 rows
+oneDNN's. generate
 times the candidates on first use of each decoding shape (dtype, rows, thread count) and keeps the fastest
 only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
 `KernelChoice`; the choice is stored per machine, so later processes reuse it untimed); while a packed
-candidate is timed only one weight of each shape is packed, and its pack is dropped when another kernel wins. The prompt's forward stays on `F.linear` (every prompt length would be a new
+candidate is timed only one weight of each shape is packed, and its pack is dropped when another kernel wins;
+no candidate is timed more than once ahead of another, so all are timed over the same stretch of the run. The prompt's forward stays on `F.linear` (every prompt length would be a new
 shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
 kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
 threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each
@@ -218,6 +225,11 @@ def timed_generate(model: GPT2, ids: torch.Tensor, new: int, plain: bool, output
     return go
 
 
+def kept_kernels(dtype: torch.dtype) -> list[str]:
+    """The kernel the measured choice kept for each one-row shape of ``dtype`` decided so far."""
+    return [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == dtype]
+
+
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
@@ -233,7 +245,7 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     with_, without = (new / timings[k].median for k in ("with", "without"))
     # CPU time of this process: on a shared CPU a run also waits for the core, which wall time counts
     cpu_with, cpu_without = (Timing(k, cpu[k][-even(repeats):]) for k in ("with", "without"))
-    kept = [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == torch.float32]
+    kept = kept_kernels(torch.float32)
     counts = ", ".join(f"{name} {kept.count(name)}" for name in sorted(set(kept)))
     return (f"Ablation (batch 1, same run, median of {even(repeats)}): gpt2lora {with_:.1f} tok/s with the "
             f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×, "
@@ -321,6 +333,7 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
     kept = packed_bytes(half)
+    kept16 = kept_kernels(torch.bfloat16)
     return (f"bf16 weights (batch 1, same run, bf16 units: {units}): {bf16:.1f} tok/s vs fp32 {fp32:.1f} tok/s "
             f"({bf16 / fp32:.2f}×, paired per round {paired(timings['bf16'], timings['fp32']):.2f}×, in CPU time "
             f"{cpu_fp32.median / cpu_bf16.median:.2f}× paired {paired(cpu_bf16, cpu_fp32):.2f}×; goal ≥ 1.6× "
@@ -328,7 +341,9 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"{bf16 / plain:.2f}× that, paired {paired(timings['bf16'], timings['bf16 plain']):.2f}×, in CPU time "
             f"{cpu_plain.median / cpu_bf16.median:.2f}×; tokens "
             f"{'identical' if torch.equal(outputs['bf16'], outputs['bf16 plain']) else 'DIFFERENT'}); the first "
-            f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Packed copies kept on "
+            f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Kernels kept for the "
+            f"one-row bf16 shapes: {', '.join(f'{k} {kept16.count(k)}' for k in sorted(set(kept16)))}. Packed "
+            f"copies kept on "
             f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
             f"first bf16 generate grew the process by {grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
             f"{peak_rss_bytes() / 1e9:.2f} GB. "
@@ -389,6 +404,8 @@ def kernel_note(ours: GPT2, folder: Path, repeats: int, bf16: bool = True) -> tu
             kernels["packed"] = packed_linear
         if label == "fp32" and mkl_packed_available():
             kernels["mkl_packed"] = mkl_packed_linear
+        if label == "bf16" and fp16_packed_available():
+            kernels["fp16_packed"] = fp16_packed_linear
         for name, fn in kernels.items():
             contenders[f"{label} {name}"] = (lambda fn=fn, weights=weights, xs=xs:
                                              [fn(xs[w.size(1)], w) for w in weights])

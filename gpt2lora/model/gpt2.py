@@ -94,9 +94,10 @@ class CausalSelfAttention(nn.Module):
         # per token, so every op counts)
         q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs)
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), in fp32 for a half model on the CPU (cache_dtype)
+            q = q.to(k.dtype)
         y = attention(q, k, v, attn_mask, is_causal, self.attn_pdrop if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C).to(qkv.dtype)
         if unpadded is not None:
             y = unpadded.gather(y)
         out = self.c_proj(y)

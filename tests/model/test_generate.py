@@ -10,6 +10,7 @@ from helpers import ODD, REPO, TINY, left_padded
 
 from gpt2lora import GPT2, ConfigError, generate
 from gpt2lora.model.generate import filter_logits, next_token
+from gpt2lora.model.hooks import KVCache, cache_dtype
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +100,32 @@ def test_kv_cache_greedy_equals_recomputing_everything(tiny_checkpoint):
     got = model.generate(ids, max_new_tokens=30, eos_token_id=None)
     assert torch.equal(got, naive_greedy(model, ids, 30))
     assert torch.equal(generate(model, ids[0], max_new_tokens=30, eos_token_id=None), got[:1])  # 1-D prompt
+
+
+def test_cache_dtype_widens_half_models_on_the_cpu_only():
+    assert cache_dtype(torch.bfloat16, "cpu") == cache_dtype(torch.float16, torch.device("cpu")) == torch.float32
+    assert cache_dtype(torch.float32, "cpu") == torch.float32
+    assert cache_dtype(torch.bfloat16, "cuda") == torch.bfloat16 and cache_dtype(torch.float16, "cuda:0") == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_model_decodes_on_fp32_keys_as_recomputing_in_its_dtype(tiny_checkpoint, dtype):
+    """A bf16 / fp16 model on the CPU caches keys and values in fp32 (exact widening; attention of one query
+    over them is several times faster): each cached step's logits equal recomputing the whole sequence in the
+    model's dtype within that dtype's rounding, and come out in the model's dtype."""
+    model = GPT2.from_pretrained(tiny_checkpoint, dtype=dtype).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(model.config, 2, 9, dtype, "cpu")
+    assert cache.keys.dtype == cache.values.dtype == torch.float32
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model.lm_head(model.transformer(ids[:, :5], kv_cache=cache))]
+        steps += [model.lm_head(model.transformer(ids[:, t:t + 1], kv_cache=cache)) for t in range(5, 9)]
+    cached = torch.cat(steps, dim=1)
+    assert cached.dtype == full.dtype == dtype
+    step = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    torch.testing.assert_close(cached.float(), full.float(), rtol=4 * step, atol=4 * step * full.abs().max().item())
+    assert torch.equal(cache.keys[:, :, :, :9].to(dtype).float(), cache.keys[:, :, :, :9])  # widened, not rounded
 
 
 def test_same_seed_same_sample(odd_models):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ...config import GPT2Config
 from ...errors import ConfigError
 from ...model.generate import next_token
-from ...model.hooks import KVCache
+from ...model.hooks import KVCache, cache_dtype
 from ...ops.few_row import few_row_products
 from ...peft.mixed import FactorCache
 from ...peft.registry import adapter_configs
@@ -119,8 +119,8 @@ class SlotCache:
     def __init__(self, config: GPT2Config, slots: int, dtype: torch.dtype, device: torch.device) -> None:
         width = config.n_positions
         shape = (config.n_layer, slots, config.n_head, width, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = torch.zeros(shape, dtype=cache_dtype(dtype, device), device=device)
+        self.values = torch.zeros_like(self.keys)
         self.valid = torch.zeros(slots, width, dtype=torch.bool, device=device)
         self.first = [0] * slots
         """Each slot's first column holding a token of its sequence."""
