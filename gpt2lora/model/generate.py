@@ -62,6 +62,8 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
                generator: torch.Generator | None) -> Tensor:
     """Choose one token per row from last-position logits (B, vocab); ``temperature=0`` is greedy."""
     if temperature == 0:
+        if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()  # exact; torch's CPU argmax over 50,257 bf16 logits took twice as long
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

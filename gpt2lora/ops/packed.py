@@ -106,22 +106,23 @@ fp16 weights)."""
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _reorder(weight: Tensor, kind: str) -> Any:
+def _reorder(weight: Tensor, kind: str, bias: Tensor | None) -> Any:
     if kind == MKL:
         return torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
     if kind == FP16:
         if not weight.abs().amax() <= FP16_MAX:  # fbgemm would saturate it (an inf or a NaN lands here too)
             return None
-        return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+        return torch.ops.quantized.linear_prepack_fp16(weight.float(), None if bias is None else bias.float())
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS[weight.dtype])
 
 
-def packed_weight(weight: Tensor, kind: str = ONEDNN) -> Any:
+def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None) -> Any:
     """``weight``'s packed copy of ``kind``, made now if it has none or if the weight changed since it was made
-    (``None`` for an fp16 pack of a weight beyond fp16's range)."""
-    if weight.is_inference():  # no version counter to notice an in-place change: packed for this call only
-        return _reorder(weight, kind)
-    stamp = _stamp(weight)
+    (``None`` for an fp16 pack of a weight beyond fp16's range). An fp16 pack holds ``bias`` too (fbgemm adds it
+    inside the product: one pass less a call) and is made again when the bias changes."""
+    if weight.is_inference() or (bias is not None and bias.is_inference()):
+        return _reorder(weight, kind, bias)  # no version counter to notice an in-place change: for this call only
+    stamp = _stamp(weight) + (_stamp(bias) if bias is not None else ())
     packs = weight.__dict__.get(PACKED_ATTR)
     if packs is None:  # none yet, or a copy's None
         packs = weight.__dict__[PACKED_ATTR] = _Packs()
@@ -130,7 +131,7 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN) -> Any:
         packs.moves += 1
     if pack is None or pack.stamp != stamp:
         with torch.no_grad():
-            packed = _reorder(weight.detach(), kind)
+            packed = _reorder(weight.detach(), kind, None if bias is None else bias.detach())
         pack = packs[kind] = _Pack(stamp, packed, kept=pack is not None and pack.kept)
     return pack.packed
 
@@ -219,14 +220,12 @@ def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def fp16_packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a half-precision weight through its fbgemm fp16 copy: the input widened
-    to fp32, fp32 accumulation, the bias added in fp32 and the result rounded once to the input's dtype
-    (decoding only)."""
-    packed = packed_weight(weight, FP16)
+    to fp32, fp32 accumulation, the bias added in fp32 (packed with the weight) and the result rounded once to
+    the input's dtype (decoding only)."""
+    packed = packed_weight(weight, FP16, bias)
     if packed is None:
         return F.linear(x, weight, bias)
     out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, weight.size(1)).float(), packed)
-    if bias is not None:
-        out.add_(bias)
     return out.to(x.dtype).view(*x.shape[:-1], weight.size(0))
 
 

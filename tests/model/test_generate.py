@@ -154,6 +154,14 @@ def test_top_k_only_ever_draws_the_k_best():
     assert unfiltered == set(range(8))  # without the filter every token does come up
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_over_half_logits_picks_their_own_argmax(dtype):
+    """Greedy widens half logits before argmax (faster on the CPU): the same index, ties included."""
+    logits = (torch.randn(6, 50257, generator=torch.Generator().manual_seed(6)) * 4).round().to(dtype)
+    assert (logits == logits.max(dim=-1, keepdim=True).values).sum() > 6  # ties at the top
+    assert torch.equal(next_token(logits, 0.0, None, None, None), logits.argmax(dim=-1))
+
+
 def test_top_k_one_is_greedy():
     logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(0))
     for temperature in (0.5, 1.0, 3.0):

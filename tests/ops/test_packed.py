@@ -346,6 +346,11 @@ def test_fp16_pack_is_kept_on_the_weight_and_remade_when_the_weight_changes():
     layer.weight.mul_(-1)
     assert packed_weight(layer.weight, packed.FP16) is not first
     assert_one_bf16_step(packed.fp16_packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+    with_bias = packed_weight(layer.weight, packed.FP16, layer.bias)  # fbgemm adds the bias: packed with it
+    assert packed_weight(layer.weight, packed.FP16, layer.bias) is with_bias
+    layer.bias.add_(1)  # the bias changed in place: packed again
+    assert packed_weight(layer.weight, packed.FP16, layer.bias) is not with_bias
+    assert_one_bf16_step(packed.fp16_packed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
     assert packed_bytes(copy.deepcopy(layer)) == 0
     assert release_packed(layer) == layer.weight.numel() * 2
 
