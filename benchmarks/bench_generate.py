@@ -64,8 +64,8 @@ most shapes on an AMX Xeon. bf16 weights have two packed candidates, copies of t
 bf16 units; about twice as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed on the
 Xeon) and fbgemm's fp16 product ("fp16_packed": an fp16 copy widened to fp32 in registers, in every x86 build;
 on the Zen 4 EPYC the fastest bf16 kernel, reading about as many GB/s as the fp32 split). A bf16 model's keys
-and values are cached in fp32 on the CPU (torch's one-query attention over bf16 keys was 4-5x slower than over
-fp32 ones). For one fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed"; on the
+and values are cached in fp32 on the CPU (torch's one-query attention over bf16 keys took several times as long as
+over fp32 ones). For one fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed"; on the
 Xeon it reads the LM head about 10% faster than `F.linear` and the block matrices slower), for 2-32 fp32 rows
 oneDNN's. generate
 times the candidates on first use of each decoding shape (dtype, rows, thread count) and keeps the fastest

@@ -14,9 +14,9 @@ than ``F.linear`` on the Xeon (and its block matrices slower, so those stay unpa
 
 Half-precision weights (bf16 or fp16) have a third pack: fbgemm's fp16 layout (``quantized::linear_prepack_fp16``,
 in every x86 build of torch), whose product widens the weight to fp32 in registers and accumulates in fp32
-(:func:`fp16_packed_linear`). On a 2-core Zen 4 EPYC it read GPT-2's block matrices at 20-37 GB/s, oneDNN's bf16
-pack at 16-20 and the fp32 split product at 24-34: the first kernel that makes half the bytes take about half
-the time. An fp16 copy holds every bf16 value of a model's weights exactly but those below 2**-14 (about 6e-5),
+(:func:`fp16_packed_linear`). On a 2-core Zen 4 EPYC it read GPT-2 124M's weights at 23-27 GB/s, oneDNN's bf16
+pack 17-23 and the fp32 split product 21-30 (one row, five runs): the first kernel there that makes half the
+bytes take about half the time. An fp16 copy holds every bf16 value of a model's weights exactly but those below 2**-14 (about 6e-5),
 which it rounds to the nearest multiple of 2**-24 (an error far below the product's own bf16 rounding); a weight
 with a value beyond fp16's range (65,504) is not packed and stays on ``F.linear``.
 
