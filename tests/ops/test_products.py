@@ -225,7 +225,7 @@ def test_a_weight_whose_storage_keeps_moving_is_no_longer_packed(monkeypatch):
     """FSDP gathers a sharded weight into new memory for every forward: its pack would be remade every step."""
     reorders = []
     reorder = packed._reorder
-    monkeypatch.setattr(packed, "_reorder", lambda w, kind: reorders.append(w.data_ptr()) or reorder(w, kind))
+    monkeypatch.setattr(packed, "_reorder", lambda w, kind, bias: reorders.append(w.data_ptr()) or reorder(w, kind, bias))
     weight, x = frozen_head(), torch.randn(100, 64).bfloat16()
     kernels = Always("packed")
     expected = frozen_weight_product(x, weight, kernels=kernels)
