@@ -230,6 +230,11 @@ def kept_kernels(dtype: torch.dtype) -> list[str]:
     return [name for key, name in KERNELS.chosen.items() if key[1] == 1 and key[5] == dtype]
 
 
+def counted(names: list[str]) -> str:
+    """``names`` as "name count" pairs, e.g. "F.linear 2, by_halves 3"."""
+    return ", ".join(f"{name} {names.count(name)}" for name in sorted(set(names)))
+
+
 def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     """Batch 1 with the measured few-row kernel choice (``few_row_products``) and with plain ``F.linear``."""
     ids, _ = prompts(1, prompt_len, ours.config.vocab_size)
@@ -246,13 +251,12 @@ def ablation_note(ours: GPT2, prompt_len: int, new: int, repeats: int) -> str:
     # CPU time of this process: on a shared CPU a run also waits for the core, which wall time counts
     cpu_with, cpu_without = (Timing(k, cpu[k][-even(repeats):]) for k in ("with", "without"))
     kept = kept_kernels(torch.float32)
-    counts = ", ".join(f"{name} {kept.count(name)}" for name in sorted(set(kept)))
     return (f"Ablation (batch 1, same run, median of {even(repeats)}): gpt2lora {with_:.1f} tok/s with the "
             f"measured few-row kernel choice, {without:.1f} tok/s with plain F.linear ({with_ / without:.2f}×, "
             f"paired per round {paired(timings['with'], timings['without']):.2f}×; in CPU time "
             f"{cpu_without.median / cpu_with.median:.2f}×, paired {paired(cpu_with, cpu_without):.2f}×; goal: never "
             f"below 1×); tokens identical. Kernels kept for the {len(kept)} one-row fp32 shapes: "
-            f"{counts}; a decided call costs {route_cost() * 1e6:.1f} us more than F.linear itself.")
+            f"{counted(kept)}; a decided call costs {route_cost() * 1e6:.1f} us more than F.linear itself.")
 
 
 READ_MB = 1024
@@ -333,7 +337,6 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     same = int((outputs["fp32"][0, prompt_len:] == outputs["bf16"][0, prompt_len:]).cumprod(0).sum())
     units = ", ".join(cpu_bf16_units()) or "none"
     kept = packed_bytes(half)
-    kept16 = kept_kernels(torch.bfloat16)
     return (f"bf16 weights (batch 1, same run, bf16 units: {units}): {bf16:.1f} tok/s vs fp32 {fp32:.1f} tok/s "
             f"({bf16 / fp32:.2f}×, paired per round {paired(timings['bf16'], timings['fp32']):.2f}×, in CPU time "
             f"{cpu_fp32.median / cpu_bf16.median:.2f}× paired {paired(cpu_bf16, cpu_fp32):.2f}×; goal ≥ 1.6× "
@@ -342,7 +345,7 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"{cpu_plain.median / cpu_bf16.median:.2f}×; tokens "
             f"{'identical' if torch.equal(outputs['bf16'], outputs['bf16 plain']) else 'DIFFERENT'}); the first "
             f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Kernels kept for the "
-            f"one-row bf16 shapes: {', '.join(f'{k} {kept16.count(k)}' for k in sorted(set(kept16)))}. Packed "
+            f"one-row bf16 shapes: {counted(kept_kernels(torch.bfloat16))}. Packed "
             f"copies kept on "
             f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
             f"first bf16 generate grew the process by {grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..config import GPT2Config
 from ..errors import ConfigError
+from ..ops.packed import HALF
 
 
 class AdapterRouter(Protocol):
@@ -104,7 +105,7 @@ def cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     computes in fp32 anyway, so only the rounding of its output changes (it is rounded to the model's dtype
     once, after). The cache takes twice the memory of a half one."""
     is_cpu = torch.device(device).type == "cpu"
-    return torch.float32 if is_cpu and dtype in (torch.bfloat16, torch.float16) else dtype
+    return torch.float32 if is_cpu and dtype in HALF else dtype
 
 
 class KVCache:

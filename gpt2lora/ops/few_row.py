@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .packed import (
     FP16,
+    HALF,
     MKL,
     ONEDNN,
     can_fp16_pack,
@@ -56,7 +57,6 @@ from .stored_choices import ChoiceFile, key_text
 MAX_ROWS = 32           # beyond this BLAS's matrix-matrix kernel is as fast
 MIN_WEIGHT_SIZE = 1 << 16  # small weights (LoRA A/B, heads) stay in cache; F.linear is fine
 SPLITS = 2
-HALF = (torch.bfloat16, torch.float16)
 
 
 def linear_by_halves(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -104,6 +104,8 @@ ONEDNN, MKL, FP16 = "onednn", "mkl", "fbgemm_fp16"
 """The kinds of pack: oneDNN's (bf16, and fp32 for several rows), MKL's (fp32, one row) and fbgemm's fp16 (bf16 and
 fp16 weights)."""
 FP16_MAX = float(torch.finfo(torch.float16).max)
+HALF = (torch.bfloat16, torch.float16)
+"""The half-precision dtypes."""
 
 
 def _reorder(weight: Tensor, kind: str, bias: Tensor | None) -> Any:
@@ -212,7 +214,7 @@ def fp16_packed_available() -> bool:
 def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`fp16_packed_linear` is offered for ``F.linear(x, weight, bias)``: a bf16 or fp16 weight and
     input on the CPU, where torch has fbgemm's fp16 linear and the quantized engine packs with fbgemm."""
-    return (weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype and weight.dim() == 2
+    return (weight.dtype in HALF and x.dtype == weight.dtype and weight.dim() == 2
             and x.device.type == "cpu" and weight.device.type == "cpu" and not weight.is_inference()
             and (bias is None or bias.dtype == weight.dtype) and fp16_packed_available()
             and torch.backends.quantized.engine in ("fbgemm", "x86"))
