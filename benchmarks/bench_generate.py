@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -354,6 +355,40 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             + ceiling_line(ours, rates, fp32, "fp32 in these runs", paired_rounds(timings["fp32"], new, reads)) + ".")
 
 
+def prompt_note(ours: GPT2, folder: Path, length: int, repeats: int) -> str:
+    """A long prompt with bf16 weights against fp32: the time to the first token (the prompt's forward and one
+    step), interleaved, and the block matrices' products of ``length`` rows alone, fp32 and bf16 ``F.linear``
+    and bf16 through the fp16 pack (what a bf16 model's products without gradients take on a CPU without bf16
+    units: ``gpt2lora.ops.packed.takes_fp16_pack_route``)."""
+    half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    length = min(length, ours.config.n_positions - 1)  # room for the one new token
+    ids = torch.randint(0, ours.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    first = interleaved({name: (lambda m=model: generate(m, ids, max_new_tokens=1, eos_token_id=None))
+                         for name, model in (("fp32", ours), ("bf16", half))}, repeats=repeats)
+    blocks = {"fp32": [m.weight for m in ours.transformer.h.modules() if isinstance(m, torch.nn.Linear)],
+              "bf16": [m.weight for m in half.transformer.h.modules() if isinstance(m, torch.nn.Linear)]}
+    rows = {dtype: {w.size(1): torch.randn(length, w.size(1)).to(ws[0].dtype) for w in ws}
+            for dtype, ws in blocks.items()}
+    plain = torch.nn.functional.linear
+    kernels = {"fp32 F.linear": ("fp32", plain), "bf16 F.linear": ("bf16", plain)}
+    if fp16_packed_available():
+        kernels["bf16 fp16_packed"] = ("bf16", functools.partial(fp16_packed_linear, keep=True))
+    with torch.no_grad():
+        alone = interleaved({name: (lambda d=dtype, fn=fn: [fn(rows[d][w.size(1)], w) for w in blocks[d]])
+                             for name, (dtype, fn) in kernels.items()}, repeats=repeats)
+    flops = 2 * length * sum(w.numel() for w in blocks["fp32"])
+    rates = ", ".join(f"{name} {flops / alone[name].median / 1e9:,.0f}" for name in kernels)
+    release_packed(half)
+    fp32, bf16 = first["fp32"].median, first["bf16"].median
+    units = ", ".join(cpu_bf16_units()) or "none"
+    return (f"A {length}-token prompt (batch 1, bf16 units: {units}; time to the first token, median of "
+            f"{repeats} interleaved): bf16 weights {bf16:.3f} s against fp32 {fp32:.3f} s ({fp32 / bf16:.2f}× as "
+            f"fast, paired per round {paired(first['bf16'], first['fp32']):.2f}×); the {len(blocks['fp32'])} block "
+            f"matrices' products of {length} rows alone, GFLOP/s: {rates}"
+            + (" (without bf16 units a bf16 model's products that need no gradient take the fp16 pack)"
+               if units == "none" else "") + ".")
+
+
 def huge_pages_note(ours: GPT2, ref, folder: Path, prompt_len: int, new: int, repeats: int,
                     bandwidth: dict[str, float]) -> str:
     """Batch 1 with the weights loaded on 2 MB pages (``huge_pages=True``) against the default load and
@@ -453,6 +488,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="skip the measured-kernel vs plain F.linear comparison")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
                         help="skip the bf16-weights row (run where torch reports bf16 matrix units)")
+    parser.add_argument("--long-prompt", type=int, default=512,
+                        help="tokens of the prompt whose first token is timed in bf16 and fp32 (0: skip)")
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                         help="skip the rows with the weights loaded on 2 MB pages")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -499,6 +536,9 @@ def main(argv: list[str] | None = None) -> str:
         if args.bf16 and 1 in args.batches:
             notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)
+            if args.long_prompt:
+                notes.append(prompt_note(ours, folder, args.long_prompt, args.repeats))
+                print(notes[-1], flush=True)
         if args.huge_pages and 1 in args.batches:
             notes.append(huge_pages_note(ours, ref, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)

@@ -78,29 +78,53 @@ def cpu_bf16_units() -> list[str]:
     return units
 
 
+@functools.cache
+def fp16_packed_available() -> bool:
+    """Whether this torch build has fbgemm's fp16 linear (x86 builds; not on ARM) and it packs a weight."""
+    ops = torch.ops.quantized
+    if "fbgemm" not in torch.backends.quantized.supported_engines or not (
+            hasattr(ops, "linear_prepack_fp16") and hasattr(ops, "linear_dynamic_fp16")):
+        return False
+    try:
+        ops.linear_dynamic_fp16(torch.ones(1, 8), ops.linear_prepack_fp16(torch.ones(4, 8), None))
+    except RuntimeError:  # another quantized engine was set (qnnpack packs no fp16 weights)
+        return False
+    return True
+
+
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The torch dtype of each precision name."""
 
 
-def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
+def resolve_precision(precision: str, device: torch.device, setting: str = "precision",
+                      inference: bool = False) -> str:
     """``fp32``, ``bf16`` or ``fp16`` for ``device``.
 
     CUDA: all three; ``auto`` is bf16 where the GPU supports it, else fp32. CPU: fp32, and bf16 where the CPU
-    has bf16 matrix units (:func:`cpu_bf16_units`; refused elsewhere, where it would be slower than fp32);
-    fp16 is refused. ``auto`` on the CPU is fp32: bf16 changes every loss and metric in the second or third
-    digit, and on the CPU (unlike CUDA) a run's figures are expected to match fp32 references, so bf16 is
-    asked for by name (LoRA steps about 2x faster than fp32 on an AVX512-BF16 EPYC without AMX, 2.4-2.9x on an
-    AMX Xeon; see benchmarks/RESULTS.md).
+    has bf16 matrix units (:func:`cpu_bf16_units`); fp16 is refused. On a CPU without those units torch emulates
+    bf16 products through fp32 (70x slower than fp32 on a Zen 3 EPYC), so bf16 is refused for training and
+    evaluation; with ``inference`` (generate, serve: no gradients, no autocast) it is allowed where torch has
+    fbgemm's fp16 product, which computes a bf16 model's products there at fp32's speed or better (decoding
+    1.6x fp32's tok/s; :func:`gpt2lora.ops.packed.takes_fp16_pack_route`). ``auto`` on the CPU is fp32: bf16
+    changes every loss and metric in the second or third digit, and on the CPU (unlike CUDA) a run's figures are
+    expected to match fp32 references, so bf16 is asked for by name (LoRA steps about 2x faster than fp32 on an
+    AVX512-BF16 EPYC without AMX, 2.4-2.9x on an AMX Xeon; see benchmarks/RESULTS.md).
     """
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp32" or device.type == "cuda":
         return precision
     if precision == "bf16":
-        if not cpu_bf16_units():
-            raise ConfigError(f"{setting}='bf16' on {device}: this CPU has no bf16 matrix units (avx512_bf16 or "
-                              "amx_bf16), where bf16 runs slower than fp32; use 'fp32' or 'auto'")
-        return precision
+        if cpu_bf16_units():
+            return precision
+        if inference and fp16_packed_available():
+            return precision
+        where = ("torch has no fbgemm fp16 product here to run its inference either" if inference else
+                 "bf16 trains and evaluates only on CPUs with them; generate and serve run bf16 here through "
+                 "fbgemm's fp16 product")
+        raise ConfigError(f"{setting}='bf16' on {device}: this CPU has no bf16 matrix units (avx512_bf16 or "
+                          f"amx_bf16), where torch's bf16 products run many times slower than fp32 ({where}); "
+                          "use 'fp32' or 'auto'")
     raise ConfigError(f"{setting}={precision!r} needs a CUDA device; on {device} use 'fp32', 'bf16' (CPUs with "
                       "bf16 units) or 'auto'")
 

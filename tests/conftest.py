@@ -21,6 +21,8 @@ from helpers import (
     require_shared,
 )
 
+from gpt2lora.ops import packed
+
 # Tiny test models are dominated by per-op overhead, which extra threads only add to (and several test
 # processes on a small machine oversubscribe the cores). Subprocesses started by tests inherit the variable.
 TEST_THREADS = int(os.environ.get("GPT2LORA_TEST_THREADS", "1"))
@@ -41,6 +43,25 @@ def kernel_choices_of_this_session(tmp_path_factory):
         del os.environ[ENVIRONMENT]
     else:
         os.environ[ENVIRONMENT] = before
+
+
+CPU_EMULATES_HALF_PRODUCTS = packed.half_products_emulated
+"""The real :func:`gpt2lora.ops.packed.half_products_emulated`, which the fixture below replaces in every test
+(:func:`the_real_cpus_half_products` puts it back)."""
+
+
+@pytest.fixture(autouse=True)
+def half_products_as_on_a_cpu_with_bf16_units(monkeypatch):
+    """In-process tests see a CPU that computes bf16 products itself, whatever CPU runs them, so that a bf16
+    model's products take the same kernels on every machine; tests/ops/test_fp16_route.py sets it the other way
+    for CPUs that emulate them, and :func:`the_real_cpus_half_products` back to the machine's own answer where a
+    test compares with a subprocess (which sees the real CPU)."""
+    monkeypatch.setattr(packed, "half_products_emulated", lambda: False)
+
+
+@pytest.fixture
+def the_real_cpus_half_products(monkeypatch):
+    monkeypatch.setattr(packed, "half_products_emulated", CPU_EMULATES_HALF_PRODUCTS)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2lora.ops.few_row import KernelChoice
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GPT2LORA_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
@@ -196,3 +198,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Recording(KernelChoice):
+    """Decides every key for one named candidate (default: the plain one) at its first call, and records which
+    candidates each call was offered."""
+
+    def __init__(self, name: str = "F.linear") -> None:
+        super().__init__()
+        self.name = name
+        self.offered: list[tuple[str, ...]] = []
+
+    def pick(self, key, candidates):
+        self.offered.append(tuple(candidates))
+        self.chosen[key] = self.name
+        return candidates[self.name]()

@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most new tokens one request may ask for (default: the context length)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     serve.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="weights' precision: bf16 on CUDA and on CPUs with bf16 units, fp16 on CUDA "
-                            "(default: fp32)")
+                       help="weights' precision: bf16 on CUDA and on x86 CPUs (without bf16 units through "
+                            "fbgemm's fp16 product), fp16 on CUDA (default: fp32)")
     serve.add_argument("--adapter-root", default=None, metavar="DIR",
                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter, loading only from "
                             "folders under DIR")

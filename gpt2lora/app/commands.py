@@ -105,10 +105,11 @@ def generate_command(config: RunConfig, prompts: list[str], run_dir: str | os.Pa
     """Continue ``prompts`` (a batch) with a base model or a run's language model; prints and returns them.
 
     With ``--precision bf16`` (or fp16 on CUDA) the base's matrices are held in that dtype
-    (:func:`hold_for_inference`): half the bytes to read per token.
+    (:func:`hold_for_inference`): half the bytes to read per token; on a CPU without bf16 units too, where
+    fbgemm's fp16 product computes them (:func:`gpt2lora.devices.resolve_precision`).
     """
     device = resolve_device(config.train.device, "--device")
-    precision = resolve_precision(config.train.precision, device, "--precision")
+    precision = resolve_precision(config.train.precision, device, "--precision", inference=True)
     if run_dir is not None:
         model, saved = load_run_model(run_dir)
         checkpoint = saved["base_model"]

@@ -90,7 +90,7 @@ SETTINGS: tuple[Setting, ...] = (
        "gpt2-tokenizer next to the data root)", "model"),
     _s("device", "train", "str", "auto, cpu, cuda, cuda:1 ...", "model"),
     _s("precision", "train", "str", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16 (CUDA, or a CPU with bf16 "
-       "units: AMX / AVX512-BF16) or fp16 (CUDA)",
+       "units: AMX / AVX512-BF16; generate on any x86 CPU) or fp16 (CUDA)",
        "model", PRECISIONS),
     _s("threads", "run", "int", "CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a "
        "busy machine)", "model"),

@@ -51,6 +51,7 @@ from .packed import (
     mkl_packed_linear,
     packed_linear,
     settle_pack,
+    takes_fp16_pack_route,
 )
 from .stored_choices import ChoiceFile, key_text
 
@@ -284,6 +285,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = linear(x.to(weight.dtype), weight).to(x.dtype)
         return out.add_(bias) if bias is not None else out
     kernels = _few_rows.get()
+    if (weight.dtype in HALF and isinstance(x, Tensor) and not torch.compiler.is_compiling()
+            and (kernels is None or x.numel() > MAX_ROWS * x.size(-1)) and takes_fp16_pack_route(x, weight, bias)):
+        # A half-precision model's inference on a CPU that emulates half products (the prompt's forward,
+        # evaluation); decoding's few rows are left to the kernel choice below, which times this pack too.
+        return fp16_packed_linear(x, weight, bias, keep=True)
     if kernels is None or weight.numel() < MIN_WEIGHT_SIZE or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     # Every decoding step makes ~50 of these calls, so a decided shape costs one tuple and one dict lookup:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..devices import cpu_bf16_units
+from ..devices import cpu_bf16_units, fp16_packed_available
 
 PACKED_ATTR = "_gpt2lora_packed"
 PACK_ROWS = {torch.bfloat16: 1, torch.float32: 16}
@@ -118,10 +118,11 @@ def _reorder(weight: Tensor, kind: str, bias: Tensor | None) -> Any:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS[weight.dtype])
 
 
-def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None) -> Any:
+def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None, keep: bool = False) -> Any:
     """``weight``'s packed copy of ``kind``, made now if it has none or if the weight changed since it was made
     (``None`` for an fp16 pack of a weight beyond fp16's range). An fp16 pack holds ``bias`` too (fbgemm adds it
-    inside the product: one pass less a call) and is made again when the bias changes."""
+    inside the product: one pass less a call) and is made again when the bias changes. ``keep``: held for good,
+    not only while a kernel choice times it (see :func:`settle_pack`)."""
     if weight.is_inference() or (bias is not None and bias.is_inference()):
         return _reorder(weight, kind, bias)  # no version counter to notice an in-place change: for this call only
     stamp = _stamp(weight) + (_stamp(bias) if bias is not None else ())
@@ -135,6 +136,7 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None
         with torch.no_grad():
             packed = _reorder(weight.detach(), kind, None if bias is None else bias.detach())
         pack = packs[kind] = _Pack(stamp, packed, kept=pack is not None and pack.kept)
+    pack.kept = pack.kept or keep
     return pack.packed
 
 
@@ -197,20 +199,6 @@ def mkl_packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return out.view(*x.shape[:-1], weight.size(0))
 
 
-@functools.cache
-def fp16_packed_available() -> bool:
-    """Whether this torch build has fbgemm's fp16 linear (x86 builds; not on ARM) and it packs a weight."""
-    ops = torch.ops.quantized
-    if "fbgemm" not in torch.backends.quantized.supported_engines or not (
-            hasattr(ops, "linear_prepack_fp16") and hasattr(ops, "linear_dynamic_fp16")):
-        return False
-    try:
-        ops.linear_dynamic_fp16(torch.ones(1, 8), ops.linear_prepack_fp16(torch.ones(4, 8), None))
-    except RuntimeError:  # another quantized engine was set (qnnpack packs no fp16 weights)
-        return False
-    return True
-
-
 def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`fp16_packed_linear` is offered for ``F.linear(x, weight, bias)``: a bf16 or fp16 weight and
     input on the CPU, where torch has fbgemm's fp16 linear and the quantized engine packs with fbgemm."""
@@ -220,11 +208,30 @@ def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and torch.backends.quantized.engine in ("fbgemm", "x86"))
 
 
-def fp16_packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+@functools.cache
+def half_products_emulated() -> bool:
+    """Whether torch computes bf16 products on this CPU by widening to fp32 in software: no bf16 units
+    (:func:`gpt2lora.devices.cpu_bf16_units`). On a 2-core Zen 3 EPYC (AVX2) a (1024x768)(768x3072) bf16 product
+    ran at 0.9 GFLOP/s on one thread against 65 in fp32, and bf16 ``F.linear`` of a 3072x768 weight took 3.6x
+    fp32's time at 16 rows, 8x at 512, while fbgemm's fp16 product took 0.5-0.9x fp32's (a CPU fact: cached)."""
+    return not cpu_bf16_units()
+
+
+def takes_fp16_pack_route(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` is a half-precision product that needs no gradient on a CPU whose
+    half products are emulated (:func:`half_products_emulated`), which fbgemm's fp16 pack computes instead: the
+    way a bf16 model runs inference (a prompt's forward, evaluation) on such a CPU at fp32's speed or better."""
+    return (weight.dtype in HALF and half_products_emulated()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and can_fp16_pack(x, weight, bias) and not storage_keeps_moving(weight))
+
+
+def fp16_packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, keep: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)`` for a half-precision weight through its fbgemm fp16 copy: the input widened
     to fp32, fp32 accumulation, the bias added in fp32 (packed with the weight) and the result rounded once to
-    the input's dtype (decoding only)."""
-    packed = packed_weight(weight, FP16, bias)
+    the input's dtype (no gradients). ``keep``: as :func:`packed_weight`'s."""
+    packed = packed_weight(weight, FP16, bias, keep)
     if packed is None:
         return F.linear(x, weight, bias)
     out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, weight.size(1)).float(), packed)

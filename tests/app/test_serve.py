@@ -644,15 +644,24 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it(server):
     assert (stats["running"], stats["waiting"], stats["cache_rows"]) == (0, 0, 0) and not seq.tokens
 
 
-def test_a_cpu_without_bf16_units_refuses_a_bf16_server_naming_the_flag(files, monkeypatch):
+def test_a_cpu_without_bf16_units_or_fbgemm_refuses_a_bf16_server_naming_the_flag(files, monkeypatch):
     monkeypatch.setattr(gl.devices, "cpu_bf16_units", list)
+    monkeypatch.setattr(gl.devices, "fp16_packed_available", lambda: False)
     with pytest.raises(gl.errors.ConfigError, match="--precision='bf16'.*no bf16 matrix units"):
         build_app(str(files["base"]), {}, device="cpu", precision="bf16")
 
 
-@pytest.mark.skipif(not gl.devices.cpu_bf16_units(), reason="this CPU has no bf16 matrix units")
-def test_a_bf16_server_on_the_cpu_answers_as_the_bf16_model_generates(files):
-    """``--precision bf16`` on a CPU with bf16 units serves the model held in bf16, an adapter too."""
+@pytest.mark.parametrize("units", ["bf16 units", "none"])
+def test_a_bf16_server_on_the_cpu_answers_as_the_bf16_model_generates(files, monkeypatch, units):
+    """``--precision bf16`` serves the model held in bf16, an adapter too: on a CPU with bf16 units, and on one
+    without them through fbgemm's fp16 product (both simulated; the real CPU's products then run either way)."""
+    if units == "none":
+        if not gl.ops.packed.fp16_packed_available():
+            pytest.skip("torch has no fbgemm fp16 linear here (an ARM build)")
+        monkeypatch.setattr(gl.devices, "cpu_bf16_units", list)
+        monkeypatch.setattr(gl.ops.packed, "half_products_emulated", lambda: True)
+    else:
+        monkeypatch.setattr(gl.devices, "cpu_bf16_units", lambda: ["avx512_bf16"])
     app = build_app(str(files["base"]), {"beta": str(files["beta"])}, api_key=KEY, name="tiny-bf16", device="cpu",
                     precision="bf16", max_tokens=40)
     model = gl.GPT2.from_pretrained(files["base"], dtype=torch.bfloat16).eval()

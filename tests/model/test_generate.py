@@ -11,6 +11,7 @@ from helpers import ODD, REPO, TINY, left_padded
 from gpt2lora import GPT2, ConfigError, generate
 from gpt2lora.model.generate import filter_logits, next_token
 from gpt2lora.model.hooks import KVCache, cache_dtype
+from gpt2lora.ops import packed
 
 transformers = pytest.importorskip("transformers")
 
@@ -276,6 +277,12 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
                      r"those runs", body)
     if "bf16 weights (" in body:  # a CPU with bf16 units: the fp32 runs beside the bf16 ones get their own ceiling
         assert re.search(r"fp32 in these runs: .*% of it \(paired per round", body), body
+        # a long prompt's first token in bf16 against fp32, and its products alone (the fp16 pack where torch has it)
+        prompt = re.search(r"A (\d+)-token prompt \(batch 1, .*\): bf16 weights ([\d.]+) s against fp32 ([\d.]+) s "
+                           r"\(([\d.]+)× as fast, .*GFLOP/s: fp32 F.linear [\d,]+, bf16 F.linear [\d,]+(.*)\.", body)
+        assert prompt, body
+        assert float(prompt[4]) == pytest.approx(float(prompt[3]) / float(prompt[2]), abs=0.01)
+        assert int(prompt[1]) < 512 and ("bf16 fp16_packed" in prompt[5]) == packed.fp16_packed_available()
     # run_all reads its goal lines out of this very text: one per note that ran
     import run_all
     goals = run_all.decoding_goals(body)

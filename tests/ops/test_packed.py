@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY
+from helpers import TINY, Recording
 
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora, generate
 from gpt2lora.ops import few_row, packed
@@ -103,21 +103,6 @@ def test_copies_and_saved_modules_do_not_carry_the_pack():
     x = torch.randn(2, 768).bfloat16()
     assert_bf16_close(packed_linear(x, twin.weight, twin.bias), F.linear(x, layer.weight, layer.bias))
     assert packed_bytes(twin) == packed_bytes(layer)  # the copy packed its own data
-
-
-class Recording(few_row.KernelChoice):
-    """Decides every key for one named candidate (default: the plain one) at its first call, and records which
-    candidates each call was offered."""
-
-    def __init__(self, name: str = "F.linear") -> None:
-        super().__init__()
-        self.name = name
-        self.offered: list[tuple[str, ...]] = []
-
-    def pick(self, key, candidates):
-        self.offered.append(tuple(candidates))
-        self.chosen[key] = self.name
-        return candidates[self.name]()
 
 
 @torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed

@@ -122,7 +122,7 @@ class ServedModels:
                  device: str = "auto", precision: str = "fp32", max_batch: int = 16, max_queue: int = 256,
                  max_tokens: int | None = None, huge_pages: bool = False) -> None:
         self.device = resolve_device(device, "--device")
-        self.precision = resolve_precision(precision, self.device, "--precision")
+        self.precision = resolve_precision(precision, self.device, "--precision", inference=True)
         self.dtype = PRECISION_DTYPES[self.precision]
         self.base_path = base
         self.name = name or base
