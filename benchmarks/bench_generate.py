@@ -11,7 +11,6 @@ of output.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import statistics
@@ -32,7 +31,7 @@ from gpt2lora import GPT2, generate
 from gpt2lora.devices import cpu_bf16_units
 from gpt2lora.model.pages import HUGE_PAGE, huge_page_mode
 from gpt2lora.ops import few_row as few_row_module
-from gpt2lora.ops.few_row import KERNELS, linear_by_halves
+from gpt2lora.ops.few_row import KERNELS, KernelChoice, linear_by_halves
 from gpt2lora.ops.packed import (
     fp16_packed_available,
     fp16_packed_linear,
@@ -64,7 +63,9 @@ most shapes on an AMX Xeon. bf16 weights have two packed candidates, copies of t
 (`gpt2lora/ops/packed.py`, kept on the weight, remade when it changes): oneDNN's bf16 product (on a CPU with
 bf16 units; about twice as fast as plain bf16 `F.linear`, which reads at about half the fp32 speed on the
 Xeon) and fbgemm's fp16 product ("fp16_packed": an fp16 copy widened to fp32 in registers, in every x86 build;
-on the Zen 4 EPYC the fastest bf16 kernel, reading about as many GB/s as the fp32 split). A bf16 model's keys
+on the Zen 4 EPYC the fastest bf16 kernel, reading about as many GB/s as the fp32 split; on a CPU without bf16
+units, where torch emulates bf16 products, a bf16 model's prompt and other products without gradients take it
+too, and the "A 512-token prompt" line times that against fp32). A bf16 model's keys
 and values are cached in fp32 on the CPU (torch's one-query attention over bf16 keys took several times as long as
 over fp32 ones). For one fp32 row the packed candidate is MKL's layout for exactly one row ("mkl_packed"; on the
 Xeon it reads the LM head about 10% faster than `F.linear` and the block matrices slower), for 2-32 fp32 rows
@@ -207,16 +208,29 @@ def route_cost(calls: int = 2000) -> float:
     return (timings["routed"].median - timings["plain"].median) / calls
 
 
+class PlainLinear(KernelChoice):
+    """A kernel choice that decides ``F.linear`` for every few-row shape, storing nothing: decoding's products as
+    plain ``F.linear``. (Without any choice a bf16 model's few-row products would take the fp16 pack on a CPU
+    without bf16 units, as its many-row ones still do here: ``gpt2lora.ops.packed.takes_fp16_pack_route``.)"""
+
+    def pick(self, key, candidates):
+        self.chosen[key] = "F.linear"
+        return candidates["F.linear"]()
+
+
+PLAIN = PlainLinear()
+
+
 def timed_generate(model: GPT2, ids: torch.Tensor, new: int, plain: bool, outputs: dict[str, torch.Tensor],
                    cpu_seconds: list[float], name: str) -> Callable[[], None]:
     """A greedy ``generate`` to time: its tokens go to ``outputs[name]``, its CPU seconds to ``cpu_seconds``;
-    ``plain``: with ``few_row_products`` switched off (plain ``F.linear`` for every product)."""
+    ``plain``: decoding's products on plain ``F.linear`` (:class:`PlainLinear`) instead of the measured choice."""
     module = sys.modules["gpt2lora.model.generate"]  # the package's `generate` attribute is the function
 
     def go() -> None:
         few_row = module.few_row_products
         if plain:
-            module.few_row_products = contextlib.nullcontext
+            module.few_row_products = lambda: few_row(PLAIN)
         try:
             start = time.process_time()
             outputs[name] = generate(model, ids, max_new_tokens=new, eos_token_id=None)

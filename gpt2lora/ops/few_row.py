@@ -14,7 +14,9 @@ weights on a CPU with bf16 units (plain bf16 ``F.linear`` reads a weight at half
 the packed one about twice as fast as that) and for fp32 products of 2 to 32 rows (``F.linear`` repacks the
 weight on every such call); MKL's for one fp32 row; fbgemm's fp16 copy for bf16 and fp16 weights (on a Zen 4
 EPYC the only half-precision product that reads about as fast as the fp32 split). Only one weight of a shape is
-packed while it is timed.
+packed while it is timed. On a CPU without bf16 units, where torch emulates half products, a half model's
+products that need no gradient and are not decoding's few rows (a prompt's forward) take fbgemm's fp16 pack
+outright (:func:`gpt2lora.ops.packed.takes_fp16_pack_route`), decoding or not.
 
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
 slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use

@@ -211,9 +211,9 @@ def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 @functools.cache
 def half_products_emulated() -> bool:
     """Whether torch computes bf16 products on this CPU by widening to fp32 in software: no bf16 units
-    (:func:`gpt2lora.devices.cpu_bf16_units`). On a 2-core Zen 3 EPYC (AVX2) a (1024x768)(768x3072) bf16 product
-    ran at 0.9 GFLOP/s on one thread against 65 in fp32, and bf16 ``F.linear`` of a 3072x768 weight took 3.6x
-    fp32's time at 16 rows, 8x at 512, while fbgemm's fp16 product took 0.5-0.9x fp32's (a CPU fact: cached)."""
+    (:func:`gpt2lora.devices.cpu_bf16_units`). On a 2-core Zen 3 EPYC (AVX2) bf16 ``F.linear`` of a 3072x768
+    weight took 3.6x fp32's time at 16 rows and 8x at 512 (other layouts of the same product up to 100x), while
+    fbgemm's fp16 product took 0.5-0.9x fp32's (a CPU fact: cached)."""
     return not cpu_bf16_units()
 
 

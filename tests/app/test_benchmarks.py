@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import pytest
@@ -145,6 +146,17 @@ def test_run_all_helpers():
     assert bench_bf16.verdict(2.05, 2.5, amx=False) == "2.05× (reported: the 2.5× goal is for CPUs with AMX, this one has none)"
     titled = run_all.retitle("Command: `python benchmarks/bench_x.py --a --no-write`  \nrest", "python run_all.py")
     assert titled == "Command: `python run_all.py` (this section alone: `python benchmarks/bench_x.py --a`)  \nrest"
+
+
+def test_bf16_bench_says_what_the_products_cost_where_it_refuses_bf16():
+    """On a CPU without bf16 units bench_bf16 times no step but the step's two largest products in both dtypes."""
+    text = bench_bf16.product_rates(1, tokens=64)
+    found = re.findall(r"(forward|input gradient) ([\d,.]+) GFLOP/s in bf16 against ([\d,.]+) in fp32 \(([\d,]+)× as "
+                       r"long\)", text)
+    assert [f[0] for f in found] == ["forward", "input gradient"], text
+    for _, bf16, fp32, ratio in found:
+        bf16, fp32 = float(bf16.replace(",", "")), float(fp32.replace(",", ""))
+        assert bf16 > 0 and fp32 > 0 and float(ratio.replace(",", "")) == pytest.approx(fp32 / bf16, rel=0.1, abs=0.51)
 
 
 def test_machine_line_says_when_the_process_is_pinned_to_fewer_cores(monkeypatch):

@@ -281,7 +281,7 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
         prompt = re.search(r"A (\d+)-token prompt \(batch 1, .*\): bf16 weights ([\d.]+) s against fp32 ([\d.]+) s "
                            r"\(([\d.]+)× as fast, .*GFLOP/s: fp32 F.linear [\d,]+, bf16 F.linear [\d,]+(.*)\.", body)
         assert prompt, body
-        assert float(prompt[4]) == pytest.approx(float(prompt[3]) / float(prompt[2]), abs=0.01)
+        assert float(prompt[4]) == pytest.approx(float(prompt[3]) / float(prompt[2]), rel=0.25)  # times to 1 ms
         assert int(prompt[1]) < 512 and ("bf16 fp16_packed" in prompt[5]) == packed.fp16_packed_available()
     # run_all reads its goal lines out of this very text: one per note that ran
     import run_all
