@@ -377,6 +377,9 @@ def prompt_note(ours: GPT2, folder: Path, length: int, repeats: int) -> str:
     half = GPT2.from_pretrained(folder, dtype=torch.bfloat16).eval()
     length = min(length, ours.config.n_positions - 1)  # room for the one new token
     ids = torch.randint(0, ours.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    generate(half, ids, max_new_tokens=1, eos_token_id=None)  # a fresh model's first prompt: nothing packed yet
+    fresh = time.perf_counter() - start
     first = interleaved({name: (lambda m=model: generate(m, ids, max_new_tokens=1, eos_token_id=None))
                          for name, model in (("fp32", ours), ("bf16", half))}, repeats=repeats)
     blocks = {"fp32": [m.weight for m in ours.transformer.h.modules() if isinstance(m, torch.nn.Linear)],
@@ -397,7 +400,9 @@ def prompt_note(ours: GPT2, folder: Path, length: int, repeats: int) -> str:
     units = ", ".join(cpu_bf16_units()) or "none"
     return (f"A {length}-token prompt (batch 1, bf16 units: {units}; time to the first token, median of "
             f"{repeats} interleaved): bf16 weights {bf16:.3f} s against fp32 {fp32:.3f} s ({fp32 / bf16:.2f}× as "
-            f"fast, paired per round {paired(first['bf16'], first['fp32']):.2f}×); the {len(blocks['fp32'])} block "
+            f"fast, paired per round {paired(first['bf16'], first['fp32']):.2f}×; a fresh bf16 model's first prompt "
+            f"{fresh:.3f} s, its products widened to fp32 where the CPU has no bf16 units, the packs made at the "
+            f"second); the {len(blocks['fp32'])} block "
             f"matrices' products of {length} rows alone, GFLOP/s: {rates}"
             + (" (without bf16 units a bf16 model's products that need no gradient take the fp16 pack)"
                if units == "none" else "") + ".")

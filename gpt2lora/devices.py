@@ -103,9 +103,10 @@ def resolve_precision(precision: str, device: torch.device, setting: str = "prec
     CUDA: all three; ``auto`` is bf16 where the GPU supports it, else fp32. CPU: fp32, and bf16 where the CPU
     has bf16 matrix units (:func:`cpu_bf16_units`); fp16 is refused. On a CPU without those units torch emulates
     bf16 products through fp32 (on a Zen 3 EPYC 7-9x fp32's time in ``F.linear``'s layout and over 100x for a
-    backward's input gradient), so bf16 is refused for training and evaluation; with ``inference`` (generate, serve: no gradients, no autocast) it is allowed where torch has
-    fbgemm's fp16 product, which computes a bf16 model's products there at fp32's speed or better (decoding
-    1.6x fp32's tok/s; :func:`gpt2lora.ops.packed.takes_fp16_pack_route`). ``auto`` on the CPU is fp32: bf16
+    backward's input gradient), so bf16 is refused for training and evaluation (which runs under autocast);
+    with ``inference`` (generate, serve: no gradients, no autocast) it is allowed where torch has fbgemm's fp16
+    product, which computes a bf16 model's products there at fp32's speed or better (decoding 1.6x fp32's
+    tok/s; :func:`gpt2lora.ops.packed.takes_fp16_pack_route`). ``auto`` on the CPU is fp32: bf16
     changes every loss and metric in the second or third digit, and on the CPU (unlike CUDA) a run's figures are
     expected to match fp32 references, so bf16 is asked for by name (LoRA steps about 2x faster than fp32 on an
     AVX512-BF16 EPYC without AMX, 2.4-2.9x on an AMX Xeon; see benchmarks/RESULTS.md).

@@ -15,8 +15,9 @@ the packed one about twice as fast as that) and for fp32 products of 2 to 32 row
 weight on every such call); MKL's for one fp32 row; fbgemm's fp16 copy for bf16 and fp16 weights (on a Zen 4
 EPYC the only half-precision product that reads about as fast as the fp32 split). Only one weight of a shape is
 packed while it is timed. On a CPU without bf16 units, where torch emulates half products, a half model's
-products that need no gradient and are not decoding's few rows (a prompt's forward) take fbgemm's fp16 pack
-outright (:func:`gpt2lora.ops.packed.takes_fp16_pack_route`), decoding or not.
+products of more than ``MAX_ROWS`` rows that need no gradient (a prompt's forward) are widened to fp32 at a
+weight's first such product and take fbgemm's fp16 pack from its second on
+(:func:`gpt2lora.ops.packed.half_inference_linear`).
 
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
 slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
@@ -50,6 +51,7 @@ from .packed import (
     can_mkl_pack,
     can_pack,
     fp16_packed_linear,
+    half_inference_linear,
     mkl_packed_linear,
     packed_linear,
     settle_pack,
@@ -287,11 +289,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         out = linear(x.to(weight.dtype), weight).to(x.dtype)
         return out.add_(bias) if bias is not None else out
     kernels = _few_rows.get()
-    if (weight.dtype in HALF and isinstance(x, Tensor) and not torch.compiler.is_compiling()
-            and (kernels is None or x.numel() > MAX_ROWS * x.size(-1)) and takes_fp16_pack_route(x, weight, bias)):
-        # A half-precision model's inference on a CPU that emulates half products (the prompt's forward,
-        # evaluation); decoding's few rows are left to the kernel choice below, which times this pack too.
-        return fp16_packed_linear(x, weight, bias, keep=True)
+    if (weight.dtype in HALF and isinstance(x, Tensor) and x.numel() > MAX_ROWS * x.size(-1)
+            and not torch.compiler.is_compiling() and takes_fp16_pack_route(x, weight, bias)):
+        # A half-precision model's inference on a CPU that emulates half products (a prompt's forward, any
+        # forward without gradients). A few rows stay on F.linear (1.2-4.5x fp32's time, where making a pack
+        # costs as much as hundreds of such products: 0.55 s for GPT-2's head), or in decoding go to the
+        # kernel choice below, which times this pack too.
+        return half_inference_linear(x, weight, bias)
     if kernels is None or weight.numel() < MIN_WEIGHT_SIZE or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     # Every decoding step makes ~50 of these calls, so a decided shape costs one tuple and one dict lookup:

@@ -279,7 +279,8 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
         assert re.search(r"fp32 in these runs: .*% of it \(paired per round", body), body
         # a long prompt's first token in bf16 against fp32, and its products alone (the fp16 pack where torch has it)
         prompt = re.search(r"A (\d+)-token prompt \(batch 1, .*\): bf16 weights ([\d.]+) s against fp32 ([\d.]+) s "
-                           r"\(([\d.]+)× as fast, .*GFLOP/s: fp32 F.linear [\d,]+, bf16 F.linear [\d,]+(.*)\.", body)
+                           r"\(([\d.]+)× as fast, .*; a fresh bf16 model's first prompt [\d.]+ s, .*GFLOP/s: fp32 F.linear [\d,]+, "
+                           r"bf16 F.linear [\d,]+(.*)\.", body)
         assert prompt, body
         assert float(prompt[4]) == pytest.approx(float(prompt[3]) / float(prompt[2]), rel=0.25)  # times to 1 ms
         assert int(prompt[1]) < 512 and ("bf16 fp16_packed" in prompt[5]) == packed.fp16_packed_available()

@@ -50,15 +50,26 @@ def test_a_cpu_emulates_half_products_where_it_has_no_bf16_units(monkeypatch, th
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 33, 80])
+@pytest.mark.parametrize("rows", [33, 80])
 @torch.no_grad()  # not inference_mode: its tensors have no version counter, so they are never packed
 def test_half_products_without_gradients_take_the_fp16_pack_and_keep_it(emulated, dtype, rows):
+    """More rows than decoding's: the weight's first such product widened to fp32 for the call, the second on
+    the pack, made then and kept; a few rows (a short prompt, the head's last position) stay on F.linear outside
+    decoding, where a pack would cost hundreds of such products."""
     layer = Linear(256, 512).to(dtype).requires_grad_(False)
+    for few in (1, few_row.MAX_ROWS):
+        x = torch.randn(few, 256).to(dtype)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and packed_bytes(layer) == 0
     x = torch.randn(rows, 256).to(dtype)
     expected = F.linear(x, layer.weight, layer.bias)
+    widened = layer(x)
+    assert packed_bytes(layer) == 0
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)  # one rounding, at the end
+    assert torch.equal(widened, exact)
     got = layer(x)
-    assert got.dtype == dtype and got.shape == expected.shape
-    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=2**-10)
+    for out in (widened, got):
+        assert out.dtype == dtype and out.shape == expected.shape
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=2**-10)
     assert set(packs_of(layer)) == {packed.FP16} and packs_of(layer)[packed.FP16].kept
     assert packed_bytes(layer) == layer.weight.numel() * layer.weight.element_size()
     first = packs_of(layer)[packed.FP16].packed
@@ -89,7 +100,8 @@ def test_a_weight_fp16_cannot_hold_gets_f_linears_product(emulated):
     layer = Linear(256, 512).to(torch.bfloat16).requires_grad_(False)
     layer.weight[3, 5] = 1e6  # beyond fp16's 65,504: fbgemm would saturate it
     x = torch.randn(40, 256).bfloat16()
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer(x)  # the first is widened to fp32: exact for any value
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # then no pack: F.linear's own
     assert packed_bytes(layer) == 0
 
 
@@ -104,6 +116,7 @@ def test_decodings_few_rows_are_left_to_the_kernel_choice_which_keeps_the_routes
         assert packed_bytes(layer) == 0  # the pack made on trial went with the losing candidate
         prompt = torch.randn(1, 40, 256).bfloat16()  # more rows than decoding's: the route
         layer(prompt)
+        layer(prompt)  # the second packs
         assert packs_of(layer)[packed.FP16].kept
         assert len(kernels.offered) == 1
     kernels = Recording("F.linear")
@@ -125,8 +138,9 @@ def tiny_half(dtype: torch.dtype) -> GPT2:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_model_reads_its_prompt_through_the_pack_as_on_a_cpu_with_bf16_units(monkeypatch, dtype):
-    """A LoRA-wrapped half model: the prompt's logits within the dtype's rounding of F.linear's, every block matrix
-    and the head packed once, and greedy decoding (on F.linear for both) gives the same tokens."""
+    """A LoRA-wrapped half model: the prompt's logits within the dtype's rounding of F.linear's, widened at the
+    first forward, then every block matrix and the head packed once, and greedy decoding (on F.linear for both)
+    gives the same tokens."""
     model = tiny_half(dtype)
     ids = torch.randint(1, 1001, (2, 24), generator=torch.Generator().manual_seed(3))
     monkeypatch.setattr(few_row, "KERNELS", Recording("F.linear"))  # generate's own context uses KERNELS
@@ -136,9 +150,12 @@ def test_a_half_model_reads_its_prompt_through_the_pack_as_on_a_cpu_with_bf16_un
     assert packed_bytes(model) == 0
     monkeypatch.setattr(packed, "half_products_emulated", lambda: True)
     with torch.no_grad():
+        widened = model(ids).float()
+        assert packed_bytes(model) == 0
         logits = model(ids).float()
-    torch.testing.assert_close(logits, plain_logits, rtol=2e-2, atol=2e-2)
-    assert (logits.argmax(-1) == plain_logits.argmax(-1)).float().mean() > 0.95
+    for got in (widened, logits):
+        torch.testing.assert_close(got, plain_logits, rtol=2e-2, atol=2e-2)
+        assert (got.argmax(-1) == plain_logits.argmax(-1)).float().mean() > 0.95
     matrices = {n: p for n, p in model.named_parameters() if p.dim() == 2 and "lora_" not in n and "wpe" not in n}
     assert len(matrices) == 4 * TINY["n_layer"] + 1  # the block matrices and the (tied) head
     assert all(packed.FP16 in p.__dict__.get(packed.PACKED_ATTR, {}) for p in matrices.values())
