@@ -667,7 +667,8 @@ def test_a_bf16_server_on_the_cpu_answers_as_the_bf16_model_generates(files, mon
     model = gl.GPT2.from_pretrained(files["base"], dtype=torch.bfloat16).eval()
     gl.load_adapter(model, files["beta"], adapter_name="beta")
     tok = gl.load_tokenizer(files["base"])
-    ids = tok.encode("A bf16 server")
+    ids = tok.encode("A bf16 server reads a prompt longer than decoding's few rows. " * 3)
+    assert len(ids) > gl.ops.few_row.MAX_ROWS  # without bf16 units: widened at the first prompt, packed at the next
     with BackgroundServer(app) as running:
         served = app.state.api.served.model
         assert {p.dtype for p in served.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -678,6 +679,11 @@ def test_a_bf16_server_on_the_cpu_answers_as_the_bf16_model_generates(files, mon
                                       adapter_names=[adapter])[0, len(ids):].tolist()
             expected = expected[:expected.index(tok.eot_token)] if tok.eot_token in expected else expected
             assert answer.choices[0].text == tok.decode(expected), name
+        if units == "none":  # the second prompt's products took the fp16 packs (kept on the served weights)
+            packed = gl.ops.packed
+            matrices = [w for n, w in served.transformer.h.named_parameters() if w.dim() == 2 and "lora_" not in n]
+            assert len(matrices) == 4 * served.config.n_layer
+            assert all(packed.FP16 in (w.__dict__.get(packed.PACKED_ATTR) or {}) for w in matrices)
 
 
 def test_a_server_on_2mb_pages_answers_as_the_plain_base_generates(files, reference, monkeypatch):
