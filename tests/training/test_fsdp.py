@@ -239,9 +239,15 @@ def test_fsdp_checkpoints_resume_on_two_or_one_process_like_an_uninterrupted_run
     for steps in runs:
         assert [s["step"] for s in steps] == [1, 2, 3]  # the history of step 1 comes from the checkpoint
         assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in uninterrupted], abs=1e-5)
+    # The products may run on other exact kernels than in the uninterrupted run: one process takes the batch's
+    # rows through other kernels than each rank (see test_fsdp_trains_like_one_process), and resumed ranks read
+    # the choice of MKL or oneDNN for each large fp32 product that the first rank stored, where each rank of the
+    # uninterrupted run timed its own and may have kept the other where the two are about as fast. Their
+    # gradients differ in the last bits, which AdamW turns into up to a few 1e-5 on single entries (2.3e-5 seen
+    # on a Zen 3 EPYC), while a lost step or optimizer state moves entries by whole updates (3e-3 a step).
     for trained in [load_file(str(fsdp_results / f"weights-resumed-{r}.safetensors")) for r in (0, 1)] + [one_weights]:
         for name, tensor in weights.items():
-            torch.testing.assert_close(trained[name], tensor, atol=1e-5, rtol=0)
+            torch.testing.assert_close(trained[name], tensor, atol=1e-4, rtol=0)
 
 
 def test_fsdp_refuses_a_torch_that_sums_gradients(monkeypatch):
