@@ -74,7 +74,9 @@ times the candidates on first use of each decoding shape (dtype, rows, thread co
 only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
 `KernelChoice`; the choice is stored per machine, so later processes reuse it untimed); while a packed
 candidate is timed only one weight of each shape is packed, and its pack is dropped when another kernel wins;
-no candidate is timed more than once ahead of another, so all are timed over the same stretch of the run. The prompt's forward stays on `F.linear` (every prompt length would be a new
+no candidate is timed more than once ahead of another, so all are timed over the same stretch of the run. Each timed call follows an untimed run of the same kernel on a few rows of
+the weight: a kept kernel runs call after call, while on trial it may not have run for a whole step (fbgemm's fp16
+product took 1.5-2x as long then on a Zen 3 EPYC, and lost shapes it wins once kept). The prompt's forward stays on `F.linear` (every prompt length would be a new
 shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
 kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
 threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each
@@ -213,7 +215,7 @@ class PlainLinear(KernelChoice):
     plain ``F.linear``. (Without any choice a bf16 model's few-row products would take the fp16 pack on a CPU
     without bf16 units, as its many-row ones still do here: ``gpt2lora.ops.packed.takes_fp16_pack_route``.)"""
 
-    def pick(self, key, candidates):
+    def pick(self, key, candidates, warm_up=None):
         self.chosen[key] = "F.linear"
         return candidates["F.linear"]()
 

@@ -209,7 +209,7 @@ class Recording(KernelChoice):
         self.name = name
         self.offered: list[tuple[str, ...]] = []
 
-    def pick(self, key, candidates):
+    def pick(self, key, candidates, warm_up=None):
         self.offered.append(tuple(candidates))
         self.chosen[key] = self.name
         return candidates[self.name]()

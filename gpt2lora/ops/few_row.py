@@ -131,8 +131,14 @@ class KernelChoice:
         """The one weight per undecided key whose packed product is timed (the others of that shape are not
         packed unless the packed product wins: a pack is as large as its weight)."""
 
-    def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
+    def pick(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]],
+             warm_up: Callable[[str], object] | None = None) -> Tensor:
         """The result of the kept candidate for ``key``, or of the next one to time while ``key`` is new.
+
+        ``warm_up(name)``, when given, runs right before a timed call of candidate ``name``, untimed: a kernel
+        kept for a shape runs often, so its library's threads and buffers are warm when it is called, while on
+        trial it may not have run for a whole decoding step (fbgemm's fp16 product took 1.5-2x as long after
+        one on a 2-core Zen 3 EPYC, and lost shapes it wins once kept).
 
         With a ``store``, a key first met here takes the choice an earlier process on this machine stored (when
         that kernel is among ``candidates``) instead of being timed again, and a choice made here is stored.
@@ -144,7 +150,7 @@ class KernelChoice:
             name = self._recall(key, candidates)
             if name is not None:
                 return candidates[name]()
-        out, decided = self._timed_run(key, candidates)
+        out, decided = self._timed_run(key, candidates, warm_up)
         if decided is not None and self.store is not None:
             with self.store.open() as stored:
                 if stored is not None:  # the first process's choice stays (later ones may differ within the noise)
@@ -161,7 +167,8 @@ class KernelChoice:
             self._trials.pop(key, None)
             return self.chosen.setdefault(key, name)
 
-    def _timed_run(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> tuple[Tensor, str | None]:
+    def _timed_run(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]],
+                   warm_up: Callable[[str], object] | None = None) -> tuple[Tensor, str | None]:
         """One call of the next candidate to time for ``key`` (or of the kept one, decided meanwhile), and the
         name kept when this call's timing decided ``key``."""
         with self._lock:
@@ -176,6 +183,8 @@ class KernelChoice:
         if timing is None:  # untimed: see _next_to_time
             return candidates[_best_so_far(trials, candidates)](), None
         name = timing
+        if warm_up is not None:
+            warm_up(name)
         start = self.timer()
         out = candidates[name]()
         elapsed = self.timer() - start
@@ -335,7 +344,7 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
         if trial() is weight:  # the other weights of this shape take the other candidates meanwhile
             for name in packed:
                 candidates[name] = functools.partial(_run_kernel, name, x, weight, bias)
-    out = kernels.pick(key, candidates)
+    out = kernels.pick(key, candidates, functools.partial(_warm_up, x, weight, bias))
     chosen = kernels.chosen.get(key)
     if chosen is not None:
         kernels.routes[route] = chosen
@@ -348,6 +357,20 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
 
 def _run_kernel(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _KERNEL_FUNCTIONS[name](x, weight, bias)
+
+
+WARM_UP_FEATURES = 8
+
+
+def _warm_up(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> None:
+    """Kernel ``name`` once on a slice of ``weight`` (its first ``WARM_UP_FEATURES`` output features, or input
+    features where it is a transposed (in, out) matrix; a view, which a packed kernel packs for this call only), so
+    that the timed call after it finds the kernel warm."""
+    if weight.is_contiguous():
+        part = bias[:WARM_UP_FEATURES] if bias is not None else None
+        _KERNEL_FUNCTIONS[name](x, weight[:WARM_UP_FEATURES], part)
+    else:
+        _KERNEL_FUNCTIONS[name](x[..., :WARM_UP_FEATURES], weight[:, :WARM_UP_FEATURES], bias)
 
 
 class Linear(nn.Linear):

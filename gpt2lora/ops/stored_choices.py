@@ -44,9 +44,10 @@ except ImportError:  # Windows: no advisory locks; two processes deciding one sh
 ENVIRONMENT = "GPT2LORA_KERNEL_CHOICES"
 """Names the choices file to use instead of this machine's default, or ``off`` for none."""
 FORMAT = 1
-CANDIDATES = 2
-"""Raised whenever a kernel is added to a choice's candidates or one changes (2: fbgemm's fp16 pack for half
-weights): a stored choice was made among the old ones, so a new set gets a new file and is measured again."""
+CANDIDATES = 3
+"""Raised whenever a kernel is added to a choice's candidates, one changes or the way they are timed changes (2:
+fbgemm's fp16 pack for half weights; 3: each timed call after a warm-up run of its kernel): a stored choice was
+made among the old ones, so a new set gets a new file and is measured again."""
 
 
 @functools.cache

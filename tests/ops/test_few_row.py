@@ -54,7 +54,7 @@ class Always(few_row.KernelChoice):
         super().__init__()
         self.name = name
 
-    def pick(self, key, candidates):
+    def pick(self, key, candidates, warm_up=None):
         return candidates[self.name]()
 
 
@@ -63,7 +63,8 @@ def counting(monkeypatch) -> list[int]:
     original = few_row.linear_by_halves
 
     def counted(x, weight, bias=None):
-        calls.append(weight.size(0))
+        if weight.size(0) > few_row.WARM_UP_FEATURES:  # not a trial's warm-up on the first rows
+            calls.append(weight.size(0))
         return original(x, weight, bias)
 
     monkeypatch.setattr(few_row, "linear_by_halves", counted)
@@ -179,6 +180,59 @@ def test_pick_takes_the_median_after_a_warm_up_and_prefers_the_plain_kernel_on_a
     assert tie.chosen == {"k": "a"}
 
 
+def test_a_kernel_slow_only_after_others_ran_is_timed_warm():
+    """"cold" costs 3 ticks on a call that does not follow one of its own and 1 right after one, "steady" 2 ticks
+    always: kept, "cold" would run back to back and win, but timed in turn it never follows itself. The warm-up
+    run before each timed call (untimed) lets the choice see that."""
+    clock, last = [0.0], [None]
+
+    def run(name):
+        def go():
+            clock[0] += 2.0 if name == "steady" else (1.0 if last[0] == name else 3.0)
+            last[0] = name
+            return torch.zeros(1)
+        return go
+
+    def warm_up(name):
+        clock[0] += 100.0  # not counted
+        run(name)()
+
+    candidates = {"steady": run("steady"), "cold": run("cold")}
+    chosen = {}
+    for label, warm in (("without", None), ("with", warm_up)):
+        kernels = few_row.KernelChoice(timer=lambda: clock[0], samples=4)
+        while not kernels.chosen:
+            kernels.pick("k", candidates, warm)
+        chosen[label] = kernels.chosen["k"]
+    assert chosen == {"without": "steady", "with": "cold"}
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@torch.no_grad()
+def test_each_timed_trial_follows_a_warm_up_of_its_kernel_on_a_slice_of_the_weight(monkeypatch, layout):
+    two_candidates(monkeypatch)
+    seen = []
+    for name, kernel in list(few_row._KERNEL_FUNCTIONS.items()):
+        def spied(x, weight, bias, name=name, kernel=kernel):
+            seen.append((name, tuple(weight.shape), tuple(x.shape)))
+            return kernel(x, weight, bias)
+        monkeypatch.setitem(few_row._KERNEL_FUNCTIONS, name, spied)
+    weight = torch.randn(512, 256) if layout == "out_in" else torch.randn(256, 512).t()
+    bias, x = torch.randn(512), torch.randn(1, 256)
+    kernels = few_row.KernelChoice(samples=3)
+    with few_row_products(kernels):
+        while not kernels.chosen:
+            torch.testing.assert_close(few_row.linear(x, weight, bias), F.linear(x, weight, bias),
+                                       atol=1e-4, rtol=1e-5)
+    warm = (8, 256) if layout == "out_in" else (512, 8)
+    warm_x = (1, 256) if layout == "out_in" else (1, 8)
+    ups = [(name, shape, xs) for name, shape, xs in seen if shape == warm]
+    # the candidates run through _KERNEL_FUNCTIONS only to warm up (the timed calls are F.linear and the split
+    # themselves): one warm-up before each of the 2 x (samples + 1) timed calls, each on its kernel
+    assert len(ups) == len(seen) == 2 * (kernels.samples + 1)
+    assert {name for name, _, _ in ups} == {"F.linear", "by_halves"} and {xs for _, _, xs in ups} == {warm_x}
+
+
 def test_model_layers_are_plain_linears_with_the_same_state_dict(wide_checkpoint):
     model = GPT2.from_pretrained(wide_checkpoint)
     assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
@@ -238,10 +292,10 @@ class CountingPicks(few_row.KernelChoice):
         super().__init__(timer=lambda: self.clock)
         self.picks = 0
 
-    def pick(self, key, candidates):
+    def pick(self, key, candidates, warm_up=None):
         self.picks += 1
         timed = {name: self._costing(run, 1.0 if name == "F.linear" else 0.5) for name, run in candidates.items()}
-        return super().pick(key, timed)
+        return super().pick(key, timed, warm_up)
 
     def _costing(self, run, cost):
         def go():

@@ -161,13 +161,13 @@ class FakeClock(few_row.KernelChoice):
         self.winner = winner
         super().__init__(timer=lambda: self.clock)
 
-    def pick(self, key, candidates):
+    def pick(self, key, candidates, warm_up=None):
         def costing(name, run):
             def go():
                 self.clock += 1.0 if name == self.winner else 3.0
                 return run()
             return go
-        return super().pick(key, {name: costing(name, run) for name, run in candidates.items()})
+        return super().pick(key, {name: costing(name, run) for name, run in candidates.items()}, warm_up)
 
 
 @needs_fp32_packing

@@ -24,7 +24,7 @@ STEPS = 6
 class Always(few_row.KernelChoice):
     """Decoding always on the split product, the path a process-wide switch used to leak into other threads."""
 
-    def pick(self, key, candidates):
+    def pick(self, key, candidates, warm_up=None):
         return candidates["by_halves"]()
 
 
