@@ -74,10 +74,11 @@ times the candidates on first use of each decoding shape (dtype, rows, thread co
 only when it beats `F.linear` by more than 5% over 8 timed calls each (`gpt2lora/ops/few_row.py`,
 `KernelChoice`; the choice is stored per machine, so later processes reuse it untimed); while a packed
 candidate is timed only one weight of each shape is packed, and its pack is dropped when another kernel wins;
-no candidate is timed more than once ahead of another, so all are timed over the same stretch of the run. Each timed call follows an untimed run of the same kernel on a few rows of
-the weight: a kept kernel runs call after call, while on trial it may not have run for a whole step (fbgemm's fp16
-product took 1.5-2x as long then on a Zen 3 EPYC, and lost shapes it wins once kept). The prompt's forward stays on `F.linear` (every prompt length would be a new
-shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
+no candidate is timed more than once ahead of another, so all are timed over the same stretch of the run.
+Each timed call follows an untimed run of the same kernel on a few rows of the weight: a kept kernel runs call
+after call, while on trial it may not have run for a whole step (fbgemm's fp16 product took 1.5-2x as long then
+on a Zen 3 EPYC, and lost shapes it wins once kept). The prompt's forward stays on `F.linear` (every prompt
+length would be a new shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
 kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
 threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each
 interleaved round. With the CPU shared by other processes, 2 intra-op threads can be slower than 1

@@ -105,7 +105,8 @@ class KernelChoice:
     """Which of several exact implementations of one product is fastest, measured on first uses and cached.
 
     The first calls with a new ``key`` take the candidates in turn, each timed where it really runs (in
-    decoding: the weights as cold as they are when each token reads them, the machine as busy as it is), until
+    decoding: the weights as cold as they are when each token reads them, the machine as busy as it is; the
+    kernel itself warm, as a kept one is, where the caller passes ``pick`` a warm-up), until
     every candidate has ``samples`` timings after one untimed first run (which also makes a packed copy); a
     call that is not offered the candidate whose turn it is runs the best so far untimed; the
     candidate with the lowest median is kept for ``key``, and later calls run it alone. The first candidate is

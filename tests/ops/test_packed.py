@@ -396,3 +396,22 @@ def test_a_candidate_offered_on_one_weight_is_timed_alongside_the_others():
                     spreads.append(max(counts) - min(counts))
     assert set(kernels.chosen.values()) == {"fp16_packed"}
     assert spreads and max(spreads) <= 1
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+@torch.no_grad()
+def test_the_warm_up_runs_every_offered_kernel_on_a_slice_and_packs_nothing_on_the_weight(layout, dtype, rows):
+    """A trial's warm-up (few_row._warm_up) runs each candidate the weight is offered on its first rows; the packs
+    it makes belong to that slice, never to the weight (a pack is as large as its weight)."""
+    weight = weight_of(512, 256, layout, seed=rows).to(dtype)
+    assert weight.is_contiguous() == (layout == "out_in")
+    bias = torch.randn(512).to(dtype)
+    x = torch.randn(rows, 256).to(dtype)
+    offered = ["F.linear", "by_halves", *(name for name, offer in few_row.PACKED_OFFERS.items()
+                                          if offer(x, weight, bias))]
+    for name in offered:
+        few_row._warm_up(x, weight, bias, name)
+    assert packed.PACKED_ATTR not in weight.__dict__
+    assert len(offered) >= 2 + (dtype == torch.float32 and packed.mkl_packed_available() and rows == 1)
