@@ -447,3 +447,40 @@ def test_sharded_index_problems(tiny_checkpoint, tmp_path):
     index.write_text('{"metadata": {}}')
     with pytest.raises(CheckpointError, match=re.escape(str(index)) + ".*'weight_map'"):
         GPT2.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("limit", [None, 40_000, 1])
+def test_loading_reads_each_file_in_groups_of_bounded_size_through_one_mapping_each(tmp_path, monkeypatch, limit):
+    """Every weight is read once, through one mapping per group of one file's tensors: a whole small shard at the
+    default limit, groups of at most ``limit`` bytes (a larger tensor alone) below it; the model is the same."""
+    from gpt2lora.model import hub as hub_module
+
+    torch.manual_seed(4)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    files = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    header = hub_module.read_header(files)
+    if limit is not None:
+        monkeypatch.setattr(hub_module, "LOAD_GROUP_BYTES", limit)
+    reads: list[tuple[Path, list[str]]] = []
+    real_read = hub_module.read_safetensors
+    monkeypatch.setattr(hub_module, "read_safetensors",
+                        lambda path, device="cpu", keys=None: reads.append((path, list(keys))) or real_read(
+                            path, device, keys))
+    model = GPT2.from_pretrained(tmp_path / "sharded").eval()
+
+    weights = [key for key in header if hub_module._is_weight(key)]
+    assert sorted(key for _, keys in reads for key in keys) == sorted(weights)  # each read once
+    for path, keys in reads:
+        assert {header[key].file for key in keys} == {path}
+        size = sum(4 * int(torch.tensor(header[key].shape).prod()) for key in keys)
+        assert len(keys) == 1 or size <= (limit or hub_module.LOAD_GROUP_BYTES)
+    if limit is None:
+        assert len(reads) == len(files)
+    elif limit == 1:
+        assert len(reads) == len(weights)
+    else:
+        assert len(files) < len(reads) < len(weights)
+    x = ids(TINY["vocab_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=ATOL, rtol=0)
