@@ -368,10 +368,9 @@ def _warm_up(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> None:
     features where it is a transposed (in, out) matrix; a view, which a packed kernel packs for this call only), so
     that the timed call after it finds the kernel warm."""
     if weight.is_contiguous():
-        part = bias[:WARM_UP_FEATURES] if bias is not None else None
-        _KERNEL_FUNCTIONS[name](x, weight[:WARM_UP_FEATURES], part)
+        _run_kernel(name, x, weight[:WARM_UP_FEATURES], bias[:WARM_UP_FEATURES] if bias is not None else None)
     else:
-        _KERNEL_FUNCTIONS[name](x[..., :WARM_UP_FEATURES], weight[:, :WARM_UP_FEATURES], bias)
+        _run_kernel(name, x[..., :WARM_UP_FEATURES], weight[:, :WARM_UP_FEATURES], bias)
 
 
 class Linear(nn.Linear):
