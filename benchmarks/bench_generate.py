@@ -342,7 +342,7 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
         return timed_generate(model, ids, new, plain, outputs, cpu[name], name)
 
     before = rss_bytes()
-    run("first", half)()  # the first bf16 decoding makes the packed copies it chooses to use
+    warm_tokens = until_packed(run("first", half), new)  # the packed copies the choice keeps, made as planned
     grown = rss_bytes() - before
     read, size = sum_read()
     timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
@@ -365,11 +365,60 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"{same} of {new} tokens equal fp32's (random weights: tiny logit margins). Kernels kept for the "
             f"one-row bf16 shapes: {counted(kept_kernels(torch.bfloat16))}. Packed "
             f"copies kept on "
-            f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights); the "
-            f"first bf16 generate grew the process by {grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
+            f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights), made "
+            f"over its first {warm_tokens} tokens (untimed: {pack_plans()}); they grew the process by "
+            f"{grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
             f"{peak_rss_bytes() / 1e9:.2f} GB. "
             + ceiling_line(half, rates, bf16, "bf16", paired_rounds(timings["bf16"], new, reads)) + ". "
             + ceiling_line(ours, rates, fp32, "fp32 in these runs", paired_rounds(timings["fp32"], new, reads)) + ".")
+
+
+def pack_plans() -> str:
+    """The plans of the packed products kept so far, e.g. "3072x768 bf16: F.linear for 407 calls"."""
+    plans = {(*route[3], route[5]): plan for route, plan in KERNELS.pack_plans.items()}
+    return "; ".join(f"{out}x{inp} {DTYPE_NAMES.get(dtype, dtype)}: {plan.unpacked} for {plan.calls} calls, "
+                     f"then the pack" for (out, inp, dtype), plan in sorted(plans.items(), key=str)) or "no plans"
+
+
+def until_packed(decode: Callable[[], None], new: int) -> int:
+    """Run ``decode`` (``new`` tokens a call) until every weight whose kept kernel runs on a pack has it: a pack
+    is made once its weight's unpacked products would have paid for it (``gpt2lora.ops.few_row.PackPlan``), so the
+    timed runs after it see the steady state a long-running process (a server) reaches. The tokens decoded."""
+    decode()  # decides (or recalls) the choices and their plans
+    tokens = new
+    while tokens <= max((plan.calls for plan in KERNELS.pack_plans.values()), default=0):
+        decode()
+        tokens += new
+    return tokens
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def first_generate_note(folder: Path, prompt_len: int, new: int, repeats: int, bf16: bool) -> str:
+    """A one-off ``generate`` (what ``gpt2lora generate`` runs): a freshly loaded model's first ``new`` tokens with
+    the measured kernel choice (stored by now) against plain ``F.linear``, each round on fresh models."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if bf16 else [])
+    parts = []
+    for dtype in dtypes:
+        timings: dict[str, list[float]] = {"choice": [], "plain": []}
+        for _ in range(repeats):
+            for name in ("choice", "plain"):
+                model = GPT2.from_pretrained(folder, dtype=dtype).eval()
+                ids, _ = prompts(1, prompt_len, model.config.vocab_size)
+                go = timed_generate(model, ids, new, name == "plain", {}, [], name)
+                start = time.perf_counter()
+                go()
+                timings[name].append(time.perf_counter() - start)
+                held = packed_bytes(model)
+                del model
+        choice, plain = (statistics.median(timings[k]) for k in ("choice", "plain"))
+        ratio = statistics.median(p / c for c, p in zip(timings["choice"], timings["plain"], strict=True))
+        parts.append(f"{DTYPE_NAMES[dtype]} {new / choice:.1f} tok/s against {new / plain:.1f} "
+                     f"({plain / choice:.2f}×, paired {ratio:.2f}×; packed after it: {held / 1e6:,.0f} MB)")
+    return (f"A fresh model's first generate (batch 1, {new} tokens, the choices stored by now, median of {repeats} "
+            f"rounds on freshly loaded models): the kernel choice against plain F.linear, " + "; ".join(parts)
+            + " (goal: never below 1×).")
 
 
 def prompt_note(ours: GPT2, folder: Path, length: int, repeats: int) -> str:
@@ -558,9 +607,12 @@ def main(argv: list[str] | None = None) -> str:
         if args.bf16 and 1 in args.batches:
             notes.append(bf16_note(ours, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)
-            if args.long_prompt:
-                notes.append(prompt_note(ours, folder, args.long_prompt, args.repeats))
-                print(notes[-1], flush=True)
+        if 1 in args.batches:
+            notes.append(first_generate_note(folder, args.prompt, args.new, args.repeats, args.bf16))
+            print(notes[-1], flush=True)
+        if args.bf16 and 1 in args.batches and args.long_prompt:
+            notes.append(prompt_note(ours, folder, args.long_prompt, args.repeats))
+            print(notes[-1], flush=True)
         if args.huge_pages and 1 in args.batches:
             notes.append(huge_pages_note(ours, ref, folder, args.prompt, args.new, args.repeats, bandwidth))
             print(notes[-1], flush=True)

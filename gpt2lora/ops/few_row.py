@@ -22,20 +22,23 @@ weight's first such product and take fbgemm's fp16 pack from its second on
 Which one is faster depends on the CPU and its BLAS (the split was 1.4-2.9x faster on an AVX2 EPYC and
 slower on an AMX Xeon), so inside ``few_row_products()`` each product shape is timed every way on first use
 and the fastest kept (:class:`KernelChoice`, cached per shape, dtype and thread count); a decided call then
-costs :func:`linear` one tuple and one dict lookup (``KernelChoice.routes``), about 2 us.
+costs :func:`linear` one tuple and one dict lookup (``KernelChoice.routes``), about 2 us. A kept product on a
+packed copy packs each weight only once its unpacked products would have paid for the pack (:class:`PackPlan`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import statistics
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,8 +53,10 @@ from .packed import (
     can_fp16_pack,
     can_mkl_pack,
     can_pack,
+    count_unpacked_call,
     fp16_packed_linear,
     half_inference_linear,
+    has_pack,
     mkl_packed_linear,
     packed_linear,
     settle_pack,
@@ -128,6 +133,11 @@ class KernelChoice:
         """:func:`linear`'s index of decided calls: exact call shape (and dtype, device, threads) -> kernel."""
         self._trials: dict[Hashable, dict[str, list[float]]] = {}
         self._lock = threading.Lock()
+        self.timings: dict[Hashable, dict[str, list[float]]] = {}
+        """The trial timings (seconds, each candidate's untimed-in-the-median first run first) of every key decided
+        by timing here: what :func:`linear` weighs a kept pack's one-off cost against (:class:`PackPlan`)."""
+        self.pack_plans: dict[Hashable, PackPlan] = {}
+        """:func:`linear`'s plans for decided calls whose kept kernel runs on a pack, by the ``routes`` key."""
         self.packed_on_trial: dict[Hashable, weakref.ref] = {}
         """The one weight per undecided key whose packed product is timed (the others of that shape are not
         packed unless the packed product wins: a pack is as large as its weight)."""
@@ -158,7 +168,15 @@ class KernelChoice:
                     stored.setdefault(key_text(key), decided)
         return out
 
-    def _recall(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str | None:
+    def kept(self, key: Hashable, offered: Collection[str]) -> str | None:
+        """The kernel kept for ``key`` without running anything: decided here, or stored by an earlier process on
+        this machine and among ``offered`` (then kept here too); ``None`` while ``key`` is new or on trial."""
+        name = self.chosen.get(key)
+        if name is not None or self.store is None or key in self._trials:
+            return name
+        return self._recall(key, offered)
+
+    def _recall(self, key: Hashable, candidates: Collection[str]) -> str | None:
         """The stored choice for ``key``, now kept for it, if it is one of ``candidates``; else ``None``."""
         with self.store.open() as stored:  # type: ignore[union-attr]
             name = stored.get(key_text(key)) if stored is not None else None
@@ -197,7 +215,7 @@ class KernelChoice:
                 if all(len(t) > self.samples for t in trials.values()):  # the first run of each is a warm-up
                     decided = self.chosen[key] = self._fastest({n: statistics.median(t[1:])
                                                                 for n, t in trials.items()})
-                    del self._trials[key]
+                    self.timings[key] = self._trials.pop(key)
         return out, decided
 
     def decide(self, key: Hashable, candidates: dict[str, Callable[[], Tensor]]) -> str:
@@ -314,8 +332,82 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
              None if bias is None else bias.dtype, torch.is_grad_enabled(), torch.get_num_threads())
     name = kernels.routes.get(route)
     if name is not None:
-        return _KERNEL_FUNCTIONS[name](x, weight, bias)
+        return _run_route(kernels, route, name, x, weight, bias)
     return _first_uses(kernels, route, x, weight, bias)
+
+
+def _run_route(kernels: KernelChoice, route: tuple, name: str, x: Tensor, weight: Tensor,
+               bias: Tensor | None) -> Tensor:
+    """A decided call: kernel ``name``; for a kernel on a pack, the unpacked one until the weight's
+    :class:`PackPlan` is due."""
+    plan = kernels.pack_plans.get(route) if name in PACK_KINDS else None
+    if (plan is not None and not has_pack(weight, PACK_KINDS[name])
+            and count_unpacked_call(weight, PACK_KINDS[name]) <= plan.calls):
+        return _KERNEL_FUNCTIONS[plan.unpacked](x, weight, bias)
+    return _KERNEL_FUNCTIONS[name](x, weight, bias)
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """When a weight whose kept kernel runs on a pack gets that pack: its first ``calls`` products run ``unpacked``
+    (the fastest candidate without one), the pack is made at the next.
+
+    Making a pack costs what hundreds of products save (fbgemm's fp16 pack of a 3072x768 bf16 weight took 15 ms
+    on a 2-core Zen 3 EPYC, GPT-2's head 0.63 s; the product saved 20-45 us a call), so packing every weight at
+    its first use made a one-off ``generate`` of 128 tokens 1.2-1.4x slower than plain ``F.linear`` there. Putting
+    each pack off until the products run without it would have paid for it (``calls`` = pack seconds / seconds
+    saved per call, both from the trials) costs a run that ends before then nothing, and any run at most twice
+    the better of packing at once and never packing, whatever its length (the ski-rental rule)."""
+
+    unpacked: str
+    calls: int
+
+    @classmethod
+    def from_trials(cls, timings: dict[str, list[float]], chosen: str) -> PackPlan | None:
+        """The plan for ``chosen`` (a packed kernel) from a key's trial timings, each candidate's first run first
+        (the packed one's first made its pack); ``None`` when no unpacked candidate was timed."""
+        medians = {name: statistics.median(times[1:]) for name, times in timings.items() if len(times) > 1}
+        unpacked = [name for name in medians if name not in PACK_KINDS]
+        if chosen not in medians or not unpacked:
+            return None
+        fallback = min(unpacked, key=medians.__getitem__)
+        saving = medians[fallback] - medians[chosen]
+        pack_seconds = timings[chosen][0] - medians[chosen]
+        calls = math.ceil(pack_seconds / saving) if saving > 0 and pack_seconds > 0 else 0
+        return cls(fallback, calls)
+
+    def text(self) -> str:
+        """How the choices file stores it: ``"<unpacked> <calls>"``."""
+        return f"{self.unpacked} {self.calls}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> PackPlan | None:
+        """A stored plan, or ``None`` for a missing or unreadable one (the pack is then made at once)."""
+        name, _, calls = (text or "").rpartition(" ")
+        if name not in _KERNEL_FUNCTIONS or name in PACK_KINDS or not calls.isdigit():
+            return None
+        return cls(name, int(calls))
+
+
+def _plan_text_key(key: Hashable) -> str:
+    return key_text(("pack plan", key))
+
+
+def _pack_plan(kernels: KernelChoice, key: Hashable, chosen: str) -> PackPlan | None:
+    """The plan for a key whose kept kernel ``chosen`` runs on a pack: from this process's trials (and stored for
+    the machine's later processes), else the one stored with the choice; ``None``: pack at the first product."""
+    timings = kernels.timings.get(key)
+    if timings is not None:
+        plan = PackPlan.from_trials(timings, chosen)
+        if plan is not None and kernels.store is not None:
+            with kernels.store.open() as stored:
+                if stored is not None:
+                    stored.setdefault(_plan_text_key(key), plan.text())
+        return plan
+    if kernels.store is None:
+        return None
+    with kernels.store.open() as stored:
+        return PackPlan.parse(stored.get(_plan_text_key(key)) if stored is not None else None)
 
 
 def row_bucket(rows: int) -> int:
@@ -328,16 +420,21 @@ def row_bucket(rows: int) -> int:
 
 
 def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``linear`` for a shape not decided yet: not eligible (decided at once), or one more timed trial."""
+    """``linear`` for a call shape not routed yet: not eligible (``F.linear`` at once), a shape whose choice is
+    known (made here or stored by an earlier process: routed now), or one more timed trial."""
     if not takes_few_row_path(x, weight, bias):
         if x.numel() <= MAX_ROWS * x.size(-1):  # many-row shapes (prompts) are not remembered: unbounded
             kernels.routes[route] = "F.linear"
         return F.linear(x, weight, bias)
     key = ("linear", row_bucket(x.numel() // weight.size(1)), *weight.shape, weight.is_contiguous(), weight.dtype,
            bias is not None, torch.get_num_threads())
+    packed = [name for name in PACK_KINDS if PACKED_OFFERS[name](x, weight, bias)]
+    chosen = kernels.kept(key, ["F.linear", "by_halves", *packed])
+    if chosen is not None:  # not through pick: a kept pack is made when its plan says, not for this first call
+        _add_route(kernels, route, key, chosen)
+        return _run_route(kernels, route, chosen, x, weight, bias)
     candidates = {"F.linear": lambda: F.linear(x, weight, bias),
                   "by_halves": lambda: linear_by_halves(x, weight, bias)}
-    packed = [name for name in PACK_KINDS if PACKED_OFFERS[name](x, weight, bias)]
     if packed:
         trial = kernels.packed_on_trial.get(key)
         if trial is None or trial() is None:
@@ -348,12 +445,20 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
     out = kernels.pick(key, candidates, functools.partial(_warm_up, x, weight, bias))
     chosen = kernels.chosen.get(key)
     if chosen is not None:
-        kernels.routes[route] = chosen
+        _add_route(kernels, route, key, chosen)
         ref = kernels.packed_on_trial.pop(key, None)
         if ref is not None and (timed := ref()) is not None:
-            for name in packed:  # each pack kept only if its product won
+            for name in packed:  # each pack kept only if its product won (made for the trial: no plan to wait for)
                 settle_pack(timed, PACK_KINDS[name], chosen == name)
     return out
+
+
+def _add_route(kernels: KernelChoice, route: tuple, key: Hashable, chosen: str) -> None:
+    """Route later calls of ``route`` to the kernel kept for ``key``, with its :class:`PackPlan` when it runs on
+    a pack."""
+    if chosen in PACK_KINDS and (plan := _pack_plan(kernels, key, chosen)) is not None and plan.calls > 0:
+        kernels.pack_plans[route] = plan
+    kernels.routes[route] = chosen
 
 
 def _run_kernel(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -89,6 +89,11 @@ class _Packs(dict):
     moves = 0
     """How many times a pack was remade because the weight's storage had moved (see :func:`storage_keeps_moving`)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.unpacked_calls: dict[str, int] = {}
+        """Products run without the pack of each kind while a plan put off making it (:func:`count_unpacked_call`)."""
+
     def __deepcopy__(self, memo: dict) -> None:
         return None
 
@@ -138,6 +143,22 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None
         pack = packs[kind] = _Pack(stamp, packed, kept=pack is not None and pack.kept)
     pack.kept = pack.kept or keep
     return pack.packed
+
+
+def has_pack(weight: Tensor, kind: str) -> bool:
+    """Whether ``weight`` holds a pack of ``kind`` (made for its current data or not: its product remakes a stale one)."""
+    packs = weight.__dict__.get(PACKED_ATTR)
+    return packs is not None and kind in packs
+
+
+def count_unpacked_call(weight: Tensor, kind: str) -> int:
+    """Count one more product of ``weight`` run without its pack of ``kind``; the count so far, this one included.
+    Kept with the weight's packs: a copied or pickled parameter starts again from 0."""
+    packs = weight.__dict__.get(PACKED_ATTR)
+    if packs is None:
+        packs = weight.__dict__[PACKED_ATTR] = _Packs()
+    calls = packs.unpacked_calls[kind] = packs.unpacked_calls.get(kind, 0) + 1
+    return calls
 
 
 def settle_pack(weight: Tensor, kind: str, chosen: bool) -> None:

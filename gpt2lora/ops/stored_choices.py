@@ -10,7 +10,9 @@ first's choice instead of timing its own), the rest reuse it.
 Decoding's one-row products (:meth:`~gpt2lora.ops.few_row.KernelChoice.pick`) are timed across a generation's
 first steps, without holding the lock; a choice made there is stored too (the first process's stays), so a later
 process's first ``generate`` skips those trials (about 0.4 s for GPT-2 124M on two cores) and decodes with the
-same kernels.
+same kernels. A kept product on a packed weight is stored with its plan (after how many unpacked products of a
+weight its pack pays: :class:`~gpt2lora.ops.few_row.PackPlan`), so a later process does not pack every weight at
+its first product either.
 
 The file lives in ``$XDG_CACHE_HOME/gpt2lora/kernel-choices/`` (``~/.cache`` by default), named after a hash of
 what the kernels' speed depends on: the CPU (vendor, family, model, name, flags), the core count and torch's
@@ -44,10 +46,11 @@ except ImportError:  # Windows: no advisory locks; two processes deciding one sh
 ENVIRONMENT = "GPT2LORA_KERNEL_CHOICES"
 """Names the choices file to use instead of this machine's default, or ``off`` for none."""
 FORMAT = 1
-CANDIDATES = 3
+CANDIDATES = 4
 """Raised whenever a kernel is added to a choice's candidates, one changes or the way they are timed changes (2:
-fbgemm's fp16 pack for half weights; 3: each timed call after a warm-up run of its kernel): a stored choice was
-made among the old ones, so a new set gets a new file and is measured again."""
+fbgemm's fp16 pack for half weights; 3: each timed call after a warm-up run of its kernel; 4: a kept packed
+product stored with its plan, :class:`gpt2lora.ops.few_row.PackPlan`): a stored choice was made among the old
+ones, so a new set gets a new file and is measured again."""
 
 
 @functools.cache

@@ -290,5 +290,12 @@ def test_benchmark_smoke_run_checks_parity_and_keeps_other_sections(tmp_path, mo
     assert [g.split(":")[0] for g in goals] == [
         "fp32 batch-1 decoding at ≥ 85% of the read-bandwidth ceiling",
         *(["bf16 weights vs fp32 decoding"] if "bf16 weights (" in body else []),
-        "generation with the measured kernel choice vs plain F.linear decoding"]
+        "generation with the measured kernel choice vs plain F.linear decoding",
+        "a fresh model's first generate with the kernel choice vs plain F.linear (the lowest of 2 dtypes)"]
+    # a one-off generate on fresh models, fp32 and bf16, each its ratio of the two medians
+    first = re.findall(r"(fp32|bf16) ([\d.]+) tok/s against ([\d.]+) \(([\d.]+)×, paired [\d.]+×; packed after it: ",
+                       re.search(r"A fresh model's first generate \(batch 1, 6 tokens, .*", body)[0])
+    assert [f[0] for f in first] == ["fp32", "bf16"], body
+    for _, choice, plain, ratio in first:
+        assert float(ratio) == pytest.approx(float(choice) / float(plain), rel=0.1, abs=0.02)
     assert "| load checkpoint, `huge_pages=True` |" in body

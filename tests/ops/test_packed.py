@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 
 import pytest
@@ -13,9 +14,10 @@ import torch.nn.functional as F
 from helpers import TINY, Recording
 
 from gpt2lora import GPT2, GPT2Config, LoRAConfig, apply_lora, generate
-from gpt2lora.ops import few_row, packed
+from gpt2lora.ops import few_row, packed, stored_choices
 from gpt2lora.ops.few_row import Linear, few_row_products
 from gpt2lora.ops.packed import packed_bytes, packed_linear, packed_weight, release_packed
+from gpt2lora.ops.stored_choices import key_text
 from gpt2lora.training.precision import hold_frozen_weights
 
 needs_packing = pytest.mark.skipif(not packed.packed_linear_available(),
@@ -415,3 +417,117 @@ def test_the_warm_up_runs_every_offered_kernel_on_a_slice_and_packs_nothing_on_t
         few_row._warm_up(x, weight, bias, name)
     assert packed.PACKED_ATTR not in weight.__dict__
     assert len(offered) >= 2 + (dtype == torch.float32 and packed.mkl_packed_available() and rows == 1)
+
+
+class PackingClock(few_row.KernelChoice):
+    """The real choice on a fake clock: the fp16 pack's product takes 1 tick, every other kernel 3, and the first
+    timed call of the pack's product 201 (making the pack): it saves 2 ticks a call and costs 200 to make."""
+
+    def __init__(self, store=None) -> None:
+        self.clock = 0.0
+        self.packs_timed = 0
+        super().__init__(timer=lambda: self.clock, store=store)
+
+    def pick(self, key, candidates, warm_up=None):
+        def costing(name, run):
+            def go():
+                if name == "fp16_packed":
+                    self.clock += 201.0 if self.packs_timed == 0 else 1.0
+                    self.packs_timed += 1
+                else:
+                    self.clock += 3.0
+                return run()
+            return go
+        return super().pick(key, {name: costing(name, run) for name, run in candidates.items()}, warm_up)
+
+
+def counting_kernels(monkeypatch) -> list[tuple[str, int]]:
+    """Each decided call's (kernel, weight id), warm-ups on a slice left out."""
+    calls: list[tuple[str, int]] = []
+    for name in ("F.linear", "fp16_packed"):
+        original = few_row._KERNEL_FUNCTIONS[name]
+
+        def counted(x, weight, bias=None, _name=name, _original=original):
+            if weight.size(0) > few_row.WARM_UP_FEATURES:
+                calls.append((_name, id(weight)))
+            return _original(x, weight, bias)
+        monkeypatch.setitem(few_row._KERNEL_FUNCTIONS, name, counted)
+    return calls
+
+
+def has_fp16_pack(layer: Linear) -> bool:
+    return packed.FP16 in (layer.weight.__dict__.get(packed.PACKED_ATTR) or {})
+
+
+@needs_fp16_packing
+def test_pack_plan_from_trials_puts_the_pack_off_until_the_products_would_have_paid_for_it():
+    timings = {"F.linear": [5.0, 3.0, 3.0, 3.0], "by_halves": [6.0, 4.0, 4.0, 4.0],
+               "fp16_packed": [201.5, 1.0, 1.0, 1.0]}
+    # 200.5 s to make the pack, 2 s saved a call against the fastest unpacked kernel: 101 calls
+    assert few_row.PackPlan.from_trials(timings, "fp16_packed") == few_row.PackPlan("F.linear", 101)
+    cheap = {**timings, "fp16_packed": [0.5, 1.0, 1.0, 1.0]}  # its first run made no pack (or a free one)
+    assert few_row.PackPlan.from_trials(cheap, "fp16_packed") == few_row.PackPlan("F.linear", 0)
+    assert few_row.PackPlan.from_trials({"fp16_packed": [3.0, 1.0]}, "fp16_packed") is None
+    plan = few_row.PackPlan("by_halves", 101)
+    assert few_row.PackPlan.parse(plan.text()) == plan
+    for text in (None, "", "by_halves", "fp16_packed 3", "nothing 3", "by_halves -3", "by_halves x"):
+        assert few_row.PackPlan.parse(text) is None
+
+
+@needs_fp16_packing
+@torch.no_grad()
+def test_a_kept_pack_is_made_once_a_weights_unpacked_products_would_have_paid_for_it(monkeypatch, tmp_path):
+    """bf16 layers of one shape, the pack's product kept (saving 2 ticks a call, 200 to make): the trial's weight
+    keeps its pack; every other weight runs the fastest unpacked kernel for its first 100 products and is packed
+    at its 101st; results stay within a bf16 step of F.linear. A later chooser on the same file (another
+    process) reads the plan with the choice: it times nothing and packs no weight at its first products."""
+    layers = [Linear(256, 512).to(torch.bfloat16) for _ in range(3)]
+    x = torch.randn(1, 1, 256).bfloat16()
+    store = stored_choices.ChoiceFile(tmp_path / "choices.json")
+    kernels = PackingClock(store)
+    with few_row_products(kernels):
+        while not kernels.chosen:
+            for layer in layers:
+                layer(x)
+    assert set(kernels.chosen.values()) == {"fp16_packed"}
+    assert [has_fp16_pack(layer) for layer in layers] == [True, False, False]
+    calls = counting_kernels(monkeypatch)
+    with few_row_products(kernels):
+        for step in range(1, 103):
+            for layer in layers:
+                assert_one_bf16_step(layer(x), F.linear(x, layer.weight, layer.bias))
+            assert [has_fp16_pack(layer) for layer in layers] == [True] + [step > 100] * 2
+    for layer in layers[1:]:
+        mine = [name for name, weight in calls if weight == id(layer.weight)]
+        assert mine == ["F.linear"] * 100 + ["fp16_packed"] * 2
+    assert [name for name, weight in calls if weight == id(layers[0].weight)] == ["fp16_packed"] * 102
+
+    def no_timing() -> float:
+        raise AssertionError("a stored choice is not timed again")
+
+    later = [Linear(256, 512).to(torch.bfloat16) for _ in range(2)]
+    calls.clear()
+    with few_row_products(few_row.KernelChoice(timer=no_timing, store=store)):
+        for _ in range(100):
+            for layer in later:
+                layer(x)
+        assert not any(has_fp16_pack(layer) for layer in later)
+        for layer in later:
+            layer(x)
+    assert all(has_fp16_pack(layer) for layer in later)
+    assert [name for name, _ in calls] == ["F.linear"] * 200 + ["fp16_packed"] * 2
+
+
+@needs_fp16_packing
+@torch.no_grad()
+def test_a_stored_pack_choice_without_a_plan_packs_at_the_first_product(tmp_path):
+    """A choices file that holds the choice but no plan for it (written before plans, or edited): the pack is
+    made at once, as the choice says."""
+    layer = Linear(256, 512).to(torch.bfloat16)
+    x = torch.randn(1, 1, 256).bfloat16()
+    key = ("linear", 1, 512, 256, True, torch.bfloat16, True, torch.get_num_threads())
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"format": 1, "choices": {key_text(key): "fp16_packed"}}))
+    with few_row_products(few_row.KernelChoice(store=stored_choices.ChoiceFile(path))) as kernels:
+        assert_one_bf16_step(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert kernels.chosen == {key: "fp16_packed"} and has_fp16_pack(layer)
