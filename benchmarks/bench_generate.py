@@ -314,14 +314,6 @@ def ceiling_line(model: GPT2, bandwidths: dict[str, float], tok_s: float, label:
     return line
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def peak_rss_bytes() -> int:
     import resource
 
@@ -341,9 +333,7 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
     def run(name: str, model: GPT2, plain: bool = False) -> Callable[[], None]:
         return timed_generate(model, ids, new, plain, outputs, cpu[name], name)
 
-    before = rss_bytes()
     warm_tokens = until_packed(run("first", half), new)  # the packed copies the choice keeps, made as planned
-    grown = rss_bytes() - before
     read, size = sum_read()
     timings = interleaved({"fp32": run("fp32", ours), "bf16": run("bf16", half),
                            "bf16 plain": run("bf16 plain", half, plain=True), "sum": read}, repeats=even(repeats))
@@ -366,18 +356,18 @@ def bf16_note(ours: GPT2, folder: Path, prompt_len: int, new: int, repeats: int,
             f"one-row bf16 shapes: {counted(kept_kernels(torch.bfloat16))}. Packed "
             f"copies kept on "
             f"the bf16 model: {kept / 1e6:,.0f} MB (of {bytes_per_token(half) / 1e6:,.0f} MB of weights), made "
-            f"over its first {warm_tokens} tokens (untimed: {pack_plans()}); they grew the process by "
-            f"{grown / 1e6:,.0f} MB; peak RSS of the whole benchmark "
+            f"over its first {warm_tokens} tokens, untimed (each weight's pack put off by its plan, the unpacked "
+            f"kernel for the calls named: {pack_plans()}); peak RSS of the whole benchmark "
             f"{peak_rss_bytes() / 1e9:.2f} GB. "
             + ceiling_line(half, rates, bf16, "bf16", paired_rounds(timings["bf16"], new, reads)) + ". "
             + ceiling_line(ours, rates, fp32, "fp32 in these runs", paired_rounds(timings["fp32"], new, reads)) + ".")
 
 
 def pack_plans() -> str:
-    """The plans of the packed products kept so far, e.g. "3072x768 bf16: F.linear for 407 calls"."""
-    plans = {(*route[3], route[5]): plan for route, plan in KERNELS.pack_plans.items()}
-    return "; ".join(f"{out}x{inp} {DTYPE_NAMES.get(dtype, dtype)}: {plan.unpacked} for {plan.calls} calls, "
-                     f"then the pack" for (out, inp, dtype), plan in sorted(plans.items(), key=str)) or "no plans"
+    """The plans of the packed products kept so far, e.g. "1-row 3072x768 bf16: F.linear for 407 calls"."""
+    plans = {(route[0].numel() // route[3][1], *route[3], route[5]): plan for route, plan in KERNELS.pack_plans.items()}
+    return "; ".join(f"{rows}-row {out}x{inp} {DTYPE_NAMES.get(dtype, dtype)}: {plan.unpacked} for {plan.calls} "
+                     f"calls" for (rows, out, inp, dtype), plan in sorted(plans.items(), key=str)) or "none"
 
 
 def until_packed(decode: Callable[[], None], new: int) -> int:
