@@ -339,12 +339,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def _run_route(kernels: KernelChoice, route: tuple, name: str, x: Tensor, weight: Tensor,
                bias: Tensor | None) -> Tensor:
     """A decided call: kernel ``name``; for a kernel on a pack, the unpacked one until the weight's
-    :class:`PackPlan` is due."""
-    plan = kernels.pack_plans.get(route) if name in PACK_KINDS else None
-    if (plan is not None and not has_pack(weight, PACK_KINDS[name])
-            and count_unpacked_call(weight, PACK_KINDS[name]) <= plan.calls):
+    :class:`PackPlan` is due, then the pack, made and kept (a losing trial of another shape on this weight, or of
+    another chooser, leaves it)."""
+    kind = PACK_KINDS.get(name)
+    if kind is None or has_pack(weight, kind):
+        return _KERNEL_FUNCTIONS[name](x, weight, bias)
+    plan = kernels.pack_plans.get(route)
+    if plan is not None and count_unpacked_call(weight, kind) <= plan.calls:
         return _KERNEL_FUNCTIONS[plan.unpacked](x, weight, bias)
-    return _KERNEL_FUNCTIONS[name](x, weight, bias)
+    out = _KERNEL_FUNCTIONS[name](x, weight, bias)
+    settle_pack(weight, kind, chosen=True)
+    return out
 
 
 @dataclass(frozen=True)

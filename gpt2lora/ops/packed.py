@@ -172,7 +172,7 @@ def settle_pack(weight: Tensor, kind: str, chosen: bool) -> None:
         pack.kept = True
     elif not pack.kept:
         del packs[kind]
-        if not packs:
+        if not packs and not packs.unpacked_calls:
             del weight.__dict__[PACKED_ATTR]
 
 

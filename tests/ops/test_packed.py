@@ -501,6 +501,11 @@ def test_a_kept_pack_is_made_once_a_weights_unpacked_products_would_have_paid_fo
         mine = [name for name, weight in calls if weight == id(layer.weight)]
         assert mine == ["F.linear"] * 100 + ["fp16_packed"] * 2
     assert [name for name, weight in calls if weight == id(layers[0].weight)] == ["fp16_packed"] * 102
+    # a pack made by a plan is kept: another chooser whose trial of that weight loses does not drop it
+    with few_row_products(FakeClock("F.linear")) as other:
+        while not other.chosen:
+            layers[2](x)
+    assert other.chosen and has_fp16_pack(layers[2])
 
     def no_timing() -> float:
         raise AssertionError("a stored choice is not timed again")
