@@ -77,7 +77,11 @@ candidate is timed only one weight of each shape is packed, and its pack is drop
 no candidate is timed more than once ahead of another, so all are timed over the same stretch of the run.
 Each timed call follows an untimed run of the same kernel on a few rows of the weight: a kept kernel runs call
 after call, while on trial it may not have run for a whole step (fbgemm's fp16 product took 1.5-2x as long then
-on a Zen 3 EPYC, and lost shapes it wins once kept). The prompt's forward stays on `F.linear` (every prompt
+on a Zen 3 EPYC, and lost shapes it wins once kept). A kept packed product packs each other weight of its shape
+only once that weight's unpacked products would have paid for the pack (its plan: the pack's seconds over the
+seconds it saves a call, both from the trials, stored with the choice; `few_row.PackPlan`): the bf16 line's
+timed runs come after every plan is due, and the "first generate" line times a one-off generate on freshly
+loaded models, which pays for no pack it would not use. The prompt's forward stays on `F.linear` (every prompt
 length would be a new shape to time). A decided call costs one dict lookup (about 2 us, ~50 calls a token), so where `F.linear` is
 kept the choice costs well under 1% of a token. The choice is scoped to the generate call's thread: other
 threads and models keep `F.linear`. "Paired per round" ratios are medians of the ratio within each
