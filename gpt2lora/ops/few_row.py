@@ -154,13 +154,9 @@ class KernelChoice:
         With a ``store``, a key first met here takes the choice an earlier process on this machine stored (when
         that kernel is among ``candidates``) instead of being timed again, and a choice made here is stored.
         """
-        name = self.chosen.get(key)
+        name = self.kept(key, candidates)
         if name is not None:
             return candidates[name]()
-        if self.store is not None and key not in self._trials:
-            name = self._recall(key, candidates)
-            if name is not None:
-                return candidates[name]()
         out, decided = self._timed_run(key, candidates, warm_up)
         if decided is not None and self.store is not None:
             with self.store.open() as stored:
@@ -170,11 +166,17 @@ class KernelChoice:
 
     def kept(self, key: Hashable, offered: Collection[str]) -> str | None:
         """The kernel kept for ``key`` without running anything: decided here, or stored by an earlier process on
-        this machine and among ``offered`` (then kept here too); ``None`` while ``key`` is new or on trial."""
+        this machine and among ``offered`` (then kept here too); ``None`` while ``key`` is new or on trial. The file
+        is read once per key: a key it does not settle goes on trial."""
         name = self.chosen.get(key)
         if name is not None or self.store is None or key in self._trials:
             return name
-        return self._recall(key, offered)
+        name = self._recall(key, offered)
+        if name is None:
+            with self._lock:
+                if key not in self.chosen:
+                    self._trials.setdefault(key, {})
+        return name
 
     def _recall(self, key: Hashable, candidates: Collection[str]) -> str | None:
         """The stored choice for ``key``, now kept for it, if it is one of ``candidates``; else ``None``."""
