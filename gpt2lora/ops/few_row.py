@@ -51,6 +51,7 @@ from .packed import (
     MKL,
     ONEDNN,
     can_fp16_pack,
+    can_hold_pack,
     can_mkl_pack,
     can_pack,
     count_unpacked_call,
@@ -331,7 +332,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     # Every decoding step makes ~50 of these calls, so a decided shape costs one tuple and one dict lookup:
     # the key holds everything takes_few_row_path and the choice depend on.
     route = (x.shape, x.dtype, x.is_cpu, weight.shape, weight.stride(), weight.dtype, weight.is_cpu,
-             None if bias is None else bias.dtype, torch.is_grad_enabled(), torch.get_num_threads())
+             weight.is_inference(), None if bias is None else (bias.dtype, bias.is_inference()),
+             torch.is_grad_enabled(), torch.get_num_threads())
     name = kernels.routes.get(route)
     if name is not None:
         return _run_route(kernels, route, name, x, weight, bias)
@@ -435,6 +437,9 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
         return F.linear(x, weight, bias)
     key = ("linear", row_bucket(x.numel() // weight.size(1)), *weight.shape, weight.is_contiguous(), weight.dtype,
            bias is not None, torch.get_num_threads())
+    if not can_hold_pack(weight, bias):
+        # Decided apart: a packed kernel kept for the shape would pack such a weight again on every call.
+        key = (*key, "no packs")
     packed = [name for name in PACK_KINDS if PACKED_OFFERS[name](x, weight, bias)]
     chosen = kernels.kept(key, ["F.linear", "by_halves", *packed])
     if chosen is not None:  # not through pick: a kept pack is made when its plan says, not for this first call

@@ -27,7 +27,8 @@ The packed copy of a weight is made on its first packed product and kept **on th
 of the parameter, so it lives and dies with the model that owns it; nothing is cached process-wide). It
 records the weight's ``_version``, storage address, shape and strides, and is made again when any of them
 changed (an in-place update, a load, ``.data =``). Weights made under ``torch.inference_mode`` have no
-version counter and are left to ``F.linear``. Cost: one more copy of every packed weight, as many bytes
+version counter and are never packed: the kernel choice decides their shapes apart, among the kernels without a
+pack, and a half weight's many-row products on a CPU without bf16 units are widened to fp32 for each call. Cost: one more copy of every packed weight, as many bytes
 as the weight itself (250 MB for GPT-2 124M in bf16), per kind of pack kept: an fp32 weight decoded both one row
 and several rows at a time may keep MKL's and oneDNN's (a serving engine's LM head on a Zen 4 EPYC did);
 :func:`release_packed` frees them. Copying or pickling a parameter never carries its pack.
@@ -191,11 +192,17 @@ def storage_keeps_moving(weight: Tensor) -> bool:
     return True
 
 
+def can_hold_pack(weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether a pack made for ``weight`` (and ``bias``) can be kept on it: not for tensors made under
+    ``torch.inference_mode``, which have no version counter to tell that they changed since."""
+    return not weight.is_inference() and (bias is None or not bias.is_inference())
+
+
 def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`packed_linear` is offered for ``F.linear(x, weight, bias)`` here: bf16 on a CPU with bf16
     units, or fp32 for 2 rows or more, where torch has oneDNN's packed linear."""
     return (weight.dtype in PACK_ROWS and x.dtype == weight.dtype and weight.dim() == 2
-            and x.device.type == "cpu" and weight.device.type == "cpu" and not weight.is_inference()
+            and x.device.type == "cpu" and weight.device.type == "cpu" and can_hold_pack(weight, bias)
             and x.numel() >= MIN_ROWS[weight.dtype] * weight.size(1)
             and (bias is None or bias.dtype == weight.dtype) and packed_linear_available(weight.dtype))
 
@@ -210,7 +217,7 @@ def can_mkl_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     where torch has MKL's packed linear."""
     return (weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.dim() == 2
             and x.numel() == weight.size(1) and x.device.type == "cpu" and weight.device.type == "cpu"
-            and not weight.is_inference() and (bias is None or bias.dtype == torch.float32)
+            and can_hold_pack(weight, bias) and (bias is None or bias.dtype == torch.float32)
             and mkl_packed_available())
 
 
@@ -220,13 +227,19 @@ def mkl_packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return out.view(*x.shape[:-1], weight.size(0))
 
 
-def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`fp16_packed_linear` is offered for ``F.linear(x, weight, bias)``: a bf16 or fp16 weight and
-    input on the CPU, where torch has fbgemm's fp16 linear and the quantized engine packs with fbgemm."""
+def _fp16_product_runs(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether fbgemm's fp16 product can compute ``F.linear(x, weight, bias)``: a bf16 or fp16 weight and input on
+    the CPU, where torch has fbgemm's fp16 linear and the quantized engine packs with fbgemm."""
     return (weight.dtype in HALF and x.dtype == weight.dtype and weight.dim() == 2
-            and x.device.type == "cpu" and weight.device.type == "cpu" and not weight.is_inference()
+            and x.device.type == "cpu" and weight.device.type == "cpu"
             and (bias is None or bias.dtype == weight.dtype) and fp16_packed_available()
             and torch.backends.quantized.engine in ("fbgemm", "x86"))
+
+
+def can_fp16_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`fp16_packed_linear` is offered for ``F.linear(x, weight, bias)``: fbgemm's fp16 product runs
+    it, and the pack can be kept on the weight."""
+    return _fp16_product_runs(x, weight, bias) and can_hold_pack(weight, bias)
 
 
 @functools.cache
@@ -246,7 +259,7 @@ def takes_fp16_pack_route(x: Tensor, weight: Tensor, bias: Tensor | None) -> boo
     return (weight.dtype in HALF and half_products_emulated()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and can_fp16_pack(x, weight, bias) and not storage_keeps_moving(weight))
+            and _fp16_product_runs(x, weight, bias))
 
 
 WIDENED_ATTR = "_gpt2lora_widened"
@@ -258,11 +271,22 @@ def half_inference_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None)
     later ones on its fp16 pack, made at the second and kept. fbgemm packs about 70M weights a second on a Zen 3
     EPYC (1.2 s for GPT-2's block matrices, where their 300-token prompt takes 0.5 s in fp32), so a single
     prompt (``gpt2lora generate``) does not pay for a pack it would not use again, while a server's prompts
-    do after their first."""
+    do after their first.
+
+    A weight that cannot keep a pack (made under ``torch.inference_mode``, or one whose storage keeps moving) is
+    widened for every such product: a 256-token bf16 forward of GPT-2 124M took 6x as long on torch's emulated
+    bf16 ``F.linear`` there."""
+    if not can_hold_pack(weight, bias) or storage_keeps_moving(weight):
+        return _widened_linear(x, weight, bias)
     packs = weight.__dict__.get(PACKED_ATTR)
     if (packs is not None and FP16 in packs) or weight.__dict__.get(WIDENED_ATTR):
         return fp16_packed_linear(x, weight, bias, keep=True)
     weight.__dict__[WIDENED_ATTR] = True
+    return _widened_linear(x, weight, bias)
+
+
+def _widened_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on fp32 copies of the operands, rounded once to ``x``'s dtype."""
     out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return out.to(x.dtype)
 

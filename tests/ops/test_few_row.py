@@ -326,7 +326,7 @@ def test_a_decided_shape_takes_one_lookup_and_never_times_again(monkeypatch):
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
         layer(x.view(1, 1, 256))  # another call shape is a new route: of a decided key, so routed without a pick
     assert kernels.picks == trial_calls
-    routes = {(tuple(key[0]), key[8]): name for key, name in kernels.routes.items()}  # (shape, grad) -> kernel
+    routes = {(tuple(key[0]), key[9]): name for key, name in kernels.routes.items()}  # (shape, grad) -> kernel
     assert routes == {((1, 256), False): "by_halves", ((1, 256), True): "F.linear",
                       ((1, 1, 256), False): "by_halves"}  # the same product, decided already; many rows: not kept
 

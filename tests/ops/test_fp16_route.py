@@ -77,6 +77,19 @@ def test_half_products_without_gradients_take_the_fp16_pack_and_keep_it(emulated
     assert packs_of(layer)[packed.FP16].packed is first  # made once, reused
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weights_made_under_inference_mode_are_widened_for_every_product(emulated, dtype):
+    """Such a weight keeps no pack (no version counter): each product of more rows than decoding's runs on fp32
+    copies, rounded once, rather than on torch's emulated half product; nothing is packed or marked on it."""
+    with torch.inference_mode():
+        layer = Linear(256, 512).to(dtype)
+        x = torch.randn(80, 256).to(dtype)
+        exact = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)
+        for _ in range(3):
+            assert torch.equal(layer(x), exact)
+    assert layer.weight.is_inference() and packed_bytes(layer) == 0 and not layer.weight.__dict__
+
+
 def test_the_route_leaves_gradients_fp32_and_other_cpus_to_f_linear(emulated, monkeypatch):
     layer = Linear(256, 512).to(torch.bfloat16)  # trainable weight: its product needs a gradient
     x = torch.randn(40, 256).bfloat16()

@@ -536,3 +536,36 @@ def test_a_stored_pack_choice_without_a_plan_packs_at_the_first_product(tmp_path
     with few_row_products(few_row.KernelChoice(store=stored_choices.ChoiceFile(path))) as kernels:
         assert_one_bf16_step(layer(x), F.linear(x, layer.weight, layer.bias))
     assert kernels.chosen == {key: "fp16_packed"} and has_fp16_pack(layer)
+
+
+@needs_fp16_packing
+@torch.no_grad()
+def test_a_weight_made_under_inference_mode_never_takes_a_packed_kernel_kept_for_its_shape(monkeypatch):
+    """Such a weight has no version counter, so no pack is kept on it: a packed kernel kept for its shape (by
+    another model in the process) would pack it again on every call once the plan is due. Its shape is decided
+    apart, among the kernels that need no pack, and nothing is ever packed for it."""
+    layers = [Linear(256, 512).to(torch.bfloat16) for _ in range(2)]
+    x = torch.randn(1, 1, 256).bfloat16()
+    kernels = PackingClock()
+    with few_row_products(kernels):
+        while not kernels.chosen:
+            for layer in layers:
+                layer(x)
+    assert set(kernels.chosen.values()) == {"fp16_packed"}
+    with torch.inference_mode():
+        frozen = Linear(256, 512).to(torch.bfloat16)
+        frozen.load_state_dict(layers[1].state_dict())
+        reorders: list[int] = []
+        original = packed._reorder
+
+        def counted(weight, kind, bias):
+            reorders.append(weight.size(0))
+            return original(weight, kind, bias)
+
+        monkeypatch.setattr(packed, "_reorder", counted)
+        with few_row_products(kernels):
+            for _ in range(150):  # past the plan's 100 unpacked calls
+                assert_one_bf16_step(frozen(x), F.linear(x, frozen.weight, frozen.bias))
+    assert frozen.weight.is_inference() and reorders == []
+    inference_keys = [key for key in kernels.chosen if key[-1] == "no packs"]
+    assert len(inference_keys) == 1 and kernels.chosen[inference_keys[0]] in ("F.linear", "by_halves")
