@@ -405,6 +405,7 @@ def owned_copy(tensor: Tensor, dtype: torch.dtype, huge_pages: bool = False) -> 
     return out.copy_(tensor)
 
 
+@torch.inference_mode(False)  # loaded inside inference_mode, weights would be inference tensors: never trainable
 def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, allow_nonfinite: bool = False,
@@ -414,7 +415,9 @@ def load_pretrained(cls: type[ModelT], name_or_path: str | os.PathLike, revision
     The safetensors headers are checked against ``config.json`` (sizes, block count, dtypes) and the
     model's tensor names and shapes before any data is read; then every weight must be finite
     (``allow_nonfinite=True`` skips that). ``dtype`` converts the weights; without it the model gets the
-    dtype ``config.json`` names, else the checkpoint's own (see :func:`weights_dtype`).
+    dtype ``config.json`` names, else the checkpoint's own (see :func:`weights_dtype`). The weights are ordinary
+    tensors even when loaded inside ``torch.inference_mode()``: trainable later, and packed for faster decoding
+    (:mod:`gpt2lora.ops.packed`, which never keeps a pack on an inference tensor).
     """
     check_model_dtype(dtype, f"{cls.__name__}.from_pretrained")
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)

@@ -22,7 +22,10 @@ from gpt2lora import (
     CheckpointError,
     CheckpointNotFoundError,
     GPT2Config,
+    GPT2ForSequenceClassification,
+    LoRAConfig,
     UnsafeCheckpointError,
+    apply_lora,
     load_tokenizer,
     save_pretrained,
 )
@@ -92,6 +95,19 @@ def test_load_with_dtype_and_device(tiny_checkpoint):
     logits = half(x)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), full(x), atol=0.1, rtol=0.05)
+
+
+def test_a_model_loaded_inside_inference_mode_holds_ordinary_tensors_and_trains(tiny_checkpoint):
+    """Inference tensors could never be trained (torch refuses to save them for backward) nor keep a pack."""
+    with torch.inference_mode():
+        model = GPT2.from_pretrained(tiny_checkpoint)
+        classifier = GPT2ForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=3)
+    for loaded in (model, classifier):
+        assert not any(t.is_inference() for t in [*loaded.parameters(), *loaded.buffers()])
+    apply_lora(model, LoRAConfig(rank=2, alpha=4))
+    x = ids(TINY["vocab_size"])
+    model(x, labels=x).backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
