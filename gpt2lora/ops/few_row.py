@@ -60,6 +60,7 @@ from .packed import (
     has_pack,
     mkl_packed_linear,
     packed_linear,
+    remake_pack,
     settle_pack,
     takes_fp16_pack_route,
 )
@@ -451,6 +452,8 @@ def _first_uses(kernels: KernelChoice, route: tuple, x: Tensor, weight: Tensor, 
         trial = kernels.packed_on_trial.get(key)
         if trial is None or trial() is None:
             trial = kernels.packed_on_trial[key] = weakref.ref(weight)
+            for name in packed:  # the first timed run of its product makes the pack: the cost its plan weighs
+                remake_pack(weight, PACK_KINDS[name])
         if trial() is weight:  # the other weights of this shape take the other candidates meanwhile
             for name in packed:
                 candidates[name] = functools.partial(_run_kernel, name, x, weight, bias)

@@ -146,6 +146,16 @@ def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None
     return pack.packed
 
 
+def remake_pack(weight: Tensor, kind: str) -> None:
+    """Have ``weight``'s pack of ``kind``, if it holds one, made again at its next packed product (kept if it was):
+    a kernel choice timing that product's first run then times making the pack, which a plan weighs
+    (:class:`gpt2lora.ops.few_row.PackPlan`), also for a weight a prompt's forward packed already."""
+    packs = weight.__dict__.get(PACKED_ATTR)
+    pack = packs.get(kind) if packs is not None else None
+    if pack is not None:
+        pack.stamp = (None, *pack.stamp[1:])  # stale, not moved
+
+
 def has_pack(weight: Tensor, kind: str) -> bool:
     """Whether ``weight`` holds a pack of ``kind`` (made for its current data or not: its product remakes a stale one)."""
     packs = weight.__dict__.get(PACKED_ATTR)

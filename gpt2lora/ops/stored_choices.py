@@ -46,11 +46,12 @@ except ImportError:  # Windows: no advisory locks; two processes deciding one sh
 ENVIRONMENT = "GPT2LORA_KERNEL_CHOICES"
 """Names the choices file to use instead of this machine's default, or ``off`` for none."""
 FORMAT = 1
-CANDIDATES = 4
+CANDIDATES = 5
 """Raised whenever a kernel is added to a choice's candidates, one changes or the way they are timed changes (2:
 fbgemm's fp16 pack for half weights; 3: each timed call after a warm-up run of its kernel; 4: a kept packed
-product stored with its plan, :class:`gpt2lora.ops.few_row.PackPlan`): a stored choice was made among the old
-ones, so a new set gets a new file and is measured again."""
+product stored with its plan, :class:`gpt2lora.ops.few_row.PackPlan`; 5: the plan's pack cost timed also where
+the trial's weight held a pack already, which had stored plans that pack at once): a stored choice was made
+among the old ones, so a new set gets a new file and is measured again."""
 
 
 @functools.cache

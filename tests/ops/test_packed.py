@@ -569,3 +569,48 @@ def test_a_weight_made_under_inference_mode_never_takes_a_packed_kernel_kept_for
     assert frozen.weight.is_inference() and reorders == []
     inference_keys = [key for key in kernels.chosen if key[-1] == "no packs"]
     assert len(inference_keys) == 1 and kernels.chosen[inference_keys[0]] in ("F.linear", "by_halves")
+
+
+class ReorderClock(few_row.KernelChoice):
+    """The real choice on a fake clock: the fp16 pack's product takes 1 tick, every other kernel 3, and making a
+    pack 200 whenever one is made (``packed._reorder``)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.clock = 0.0
+        super().__init__(timer=lambda: self.clock)
+        original = packed._reorder
+
+        def costing_reorder(weight, kind, bias):
+            self.clock += 200.0
+            return original(weight, kind, bias)
+
+        monkeypatch.setattr(packed, "_reorder", costing_reorder)
+
+    def pick(self, key, candidates, warm_up=None):
+        def costing(name, run):
+            def go():
+                self.clock += 1.0 if name == "fp16_packed" else 3.0
+                return run()
+            return go
+        return super().pick(key, {name: costing(name, run) for name, run in candidates.items()}, warm_up)
+
+
+@needs_fp16_packing
+@torch.no_grad()
+def test_a_plan_counts_making_the_pack_where_the_trials_weight_held_one_already(monkeypatch):
+    """The weight on trial was packed already (a bf16 model's head after a prompt's forward on a CPU without bf16
+    units): its first timed packed product still makes the pack, so the plan weighs the pack's cost (it read 0
+    and stored "pack at once" for every later process) and the pack stays kept for the prompts."""
+    layers = [Linear(256, 512).to(torch.bfloat16) for _ in range(3)]
+    packed.packed_weight(layers[0].weight, packed.FP16, layers[0].bias, keep=True)  # as a prompt's forward leaves it
+    x = torch.randn(1, 1, 256).bfloat16()
+    kernels = ReorderClock(monkeypatch)
+    with few_row_products(kernels):
+        while not kernels.chosen:
+            for layer in layers:
+                assert_one_bf16_step(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert set(kernels.chosen.values()) == {"fp16_packed"}
+    # 200 ticks to make a pack, 2 saved a call against F.linear: 100 unpacked calls first
+    assert set(kernels.pack_plans.values()) == {few_row.PackPlan("F.linear", 100)}
+    assert has_fp16_pack(layers[0]) and packed.PACKED_ATTR in layers[0].weight.__dict__
+    assert layers[0].weight.__dict__[packed.PACKED_ATTR][packed.FP16].kept
