@@ -28,10 +28,10 @@ of the parameter, so it lives and dies with the model that owns it; nothing is c
 records the weight's ``_version``, storage address, shape and strides, and is made again when any of them
 changed (an in-place update, a load, ``.data =``). Weights made under ``torch.inference_mode`` have no
 version counter and are never packed: the kernel choice decides their shapes apart, among the kernels without a
-pack, and a half weight's many-row products on a CPU without bf16 units are widened to fp32 for each call. Cost: one more copy of every packed weight, as many bytes
-as the weight itself (250 MB for GPT-2 124M in bf16), per kind of pack kept: an fp32 weight decoded both one row
-and several rows at a time may keep MKL's and oneDNN's (a serving engine's LM head on a Zen 4 EPYC did);
-:func:`release_packed` frees them. Copying or pickling a parameter never carries its pack.
+pack, and a half weight's many-row products on a CPU without bf16 units are widened to fp32 for each call.
+Cost: one more copy of every packed weight, as many bytes as the weight itself (250 MB for GPT-2 124M in bf16),
+per kind of pack kept: an fp32 weight decoded both one row and several rows at a time may keep MKL's and
+oneDNN's (a serving engine's LM head on a Zen 4 EPYC did); :func:`release_packed` frees them. Copying or pickling a parameter never carries its pack.
 """
 
 from __future__ import annotations
@@ -263,9 +263,9 @@ def half_products_emulated() -> bool:
 
 def takes_fp16_pack_route(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether ``F.linear(x, weight, bias)`` is a half-precision product that needs no gradient on a CPU whose
-    half products are emulated (:func:`half_products_emulated`), which fbgemm's fp16 pack computes instead: the
-    way a bf16 model runs inference (a prompt's forward, any forward without gradients) on such a CPU at fp32's
-    speed or better."""
+    half products are emulated (:func:`half_products_emulated`), which fbgemm's fp16 pack computes instead (or
+    fp32 copies, for a weight that keeps no pack: :func:`half_inference_linear`): the way a bf16 model runs
+    inference (a prompt's forward, any forward without gradients) on such a CPU at fp32's speed or better."""
     return (weight.dtype in HALF and half_products_emulated()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))

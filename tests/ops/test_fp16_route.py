@@ -90,6 +90,23 @@ def test_half_weights_made_under_inference_mode_are_widened_for_every_product(em
     assert layer.weight.is_inference() and packed_bytes(layer) == 0 and not layer.weight.__dict__
 
 
+@torch.no_grad()
+def test_a_half_weight_whose_storage_keeps_moving_is_widened_instead_of_packed_again(emulated):
+    """FSDP gathers a sharded weight into new memory for every forward: after ``MOVES_TO_STOP_PACKING`` remade packs
+    its products run on fp32 copies (not on torch's emulated half product) and nothing is packed any more."""
+    layer = Linear(256, 512).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(40, 256).bfloat16()
+    layer(x), layer(x)  # widened, then packed
+    for _ in range(packed.MOVES_TO_STOP_PACKING):
+        layer.weight.data = layer.weight.data.clone()  # same values, new memory
+        layer(x)
+        assert packed.FP16 in packs_of(layer)
+    layer.weight.data = layer.weight.data.clone()
+    for _ in range(2):
+        exact = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+        assert torch.equal(layer(x), exact) and packs_of(layer) == {}
+
+
 def test_the_route_leaves_gradients_fp32_and_other_cpus_to_f_linear(emulated, monkeypatch):
     layer = Linear(256, 512).to(torch.bfloat16)  # trainable weight: its product needs a gradient
     x = torch.randn(40, 256).bfloat16()
