@@ -31,7 +31,8 @@ version counter and are never packed: the kernel choice decides their shapes apa
 pack, and a half weight's many-row products on a CPU without bf16 units are widened to fp32 for each call.
 Cost: one more copy of every packed weight, as many bytes as the weight itself (250 MB for GPT-2 124M in bf16),
 per kind of pack kept: an fp32 weight decoded both one row and several rows at a time may keep MKL's and
-oneDNN's (a serving engine's LM head on a Zen 4 EPYC did); :func:`release_packed` frees them. Copying or pickling a parameter never carries its pack.
+oneDNN's (a serving engine's LM head on a Zen 4 EPYC did); :func:`release_packed` frees them. Copying or
+pickling a parameter never carries its pack.
 """
 
 from __future__ import annotations
@@ -124,17 +125,23 @@ def _reorder(weight: Tensor, kind: str, bias: Tensor | None) -> Any:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS[weight.dtype])
 
 
+def _packs_of(weight: Tensor) -> _Packs:
+    """The pack store kept on ``weight``, made empty if it has none yet (or holds a copy's None)."""
+    packs = weight.__dict__.get(PACKED_ATTR)
+    if packs is None:
+        packs = weight.__dict__[PACKED_ATTR] = _Packs()
+    return packs
+
+
 def packed_weight(weight: Tensor, kind: str = ONEDNN, bias: Tensor | None = None, keep: bool = False) -> Any:
     """``weight``'s packed copy of ``kind``, made now if it has none or if the weight changed since it was made
     (``None`` for an fp16 pack of a weight beyond fp16's range). An fp16 pack holds ``bias`` too (fbgemm adds it
     inside the product: one pass less a call) and is made again when the bias changes. ``keep``: held for good,
     not only while a kernel choice times it (see :func:`settle_pack`)."""
-    if weight.is_inference() or (bias is not None and bias.is_inference()):
+    if not can_hold_pack(weight, bias):
         return _reorder(weight, kind, bias)  # no version counter to notice an in-place change: for this call only
     stamp = _stamp(weight) + (_stamp(bias) if bias is not None else ())
-    packs = weight.__dict__.get(PACKED_ATTR)
-    if packs is None:  # none yet, or a copy's None
-        packs = weight.__dict__[PACKED_ATTR] = _Packs()
+    packs = _packs_of(weight)
     pack = packs.get(kind)
     if pack is not None and pack.stamp[1] != stamp[1]:
         packs.moves += 1
@@ -165,9 +172,7 @@ def has_pack(weight: Tensor, kind: str) -> bool:
 def count_unpacked_call(weight: Tensor, kind: str) -> int:
     """Count one more product of ``weight`` run without its pack of ``kind``; the count so far, this one included.
     Kept with the weight's packs: a copied or pickled parameter starts again from 0."""
-    packs = weight.__dict__.get(PACKED_ATTR)
-    if packs is None:
-        packs = weight.__dict__[PACKED_ATTR] = _Packs()
+    packs = _packs_of(weight)
     calls = packs.unpacked_calls[kind] = packs.unpacked_calls.get(kind, 0) + 1
     return calls
 
